@@ -1,0 +1,22 @@
+"""xkd: explainable knowledge distillation.
+
+Distil a teacher network into a small student, then show and measure what knowledge crossed over:
+accuracy, agreement of the student's explanations with the teacher's, and the cost of running and
+explaining each. The public API is re-exported here lazily (``xkd.build_dataset``, ``xkd.run``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import xkd` stays fast and the CLI's `--help` does not import torch.
+    import importlib
+
+    api = importlib.import_module("xkd.api")
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'xkd' has no attribute {name!r}")

@@ -1,0 +1,42 @@
+"""The public Python API in one place: build a dataset, a teacher, a student, a distiller, train,
+explain, score.
+
+Example:
+    >>> import xkd
+    >>> from xkd.config import DataConfig, ModelConfig, TrainConfig
+    >>> data = xkd.build_dataset(DataConfig("digits", image_size=16))
+    >>> teacher = xkd.build_model(ModelConfig("cifar_resnet"), data.num_classes, 1, 16)
+    >>> xkd.Trainer(xkd.build_distiller("scratch", teacher), data.train, data.val, TrainConfig(epochs=1)).fit()
+"""
+
+from xkd.config import RunConfig, load_config
+from xkd.data import DataBundle, build_dataset, make_loader
+from xkd.distill import Distiller, build_distiller
+from xkd.engine import Trainer
+from xkd.explain import Attribution, build_explainer, normalize_maps
+from xkd.metrics import classification, cost, faithfulness, localisation
+from xkd.metrics import agreement as explanation_agreement
+from xkd.models import build_model, capture_features
+from xkd.pipeline import run
+
+__all__ = [
+    "Attribution",
+    "DataBundle",
+    "Distiller",
+    "RunConfig",
+    "Trainer",
+    "build_dataset",
+    "build_distiller",
+    "build_explainer",
+    "build_model",
+    "capture_features",
+    "classification",
+    "cost",
+    "explanation_agreement",
+    "faithfulness",
+    "load_config",
+    "localisation",
+    "make_loader",
+    "normalize_maps",
+    "run",
+]

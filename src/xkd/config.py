@@ -1,0 +1,409 @@
+"""Typed run configuration: YAML -> dataclasses, validated (DESIGN.md rule 2).
+
+Errors name the key path (``students[1].params.alpha``) and the allowed values. Method parameters
+live next to their method as small dataclasses and are validated with :func:`from_dict` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, unknown or of the wrong type/range."""
+
+
+# ----------------------------------------------------------------------------------------------
+# schema
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to build and how much of it.
+
+    Attributes:
+        name: a registered dataset (``xkd list``).
+        root: folder for ``imagefolder`` or a folder of Fashion-MNIST idx files.
+        image_size: resize images to ``image_size`` x ``image_size`` (None keeps the native size).
+        train_size, val_size, test_size: seeded, class-stratified subsets (None = all).
+        seed: seed of the split and of generated data.
+        params: builder-specific options (e.g. ``lesions``: ``num_per_class``, ``size``).
+    """
+
+    name: str = "fashion-mnist"
+    root: str | None = None
+    image_size: int | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """A registered model name or a dotted import path ``package.module:Class`` / ``package.module.Class``.
+
+    ``params`` are keyword arguments of the builder; ``pretrained`` asks for downloaded weights.
+    """
+
+    name: str = "kdfmv_cnn"
+    pretrained: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["none", "cosine", "step"] = "none"
+    step_size: int = 10
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation budget. ``max_steps_per_epoch`` caps an epoch (for quick tests)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: trained first (or loaded from the cache / ``checkpoint``)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="cifar_resnet"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: str | None = None
+
+
+@dataclass
+class StudentConfig:
+    """One student: a label, a registered distiller and its parameters, optionally its own model."""
+
+    name: str = "kd"
+    distiller: str = "hinton_kd"
+    params: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig | None = None
+
+
+@dataclass
+class ExplainerConfig:
+    name: str = "grad_cam"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    """What is explained and scored after training.
+
+    Attributes:
+        explainers: registered explainers to run on teacher and every student.
+        num_images: test images explained for the explanation metrics (None = whole test set).
+        samples_per_class: images per class in the report's overlay grid.
+        batch_size: batch size of explaining and scoring.
+        fidelity_keep: fraction of most-salient pixels kept by the fidelity metric.
+        agreement_top_k: fraction of pixels in the teacher-student top-k% IoU.
+        met_images: images timed for the mean execution time of each explainer.
+    """
+
+    explainers: list[ExplainerConfig] = field(
+        default_factory=lambda: [ExplainerConfig("grad_cam"), ExplainerConfig("feature_maps")]
+    )
+    num_images: int | None = 256
+    samples_per_class: int = 2
+    batch_size: int = 64
+    fidelity_keep: float = 0.2
+    agreement_top_k: float = 0.1
+    met_images: int = 32
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, teacher, students, training budget, evaluation.
+
+    ``train`` is the students' budget; the teacher has its own under ``teacher.train``.
+    ``student_model`` is the default architecture of every student.
+    """
+
+    name: str = "default"
+    seed: int = 0
+    output_dir: str = "runs"
+    cache_dir: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student_model: ModelConfig = field(default_factory=ModelConfig)
+    students: list[StudentConfig] = field(
+        default_factory=lambda: [
+            StudentConfig("scratch", "scratch"),
+            StudentConfig("kd", "hinton_kd"),
+            StudentConfig("ls", "label_smoothing"),
+        ]
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# generic dict -> dataclass conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: a value is required ({_type_name(tp)})")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Raises:
+        ConfigError: naming the key path, the problem and the allowed keys or values.
+    """
+    where = path or "config"
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"unknown key {key!r}; allowed keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data (YAML/JSON-able) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides, loading, semantic validation
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML.
+
+    List items are addressed by index: ``students.1.params.alpha=0.5``.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    key, text = assignment.split("=", 1)
+    value = yaml.safe_load(text) if text != "" else ""
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or 'config'} has {len(node)} items; "
+                                  f"index {part!r} is not one of 0..{len(node) - 1}")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        else:
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML run config (or the defaults when ``path`` is None), apply ``--set`` overrides,
+    and validate types and registry names."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    else:
+        raw = to_dict(RunConfig())
+    for o in overrides:
+        apply_override(raw, o)
+    cfg = from_dict(RunConfig, raw)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Check registry names, method parameters and ranges that types alone cannot express."""
+    from xkd import registry as R
+    from xkd.distill.base import distiller_params
+    from xkd.explain.base import explainer_params
+
+    import xkd.data  # noqa: F401  (registers builders)
+    import xkd.models  # noqa: F401
+
+    def check_name(reg: R.Registry, name: str, path: str) -> None:
+        if name not in reg:
+            raise ConfigError(f"{path}: unknown {reg.kind} {name!r}; registered: {', '.join(reg.names())}")
+
+    check_name(R.DATASETS, cfg.data.name, "data.name")
+    for path, m in [("teacher.model", cfg.teacher.model), ("student_model", cfg.student_model)] + [
+        (f"students[{i}].model", s.model) for i, s in enumerate(cfg.students) if s.model is not None
+    ]:
+        if not _is_import_path(m.name):
+            check_name(R.MODELS, m.name, f"{path}.name")
+    if not cfg.students:
+        raise ConfigError("students: at least one student is required")
+    names = [s.name for s in cfg.students]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"students: names must be unique, {sorted(dup)} repeated")
+    if "teacher" in names:
+        raise ConfigError("students: 'teacher' is reserved for the teacher; rename that student")
+    for i, s in enumerate(cfg.students):
+        check_name(R.DISTILLERS, s.distiller, f"students[{i}].distiller")
+        distiller_params(s.distiller, s.params, f"students[{i}].params")
+    for i, e in enumerate(cfg.evaluation.explainers):
+        check_name(R.EXPLAINERS, e.name, f"evaluation.explainers[{i}].name")
+        explainer_params(e.name, e.params, f"evaluation.explainers[{i}].params")
+    for path, t in [("train", cfg.train), ("teacher.train", cfg.teacher.train)]:
+        if t.epochs < 1:
+            raise ConfigError(f"{path}.epochs must be >= 1, got {t.epochs}")
+        if t.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size must be >= 1, got {t.batch_size}")
+        if t.optimizer.lr <= 0:
+            raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
+    ev = cfg.evaluation
+    for key in ("fidelity_keep", "agreement_top_k"):
+        v = getattr(ev, key)
+        if not 0.0 < v <= 1.0:
+            raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
+
+
+def _is_import_path(name: str) -> bool:
+    return ":" in name or "." in name
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from xkd.report.records import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

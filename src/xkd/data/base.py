@@ -1,0 +1,150 @@
+"""Data contract shared by every dataset builder.
+
+A builder is registered in :data:`xkd.registry.DATASETS` as ``builder(cfg: DataConfig) -> DataBundle``.
+Images are float32 tensors in ``[0, 1]`` of shape ``(C, H, W)``; labels are ``int``; masks, where a
+dataset has them, are boolean ``(H, W)`` tensors marking the ground-truth evidence region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built as configured. The message names the problem and the fix."""
+
+
+@dataclass
+class Batch:
+    """A collated mini-batch. ``masks`` is ``None`` for datasets without ground-truth masks."""
+
+    images: Tensor
+    labels: Tensor
+    masks: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.images.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            None if self.masks is None else self.masks.to(device, non_blocking=True),
+        )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class TensorImageDataset(Dataset):
+    """An in-memory split: ``images`` (N, C, H, W) float32 in [0, 1] (or uint8, scaled on access),
+    ``labels`` (N,) int64 and optional ``masks`` (N, H, W) bool."""
+
+    def __init__(self, images: Tensor, labels: Tensor, masks: Tensor | None = None) -> None:
+        if images.ndim != 4:
+            raise DataError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+        if labels.shape[0] != images.shape[0]:
+            raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        if masks is not None and masks.shape != (images.shape[0], *images.shape[2:]):
+            raise DataError(
+                f"masks must have shape {(images.shape[0], *images.shape[2:])}, got {tuple(masks.shape)}"
+            )
+        self.images = images
+        self.labels = labels.long()
+        self.masks = None if masks is None else masks.bool()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, Tensor | None]:
+        img = self.images[i]
+        if img.dtype == torch.uint8:
+            img = img.float().div_(255.0)
+        return img, int(self.labels[i]), None if self.masks is None else self.masks[i]
+
+    def subset(self, index: Tensor) -> TensorImageDataset:
+        return TensorImageDataset(
+            self.images[index], self.labels[index], None if self.masks is None else self.masks[index]
+        )
+
+
+def collate(items: Sequence[tuple[Tensor, int, Tensor | None]]) -> Batch:
+    """Collate ``(image, label, mask)`` triples into a :class:`Batch`."""
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+    masks = None
+    if items and items[0][2] is not None:
+        masks = torch.stack([it[2] for it in items])
+    return Batch(images, labels, masks)
+
+
+@dataclass
+class DataBundle:
+    """What every dataset builder returns.
+
+    Attributes:
+        name: registry name of the dataset.
+        train, val, test: map-style datasets yielding ``(image, label, mask_or_None)``.
+        class_names: one readable name per class, index = label.
+        image_shape: ``(C, H, W)`` of every image.
+        has_masks: whether items carry ground-truth masks.
+        skipped_files: files that could not be read and were skipped (imagefolder), for the log
+            and the report.
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    has_masks: bool = False
+    skipped_files: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return self.image_shape[0]
+
+
+def stratified_split(
+    labels: Tensor, fractions: Sequence[float], seed: int
+) -> list[Tensor]:
+    """Split indices into len(fractions) parts, class by class, deterministically from ``seed``.
+
+    Every class is shuffled with a seeded generator and cut by the cumulative fractions, so each
+    part holds (up to rounding) the same class proportions as the whole.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"split fractions must sum to 1, got {list(fractions)}")
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in fractions]
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = len(idx)
+        bounds = [0]
+        acc = 0.0
+        for f in fractions[:-1]:
+            acc += f
+            bounds.append(round(acc * n))
+        bounds.append(n)
+        for k in range(len(fractions)):
+            parts[k].append(idx[bounds[k] : bounds[k + 1]])
+    return [torch.sort(torch.cat(p)).values if p else torch.empty(0, dtype=torch.long) for p in parts]
+
+
+def take_subset(ds: TensorImageDataset, size: int | None, seed: int) -> TensorImageDataset:
+    """A class-stratified, seeded subset of ``size`` items (all items if ``size`` is None)."""
+    if size is None or size >= len(ds):
+        return ds
+    if size <= 0:
+        raise DataError(f"subset size must be positive, got {size}")
+    frac = size / len(ds)
+    first, _ = stratified_split(ds.labels, [frac, 1 - frac], seed)
+    return ds.subset(first[:size])

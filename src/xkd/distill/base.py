@@ -1,0 +1,100 @@
+"""The distiller contract.
+
+A :class:`Distiller` holds the student, a frozen eval-mode teacher (or none) and any adapters, and
+maps a :class:`~xkd.data.base.Batch` to ``(student_logits, {term_name: weighted_loss})``. The
+trainer only sums the terms and logs each by name (the pattern of mdistiller). Adding a method is
+one class with a ``Params`` dataclass and one :data:`~xkd.registry.DISTILLERS` decorator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from xkd.config import ConfigError
+from xkd.data.base import Batch
+from xkd.registry import DISTILLERS
+
+
+@dataclass
+class NoParams:
+    """A distiller without parameters."""
+
+
+class Distiller(nn.Module):
+    """Base class of every distillation method.
+
+    Args:
+        student: the network being trained.
+        teacher: a trained network; it is frozen (``requires_grad=False``) and kept in eval mode,
+            also after ``distiller.train()``. ``None`` for methods that need no teacher.
+        params: an instance of the class's ``Params`` dataclass.
+    """
+
+    Params: ClassVar[type] = NoParams
+    needs_teacher: ClassVar[bool] = True
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: Any = None) -> None:
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise ConfigError(f"distiller {self.registry_name!r} needs a teacher")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.params = params if params is not None else self.Params()
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """Modules whose parameters the optimiser updates and checkpoints hold: the student and
+        any adapters. Subclasses with adapters extend this."""
+        return nn.ModuleDict({"student": self.student})
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the student logits and a dict of weighted loss terms for ``batch``."""
+        raise NotImplementedError
+
+
+def distiller_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:
+    """Validate ``params`` for distiller ``name`` (types, unknown keys and ranges)."""
+    from xkd.config import from_dict
+
+    import xkd.distill  # noqa: F401  (registers distillers)
+
+    return from_dict(DISTILLERS.get(name).Params, params or {}, path)
+
+
+def build_distiller(
+    name: str, student: nn.Module, teacher: nn.Module | None = None, params: dict[str, Any] | None = None
+) -> Distiller:
+    """Build registered distiller ``name``; checks that teacher and student agree on classes."""
+    cls = DISTILLERS.get(name)
+    p = distiller_params(name, params)
+    if teacher is not None and cls.needs_teacher:
+        ns, nt = _num_classes(student), _num_classes(teacher)
+        if ns is not None and nt is not None and ns != nt:
+            raise ConfigError(
+                f"teacher predicts {nt} classes but the student predicts {ns}; "
+                "build both for the same dataset (same num_classes)"
+            )
+    return cls(student, teacher if cls.needs_teacher else None, p)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return None if last is None else last.out_features

@@ -1,0 +1,275 @@
+"""The only training loop.
+
+Sums a distiller's loss dict, steps the optimiser, evaluates on the validation split every epoch,
+keeps the best and the last checkpoint (resumable), shows rich progress bars, and stops with a clear
+error when the loss becomes NaN or infinite, keeping the last good checkpoint. The same code runs
+on one process or under ``torchrun`` (DistributedDataParallel; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from xkd.config import TrainConfig
+from xkd.data.base import collate
+from xkd.distill.base import Distiller
+from xkd.engine import distributed as D
+from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+
+log = logging.getLogger("xkd")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns; ``history`` has one dict per epoch."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = float("-inf")
+    seconds: float = 0.0
+    best_path: Path | None = None
+    last_path: Path | None = None
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    s = cfg.scheduler
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+    return None
+
+
+@torch.no_grad()
+def evaluate_loss_accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and macro-F1 of ``model`` on ``loader`` (eval mode, restored)."""
+    from sklearn.metrics import f1_score
+
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    preds, labels = [], []
+    for batch in loader:
+        batch = batch.to(device)
+        logits = model(batch.images)
+        loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+        p = logits.argmax(1)
+        correct += int((p == batch.labels).sum())
+        total += len(batch)
+        preds.append(p.cpu())
+        labels.append(batch.labels.cpu())
+    model.train(was_training)
+    if total == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+    f1 = f1_score(torch.cat(labels).numpy(), torch.cat(preds).numpy(), average="macro", zero_division=0)
+    return {"loss": loss_sum / total, "accuracy": correct / total, "macro_f1": float(f1)}
+
+
+class Trainer:
+    """Train a :class:`~xkd.distill.base.Distiller` (whose student may be a teacher being trained
+    with ``scratch``).
+
+    Args:
+        distiller: the method; its ``trainable_modules()`` are optimised and checkpointed.
+        train_data, val_data: map-style datasets of ``(image, label, mask)``.
+        cfg: optimiser, scheduler, epochs, batch size.
+        checkpoint_dir: where ``last.pt`` and ``best.pt`` go (None: keep nothing on disk).
+        seed: seeds the shuffling; epoch ``e`` always sees the same order, also after ``--resume``.
+        device: where to train.
+        role: name shown in progress bars and errors (``teacher``, a student name).
+        progress: show rich progress bars (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        train_data: Dataset,
+        val_data: Dataset,
+        cfg: TrainConfig,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        role: str = "model",
+        progress: bool = True,
+        console: Console | None = None,
+    ) -> None:
+        self.distiller = distiller
+        self.cfg = cfg
+        self.seed = seed
+        self.device = torch.device(device)
+        self.role = role
+        self.dist = D.current()
+        self.progress = progress and self.dist.is_main
+        self.console = console or Console(stderr=True)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.train_data, self.val_data = train_data, val_data
+        self.modules = distiller.trainable_modules()
+        params = [p for p in self.modules.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.val_loader = DataLoader(val_data, batch_size=max(cfg.batch_size, 256), shuffle=False,
+                                     collate_fn=collate, num_workers=cfg.num_workers)
+
+    def _train_loader(self, epoch: int) -> DataLoader:
+        if self.dist.enabled:
+            sampler = DistributedSampler(self.train_data, shuffle=True, seed=self.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            sampler = RandomSampler(self.train_data, generator=g)
+        return DataLoader(self.train_data, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.cfg.num_workers, drop_last=False)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _state(self, epoch: int, result: TrainResult) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "role": self.role,
+            "epoch": epoch,
+            "model": self.modules.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+        }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def _resume(self, result: TrainResult) -> int:
+        """Restore from ``last.pt``; returns the next epoch to run (1 when there is nothing to resume)."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / "last.pt").is_file():
+            return 1
+        path = self.checkpoint_dir / "last.pt"
+        state = load_checkpoint(path)
+        if state.get("format") == "state_dict":
+            raise CheckpointError(f"{path} holds bare weights, not a resumable xkd checkpoint")
+        load_weights(self.modules, state["model"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        result.history = list(state["history"])
+        result.best_epoch = int(state["best_epoch"])
+        result.best_val_accuracy = float(state["best_val_accuracy"])
+        log.info("%s: resumed from %s after epoch %d", self.role, path, state["epoch"])
+        return int(state["epoch"]) + 1
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train for ``cfg.epochs`` epochs (continuing from ``last.pt`` when ``resume``)."""
+        result = TrainResult()
+        if self.checkpoint_dir is not None:
+            result.best_path, result.last_path = self.checkpoint_dir / "best.pt", self.checkpoint_dir / "last.pt"
+        start = self._resume(result) if resume else 1
+        self.distiller.to(self.device)
+        model: nn.Module = self.distiller
+        if self.dist.enabled:
+            model = nn.parallel.DistributedDataParallel(
+                self.distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        t0 = time.perf_counter()
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not self.progress, transient=False,
+        )
+        with progress:
+            for epoch in range(start, self.cfg.epochs + 1):
+                stats = self._train_epoch(model, epoch, progress)
+                self._sync_buffers()
+                val = evaluate_loss_accuracy(self.distiller.student, self.val_loader, self.device)
+                stats.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
+                result.history.append(stats)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                improved = val["accuracy"] > result.best_val_accuracy
+                if improved:
+                    result.best_epoch, result.best_val_accuracy = epoch, val["accuracy"]
+                if self.checkpoint_dir is not None and self.dist.is_main:
+                    state = self._state(epoch, result)
+                    if improved:
+                        save_checkpoint(self.checkpoint_dir / "best.pt", state)
+                    save_checkpoint(self.checkpoint_dir / "last.pt", state)
+        result.seconds = time.perf_counter() - t0
+        D.barrier()
+        return result
+
+    def _sync_buffers(self) -> None:
+        """Copy rank 0's buffers (BatchNorm statistics) to every rank after an epoch.
+
+        DDP broadcasts buffers before each forward pass, so after the last step each rank holds the
+        statistics of its own last batch; syncing makes every rank evaluate and keep the same model.
+        """
+        if self.dist.enabled:
+            for b in self.modules.buffers():
+                torch.distributed.broadcast(b, src=0)
+
+    def _train_epoch(self, model: nn.Module, epoch: int, progress: Progress) -> dict[str, Any]:
+        model.train()
+        loader = self._train_loader(epoch)
+        steps = len(loader) if self.cfg.max_steps_per_epoch is None else min(len(loader), self.cfg.max_steps_per_epoch)
+        task = progress.add_task(f"{self.role} epoch {epoch}/{self.cfg.epochs}", total=steps, stats="")
+        t0 = time.perf_counter()
+        n, loss_sum, correct = 0, 0.0, 0
+        term_sums: dict[str, float] = {}
+        for step, batch in enumerate(loader, start=1):
+            if step > steps:
+                break
+            batch = batch.to(self.device)
+            logits, terms = model(batch)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                self._non_finite(epoch, step, loss, terms)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            b = len(batch)
+            n += b
+            loss_sum += float(loss.detach()) * b
+            correct += int((logits.detach().argmax(1) == batch.labels).sum())
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + float(v.detach()) * b
+            progress.update(task, advance=1, stats=f"loss {loss_sum / n:.4f}  acc {correct / n:.3f}")
+        return {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(n, 1),
+            "terms": {k: v / max(n, 1) for k, v in term_sums.items()},
+            "train_accuracy": correct / max(n, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def _non_finite(self, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        kept = "no checkpoint was written yet"
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / "last.pt").is_file():
+            kept = f"the last good checkpoint is kept at {self.checkpoint_dir / 'last.pt'} (epoch {epoch - 1})"
+        raise NonFiniteLossError(
+            f"{self.role}: the loss became {float(loss)} at epoch {epoch}, step {step} ({detail}); training "
+            f"stopped and {kept}. Lower the learning rate (train.optimizer.lr) or check the data for NaN/inf, "
+            "then rerun (with --resume to continue from the checkpoint)."
+        )

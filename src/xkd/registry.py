@@ -1,0 +1,86 @@
+"""The one registry type (DESIGN.md rule 1).
+
+Every dataset, model, distiller, explainer and metric is registered exactly once with a decorator;
+the CLI, ``xkd list`` and config validation take their choices from these registries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """A name that is not in a registry. The message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly.
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A named collection of builders of one kind (datasets, models, ...).
+
+    Example:
+        >>> MODELS = Registry("model")
+        >>> @MODELS.register("tiny")
+        ... def tiny(num_classes: int) -> nn.Module: ...
+        >>> MODELS.get("tiny")
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that registers ``obj`` under ``name``; a second registration is an error."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = obj
+            if isinstance(obj, type) or callable(obj):
+                try:
+                    obj.registry_name = name  # type: ignore[attr-defined]
+                except (AttributeError, TypeError):
+                    pass
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        """Return the entry called ``name`` or raise :class:`UnknownNameError` listing the names."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+DATASETS: Registry = Registry("dataset")
+MODELS: Registry = Registry("model")
+DISTILLERS: Registry = Registry("distiller")
+EXPLAINERS: Registry = Registry("explainer")
+METRICS: Registry = Registry("metric")
+
+ALL_REGISTRIES: dict[str, Registry] = {
+    "datasets": DATASETS,
+    "models": MODELS,
+    "distillers": DISTILLERS,
+    "explainers": EXPLAINERS,
+    "metrics": METRICS,
+}

@@ -1,0 +1,1 @@
+"""Records on disk and the HTML report rendered from them."""

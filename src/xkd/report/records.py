@@ -1,0 +1,88 @@
+"""Frozen, versioned records written atomically (DESIGN.md rule 7).
+
+Every file xkd writes goes through :func:`atomic_write_bytes`: the data lands in a temporary file in
+the same folder and is moved into place with :func:`os.replace`, so a crash never leaves a half
+file. Under ``torchrun`` only rank 0 writes (``is_writer()``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def is_writer() -> bool:
+    """True on the process that owns the run directory (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _json_safe(obj.item())
+    if hasattr(obj, "tolist"):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as JSON (non-finite floats become ``null``)."""
+    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape results, for the run record."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("xkd", "torch", "torchvision", "captum", "numpy", "scikit-learn", "scikit-image"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def record(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Wrap ``payload`` with the schema version and kind, as every file in ``records/`` is."""
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, **payload}

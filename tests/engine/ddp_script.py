@@ -1,0 +1,41 @@
+"""Run under torchrun by test_ddp.py: a tiny xkd run on 2 CPU processes.
+
+Every rank dumps the weights it trained (before the best checkpoint is reloaded) to OUT/rank<r>.pt;
+on ranks other than 0, any attempt to write a file atomically (os.replace) fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import xkd.pipeline as pipeline
+from xkd.config import load_config
+
+out = Path(sys.argv[1])
+overrides = sys.argv[2:]
+rank = int(os.environ["RANK"])
+trained: dict[str, dict[str, torch.Tensor]] = {}
+
+original_load_best = pipeline._load_best
+
+
+def capture_then_load(distiller, path):
+    role = path.parent.name
+    trained[role] = {k: v.detach().clone() for k, v in distiller.trainable_modules().state_dict().items()}
+    original_load_best(distiller, path)
+
+
+pipeline._load_best = capture_then_load
+
+if rank != 0:
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"rank {rank} tried to write {args[:2]}")
+
+    os.replace = refuse
+
+run_dir = pipeline.run(load_config(None, overrides), progress=False)
+torch.save(trained, out / f"rank{rank}.pt")

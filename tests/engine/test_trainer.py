@@ -1,0 +1,141 @@
+"""The trainer: checkpoints, resume, NaN stop, determinism, safe loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xkd.config import ConfigError, ModelConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+from xkd.data.base import TensorImageDataset
+from xkd.distill import build_distiller
+from xkd.distill.base import Distiller
+from xkd.engine import CheckpointError, NonFiniteLossError, Trainer, load_checkpoint, load_weights, save_checkpoint
+from xkd.models import build_model
+
+
+def blobs(n=96, seed=0) -> TensorImageDataset:
+    """Class k = a bright square in quadrant k: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.2
+    for i, c in enumerate(labels.tolist()):
+        r, q = divmod(c, 2)
+        x[i, 0, r * 4 : r * 4 + 4, q * 4 : q * 4 + 4] += 0.8
+    return TensorImageDataset(x, labels)
+
+
+def student(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8]}), 4, 1, 8)
+
+
+def fit(tmp_path, epochs=2, resume=False, model=None, **kw):
+    model = model or student()
+    cfg = TrainConfig(epochs=epochs, batch_size=16, optimizer=OptimizerConfig(lr=0.01),
+                      scheduler=SchedulerConfig("cosine"), **kw)
+    tr = Trainer(build_distiller("scratch", model), blobs(), blobs(32, 1), cfg, checkpoint_dir=tmp_path,
+                 seed=0, progress=False)
+    return tr.fit(resume=resume), model
+
+
+def test_training_learns_and_writes_best_and_last(tmp_path):
+    result, model = fit(tmp_path, epochs=3)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_val_accuracy > 0.5
+    last = load_checkpoint(tmp_path / "last.pt")
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert last["epoch"] == 3 and best["epoch"] == result.best_epoch
+    assert set(last["history"][0]) >= {"train_loss", "val_accuracy", "terms", "lr"}
+
+
+def test_same_seed_same_weights(tmp_path):
+    _, a = fit(tmp_path / "a")
+    _, b = fit(tmp_path / "b")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+class InterruptAfter(Distiller):
+    """Scratch training that is interrupted (Ctrl-C) at forward pass ``calls + 1``."""
+
+    needs_teacher = False
+
+    def __init__(self, student, calls):
+        super().__init__(student)
+        self.calls, self.n = calls, 0
+
+    def forward(self, batch):
+        self.n += 1
+        if self.n > self.calls:
+            raise KeyboardInterrupt
+        logits = self.student(batch.images)
+        return logits, {"ce": nn.functional.cross_entropy(logits, batch.labels)}
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    _, straight = fit(tmp_path / "straight", epochs=3)
+    cfg = TrainConfig(epochs=3, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"))
+    interrupted = Trainer(InterruptAfter(student(), 96 // 16 + 2), blobs(), blobs(32, 1), cfg,
+                          checkpoint_dir=tmp_path / "split", seed=0, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()  # stops in epoch 2; last.pt holds epoch 1
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    result, resumed = fit(tmp_path / "split", epochs=3, resume=True, model=student(seed=123))
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    for (k, va), vb in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+class NaNAfter(Distiller):
+    """Cross-entropy until ``calls`` forward passes, then NaN."""
+
+    needs_teacher = False
+
+    def __init__(self, student, calls):
+        super().__init__(student)
+        self.calls, self.n = calls, 0
+
+    def forward(self, batch):
+        self.n += 1
+        logits = self.student(batch.images)
+        loss = nn.functional.cross_entropy(logits, batch.labels)
+        return logits, {"ce": loss * float("nan") if self.n > self.calls else loss}
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = student()
+    steps_per_epoch = 96 // 16
+    tr = Trainer(NaNAfter(model, steps_per_epoch + 2), blobs(), blobs(32, 1), TrainConfig(epochs=3, batch_size=16),
+                 checkpoint_dir=tmp_path, progress=False, role="kd")
+    with pytest.raises(NonFiniteLossError, match=r"kd: the loss became nan at epoch 2, step 3 .*last good checkpoint is kept"):
+        tr.fit()
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    fit(tmp_path, epochs=1)
+    other = build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 16]}), 4, 1, 8)
+    state = load_checkpoint(tmp_path / "best.pt")
+    weights = {k.removeprefix("student."): v for k, v in state["model"].items()}
+    with pytest.raises(CheckpointError, match="different architecture .* shape mismatch"):
+        load_weights(other, weights, "best.pt")
+
+
+def test_checkpoints_never_unpickle_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": ConfigError("x")}, path)  # an arbitrary class instance
+    with pytest.raises(CheckpointError, match="could not be read safely"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.ones(2)}, "history": [{"a": 1}]})
+    state = load_checkpoint(path)
+    assert torch.equal(state["model"]["w"], torch.ones(2)) and state["history"] == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp files left behind

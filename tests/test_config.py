@@ -1,0 +1,86 @@
+"""Config: YAML -> dataclasses, overrides, and errors that name the key and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from xkd.config import ConfigError, RunConfig, apply_override, load_config, to_dict
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None)
+    again = load_config(write(tmp_path, to_dict(cfg)))
+    assert again == cfg
+    assert [s.distiller for s in cfg.students] == ["scratch", "hinton_kd", "label_smoothing"]
+
+
+def test_overrides_reach_nested_keys_and_list_items():
+    cfg = load_config(None, ["train.epochs=3", "students.1.params.alpha=0.4", "data.image_size=32",
+                             "evaluation.explainers=[{name: grad_cam}]"])
+    assert cfg.train.epochs == 3
+    assert cfg.students[1].params == {"alpha": 0.4}
+    assert cfg.data.image_size == 32
+    assert [e.name for e in cfg.evaluation.explainers] == ["grad_cam"]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["data.sise=3"], r"unknown key 'data.sise'; allowed keys here: name, root, image_size"),
+        (["train.epochs=two"], r"train.epochs: expected an integer, got 'two'"),
+        (["train.optimizer.name=rmsprop"], r"train.optimizer.name: 'rmsprop' is not allowed; allowed values: 'adam', 'adamw', 'sgd'"),
+        (["data.name=cifar10"], r"data.name: unknown dataset 'cifar10'; registered: digits, fashion-mnist, imagefolder, lesions, mnist5k"),
+        (["students.0.distiller=fitnet"], r"students\[0\].distiller: unknown distiller 'fitnet'; registered: hinton_kd, label_smoothing, scratch"),
+        (["students.1.params.temperature=-1"], r"students\[1\].params: temperature must be > 0"),
+        (["evaluation.explainers=[{name: lime}]"], r"unknown explainer 'lime'; registered: feature_maps, grad_cam"),
+        (["teacher.model.name=vgg"], r"teacher.model.name: unknown model 'vgg'; registered: cifar_resnet"),
+        (["students.5.name=x"], r"index '5' is not one of 0..2"),
+        (["train.epochs=0"], r"train.epochs must be >= 1"),
+        (["students=[]"], r"at least one student"),
+        (["students.1.name=scratch"], r"names must be unique"),
+        (["train.batch_size=true"], r"expected an integer, got True"),
+        (["train.epochs"], r"must look like key.path=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_a_partial_file_takes_defaults_for_the_rest(tmp_path):
+    cfg = load_config(write(tmp_path, {"name": "x", "train": {"epochs": 2}}))
+    assert cfg.name == "x" and cfg.train.epochs == 2 and cfg.train.batch_size == RunConfig().train.batch_size
+
+
+def test_apply_override_parses_yaml_values():
+    raw: dict = {}
+    apply_override(raw, "a.b=1.5")
+    apply_override(raw, "a.c=[1, 2]")
+    apply_override(raw, "a.d=null")
+    assert raw == {"a": {"b": 1.5, "c": [1, 2], "d": None}}
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert {"default.yaml", "lesions.yaml"} <= {f.name for f in files}
+    for f in files:
+        load_config(f)
