@@ -1,0 +1,98 @@
+"""Teacher-student explanation agreement: how similar are two models' maps of the same images?
+
+Maps ``a`` and ``b`` are ``(N, H, W)`` (same images, same order, e.g. teacher and student Grad-CAM).
+Every score is computed per image on the flattened maps and then averaged over images.
+
+An image whose map is constant in ``a`` or ``b`` (e.g. an all-zero Grad-CAM after the ReLU) has no
+defined correlation: it scores ``nan`` and is left out of the mean (``nanmean``), rather than being
+counted as 0, which would confuse "no explanation" with "unrelated explanation". The mean is ``nan``
+only if every image is constant; ``reduction="none"`` returns the per-image scores with the nans.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scipy.stats import rankdata
+from torch import Tensor
+
+from xkd.metrics.base import metric
+
+
+def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"maps must both be (N, H, W) of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return a.detach().flatten(1).double().cpu(), b.detach().flatten(1).double().cpu()
+
+
+def _reduce(scores: Tensor, reduction: str) -> float | Tensor:
+    if reduction == "none":
+        return scores
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return float(scores.nanmean()) if len(scores) else float("nan")
+
+
+def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
+    if x.shape[1] == 0:
+        return torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
+    # exact test on the raw values: centring a constant row can leave rounding noise
+    const = (x.amax(dim=1) == x.amin(dim=1)) | (y.amax(dim=1) == y.amin(dim=1))
+    x = x - x.mean(dim=1, keepdim=True)
+    y = y - y.mean(dim=1, keepdim=True)
+    r = (x * y).sum(dim=1) / (x.norm(dim=1) * y.norm(dim=1))
+    return torch.where(const, torch.full_like(r, float("nan")), r.clamp(-1.0, 1.0))
+
+
+@metric("map_pearson", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+def map_pearson(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
+    """Pearson correlation of the two maps of each image (flattened), averaged over images.
+
+    Constant maps give ``nan`` for that image, excluded from the mean (see the module docstring).
+    """
+    return _reduce(_pearson_rows(*_flat_pair(a, b)), reduction)
+
+
+@metric("map_spearman", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+def map_spearman(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
+    """Spearman rank correlation of the two maps of each image, averaged over images: the Pearson
+    correlation of the pixel ranks, ties given their average rank (as ``scipy.stats.spearmanr``).
+
+    Constant maps give ``nan`` for that image, excluded from the mean (see the module docstring).
+    """
+    x, y = _flat_pair(a, b)
+    rx = torch.from_numpy(rankdata(x.numpy(), method="average", axis=1)) if len(x) else x
+    ry = torch.from_numpy(rankdata(y.numpy(), method="average", axis=1)) if len(y) else y
+    return _reduce(_pearson_rows(rx, ry), reduction)
+
+
+def top_n_mask(flat: Tensor, n: int) -> Tensor:
+    """Boolean ``(N, P)`` mask of the ``n`` largest values of each row of ``flat`` ``(N, P)``; ties
+    are broken by index (the lower index is taken first)."""
+    order = torch.sort(flat.detach(), dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+
+
+def top_k_mask(maps: Tensor, k: float) -> Tensor:
+    """Boolean ``(N, H*W)`` mask of each map's ``max(1, round(k * H * W))`` largest pixels (ties by
+    pixel index)."""
+    flat = maps.detach().flatten(1)
+    return top_n_mask(flat, max(1, round(k * flat.shape[1])))
+
+
+@metric("top_k_agreement", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+def top_k_iou_maps(a: Tensor, b: Tensor, k: float = 0.1, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
+    """IoU of the top-``k`` fraction of pixels of the two maps of each image, averaged over images.
+
+    1 when both maps single out the same pixels, 0 when their top sets are disjoint. Both sets have
+    the same size ``max(1, round(k * H * W))``. A map with fewer than that many distinct positive
+    pixels (common for Grad-CAM after the ReLU) fills its set with zero-valued pixels in index order,
+    so prefer small ``k`` or maps without the ReLU when the maps are sparse.
+    """
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    _flat_pair(a, b)
+    ta, tb = top_k_mask(a, k), top_k_mask(b, k)
+    iou = (ta & tb).sum(dim=1).double() / (ta | tb).sum(dim=1).double()
+    return _reduce(iou.cpu(), reduction)

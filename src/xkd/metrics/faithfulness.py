@@ -1,0 +1,214 @@
+"""Faithfulness of explanation maps: does the model's decision follow the pixels a map calls salient?
+
+- :func:`fidelity` -- KD-FMV reports fidelity per class without a formula; xkd's definition is in
+  SEEDS.md §1 and below.
+- :func:`deletion_auc`, :func:`insertion_auc` -- Petsiuk et al., "RISE", BMVC 2018, §4.1.
+
+Pixels are ranked by decreasing saliency; equal saliency is broken by pixel index (row-major, the
+lower index first), so results are deterministic. Perturbed pixels take the ``baseline`` value (a
+number, or a tensor broadcastable to ``(C, H, W)`` such as a per-channel mean) in every channel.
+Models run in eval mode without gradients; their train/eval flags are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xkd.metrics.base import metric
+from xkd.models.state import eval_mode, model_device
+
+
+def saliency_ranks(maps: Tensor) -> Tensor:
+    """Rank ``(N, H*W)`` of every pixel in decreasing saliency (0 = most salient; ties by index)."""
+    flat = maps.flatten(1)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return ranks
+
+
+def _check(images: Tensor, maps: Tensor) -> None:
+    if images.ndim != 4 or maps.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"maps {tuple(maps.shape)} must be (N, H, W) for images {tuple(images.shape)}")
+
+
+def _probs(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).float().softmax(dim=1)
+
+
+@metric("fidelity", higher_is_better=True, needs=("model", "images", "labels", "maps"), category="faithfulness")
+def fidelity(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    maps: Tensor,
+    keep: float = 0.2,
+    baseline: float | Tensor = 0.0,
+    batch_size: int = 64,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Fidelity of explanation ``maps``: does the top-``keep`` fraction of pixels alone keep the decision?
+
+    Each image keeps its ``round(keep * H * W)`` most salient pixels (at least one); the others are
+    set to ``baseline``. With ``c`` the class predicted on the original image:
+
+    - ``kept`` = 1 if the model still predicts ``c`` on the masked image, else 0;
+    - ``retained`` = ``p_masked(c) / p_orig(c)``, the share of the class probability that survives.
+      It is **not** clipped: a ratio above 1 means the masked image is *more* confident (the removed
+      pixels were evidence against ``c``), which is informative. Its mean is reported as
+      ``retained``; the mean of ``min(ratio, 1)`` as ``retained_clipped`` (robust to a few very
+      large ratios).
+
+    ``fidelity`` is the mean of ``kept``. Per class, images are grouped by their **true** label (so
+    each class's row describes the same images whatever the model predicts, and rows are comparable
+    between teacher and student).
+
+    Returns:
+        ``{"fidelity", "retained", "retained_clipped", "keep", "n", "per_class": {name: {"fidelity",
+        "retained", "retained_clipped", "n"}}}``; classes without images have ``n = 0`` and nan values.
+    """
+    _check(images, maps)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    n_pix = images.shape[2] * images.shape[3]
+    n_keep = max(1, round(keep * n_pix))
+    device = model_device(model, images.device)
+    kept_all, ratio_all = [], []
+    with eval_mode(model), torch.no_grad():
+        for s in range(0, images.shape[0], batch_size):
+            x = images[s : s + batch_size].to(device)
+            keep_mask = (saliency_ranks(maps[s : s + batch_size].to(device)) < n_keep).view(x.shape[0], 1, *x.shape[2:])
+            p_orig = _probs(model, x)
+            p_mask = _probs(model, torch.where(keep_mask, x, torch.as_tensor(baseline, dtype=x.dtype, device=device)))
+            c = p_orig.argmax(dim=1, keepdim=True)
+            kept_all.append((p_mask.argmax(dim=1, keepdim=True) == c)[:, 0].float().cpu())
+            ratio = p_mask.gather(1, c).double() / p_orig.gather(1, c).double().clamp_min(1e-300)
+            ratio_all.append(ratio[:, 0].cpu())
+    kept, ratio = torch.cat(kept_all).double(), torch.cat(ratio_all)
+    labels = torch.as_tensor(labels).long().cpu()
+
+    def summary(sel: Tensor) -> dict[str, Any]:
+        n = int(sel.sum())
+        if n == 0:
+            nan = float("nan")
+            return {"fidelity": nan, "retained": nan, "retained_clipped": nan, "n": 0}
+        return {
+            "fidelity": float(kept[sel].mean()),
+            "retained": float(ratio[sel].mean()),
+            "retained_clipped": float(ratio[sel].clamp_max(1.0).mean()),
+            "n": n,
+        }
+
+    classes = range(len(class_names)) if class_names is not None else sorted(set(labels.tolist()))
+    names = list(class_names) if class_names is not None else [str(k) for k in classes]
+    out = summary(torch.ones_like(labels, dtype=torch.bool))
+    out["keep"] = keep
+    out["per_class"] = {names[i]: summary(labels == k) for i, k in enumerate(classes)}
+    return out
+
+
+def perturbation_curves(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    mode: str,
+    steps: int = 20,
+    baseline: float | Tensor = 0.0,
+    batch_size: int = 64,
+    targets: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Class probability along a deletion or insertion path (RISE, Petsiuk et al. 2018).
+
+    Step ``s = 0..steps`` perturbs the ``round(s / steps * H * W)`` most salient pixels: ``"deletion"``
+    sets them to ``baseline`` in the original image; ``"insertion"`` copies them from the original
+    into an all-``baseline`` image (RISE blurs instead; xkd uses the same baseline for both). The
+    probability is that of ``targets`` or, if None, of the class predicted on the original image.
+    All steps of ``batch_size // (steps + 1)`` images (at least one) go through one forward pass.
+
+    Returns:
+        ``(curves (N, steps + 1), fractions (steps + 1,))`` on the CPU, float64.
+    """
+    _check(images, maps)
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    n, ch, h, w = images.shape
+    device = model_device(model, images.device)
+    counts = torch.linspace(0, h * w, steps + 1, device=device).round().long()
+    per_chunk = max(1, batch_size // (steps + 1))
+    curves = []
+    with eval_mode(model), torch.no_grad():
+        for s in range(0, n, per_chunk):
+            x = images[s : s + per_chunk].to(device)
+            b = x.shape[0]
+            base = torch.as_tensor(baseline, dtype=x.dtype, device=device)
+            top = saliency_ranks(maps[s : s + per_chunk].to(device))[None] < counts[:, None, None]
+            top = top.view(steps + 1, b, 1, h, w)
+            xs = torch.where(top, base, x[None]) if mode == "deletion" else torch.where(top, x[None], base)
+            probs = _probs(model, xs.reshape((steps + 1) * b, ch, h, w)).view(steps + 1, b, -1)
+            if targets is not None:
+                tgt = targets[s : s + per_chunk].to(device).long()
+            else:  # the original image is step 0 of deletion and the last step of insertion
+                tgt = probs[0 if mode == "deletion" else -1].argmax(dim=1)
+            curves.append(probs.gather(2, tgt.view(1, b, 1).expand(steps + 1, b, 1))[..., 0].t().double().cpu())
+    curve = torch.cat(curves) if curves else torch.zeros(0, steps + 1, dtype=torch.float64)
+    return curve, counts.double().cpu() / (h * w)
+
+
+def _auc_result(name: str, curve: Tensor, fractions: Tensor) -> dict[str, Any]:
+    per_image = torch.trapezoid(curve, fractions, dim=1)
+    return {
+        name: float(per_image.mean()) if len(per_image) else float("nan"),
+        "per_image": per_image,
+        "curve": curve.mean(dim=0),
+        "fractions": fractions,
+    }
+
+
+@metric("deletion_auc", higher_is_better=False, needs=("model", "images", "maps"), category="faithfulness")
+def deletion_auc(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    steps: int = 20,
+    baseline: float | Tensor = 0.0,
+    batch_size: int = 64,
+    targets: Tensor | None = None,
+) -> dict[str, Any]:
+    """Deletion AUC (RISE, Petsiuk et al. 2018, §4.1): area under the class probability as the most
+    salient pixels are removed, trapezoid rule over the removed fraction in [0, 1]. Lower is better:
+    a faithful map removes the evidence first.
+
+    Returns:
+        ``{"deletion_auc": mean over images, "per_image": (N,), "curve": mean curve (steps + 1,),
+        "fractions": (steps + 1,)}``.
+    """
+    curve, fractions = perturbation_curves(model, images, maps, "deletion", steps, baseline, batch_size, targets)
+    return _auc_result("deletion_auc", curve, fractions)
+
+
+@metric("insertion_auc", higher_is_better=True, needs=("model", "images", "maps"), category="faithfulness")
+def insertion_auc(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    steps: int = 20,
+    baseline: float | Tensor = 0.0,
+    batch_size: int = 64,
+    targets: Tensor | None = None,
+) -> dict[str, Any]:
+    """Insertion AUC (RISE, Petsiuk et al. 2018, §4.1): area under the class probability as the most
+    salient pixels are inserted into a baseline image, trapezoid rule over the inserted fraction in
+    [0, 1]. Higher is better.
+
+    Returns:
+        ``{"insertion_auc": mean over images, "per_image": (N,), "curve": mean curve (steps + 1,),
+        "fractions": (steps + 1,)}``.
+    """
+    curve, fractions = perturbation_curves(model, images, maps, "insertion", steps, baseline, batch_size, targets)
+    return _auc_result("insertion_auc", curve, fractions)

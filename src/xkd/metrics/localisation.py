@@ -1,0 +1,109 @@
+"""Localisation of explanation maps against ground-truth masks (lesions, objects, known evidence).
+
+- :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop",
+  ECCV 2016 / IJCV 2018, §5.1, here without the 15-pixel tolerance.
+- :func:`top_k_iou` -- MED-TEX (SEEDS.md §2, eq. 14): overlap of the map's K most salient pixels
+  with the mask. The paper's eq. 14, ``2|A ∩ B| / (|A| + |B|)``, is the Dice coefficient, not IoU;
+  both are reported under their right names.
+
+Maps are ``(N, H, W)``, masks boolean ``(N, H, W)`` at the same resolution. Images whose mask is
+empty have no region to find: they are skipped and counted in ``skipped_empty``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xkd.metrics.agreement import top_n_mask
+from xkd.metrics.base import metric
+
+MEDTEX_SIDE = 224
+
+
+def _flat(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if maps.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be (N, H, W)")
+    m = masks.detach().flatten(1).bool().cpu()
+    valid = m.any(dim=1)
+    return maps.detach().flatten(1).cpu()[valid], m[valid], valid
+
+
+def medtex_k_values(h: int, w: int) -> list[int]:
+    """MED-TEX's K in {k * 32 * 32 | k = 1..6} pixels, scaled from its 224x224 inputs to ``h x w``:
+    ``K_k = round(k * 1024 * h * w / 224^2)``, kept within ``[1, h * w]``."""
+    return [min(h * w, max(1, round(k * 1024 * h * w / (MEDTEX_SIDE * MEDTEX_SIDE)))) for k in range(1, 7)]
+
+
+@metric("pointing_game", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+def pointing_game(maps: Tensor, masks: Tensor) -> dict[str, Any]:
+    """Pointing game: the fraction of images whose map maximum lies inside the mask.
+
+    Strict: no tolerance margin around the mask (Zhang et al. allow 15 px at ImageNet size; small
+    images have no room for one). If several pixels share the maximum, the first in row-major order
+    is the one pointed at, so a constant map points at the top-left pixel.
+
+    Returns:
+        ``{"pointing_game": hits / evaluated, "hits", "evaluated", "skipped_empty"}``.
+    """
+    flat, m, valid = _flat(maps, masks)
+    hits = int(m.gather(1, flat.argmax(dim=1, keepdim=True)).sum())
+    n = int(valid.sum())
+    return {
+        "pointing_game": hits / n if n else float("nan"),
+        "hits": hits,
+        "evaluated": n,
+        "skipped_empty": int((~valid).sum()),
+    }
+
+
+def _iou_dice(flat: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    top = top_n_mask(flat, k)
+    inter = (top & m).sum(dim=1).double()
+    iou = inter / (top | m).sum(dim=1).double()
+    dice = 2 * inter / (top.sum(dim=1) + m.sum(dim=1)).double()
+    return iou, dice
+
+
+@metric("top_k_iou", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """IoU (and Dice) between each map's ``K`` most salient pixels ``A`` and the mask ``B``.
+
+    ``IoU = |A ∩ B| / |A ∪ B|``; ``Dice = 2 |A ∩ B| / (|A| + |B|)`` (MED-TEX eq. 14). A map equal to
+    its mask scores 1 on both when ``K`` is the mask's area. Ties in saliency are broken by pixel
+    index.
+
+    Args:
+        maps: ``(N, H, W)`` explanation maps.
+        masks: boolean ``(N, H, W)`` ground truth.
+        k_pixels: ``K``; a list of ``K`` values gives one score per ``K`` (averaged for the headline
+            value); None uses :func:`medtex_k_values` for the image size.
+
+    Returns:
+        ``{"top_k_iou", "dice", "k_pixels", "evaluated", "skipped_empty"}``, plus ``"per_k":
+        {K: {"iou", "dice"}}`` when several ``K`` are given.
+    """
+    flat, m, valid = _flat(maps, masks)
+    h, w = maps.shape[1:]
+    ks = medtex_k_values(h, w) if k_pixels is None else k_pixels
+    ks_list = [int(k) for k in ks] if isinstance(ks, Sequence) else [int(ks)]
+    if not ks_list or any(not 1 <= k <= h * w for k in ks_list):
+        raise ValueError(f"k_pixels must lie in 1..{h * w}, got {ks}")
+    per_k = {}
+    for k in ks_list:
+        iou, dice = _iou_dice(flat, m, k)
+        nan = float("nan")
+        per_k[k] = {"iou": float(iou.mean()) if len(iou) else nan, "dice": float(dice.mean()) if len(dice) else nan}
+    out: dict[str, Any] = {
+        "top_k_iou": float(torch.tensor([v["iou"] for v in per_k.values()]).mean()),
+        "dice": float(torch.tensor([v["dice"] for v in per_k.values()]).mean()),
+        "k_pixels": ks_list if len(ks_list) > 1 else ks_list[0],
+        "evaluated": int(valid.sum()),
+        "skipped_empty": int((~valid).sum()),
+    }
+    if len(ks_list) > 1:
+        out["per_k"] = per_k
+    return out

@@ -1,0 +1,64 @@
+"""Teacher-student map agreement: correlations and top-k IoU by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from xkd.metrics import map_pearson, map_spearman, top_k_iou_maps
+
+A = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+B = torch.tensor([[[1.0, 3.0], [2.0, 4.0]]])  # deviations (-1.5, .5, -.5, 1.5) vs (-1.5, -.5, .5, 1.5): r = 4 / 5
+
+
+def test_pearson_identical_negated_and_by_hand():
+    maps = torch.rand(3, 5, 6)
+    assert map_pearson(maps, maps) == pytest.approx(1.0)
+    assert map_pearson(maps, -maps) == pytest.approx(-1.0)
+    assert map_pearson(A, B) == pytest.approx(0.8)
+    assert map_pearson(A, 3 * A + 7) == pytest.approx(1.0)
+
+
+def test_spearman_is_rank_based_with_average_ties():
+    assert map_spearman(A, B) == pytest.approx(0.8)
+    assert map_spearman(A, A**3) == pytest.approx(1.0)  # monotone transform
+    tied_a = torch.tensor([[[0.0, 0.0, 1.0], [2.0, 0.0, 3.0]]])
+    tied_b = torch.tensor([[[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]]])
+    expected = spearmanr(tied_a.flatten().numpy(), tied_b.flatten().numpy()).statistic
+    assert map_spearman(tied_a, tied_b) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("fn", [map_pearson, map_spearman])
+def test_constant_maps_are_nan_and_left_out_of_the_mean(fn):
+    a = torch.cat([A, torch.zeros(1, 2, 2)])
+    b = torch.cat([A, B])
+    assert fn(a, b) == pytest.approx(1.0)  # the all-zero map's image is skipped, not scored 0
+    per_image = fn(a, b, reduction="none")
+    assert per_image[0] == pytest.approx(1.0) and math.isnan(per_image[1])
+    assert math.isnan(fn(torch.zeros(2, 2, 2), b))
+    assert math.isnan(fn(torch.full((1, 2, 2), 1e-3), B))
+
+
+def test_top_k_agreement():
+    maps = torch.rand(4, 4, 4)
+    assert top_k_iou_maps(maps, maps, k=0.25) == 1.0
+    left, right = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    left[..., :2] = 1.0
+    right[..., 2:] = 1.0
+    assert top_k_iou_maps(left, right, k=0.5) == 0.0
+    # top 4 pixels: rows 0 of both maps share 2 pixels -> IoU 2 / 6
+    a, b = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    a[0, 0, :] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    b[0, 0, :2] = 1.0
+    b[0, 3, :2] = 1.0
+    assert top_k_iou_maps(a, b, k=0.25) == pytest.approx(1 / 3)
+
+
+def test_shapes_must_match():
+    with pytest.raises(ValueError, match="same shape"):
+        map_pearson(torch.rand(2, 4, 4), torch.rand(2, 4, 5))
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_iou_maps(A, A, k=0)

@@ -1,0 +1,69 @@
+"""Classification metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from xkd.data.base import Batch
+from xkd.metrics import accuracy, confusion, evaluate_model, macro_f1, mean_cross_entropy, posthoc_agreement
+
+PREDS = torch.tensor([0, 1, 1, 2])
+LABELS = torch.tensor([0, 1, 2, 2])
+# per class F1: class 0 = 1; class 1: P = 1/2, R = 1 -> 2/3; class 2: P = 1, R = 1/2 -> 2/3
+
+
+def test_accuracy():
+    assert accuracy(PREDS, LABELS) == 0.75
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    assert accuracy(logits, LABELS) == 0.75
+    assert math.isnan(accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
+    with pytest.raises(ValueError, match="predictions"):
+        accuracy(PREDS, LABELS[:3])
+
+
+def test_macro_f1_hand_computed():
+    assert macro_f1(PREDS, LABELS, 3) == pytest.approx(7 / 9)
+    assert macro_f1(PREDS, LABELS, 4) == pytest.approx((1 + 2 / 3 + 2 / 3 + 0) / 4)  # absent class scores 0
+
+
+def test_confusion_rows_true_columns_predicted():
+    cm = confusion(PREDS, LABELS, 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert cm.dtype == torch.int64
+    with pytest.raises(ValueError, match="0..2"):
+        confusion(torch.tensor([3]), torch.tensor([0]), 3)
+
+
+def test_mean_cross_entropy():
+    assert mean_cross_entropy(torch.zeros(3, 2), torch.tensor([0, 1, 0])) == pytest.approx(math.log(2))
+    assert mean_cross_entropy(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])) == pytest.approx(math.log(4 / 3))
+
+
+def test_posthoc_agreement_uses_teacher_predictions_as_labels():
+    teacher_logits = torch.nn.functional.one_hot(LABELS, 3).float()
+    out = posthoc_agreement(PREDS, teacher_logits, 3)
+    assert out["accuracy"] == out["posthoc_agreement"] == 0.75
+    assert out["macro_f1"] == pytest.approx(7 / 9)
+
+
+def test_evaluate_model_on_batches():
+    # zero weights: logits (0, 0) for every image -> prediction 0, probabilities 1/2, loss ln 2
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    model.train()
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    images = torch.rand(5, 1, 2, 2)
+    loader = [Batch(images[:3], labels[:3]), Batch(images[3:], labels[3:], torch.ones(2, 2, 2, dtype=torch.bool))]
+    out = evaluate_model(model, loader, 2, "cpu")
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["macro_f1"] == pytest.approx((0.75 + 0) / 2)  # class 0: P = 3/5, R = 1 -> F1 = 3/4
+    assert out["loss"] == pytest.approx(math.log(2))
+    assert out["confusion_matrix"].tolist() == [[3, 0], [2, 0]]
+    assert out["preds"].tolist() == [0] * 5 and out["labels"].tolist() == labels.tolist()
+    torch.testing.assert_close(out["probs"], torch.full((5, 2), 0.5))
+    assert model.training

@@ -1,0 +1,51 @@
+"""Parameters, FLOPs and mean explanation time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from xkd.metrics import flops, mean_explain_time, parameter_count
+
+
+def test_params_of_known_models():
+    assert parameter_count(nn.Linear(10, 5)) == 55
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))  # 2*9 + 2 = 20; 8*3 + 3 = 27
+    assert parameter_count(model) == 47
+    model[0].requires_grad_(False)
+    assert parameter_count(model, trainable_only=True) == 27
+    shared = nn.Linear(4, 4)
+    assert parameter_count(nn.Sequential(shared, shared)) == 20
+
+
+def test_flops_count_two_per_multiply_add():
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(10, 5))
+    out = flops(lin, (1, 1, 10))
+    assert out["flops"] == 2 * 10 * 5 == 100 and out["macs"] == 50
+    # 3x3 conv, 1 -> 2 channels, on a padded 4x4 image: 2 * 16 * 9 = 288 MACs
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    conv.train()
+    out = flops(conv, (1, 4, 4))
+    assert (out["flops"], out["macs"], out["input_shape"]) == (576, 288, [1, 4, 4])
+    assert conv.training
+    with pytest.raises(ValueError, match="C, H, W"):
+        flops(conv, (4, 4))
+
+
+def test_mean_explain_time_per_image():
+    calls: list[int] = []
+
+    def slow_explainer(images: torch.Tensor, targets: torch.Tensor) -> None:
+        calls.append(images.shape[0])
+        time.sleep(0.02)
+
+    images, targets = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    t = mean_explain_time(slow_explainer, images, targets, repeats=2)
+    assert calls == [2, 4, 4]  # the warm-up call on two images is not timed
+    assert 0.02 / 4 <= t < 0.02
+    calls.clear()
+    mean_explain_time(slow_explainer, images, targets, warmup=False)
+    assert calls == [4]

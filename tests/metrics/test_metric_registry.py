@@ -1,0 +1,52 @@
+"""Every metric is registered once with its metadata; the fixed names exist."""
+
+from __future__ import annotations
+
+import pytest
+
+import xkd.explain  # noqa: F401
+import xkd.metrics  # noqa: F401
+from xkd.metrics import as_result, flops
+from xkd.metrics.base import MetricInfo
+from xkd.registry import EXPLAINERS, METRICS
+
+FIXED = [
+    "accuracy",
+    "macro_f1",
+    "posthoc_agreement",
+    "fidelity",
+    "pointing_game",
+    "top_k_iou",
+    "flops",
+    "params",
+    "met",
+]
+DIRECTIONS = {"deletion_auc": False, "insertion_auc": True, "map_pearson": True, "top_k_agreement": True, "loss": False}
+
+
+@pytest.mark.parametrize("name", FIXED + list(DIRECTIONS))
+def test_metric_is_registered_with_metadata(name):
+    info = METRICS.get(name)
+    assert isinstance(info, MetricInfo) and info.name == name and callable(info.fn)
+    assert info.category in {"classification", "agreement", "cost", "faithfulness", "localisation"}
+    assert info.description
+    if name in DIRECTIONS:
+        assert info.higher_is_better is DIRECTIONS[name]
+
+
+def test_needs_name_what_a_metric_consumes():
+    assert set(METRICS.get("pointing_game").needs) == {"maps", "masks"}
+    assert "second_model" in METRICS.get("top_k_agreement").needs
+    assert "second_model" in METRICS.get("posthoc_agreement").needs
+
+
+def test_explainers_registered():
+    assert {"grad_cam", "feature_maps"} <= set(EXPLAINERS.names())
+
+
+def test_as_result_takes_the_headline_value():
+    import torch
+
+    r = as_result("flops", flops(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 5)), (1, 1, 10)))
+    assert (r.name, r.value, r.higher_is_better, r.details["macs"]) == ("flops", 100, False, 50)
+    assert as_result("accuracy", 0.5).value == 0.5
