@@ -22,8 +22,15 @@ def test_defaults_round_trip_through_yaml(tmp_path):
 
 
 def test_overrides_reach_nested_keys_and_list_items():
-    cfg = load_config(None, ["train.epochs=3", "students.1.params.alpha=0.4", "data.image_size=32",
-                             "evaluation.explainers=[{name: grad_cam}]"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "students.1.params.alpha=0.4",
+            "data.image_size=32",
+            "evaluation.explainers=[{name: grad_cam}]",
+        ],
+    )
     assert cfg.train.epochs == 3
     assert cfg.students[1].params == {"alpha": 0.4}
     assert cfg.data.image_size == 32
@@ -35,9 +42,18 @@ def test_overrides_reach_nested_keys_and_list_items():
     [
         (["data.sise=3"], r"unknown key 'data.sise'; allowed keys here: name, root, image_size"),
         (["train.epochs=two"], r"train.epochs: expected an integer, got 'two'"),
-        (["train.optimizer.name=rmsprop"], r"train.optimizer.name: 'rmsprop' is not allowed; allowed values: 'adam', 'adamw', 'sgd'"),
-        (["data.name=cifar10"], r"data.name: unknown dataset 'cifar10'; registered: digits, fashion-mnist, imagefolder, lesions, mnist5k"),
-        (["students.0.distiller=fitnet"], r"students\[0\].distiller: unknown distiller 'fitnet'; registered: hinton_kd, label_smoothing, scratch"),
+        (
+            ["train.optimizer.name=rmsprop"],
+            r"train.optimizer.name: 'rmsprop' is not allowed; allowed values: 'adam', 'adamw', 'sgd'",
+        ),
+        (
+            ["data.name=cifar10"],
+            r"data.name: unknown dataset 'cifar10'; registered: digits, fashion-mnist, imagefolder, lesions, mnist5k",
+        ),
+        (
+            ["students.0.distiller=fitnet"],
+            r"students\[0\].distiller: unknown distiller 'fitnet'; registered: hinton_kd, label_smoothing, scratch",
+        ),
         (["students.1.params.temperature=-1"], r"students\[1\].params: temperature must be > 0"),
         (["evaluation.explainers=[{name: lime}]"], r"unknown explainer 'lime'; registered: feature_maps, grad_cam"),
         (["teacher.model.name=vgg"], r"teacher.model.name: unknown model 'vgg'; registered: cifar_resnet"),

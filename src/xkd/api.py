@@ -14,8 +14,8 @@ from xkd.data import DataBundle, build_dataset, make_loader
 from xkd.distill import Distiller, build_distiller
 from xkd.engine import Trainer
 from xkd.explain import Attribution, build_explainer, normalize_maps
-from xkd.metrics import classification, cost, faithfulness, localisation
 from xkd.metrics import agreement as explanation_agreement
+from xkd.metrics import classification, cost, faithfulness, localisation
 from xkd.models import build_model, capture_features
 from xkd.pipeline import run
 

@@ -123,7 +123,10 @@ class EvaluationConfig:
         num_images: test images explained for the explanation metrics (None = whole test set).
         samples_per_class: images per class in the report's overlay grid.
         batch_size: batch size of explaining and scoring.
-        fidelity_keep: fraction of most-salient pixels kept by the fidelity metric.
+        fidelity_keep: fraction of most-salient pixels kept by the fidelity metric. 0.5 by default:
+            keeping 20% of Fashion-MNIST's pixels makes images so unlike the training data that a
+            Grad-CAM map scored no better than a random map (0.12 vs 0.18 for the default teacher),
+            while at 50% it separates them (0.61 vs 0.32).
         agreement_top_k: fraction of pixels in the teacher-student top-k% IoU.
         met_images: images timed for the mean execution time of each explainer.
     """
@@ -134,7 +137,7 @@ class EvaluationConfig:
     num_images: int | None = 256
     samples_per_class: int = 2
     batch_size: int = 64
-    fidelity_keep: float = 0.2
+    fidelity_keep: float = 0.5
     agreement_top_k: float = 0.1
     met_images: int = 32
 
@@ -313,8 +316,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or 'config'} has {len(node)} items; "
-                                  f"index {part!r} is not one of 0..{len(node) - 1}")
+                raise ConfigError(
+                    f"override {key!r}: {'.'.join(parts[:i]) or 'config'} has {len(node)} items; "
+                    f"index {part!r} is not one of 0..{len(node) - 1}"
+                )
             idx = int(part)
             if last:
                 node[idx] = value
@@ -354,12 +359,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def validate_config(cfg: RunConfig) -> None:
     """Check registry names, method parameters and ranges that types alone cannot express."""
+    import xkd.data  # noqa: F401  (registers builders)
+    import xkd.models  # noqa: F401
     from xkd import registry as R
     from xkd.distill.base import distiller_params
     from xkd.explain.base import explainer_params
-
-    import xkd.data  # noqa: F401  (registers builders)
-    import xkd.models  # noqa: F401
 
     def check_name(reg: R.Registry, name: str, path: str) -> None:
         if name not in reg:

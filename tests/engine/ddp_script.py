@@ -32,6 +32,7 @@ def capture_then_load(distiller, path):
 pipeline._load_best = capture_then_load
 
 if rank != 0:
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"rank {rank} tried to write {args[:2]}")
 

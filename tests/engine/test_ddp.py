@@ -17,10 +17,17 @@ import torch
 def test_two_cpu_ranks_train_identical_weights_and_only_rank0_writes(tmp_path, tiny_args):
     script = Path(__file__).with_name("ddp_script.py")
     overrides = [*tiny_args, "students=[{name: kd, distiller: hinton_kd}]", "evaluation.num_images=8"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

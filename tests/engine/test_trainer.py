@@ -32,10 +32,12 @@ def student(seed=0) -> nn.Module:
 
 def fit(tmp_path, epochs=2, resume=False, model=None, **kw):
     model = model or student()
-    cfg = TrainConfig(epochs=epochs, batch_size=16, optimizer=OptimizerConfig(lr=0.01),
-                      scheduler=SchedulerConfig("cosine"), **kw)
-    tr = Trainer(build_distiller("scratch", model), blobs(), blobs(32, 1), cfg, checkpoint_dir=tmp_path,
-                 seed=0, progress=False)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"), **kw
+    )
+    tr = Trainer(
+        build_distiller("scratch", model), blobs(), blobs(32, 1), cfg, checkpoint_dir=tmp_path, seed=0, progress=False
+    )
     return tr.fit(resume=resume), model
 
 
@@ -77,8 +79,15 @@ class InterruptAfter(Distiller):
 def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     _, straight = fit(tmp_path / "straight", epochs=3)
     cfg = TrainConfig(epochs=3, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"))
-    interrupted = Trainer(InterruptAfter(student(), 96 // 16 + 2), blobs(), blobs(32, 1), cfg,
-                          checkpoint_dir=tmp_path / "split", seed=0, progress=False)
+    interrupted = Trainer(
+        InterruptAfter(student(), 96 // 16 + 2),
+        blobs(),
+        blobs(32, 1),
+        cfg,
+        checkpoint_dir=tmp_path / "split",
+        seed=0,
+        progress=False,
+    )
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()  # stops in epoch 2; last.pt holds epoch 1
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
@@ -107,9 +116,18 @@ class NaNAfter(Distiller):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     model = student()
     steps_per_epoch = 96 // 16
-    tr = Trainer(NaNAfter(model, steps_per_epoch + 2), blobs(), blobs(32, 1), TrainConfig(epochs=3, batch_size=16),
-                 checkpoint_dir=tmp_path, progress=False, role="kd")
-    with pytest.raises(NonFiniteLossError, match=r"kd: the loss became nan at epoch 2, step 3 .*last good checkpoint is kept"):
+    tr = Trainer(
+        NaNAfter(model, steps_per_epoch + 2),
+        blobs(),
+        blobs(32, 1),
+        TrainConfig(epochs=3, batch_size=16),
+        checkpoint_dir=tmp_path,
+        progress=False,
+        role="kd",
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"kd: the loss became nan at epoch 2, step 3 .*last good checkpoint is kept"
+    ):
         tr.fit()
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 1

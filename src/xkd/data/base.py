@@ -48,9 +48,7 @@ class TensorImageDataset(Dataset):
         if labels.shape[0] != images.shape[0]:
             raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         if masks is not None and masks.shape != (images.shape[0], *images.shape[2:]):
-            raise DataError(
-                f"masks must have shape {(images.shape[0], *images.shape[2:])}, got {tuple(masks.shape)}"
-            )
+            raise DataError(f"masks must have shape {(images.shape[0], *images.shape[2:])}, got {tuple(masks.shape)}")
         self.images = images
         self.labels = labels.long()
         self.masks = None if masks is None else masks.bool()
@@ -112,9 +110,7 @@ class DataBundle:
         return self.image_shape[0]
 
 
-def stratified_split(
-    labels: Tensor, fractions: Sequence[float], seed: int
-) -> list[Tensor]:
+def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
     """Split indices into len(fractions) parts, class by class, deterministically from ``seed``.
 
     Every class is shuffled with a seeded generator and cut by the cumulative fractions, so each

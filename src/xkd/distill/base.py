@@ -66,9 +66,8 @@ class Distiller(nn.Module):
 
 def distiller_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:
     """Validate ``params`` for distiller ``name`` (types, unknown keys and ranges)."""
-    from xkd.config import from_dict
-
     import xkd.distill  # noqa: F401  (registers distillers)
+    from xkd.config import from_dict
 
     return from_dict(DISTILLERS.get(name).Params, params or {}, path)
 

@@ -106,6 +106,4 @@ class LabelSmoothing(Distiller):
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(batch.images)
-        return logits, {
-            "ce_smooth": F.cross_entropy(logits, batch.labels, label_smoothing=self.params.epsilon)
-        }
+        return logits, {"ce_smooth": F.cross_entropy(logits, batch.labels, label_smoothing=self.params.epsilon)}

@@ -132,8 +132,13 @@ class Trainer:
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.val_loader = DataLoader(val_data, batch_size=max(cfg.batch_size, 256), shuffle=False,
-                                     collate_fn=collate, num_workers=cfg.num_workers)
+        self.val_loader = DataLoader(
+            val_data,
+            batch_size=max(cfg.batch_size, 256),
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+        )
 
     def _train_loader(self, epoch: int) -> DataLoader:
         if self.dist.enabled:
@@ -142,8 +147,14 @@ class Trainer:
         else:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             sampler = RandomSampler(self.train_data, generator=g)
-        return DataLoader(self.train_data, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.cfg.num_workers, drop_last=False)
+        return DataLoader(
+            self.train_data,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+            drop_last=False,
+        )
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state(self, epoch: int, result: TrainResult) -> dict[str, Any]:
@@ -193,9 +204,15 @@ class Trainer:
             )
         t0 = time.perf_counter()
         progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not self.progress, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.progress,
+            transient=False,
         )
         with progress:
             for epoch in range(start, self.cfg.epochs + 1):
@@ -269,7 +286,7 @@ class Trainer:
         if self.checkpoint_dir is not None and (self.checkpoint_dir / "last.pt").is_file():
             kept = f"the last good checkpoint is kept at {self.checkpoint_dir / 'last.pt'} (epoch {epoch - 1})"
         raise NonFiniteLossError(
-            f"{self.role}: the loss became {float(loss)} at epoch {epoch}, step {step} ({detail}); training "
+            f"{self.role}: the loss became {float(loss.detach())} at epoch {epoch}, step {step} ({detail}); training "
             f"stopped and {kept}. Lower the learning rate (train.optimizer.lr) or check the data for NaN/inf, "
             "then rerun (with --resume to continue from the checkpoint)."
         )

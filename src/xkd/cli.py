@@ -1,0 +1,97 @@
+"""The ``xkd`` command: thin argument parsing over :mod:`xkd.pipeline` (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+err = Console(stderr=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xkd", description="Explainable knowledge distillation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train the teacher, distil the students, explain, score and write the report")
+    r.add_argument("--config", "-c", help="YAML run config (default: the built-in defaults)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 --set students.1.params.alpha=0.5",
+    )
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoints")
+    r.add_argument("--overwrite", action="store_true", help="delete an existing run directory of this name first")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("explain", help="teacher and student maps for your own images")
+    e.add_argument("--run", required=True, help="a finished run directory (runs/NAME)")
+    e.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
+    e.add_argument("--explainer", default="grad_cam", help="registered explainer (default grad_cam)")
+    e.add_argument("--out", help="output folder (default RUN/explanations)")
+
+    rep = sub.add_parser("report", help="re-render RUN_DIR/report.html from its records")
+    rep.add_argument("run_dir")
+
+    sub.add_parser("list", help="registered datasets, models, distillers, explainers and metrics")
+    return p
+
+
+def cmd_list() -> None:
+    import xkd.api  # noqa: F401  (registers everything)
+    from xkd.registry import ALL_REGISTRIES
+
+    for kind, reg in ALL_REGISTRIES.items():
+        print(f"{kind}:")
+        for name in reg.names():
+            print(f"  {name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+    )
+    from xkd.errors import USER_ERRORS
+
+    try:
+        if args.command == "list":
+            cmd_list()
+        elif args.command == "run":
+            from xkd.config import load_config
+            from xkd.pipeline import run
+
+            cfg = load_config(args.config, args.overrides)
+            run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        elif args.command == "report":
+            from xkd.report.render import render_report
+
+            print(render_report(args.run_dir))
+        elif args.command == "explain":
+            from xkd.explain_images import explain_images
+
+            out = explain_images(args.run, [Path(p) for p in args.images], args.explainer, args.out)
+            print(out)
+    except USER_ERRORS as e:
+        # plain print: no line wrapping, and no markup parsing of "[0]" in key paths
+        print(f"xkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xkd: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

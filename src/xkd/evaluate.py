@@ -1,0 +1,336 @@
+"""Score a trained teacher and its students, explain both, and write the run's records.
+
+Everything the report shows is computed here once and frozen in ``records/`` (DESIGN.md rule 7):
+classification metrics on the test split, post-hoc agreement of each student with the teacher's
+predictions, parameters and FLOPs, mean explanation time, fidelity, deletion/insertion AUC,
+teacher-student explanation agreement and, where the data has masks, localisation.
+
+Maps explain the **true class** of each test image for every model, so teacher and student maps
+answer the same question and can be compared pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from xkd.config import RunConfig, to_dict
+from xkd.data import DataBundle, make_loader
+from xkd.explain import build_explainer
+from xkd.metrics import agreement, classification, cost, faithfulness, localisation
+from xkd.report.records import atomic_write_bytes, library_versions, record, write_json
+
+if TYPE_CHECKING:
+    from xkd.pipeline import TrainedModel
+
+
+def select_indices(labels: Tensor, num: int | None, seed: int) -> Tensor:
+    """A seeded, class-interleaved selection of ``num`` test indices (all when None)."""
+    if num is None or num >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=g)
+    return torch.sort(perm[:num]).values
+
+
+def sample_indices(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
+    """The first ``per_class`` test images of every class, class by class (for the report grid)."""
+    out = []
+    for c in range(num_classes):
+        out.append(torch.nonzero(labels == c).flatten()[:per_class])
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def gather(dataset: Any, index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    items = [dataset[int(i)] for i in index]
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+    masks = torch.stack([it[2] for it in items]) if items and items[0][2] is not None else None
+    return images, labels, masks
+
+
+def all_labels(dataset: Any) -> Tensor:
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor):
+        return labels
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def explain_maps(name: str, params: dict[str, Any], model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    with build_explainer(name, model, params) as ex:
+        return ex.explain(images, targets).maps
+
+
+def evaluate_run(
+    cfg: RunConfig,
+    data: DataBundle,
+    teacher: TrainedModel,
+    students: list[TrainedModel],
+    run_dir: Path,
+    device: torch.device,
+    *,
+    started: dt.datetime,
+    t0: float,
+    train_seconds: float,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compute every metric for teacher and students and write ``records/`` and ``metrics.json``."""
+    console = Console(stderr=True, quiet=not progress)
+    ev = cfg.evaluation
+    models = [teacher, *students]
+    for m in models:
+        m.model.to(device).eval()
+    k = data.num_classes
+    c, h, w = data.image_shape
+    test_loader = make_loader(data.test, batch_size=ev.batch_size, shuffle=False, seed=cfg.seed)
+
+    console.print("evaluating on the test split")
+    tests = {m.role: classification.evaluate_model(m.model, test_loader, k, device) for m in models}
+    teacher_preds = tests["teacher"]["preds"]
+    model_records: dict[str, Any] = {}
+    for m in models:
+        t = tests[m.role]
+        fl = cost.flops(m.model, (c, h, w))
+        model_records[m.role] = {
+            "role": m.role,
+            "model": m.model_name,
+            "distiller": m.distiller,
+            "distiller_params": m.distiller_params,
+            "params": cost.parameter_count(m.model),
+            "flops": fl["flops"],
+            "macs": fl["macs"],
+            "train": {
+                "history": m.result.history,
+                "best_epoch": m.result.best_epoch,
+                "seconds": m.result.seconds,
+                "from_cache": m.from_cache,
+                "checkpoint": f"checkpoints/{m.role}/best.pt",
+            },
+            "test": {
+                "accuracy": t["accuracy"],
+                "macro_f1": t["macro_f1"],
+                "loss": t["loss"],
+                "confusion_matrix": t["confusion_matrix"].tolist(),
+            },
+            "posthoc": None if m.role == "teacher" else classification.posthoc_agreement(t["preds"], teacher_preds, k),
+            "met": {},
+        }
+
+    # -- explanations on a seeded subset of the test split ------------------------------------
+    t_explain = time.perf_counter()
+    test_labels = all_labels(data.test)
+    idx = select_indices(test_labels, ev.num_images, cfg.seed)
+    images, labels, masks = gather(data.test, idx)
+    images, labels = images.to(device), labels.to(device)
+    names = [e.name for e in ev.explainers]
+    per_model: dict[str, dict[str, Any]] = {m.role: {} for m in models}
+    agree: dict[str, dict[str, Any]] = {s.role: {} for s in students}
+    k_values = localisation.medtex_k_values(h, w)
+    for e in ev.explainers:
+        maps: dict[str, Tensor] = {}
+        for m in models:
+            console.print(f"explaining {m.role} with {e.name} ({len(idx)} images)")
+            maps[m.role] = explain_maps(e.name, e.params, m.model, images, labels)
+            with build_explainer(e.name, m.model, e.params) as ex:
+                n_met = min(ev.met_images, len(idx))
+                model_records[m.role]["met"][e.name] = cost.mean_explain_time(ex, images[:n_met], labels[:n_met])
+            fid = faithfulness.fidelity(
+                m.model,
+                images,
+                labels,
+                maps[m.role],
+                keep=ev.fidelity_keep,
+                batch_size=ev.batch_size,
+                class_names=data.class_names,
+            )
+            entry: dict[str, Any] = {
+                "fidelity": fidelity_record(fid),
+                "deletion_auc": faithfulness.deletion_auc(m.model, images, maps[m.role], batch_size=ev.batch_size)[
+                    "deletion_auc"
+                ],
+                "insertion_auc": faithfulness.insertion_auc(m.model, images, maps[m.role], batch_size=ev.batch_size)[
+                    "insertion_auc"
+                ],
+                "pointing_game": None,
+                "top_k_iou": None,
+            }
+            if masks is not None:
+                entry["pointing_game"] = localisation.pointing_game(maps[m.role], masks)["pointing_game"]
+                per_k = localisation.top_k_iou(maps[m.role], masks, k_values).get("per_k")
+                entry["top_k_iou"] = {str(kk): v for kk, v in per_k.items()}
+            per_model[m.role][e.name] = entry
+        for s in students:
+            a, b = maps["teacher"], maps[s.role]
+            agree[s.role][e.name] = {
+                "pearson": agreement.map_pearson(a, b),
+                "spearman": agreement.map_spearman(a, b),
+                "top_k_iou": agreement.top_k_iou_maps(a, b, ev.agreement_top_k),
+            }
+    baseline = random_baseline(models, images, labels, ev, cfg.seed, data.class_names)
+    explain_seconds = time.perf_counter() - t_explain
+
+    records = run_dir / "records"
+    write_json(records / "models.json", record("models", {"roles": [m.role for m in models], "models": model_records}))
+    write_json(
+        records / "explanations.json",
+        record(
+            "explanations",
+            {
+                "explainers": names,
+                "num_images": len(idx),
+                "fidelity_keep": ev.fidelity_keep,
+                "agreement_top_k": ev.agreement_top_k,
+                "class_names": data.class_names,
+                "per_model": per_model,
+                "agreement": agree,
+                "random_baseline": baseline,
+            },
+        ),
+    )
+    write_samples(cfg, data, models, records, device)
+    run_record = record(
+        "run",
+        {
+            "name": cfg.name,
+            "seed": cfg.seed,
+            "device": str(device),
+            "world_size": world_size,
+            "versions": library_versions(),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "timing": {
+                "total_seconds": time.perf_counter() - t0,
+                "train_seconds": train_seconds,
+                "per_model_train_seconds": {m.role: m.result.seconds for m in models},
+                "explain_seconds": explain_seconds,
+            },
+            "dataset": {
+                "name": data.name,
+                "class_names": data.class_names,
+                "image_shape": list(data.image_shape),
+                "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                "has_masks": data.has_masks,
+                "skipped_files": data.skipped_files,
+            },
+        },
+    )
+    write_json(records / "run.json", run_record)
+    summary = summarise(model_records, per_model, agree)
+    write_json(run_dir / "metrics.json", record("metrics", {"name": cfg.name, "seed": cfg.seed, "models": summary}))
+    return summary
+
+
+def random_baseline(
+    models: list[TrainedModel], images: Tensor, labels: Tensor, ev: Any, seed: int, class_names: list[str]
+) -> dict[str, Any]:
+    """Faithfulness scores of seeded uniform-random maps, per model: the chance level a real
+    explainer's fidelity and deletion/insertion AUC must beat to mean anything."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(images.shape[0], *images.shape[2:], generator=g).to(images.device)
+    out = {}
+    for m in models:
+        fid = faithfulness.fidelity(
+            m.model, images, labels, maps, keep=ev.fidelity_keep, batch_size=ev.batch_size, class_names=class_names
+        )
+        out[m.role] = {
+            "fidelity": fid["fidelity"],
+            "retained_probability": fid["retained"],
+            "deletion_auc": faithfulness.deletion_auc(m.model, images, maps, batch_size=ev.batch_size)["deletion_auc"],
+            "insertion_auc": faithfulness.insertion_auc(m.model, images, maps, batch_size=ev.batch_size)[
+                "insertion_auc"
+            ],
+        }
+    return out
+
+
+def fidelity_record(fid: dict[str, Any]) -> dict[str, Any]:
+    """The fidelity result in the record's terms (``retained`` is the retained probability)."""
+
+    def one(v: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "fidelity": v["fidelity"],
+            "retained_probability": v["retained"],
+            "retained_clipped": v["retained_clipped"],
+            "n": v["n"],
+        }
+
+    top = one(fid)
+    return {
+        "mean": top.pop("fidelity"),
+        **top,
+        "keep": fid["keep"],
+        "per_class": {name: one(v) for name, v in fid["per_class"].items()},
+    }
+
+
+def summarise(model_records: dict[str, Any], per_model: dict[str, Any], agree: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers per model (``metrics.json``), each copied from a record."""
+    out = {}
+    for role, r in model_records.items():
+        out[role] = {
+            "accuracy": r["test"]["accuracy"],
+            "macro_f1": r["test"]["macro_f1"],
+            "loss": r["test"]["loss"],
+            "posthoc_accuracy": None if r["posthoc"] is None else r["posthoc"]["accuracy"],
+            "params": r["params"],
+            "flops": r["flops"],
+            "met": r["met"],
+            "fidelity": {e: v["fidelity"]["mean"] for e, v in per_model[role].items()},
+            "agreement": agree.get(role),
+        }
+    return out
+
+
+def write_samples(
+    cfg: RunConfig, data: DataBundle, models: list[TrainedModel], records: Path, device: torch.device
+) -> None:
+    """Maps of a few test images per class, and per-layer average feature maps, for the report."""
+    ev = cfg.evaluation
+    idx = sample_indices(all_labels(data.test), ev.samples_per_class, data.num_classes)
+    images, labels, masks = gather(data.test, idx)
+    images = images.to(device)
+    labels = labels.to(device)
+    tensors: dict[str, Tensor] = {"images": images.float().cpu().contiguous()}
+    if masks is not None:
+        tensors["masks"] = masks.to(torch.uint8).cpu().contiguous()
+    shown = [e for e in ev.explainers if e.name != "feature_maps"]
+    preds, layers = {}, {}
+    for m in models:
+        with torch.no_grad():
+            preds[m.role] = m.model(images).argmax(1).cpu().tolist()
+        for e in shown:
+            tensors[f"maps/{m.role}/{e.name}"] = explain_maps(e.name, e.params, m.model, images, labels).cpu()
+        fm_params = next((e.params for e in ev.explainers if e.name == "feature_maps"), None)
+        if fm_params is not None:
+            with build_explainer("feature_maps", m.model, fm_params) as fm:
+                per_layer = fm.explain_layers(images)
+            layers[m.role] = [a.layer for a in per_layer]
+            for i, a in enumerate(per_layer):
+                tensors[f"feature_maps/{m.role}/{i}"] = a.maps.cpu().contiguous()
+    atomic_write_bytes(
+        records / "samples.safetensors", save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+    )
+    write_json(
+        records / "samples.json",
+        record(
+            "samples",
+            {
+                "indices": idx.tolist(),
+                "labels": labels.cpu().tolist(),
+                "class_names": data.class_names,
+                "predictions": preds,
+                "explainers": [e.name for e in shown],
+                "feature_layers": layers,
+                "has_masks": masks is not None,
+                "config": to_dict(ev),
+            },
+        ),
+    )

@@ -1,0 +1,94 @@
+"""``xkd explain``: teacher and student maps for a user's own images, from a finished run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from xkd.errors import ImageInputError
+from xkd.report.records import atomic_write_bytes, record, write_json
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
+    """Read ``path`` as a float32 (C, H, W) tensor in [0, 1], resized to ``size`` (H, W).
+
+    Raises:
+        ImageInputError: unreadable file, or a channel count the run's models do not take.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            found = 1 if mode in _GRAY_MODES else 3
+            if found != channels:
+                fix = "convert it to grayscale (PIL: Image.convert('L'))" if channels == 1 else "convert it to RGB"
+                raise ImageInputError(
+                    f"image {str(path)!r} has {found} channel(s) (mode {mode}) but the run's models take "
+                    f"{channels}-channel images; {fix} and try again"
+                )
+            im = im.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
+            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        if isinstance(e, ImageInputError):
+            raise
+        raise ImageInputError(f"cannot read image {str(path)!r} ({e}); give PNG, JPEG, BMP or TIFF files") from None
+    return arr.view(size[0], size[1], channels).permute(2, 0, 1).float().div(255.0)
+
+
+def explain_images(
+    run_dir: str | Path, paths: list[Path], explainer: str = "grad_cam", out: str | Path | None = None
+) -> Path:
+    """Explain ``paths`` with every model of ``run_dir``; write a figure and records to ``out``.
+
+    Every model explains the class the **teacher** predicts, so the maps in one column answer the
+    same question. Images are resized to the run's input size.
+
+    Returns:
+        The path of the figure (``explanations.png``).
+    """
+    from xkd.explain import build_explainer
+    from xkd.pipeline import load_run_models
+    from xkd.report.figures import save_overlay_figure
+
+    cfg, _, models, run_record = load_run_models(run_dir)
+    params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
+    c, h, w = run_record["dataset"]["image_shape"]
+    class_names = run_record["dataset"]["class_names"]
+    for p in paths:
+        if not p.is_file():
+            raise ImageInputError(f"image {str(p)!r} does not exist")
+    images = torch.stack([load_image(p, c, (h, w)) for p in paths])
+    with torch.no_grad():
+        probs = {role: torch.softmax(m(images), 1) for role, m in models.items()}
+    targets = probs["teacher"].argmax(1)
+    maps = {}
+    for role, m in models.items():
+        with build_explainer(explainer, m, params) as ex:
+            maps[role] = ex.explain(images, targets).maps
+    out_dir = Path(out) if out else Path(run_dir) / "explanations"
+    titles = [f"{p.stem}\nteacher: {class_names[int(t)]}" for p, t in zip(paths, targets)]
+    fig = save_overlay_figure(out_dir / "explanations.png", images, maps, titles)
+    atomic_write_bytes(
+        out_dir / "maps.safetensors",
+        save_safetensors({"images": images.contiguous(), **{f"maps/{r}": v.contiguous() for r, v in maps.items()}}),
+    )
+    write_json(
+        out_dir / "explanations.json",
+        record(
+            "user_explanations",
+            {
+                "explainer": explainer,
+                "images": [str(p) for p in paths],
+                "target": [class_names[int(t)] for t in targets],
+                "predictions": {r: [class_names[int(i)] for i in pr.argmax(1)] for r, pr in probs.items()},
+                "probabilities": {r: pr.tolist() for r, pr in probs.items()},
+            },
+        ),
+    )
+    return fig

@@ -1,0 +1,524 @@
+"""The HTML report, rendered from the records of a run directory only (never from live models).
+
+``render_report(run_dir)`` reads ``records/{run,models,explanations,samples}.json`` and
+``records/samples.safetensors``, (re)draws every figure into ``figures/`` and writes
+``report.html`` next to them. The page is self-contained (inline CSS, images by relative path) and
+deterministic: rendering the same records twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from xkd.report import figures
+from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
+
+DASH = "–"
+MAX_LAYERS = 12
+RECORDS = {
+    "run.json": "run",
+    "models.json": "models",
+    "explanations.json": "explanations",
+    "samples.json": "samples",
+}
+EXPLAINER_NAMES = {
+    "grad_cam": "Grad-CAM",
+    "feature_maps": "Feature maps",
+    "shap": "SHAP",
+    "gradient_shap": "GradientSHAP",
+    "integrated_gradients": "Integrated Gradients",
+    "lime": "LIME",
+    "occlusion": "Occlusion",
+    "saliency": "Saliency",
+    "unicam": "UniCAM",
+    "medtex_mask": "MED-TEX mask",
+}
+
+
+class ReportError(FileNotFoundError):
+    """A record the report needs is missing: the run is incomplete (``xkd run --resume``)."""
+
+
+class ReportSchemaError(ValueError):
+    """A record has another schema version or kind than this xkd reads."""
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+def _ok(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if _ok(v) else DASH
+
+
+def fmt_int(v: Any) -> str:
+    return f"{int(v):,}" if _ok(v) else DASH
+
+
+def fmt_mega(v: Any) -> str:
+    return f"{v / 1e6:,.2f}" if _ok(v) else DASH
+
+
+def fmt_ms(v: Any) -> str:
+    return f"{v * 1e3:,.2f}" if _ok(v) else DASH
+
+
+def fmt_seconds(v: Any) -> str:
+    if not _ok(v):
+        return DASH
+    if v < 60:
+        return f"{v:.1f} s"
+    m, s = divmod(round(v), 60)
+    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
+def explainer_name(name: str) -> str:
+    return EXPLAINER_NAMES.get(name, name.replace("_", " "))
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+# --- tables (plain dicts the template's macro draws) ----------------------------------------------
+
+
+@dataclass
+class Col:
+    head: str
+    values: list[Any]
+    fmt: Callable[[Any], str] = fmt
+    better: str | None = None  # "high", "low" or None (no highlight)
+    title: str | None = None
+
+
+def _best(values: Sequence[Any], better: str | None) -> set[int]:
+    ok = [(i, v) for i, v in enumerate(values) if _ok(v)]
+    if better is None or len(ok) < 2 or len({v for _, v in ok}) == 1:
+        return set()
+    target = (max if better == "high" else min)(v for _, v in ok)
+    return {i for i, v in ok if v == target}
+
+
+def cell(text: str, *, num: bool = True, best: bool = False, sub: str | None = None, title: str | None = None) -> dict:
+    return {"text": text, "num": num, "best": best, "sub": sub, "title": title}
+
+
+def make_table(
+    caption: str,
+    labels: list[dict],
+    cols: list[Col],
+    *,
+    label_head: str = "Model",
+    groups: list[tuple[str, int]] | None = None,
+) -> dict:
+    bests = [_best(c.values, c.better) for c in cols]
+    rows = [
+        [lab] + [cell(c.fmt(c.values[r]), best=r in b) for c, b in zip(cols, bests)] for r, lab in enumerate(labels)
+    ]
+    head = [{"text": label_head, "title": None}] + [{"text": c.head, "title": c.title} for c in cols]
+    return {"caption": caption, "groups": groups, "head": head, "rows": rows}
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise ReportError(
+            f"{path} is missing: the report is rendered from records only and this run may be incomplete "
+            "(finish it with `xkd run --resume`)."
+        )
+    return path
+
+
+def load_records(run_dir: Path) -> dict[str, Any]:
+    """The run's records by kind, plus the sample tensors under ``"tensors"``."""
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory {run_dir} does not exist")
+    out: dict[str, Any] = {}
+    for name, kind in RECORDS.items():
+        data = read_json(_need(run_dir / "records" / name))
+        if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != kind:
+            raise ReportSchemaError(
+                f"{run_dir / 'records' / name}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
+                f"this xkd reads schema_version {SCHEMA_VERSION}, kind {kind!r}"
+            )
+        out[kind] = data
+    from safetensors.torch import load_file
+
+    out["tensors"] = load_file(str(_need(run_dir / "records" / "samples.safetensors")))
+    return out
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+
+def _model_label(role: str, m: dict) -> dict:
+    return cell(role, num=False, sub=m.get("model"))
+
+
+def _summary(roles: list[str], models: dict, expl: dict) -> list[dict]:
+    labels = [_model_label(r, models[r]) for r in roles]
+    m = [models[r] for r in roles]
+    test = [x.get("test") or {} for x in m]
+    post = [x.get("posthoc") or {} for x in m]
+    perf = make_table(
+        "Accuracy and cost. Post-hoc metrics score a student against the teacher's predictions.",
+        labels,
+        [
+            Col("Test accuracy", [t.get("accuracy") for t in test], better="high"),
+            Col("Macro-F1", [t.get("macro_f1") for t in test], better="high"),
+            Col("Test loss", [t.get("loss") for t in test], better="low"),
+            Col(
+                "Post-hoc acc.",
+                [p.get("accuracy") for p in post],
+                better="high",
+                title="accuracy vs the teacher's predictions",
+            ),
+            Col(
+                "Post-hoc F1",
+                [p.get("macro_f1") for p in post],
+                better="high",
+                title="macro-F1 vs the teacher's predictions",
+            ),
+            Col("Parameters", [x.get("params") for x in m], fmt_int, "low"),
+            Col("FLOPs / image (M)", [x.get("flops") for x in m], fmt_mega, "low"),
+        ],
+    )
+    for row, x in zip(perf["rows"], m):
+        params = ", ".join(f"{k}={v}" for k, v in (x.get("distiller_params") or {}).items())
+        row.insert(1, cell(x.get("distiller") or "— (teacher)", num=False, sub=params or None))
+    perf["head"].insert(1, {"text": "Distiller", "title": None})
+
+    cols, groups = [], [("", 1)]
+    pct = expl.get("agreement_top_k")
+    for ex in expl.get("explainers", []):
+        fid = [((expl["per_model"].get(r) or {}).get(ex) or {}).get("fidelity") or {} for r in roles]
+        agr = [(expl.get("agreement", {}).get(r) or {}).get(ex) or {} for r in roles]
+        cols += [
+            Col("MET (ms)", [(x.get("met") or {}).get(ex) for x in m], fmt_ms, "low", "mean execution time per image"),
+            Col("Fidelity", [f.get("mean") for f in fid], better="high"),
+            Col("Pearson", [a.get("pearson") for a in agr], better="high", title="teacher–student map correlation"),
+            Col("Spearman", [a.get("spearman") for a in agr], better="high", title="teacher–student rank correlation"),
+            Col(
+                f"Top-{fmt_pct(pct)} IoU",
+                [a.get("top_k_iou") for a in agr],
+                better="high",
+                title="IoU of the most salient pixels",
+            ),
+        ]
+        groups.append((explainer_name(ex), 5))
+    expl_table = make_table(
+        "Explanations: cost, fidelity and teacher–student agreement per explainer.", labels, cols, groups=groups
+    )
+    return [perf, expl_table] if cols else [perf]
+
+
+def fmt_pct(v: Any) -> str:
+    return f"{v * 100:g}%" if _ok(v) else "k"
+
+
+def _fidelity_tables(roles: list[str], expl: dict, class_names: list[str]) -> list[dict]:
+    tables = []
+    for ex in expl.get("explainers", []):
+        fids = {r: ((expl["per_model"].get(r) or {}).get(ex) or {}).get("fidelity") for r in roles}
+        shown = [r for r in roles if fids[r]]
+        if not shown:
+            continue
+        rows = []
+        for c in [*class_names, None]:
+            vals = []
+            for r in shown:
+                src = fids[r] if c is None else (fids[r].get("per_class") or {}).get(c) or {}
+                vals.append((src.get("mean" if c is None else "fidelity"), src.get("retained_probability")))
+            first = (fids[shown[0]].get("per_class") or {}).get(c) or {} if c else {}
+            best_f, best_p = _best([v[0] for v in vals], "high"), _best([v[1] for v in vals], "high")
+            row = [cell(c or "Average", num=False), cell(fmt_int(first.get("n")) if c else "")]
+            for i, (f, p) in enumerate(vals):
+                row += [cell(fmt(f), best=i in best_f), cell(fmt(p), best=i in best_p)]
+            rows.append(row)
+        head = [{"text": "Class", "title": None}, {"text": "n", "title": "test images of the class"}]
+        head += [{"text": t, "title": None} for _ in shown for t in ("fidelity", "retained p")]
+        tables.append(
+            {
+                "caption": f"{explainer_name(ex)}: fidelity per class (best model per row highlighted).",
+                "groups": [("", 2)] + [(r, 2) for r in shown],
+                "head": head,
+                "rows": rows,
+                "footer_rows": 1,
+            }
+        )
+    return tables
+
+
+def _per_explainer(roles: list[str], expl: dict, ex: str) -> list[dict]:
+    return [(expl["per_model"].get(r) or {}).get(ex) or {} for r in roles]
+
+
+def _faithfulness(roles: list[str], models: dict, expl: dict) -> dict | None:
+    cols, groups = [], [("", 1)]
+    for ex in expl.get("explainers", []):
+        per = _per_explainer(roles, expl, ex)
+        cols += [
+            Col("Deletion AUC ↓", [p.get("deletion_auc") for p in per], better="low"),
+            Col("Insertion AUC ↑", [p.get("insertion_auc") for p in per], better="high"),
+        ]
+        groups.append((explainer_name(ex), 2))
+    if not cols:
+        return None
+    labels = [_model_label(r, models[r]) for r in roles]
+    return make_table(
+        "Deletion / insertion AUC of the probability of the predicted class.", labels, cols, groups=groups
+    )
+
+
+def _baseline(roles: list[str], models: dict, expl: dict) -> dict | None:
+    base = expl.get("random_baseline") or {}
+    shown = [r for r in roles if r in base]
+    if not shown:
+        return None
+    labels = [_model_label(r, models[r]) for r in shown]
+    b = [base[r] for r in shown]
+    return make_table(
+        "Random-map baseline: the same metrics for seeded uniform-random maps (chance level).",
+        labels,
+        [
+            Col("Fidelity", [x.get("fidelity") for x in b]),
+            Col("Retained p", [x.get("retained_probability") for x in b]),
+            Col("Deletion AUC", [x.get("deletion_auc") for x in b]),
+            Col("Insertion AUC", [x.get("insertion_auc") for x in b]),
+        ],
+    )
+
+
+def _localisation(roles: list[str], models: dict, expl: dict) -> list[dict]:
+    tables = []
+    for ex in expl.get("explainers", []):
+        per = _per_explainer(roles, expl, ex)
+        ks = sorted({k for p in per for k in (p.get("top_k_iou") or {})}, key=lambda k: float(k))
+        pg = [p.get("pointing_game") for p in per]
+        if not ks and not any(_ok(v) for v in pg):
+            continue
+        cols, groups = [Col("Pointing game", pg, better="high")], [("", 2)]
+        for k in ks:
+            vals = [((p.get("top_k_iou") or {}).get(k) or {}) for p in per]
+            cols += [
+                Col("IoU", [v.get("iou") for v in vals], better="high"),
+                Col("Dice", [v.get("dice") for v in vals], better="high"),
+            ]
+            groups.append((f"K = {fmt_int(float(k))} px", 2))
+        labels = [_model_label(r, models[r]) for r in roles]
+        tables.append(
+            make_table(
+                f"{explainer_name(ex)}: localisation against the ground-truth masks.", labels, cols, groups=groups
+            )
+        )
+    return tables
+
+
+def _samples(run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str]) -> list[dict]:
+    labels, preds = samples.get("labels", []), samples.get("predictions", {})
+    indices = samples.get("indices", list(range(len(labels))))
+    masks = tensors.get("masks") if samples.get("has_masks") else None
+    groups = []
+    for ex in samples.get("explainers", []):
+        shown = [r for r in roles if f"maps/{r}/{ex}" in tensors]
+        if not shown:
+            continue
+        cards = []
+        for k, name in enumerate(class_names):
+            idx = [i for i, y in enumerate(labels) if y == k]
+            if not idx:
+                continue
+            rows = {r: tensors[f"maps/{r}/{ex}"][idx] for r in shown}
+            titles = [f"#{indices[i]}\ntrue: {figures.abbreviate(name, 18)}" for i in idx]
+            cell_titles, wrong = {}, {}
+            for r in shown:
+                p = preds.get(r)
+                if p and len(p) == len(labels):
+                    wrong[r] = [p[i] != labels[i] for i in idx]
+                    cell_titles[r] = [f"{_class(class_names, p[i])} {'✗' if w else '✓'}" for i, w in zip(idx, wrong[r])]
+            src = f"figures/samples_{_slug(ex)}_{k:03d}.png"
+            figures.save_overlay_figure(
+                run_dir / src,
+                tensors["images"][idx],
+                rows,
+                titles,
+                masks=None if masks is None else masks[idx],
+                cell_titles=cell_titles,
+                cell_wrong=wrong,
+            )
+            n_wrong = sum(sum(w) for w in wrong.values())
+            cards.append({"name": name, "src": src, "wrong": n_wrong})
+        groups.append({"explainer": explainer_name(ex), "cards": cards})
+    return groups
+
+
+def _class(names: list[str], i: int) -> str:
+    return figures.abbreviate(names[i], 18) if 0 <= i < len(names) else str(i)
+
+
+def _feature_maps(run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str]) -> dict | None:
+    layers = samples.get("feature_layers") or {}
+    shown = [r for r in roles if layers.get(r) and f"feature_maps/{r}/0" in tensors]
+    labels = samples.get("labels", [])
+    if not shown or not labels:
+        return None
+    picks = [labels.index(y) for y in dict.fromkeys(labels)][:2]
+    indices = samples.get("indices", list(range(len(labels))))
+    notes, full = [], []
+    keep = {}
+    for r in shown:
+        n = len(layers[r])
+        keep[r] = [i for i in figures.evenly_spaced(n, MAX_LAYERS) if f"feature_maps/{r}/{i}" in tensors]
+        if len(keep[r]) < n:
+            notes.append(f"{r}: {len(keep[r])} of {n} layers shown, evenly spaced (first and last included)")
+        full.append({"role": r, "layers": [(i, layers[r][i], i in keep[r]) for i in range(n)]})
+    figs = []
+    for j in picks:
+        strips = {
+            r: [(figures.abbreviate(layers[r][i]), tensors[f"feature_maps/{r}/{i}"][j]) for i in keep[r]] for r in shown
+        }
+        src = f"figures/feature_maps_{j:03d}.png"
+        figures.save_feature_strips(run_dir / src, tensors["images"][j], strips)
+        figs.append(
+            {"src": src, "caption": f"Test image #{indices[j]} (true class: {_class(class_names, labels[j])})."}
+        )
+    return {"figures": figs, "notes": notes, "full": full}
+
+
+def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_names: list[str]) -> dict:
+    trains = {r: models[r].get("train") or {} for r in roles}
+    figures.save_training_curves(run_dir / "figures/training_curves.png", trains)
+    cms = {r: (models[r].get("test") or {}).get("confusion_matrix") for r in roles}
+    cms = {r: cm for r, cm in cms.items() if cm}
+    if cms:
+        figures.save_confusion_matrices(run_dir / "figures/confusion_matrices.png", cms, class_names)
+    hist = {r: trains[r].get("history") or [] for r in roles}
+    best_val = []
+    for r in roles:
+        row = next((h for h in hist[r] if h.get("epoch") == trains[r].get("best_epoch")), {})
+        best_val.append(row.get("val_accuracy"))
+    secs = (run.get("timing") or {}).get("per_model_train_seconds") or {}
+    labels = [_model_label(r, models[r]) for r in roles]
+    table = make_table(
+        "Training per model (best epoch = the checkpoint that is evaluated).",
+        labels,
+        [
+            Col("Epochs", [len(hist[r]) for r in roles], fmt_int),
+            Col("Best epoch", [trains[r].get("best_epoch") for r in roles], fmt_int),
+            Col("Val accuracy at best", best_val, better="high"),
+            Col("Train time", [secs.get(r, trains[r].get("seconds")) for r in roles], fmt_seconds),
+        ],
+    )
+    table["head"].append({"text": "Checkpoint", "title": None})
+    for row, r in zip(table["rows"], roles):
+        row.append(
+            cell("from cache" if trains[r].get("from_cache") else "trained", num=False, sub=trains[r].get("checkpoint"))
+        )
+    return {
+        "table": table,
+        "curves": "figures/training_curves.png",
+        "confusion": "figures/confusion_matrices.png" if cms else None,
+    }
+
+
+def _header(run: dict, models: dict, roles: list[str]) -> dict:
+    ds = run.get("dataset") or {}
+    timing = run.get("timing") or {}
+    sizes = ds.get("sizes") or {}
+    skipped = ds.get("skipped_files") or []
+    facts = [
+        ("Dataset", ds.get("name", DASH)),
+        ("Split sizes", " · ".join(f"{k} {fmt_int(v)}" for k, v in sizes.items()) or DASH),
+        ("Image shape", "×".join(str(d) for d in ds.get("image_shape", [])) or DASH),
+        ("Classes", f"{len(ds.get('class_names', []))}: " + ", ".join(ds.get("class_names", []))),
+        ("Masks", "yes" if ds.get("has_masks") else "no"),
+        ("Seed", str(run.get("seed", DASH))),
+        ("Device", f"{run.get('device', DASH)} · world size {run.get('world_size', 1)}"),
+        ("Started / finished", f"{run.get('started', DASH)} → {run.get('finished', DASH)}"),
+        ("Total time", fmt_seconds(timing.get("total_seconds"))),
+        ("Explain time", fmt_seconds(timing.get("explain_seconds"))),
+        ("Versions", " · ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items()) or DASH),
+    ]
+    return {
+        "name": run.get("name", "run"),
+        "facts": facts,
+        "roles": roles,
+        "skipped": {"count": len(skipped), "first": skipped[:5]} if skipped else None,
+    }
+
+
+# --- entry point --------------------------------------------------------------------------------------
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Render ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from ``run_dir/records``.
+
+    Raises:
+        ReportError: a record file is missing (the run may be incomplete: ``xkd run --resume``).
+        ReportSchemaError: a record was written by an incompatible xkd.
+    """
+    run_dir = Path(run_dir)
+    rec = load_records(run_dir)
+    run, mrec, expl, samples, tensors = rec["run"], rec["models"], rec["explanations"], rec["samples"], rec["tensors"]
+    models = mrec.get("models") or {}
+    roles = [r for r in mrec.get("roles") or list(models) if r in models]
+    class_names = list(
+        (run.get("dataset") or {}).get("class_names") or expl.get("class_names") or samples.get("class_names") or []
+    )
+    expl.setdefault("per_model", {})
+    has_masks = bool((run.get("dataset") or {}).get("has_masks"))
+    ctx = {
+        "header": _header(run, models, roles),
+        "summary": _summary(roles, models, expl),
+        "fidelity": _fidelity_tables(roles, expl, class_names),
+        "fidelity_keep": fmt_pct(expl.get("fidelity_keep")),
+        "top_k": fmt_pct(expl.get("agreement_top_k")),
+        "num_images": expl.get("num_images"),
+        "faithfulness": _faithfulness(roles, models, expl),
+        "baseline": _baseline(roles, models, expl),
+        "localisation": _localisation(roles, models, expl) if has_masks else [],
+        "samples": _samples(run_dir, roles, samples, tensors, class_names),
+        "has_masks": bool(samples.get("has_masks")),
+        "feature_maps": _feature_maps(run_dir, roles, samples, tensors, class_names),
+        "training": _training(run_dir, roles, models, run, class_names),
+        "records": sorted(
+            p.name for p in (run_dir / "records").iterdir() if p.is_file() and not p.name.startswith(".")
+        ),
+        "has_config": (run_dir / "config.yaml").is_file(),
+    }
+    sections = [
+        ("run", "Run"),
+        ("summary", "Summary"),
+        ("fidelity", "Fidelity per class"),
+        ("faithfulness", "Faithfulness"),
+    ]
+    sections += [("localisation", "Localisation")] if ctx["localisation"] else []
+    sections += [("samples", "Sample explanations")] if ctx["samples"] else []
+    sections += [("feature-maps", "Average feature maps")] if ctx["feature_maps"] else []
+    sections += [("training", "Training"), ("records", "Records")]
+    ctx["sections"] = sections
+    html = _ENV.get_template("report.html.j2").render(**ctx)
+    return atomic_write_text(run_dir / "report.html", html)

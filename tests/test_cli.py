@@ -1,0 +1,188 @@
+"""End to end through the CLI on a tiny config: run, report, explain, list, resume, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xkd.cli import main
+from xkd.report.records import read_json
+
+
+def cli(*argv: str, overrides: list[str] = ()) -> int:
+    args = list(argv)
+    for o in overrides:
+        args += ["--set", o]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, make_tiny_args):
+    tmp = tmp_path_factory.mktemp("e2e")
+    assert cli("run", "--no-progress", overrides=make_tiny_args(tmp)) == 0
+    return tmp / "runs" / "tiny"
+
+
+@pytest.mark.slow
+def test_run_writes_the_run_directory(run_dir):
+    for rel in [
+        "config.yaml",
+        "metrics.json",
+        "report.html",
+        "records/run.json",
+        "records/models.json",
+        "records/explanations.json",
+        "records/samples.json",
+        "records/samples.safetensors",
+        "checkpoints/teacher/best.pt",
+        "checkpoints/kd/best.pt",
+        "checkpoints/kd/last.pt",
+    ]:
+        assert (run_dir / rel).is_file(), rel
+    assert any((run_dir / "figures").glob("*.png"))
+    run = read_json(run_dir / "records/run.json")
+    assert run["seed"] == 0 and "torch" in run["versions"]
+    models = read_json(run_dir / "records/models.json")
+    assert models["roles"] == ["teacher", "scratch", "kd", "ls"]
+    assert models["models"]["kd"]["distiller_params"] == {"alpha": 0.7, "temperature": 5.0}
+    assert 0.0 <= models["models"]["kd"]["test"]["accuracy"] <= 1.0
+    assert set(models["models"]["teacher"]["met"]) == {"grad_cam", "feature_maps"}
+
+
+@pytest.mark.slow
+def test_every_summary_number_is_copied_from_a_record(run_dir):
+    summary = read_json(run_dir / "metrics.json")["models"]
+    models = read_json(run_dir / "records/models.json")["models"]
+    expl = read_json(run_dir / "records/explanations.json")
+    for role, s in summary.items():
+        assert s["accuracy"] == models[role]["test"]["accuracy"]
+        assert s["params"] == models[role]["params"]
+        assert s["fidelity"]["grad_cam"] == expl["per_model"][role]["grad_cam"]["fidelity"]["mean"]
+    html = (run_dir / "report.html").read_text()
+    assert f"{models['teacher']['params']:,}" in html
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_metrics(run_dir, tmp_path, make_tiny_args):
+    assert cli("run", "--no-progress", overrides=make_tiny_args(tmp_path)) == 0
+    a = read_json(run_dir / "records/explanations.json")
+    b = read_json(tmp_path / "runs/tiny/records/explanations.json")
+    assert a["per_model"] == b["per_model"] and a["agreement"] == b["agreement"]
+    ma = read_json(run_dir / "records/models.json")["models"]
+    mb = read_json(tmp_path / "runs/tiny/records/models.json")["models"]
+    for role in ma:
+        assert ma[role]["test"] == mb[role]["test"], role
+
+
+@pytest.mark.slow
+def test_report_rerenders_from_records(run_dir):
+    (run_dir / "report.html").unlink()
+    assert cli("report", str(run_dir)) == 0
+    assert (run_dir / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_existing_run_needs_resume_or_overwrite_and_resume_reuses_checkpoints(run_dir, capsys, make_tiny_args):
+    out_dir = run_dir.parents[1]
+    assert cli("run", "--no-progress", overrides=make_tiny_args(out_dir)) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    before = (run_dir / "checkpoints/kd/last.pt").read_bytes()
+    assert cli("run", "--no-progress", "--resume", overrides=make_tiny_args(out_dir)) == 0
+    assert (run_dir / "checkpoints/kd/last.pt").read_bytes() == before  # nothing retrained
+
+
+@pytest.mark.slow
+def test_teacher_is_loaded_from_the_cache_keyed_by_its_config(run_dir, make_tiny_args):
+    out_dir = run_dir.parents[1]
+    assert cli("run", "--no-progress", overrides=make_tiny_args(out_dir, "name=again", "students=[{name: kd}]")) == 0
+    models = read_json(out_dir / "runs/again/records/models.json")["models"]
+    assert models["teacher"]["train"]["from_cache"] is True
+
+
+@pytest.mark.slow
+def test_explain_user_images(run_dir, tmp_path, capsys):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((20, 20)) * 255).astype("uint8"), "L").save(p)
+        paths.append(str(p))
+    assert cli("explain", "--run", str(run_dir), "--images", *paths, "--out", str(tmp_path / "out")) == 0
+    assert (tmp_path / "out/explanations.png").is_file()
+    rec = read_json(tmp_path / "out/explanations.json")
+    assert set(rec["predictions"]) == {"teacher", "scratch", "kd", "ls"} and len(rec["target"]) == 2
+
+
+@pytest.mark.slow
+def test_explain_rejects_wrong_channels_and_unreadable_files(run_dir, tmp_path, capsys):
+    rgb = tmp_path / "rgb.png"
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(rgb)
+    assert cli("explain", "--run", str(run_dir), "--images", str(rgb)) == 2
+    assert (
+        "has 3 channel(s) (mode RGB) but the run's models take 1-channel images; convert it to grayscale"
+        in capsys.readouterr().err
+    )
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert cli("explain", "--run", str(run_dir), "--images", str(broken)) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_list_prints_every_registry(capsys):
+    assert cli("list") == 0
+    out = capsys.readouterr().out
+    for kind in ["datasets:", "models:", "distillers:", "explainers:", "metrics:"]:
+        assert kind in out
+    for name in [
+        "fashion-mnist",
+        "mnist5k",
+        "digits",
+        "lesions",
+        "imagefolder",
+        "densenet121",
+        "resnet18",
+        "cifar_resnet",
+        "kdfmv_cnn",
+        "scratch",
+        "hinton_kd",
+        "label_smoothing",
+        "grad_cam",
+        "feature_maps",
+        "accuracy",
+        "macro_f1",
+        "posthoc_agreement",
+        "fidelity",
+        "pointing_game",
+        "top_k_iou",
+        "flops",
+        "params",
+        "met",
+    ]:
+        assert f"  {name}\n" in out, name
+
+
+def test_bad_config_key_is_one_clear_error(capsys):
+    assert cli("run", overrides=["train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.epoch'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_lesions_run_fills_the_localisation_metrics(tmp_path, make_tiny_args):
+    args = make_tiny_args(
+        tmp_path,
+        "name=les",
+        "data.name=lesions",
+        "data.image_size=null",
+        "data.params={num_per_class: 40, size: 32}",
+        "students=[{name: kd}]",
+    )
+    assert cli("run", "--no-progress", overrides=args) == 0
+    expl = read_json(tmp_path / "runs/les/records/explanations.json")
+    for role in ("teacher", "kd"):
+        entry = expl["per_model"][role]["grad_cam"]
+        assert 0.0 <= entry["pointing_game"] <= 1.0
+        assert len(entry["top_k_iou"]) >= 5 and all(
+            0.0 <= v["iou"] <= v["dice"] <= 1.0 for v in entry["top_k_iou"].values()
+        )
+    assert "Localisation" in (tmp_path / "runs/les/report.html").read_text()
