@@ -223,6 +223,11 @@ class Trainer:
                 result.history.append(stats)
                 if self.scheduler is not None:
                     self.scheduler.step()
+                if self.progress and not self.console.is_terminal:  # live bars only draw on a terminal
+                    self.console.print(
+                        f"{self.role} epoch {epoch}/{self.cfg.epochs}: loss {stats['train_loss']:.4f}, "
+                        f"val accuracy {val['accuracy']:.4f} ({stats['seconds']:.1f} s)"
+                    )
                 improved = val["accuracy"] > result.best_val_accuracy
                 if improved:
                     result.best_epoch, result.best_val_accuracy = epoch, val["accuracy"]
