@@ -74,7 +74,7 @@ def build_for(cfg: ModelConfig, data: DataBundle, seed: int) -> nn.Module:
     """Build ``cfg`` for ``data``'s shape with a seeded initialisation."""
     torch.manual_seed(seed)
     c, h, w = data.image_shape
-    return build_model(cfg, data.num_classes, c, max(h, w))
+    return build_model(cfg, data.num_classes, c, h if h == w else (h, w))
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -240,7 +240,7 @@ def load_run_models(run_dir: str | Path) -> tuple[RunConfig, DataBundle | None, 
     n = len(record["dataset"]["class_names"])
     models: dict[str, nn.Module] = {}
     for role, mcfg in [("teacher", cfg.teacher.model)] + [(s.name, s.model or cfg.student_model) for s in cfg.students]:
-        model = build_model(mcfg, n, c, max(h, w))
+        model = build_model(mcfg, n, c, h if h == w else (h, w))
         path = run_dir / "checkpoints" / role / "best.pt"
         load_weights(model, model_weights(load_checkpoint(path)), str(path))
         models[role] = model.eval()

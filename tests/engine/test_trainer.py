@@ -59,28 +59,31 @@ def test_same_seed_same_weights(tmp_path):
         assert torch.equal(va, vb), k
 
 
-class InterruptAfter(Distiller):
-    """Scratch training that is interrupted (Ctrl-C) at forward pass ``calls + 1``."""
+class FailAfter(Distiller):
+    """Scratch training whose forward pass number ``calls + 1`` and later fail: with ``"interrupt"``
+    they raise KeyboardInterrupt (Ctrl-C), with ``"nan"`` their loss is NaN."""
 
     needs_teacher = False
 
-    def __init__(self, student, calls):
+    def __init__(self, student, calls, failure):
         super().__init__(student)
-        self.calls, self.n = calls, 0
+        self.calls, self.failure, self.n = calls, failure, 0
 
     def forward(self, batch):
         self.n += 1
-        if self.n > self.calls:
+        failing = self.n > self.calls
+        if failing and self.failure == "interrupt":
             raise KeyboardInterrupt
         logits = self.student(batch.images)
-        return logits, {"ce": nn.functional.cross_entropy(logits, batch.labels)}
+        loss = nn.functional.cross_entropy(logits, batch.labels)
+        return logits, {"ce": loss * float("nan") if failing else loss}
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     _, straight = fit(tmp_path / "straight", epochs=3)
     cfg = TrainConfig(epochs=3, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"))
     interrupted = Trainer(
-        InterruptAfter(student(), 96 // 16 + 2),
+        FailAfter(student(), 96 // 16 + 2, "interrupt"),
         blobs(),
         blobs(32, 1),
         cfg,
@@ -97,27 +100,11 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
         assert torch.allclose(va, vb, atol=1e-6), k
 
 
-class NaNAfter(Distiller):
-    """Cross-entropy until ``calls`` forward passes, then NaN."""
-
-    needs_teacher = False
-
-    def __init__(self, student, calls):
-        super().__init__(student)
-        self.calls, self.n = calls, 0
-
-    def forward(self, batch):
-        self.n += 1
-        logits = self.student(batch.images)
-        loss = nn.functional.cross_entropy(logits, batch.labels)
-        return logits, {"ce": loss * float("nan") if self.n > self.calls else loss}
-
-
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     model = student()
     steps_per_epoch = 96 // 16
     tr = Trainer(
-        NaNAfter(model, steps_per_epoch + 2),
+        FailAfter(model, steps_per_epoch + 2, "nan"),
         blobs(),
         blobs(32, 1),
         TrainConfig(epochs=3, batch_size=16),

@@ -103,3 +103,10 @@ def test_unknown_layer_lists_module_paths():
         get_module(model, "conv9")
     assert conv_layer_paths(model) == ["0", "2"]
     assert default_layer(model) == "2"
+
+
+@pytest.mark.parametrize("name", ["kdfmv_cnn", "resnet18", "cifar_resnet"])
+def test_non_square_inputs(name):
+    model = build_model(ModelConfig(name), 3, 1, (20, 36)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 20, 36)).shape == (2, 3)

@@ -23,6 +23,13 @@ from xkd.registry import MODELS
 
 SMALL_IMAGE = 64
 
+ImageSize = int | tuple[int, int]
+
+
+def _hw(image_size: ImageSize) -> tuple[int, int]:
+    """``(H, W)`` of an ``image_size`` given as one side or as ``(H, W)``."""
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
 
 class PretrainedUnavailableError(RuntimeError):
     """Pretrained weights were asked for and could not be obtained."""
@@ -62,13 +69,15 @@ def _finish(model: nn.Module, num_classes: int, layer: str) -> nn.Module:
 
 
 @MODELS.register("densenet121")
-def densenet121(num_classes: int, in_channels: int = 3, image_size: int = 224, pretrained: bool = False) -> nn.Module:
+def densenet121(
+    num_classes: int, in_channels: int = 3, image_size: ImageSize = 224, pretrained: bool = False
+) -> nn.Module:
     """DenseNet121 (Huang et al. 2017; the KD-FMV teacher), torchvision with ``weights=None`` unless
     ``pretrained``. Default explained layer: ``features.norm5``."""
     from torchvision.models import DenseNet121_Weights
     from torchvision.models import densenet121 as tv
 
-    small = image_size < SMALL_IMAGE
+    small = min(_hw(image_size)) < SMALL_IMAGE
     model = _load_pretrained(tv, DenseNet121_Weights.IMAGENET1K_V1, "densenet121") if pretrained else tv(weights=None)
     if small or in_channels != 3:
         model.features.conv0 = _adapt_first_conv(model.features.conv0, in_channels, small)
@@ -80,12 +89,14 @@ def densenet121(num_classes: int, in_channels: int = 3, image_size: int = 224, p
 
 
 @MODELS.register("resnet18")
-def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 224, pretrained: bool = False) -> nn.Module:
+def resnet18(
+    num_classes: int, in_channels: int = 3, image_size: ImageSize = 224, pretrained: bool = False
+) -> nn.Module:
     """ResNet-18 (He et al. 2016), torchvision. Default explained layer: ``layer4``."""
     from torchvision.models import ResNet18_Weights
     from torchvision.models import resnet18 as tv
 
-    small = image_size < SMALL_IMAGE
+    small = min(_hw(image_size)) < SMALL_IMAGE
     model = _load_pretrained(tv, ResNet18_Weights.IMAGENET1K_V1, "resnet18") if pretrained else tv(weights=None)
     if small or in_channels != 3:
         model.conv1 = _adapt_first_conv(model.conv1, in_channels, small)
@@ -147,7 +158,7 @@ class CifarResNet(nn.Module):
 def cifar_resnet(
     num_classes: int,
     in_channels: int = 3,
-    image_size: int = 32,
+    image_size: ImageSize = 32,
     pretrained: bool = False,
     depth: int = 20,
     width: int = 16,
@@ -166,14 +177,16 @@ class KDFMVStudent(nn.Module):
     Pools use ``ceil_mode`` so inputs smaller than 32 px (28x28 -> 14, 7, 4, 2, 1) still work.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: Sequence[int]) -> None:
+    def __init__(self, num_classes: int, in_channels: int, image_size: ImageSize, widths: Sequence[int]) -> None:
         super().__init__()
-        blocks, cin, side = [], in_channels, image_size
-        for w in widths:
-            blocks.append(nn.Sequential(nn.Conv2d(cin, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)))
-            cin, side = w, math.ceil(side / 2)
+        (h, w), blocks, cin = _hw(image_size), [], in_channels
+        for width in widths:
+            blocks.append(
+                nn.Sequential(nn.Conv2d(cin, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
+            )
+            cin, h, w = width, math.ceil(h / 2), math.ceil(w / 2)
         self.blocks = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(cin * side * side, num_classes)
+        self.classifier = nn.Linear(cin * h * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.blocks(x), 1))
@@ -183,7 +196,7 @@ class KDFMVStudent(nn.Module):
 def kdfmv_cnn(
     num_classes: int,
     in_channels: int = 3,
-    image_size: int = 224,
+    image_size: ImageSize = 224,
     pretrained: bool = False,
     widths: Sequence[int] = (32, 64, 128, 256, 512),
 ) -> nn.Module:
@@ -211,11 +224,12 @@ def _import_object(path: str) -> Any:
         ) from None
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: ImageSize) -> nn.Module:
     """Build ``cfg.name`` (a registered model or a dotted import path) for the dataset's shape.
 
     A user class or function receives ``num_classes``, ``in_channels`` and ``image_size`` if its
-    signature has them, plus ``cfg.params``.
+    signature has them, plus ``cfg.params``. ``image_size`` is one int for square images and
+    ``(H, W)`` otherwise.
 
     Raises:
         ConfigError: unknown name or parameter (the message lists the accepted ones).
