@@ -252,7 +252,11 @@ def random_baseline(
 
 
 def fidelity_record(fid: dict[str, Any]) -> dict[str, Any]:
-    """The fidelity result in the record's terms (``retained`` is the retained probability)."""
+    """The fidelity result in the record's terms.
+
+    ``retained_probability`` is the mean of ``p_masked(c) / p_orig(c)``, not clipped (a ratio above
+    1 means the removed pixels were evidence against ``c``); ``retained_clipped`` clips it at 1.
+    """
 
     def one(v: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -98,3 +98,128 @@ def test_missing_root_and_unknown_param(tmp_path):
     make_folder(tmp_path)
     with pytest.raises(DataError, match="data.params.chanels is not a parameter"):
         build_dataset(DataConfig("imagefolder", root=str(tmp_path), params={"chanels": 1}))
+
+
+# ----------------------------------------------------------------------------------------------
+# lazy loading, more layouts, mask formats, and more bad inputs
+
+import torch  # noqa: E402
+
+from xkd.data import make_loader  # noqa: E402
+from xkd.data.imagefolder import ImageFolderDataset  # noqa: E402
+
+
+def test_lazy_loading_gives_the_same_data_as_in_memory(tmp_path):
+    make_folder(tmp_path, masks=True)
+    eager = build_dataset(DataConfig("imagefolder", root=str(tmp_path), params={"in_memory": True}))
+    lazy = build_dataset(DataConfig("imagefolder", root=str(tmp_path), params={"in_memory": False}))
+    assert isinstance(lazy.train, ImageFolderDataset) and lazy.has_masks and lazy.image_shape == (1, 16, 16)
+    assert torch.equal(lazy.train.labels, eager.train.labels)
+    for i in range(len(eager.train)):
+        (a, la, ma), (b, lb, mb) = eager.train[i], lazy.train[i]
+        assert torch.equal(a, b) and la == lb and torch.equal(ma, mb)
+    batch = next(iter(make_loader(lazy.train, 8, shuffle=False, seed=0)))
+    assert batch.images.shape == (8, 1, 16, 16) and batch.masks.shape == (8, 16, 16) and batch.masks.dtype == torch.bool
+    small = build_dataset(
+        DataConfig("imagefolder", root=str(tmp_path), train_size=9, params={"in_memory": False})
+    )  # seeded stratified subset of a lazy split
+    assert len(small.train) == 9 and torch.bincount(small.train.labels).tolist() == [3, 3, 3]
+
+
+def test_pre_split_with_val_is_used_as_given(tmp_path):
+    for split, n in (("train", 6), ("val", 3), ("test", 2)):
+        make_folder(tmp_path, classes=("x", "y"), n=n, split=split)
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    assert data.class_names == ["x", "y"] and (len(data.train), len(data.val), len(data.test)) == (12, 6, 4)
+
+
+def test_train_only_layout_carves_val_and_test(tmp_path):
+    make_folder(tmp_path, classes=("x", "y"), n=20, split="train")
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    assert (len(data.train), len(data.val), len(data.test)) == (32, 4, 4)
+    assert torch.bincount(data.test.labels).tolist() == [2, 2]
+
+
+def test_mask_formats_rgb_palette_and_resizing(tmp_path):
+    make_folder(tmp_path, classes=("a", "b"), n=4)
+    for c in ("a", "b"):
+        (tmp_path / "masks" / c).mkdir(parents=True)
+        for i in range(4):
+            if c == "a":  # RGB: a faint blue region is still "any non-zero pixel"
+                m = np.zeros((16, 16, 3), "uint8")
+                m[4:8, 4:12, 2] = 1
+                img = Image.fromarray(m, "RGB")
+            else:  # palette: index 1 is the lesion, index 0 (black) the background
+                m = np.zeros((16, 16), "uint8")
+                m[4:8, 4:12] = 1
+                img = Image.fromarray(m, "P")
+                img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+            img.save(tmp_path / "masks" / c / f"{c}{i}.png")
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path), image_size=32))
+    for ds in (data.train, data.val, data.test):
+        for i in range(len(ds)):
+            assert int(ds[i][2].sum()) == 4 * 4 * 8  # 32 px of mask at 16 px -> 128 at 32 px
+
+
+def test_sixteen_bit_images_are_scaled(tmp_path):
+    for c, value in (("dark", 1000), ("bright", 60000)):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / c / f"{i}.png")
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    assert data.image_shape == (1, 8, 8)
+    values = {data.class_names[lbl]: int(data.train.images[k].max()) for k, lbl in enumerate(data.train.labels)}
+    assert values == {"dark": round(1000 / 257), "bright": round(60000 / 257)}
+
+
+def test_corrupt_mask_skips_its_image(tmp_path):
+    make_folder(tmp_path, masks=True)
+    (tmp_path / "masks" / "a" / "a3.png").write_bytes(b"garbage")
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    assert len(data.train) + len(data.val) + len(data.test) == 29
+    assert any(f.endswith("a3.png") for f in data.skipped_files)
+
+
+def test_hidden_folders_and_other_files_are_ignored(tmp_path):
+    make_folder(tmp_path, classes=("a", "b"), n=5)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    assert data.class_names == ["a", "b"] and len(data.train) + len(data.val) + len(data.test) == 10
+    assert data.skipped_files == []
+
+
+def mismatched_mask(p):
+    make_folder(p, classes=("a", "b"), n=3, masks=True)
+    Image.fromarray(np.zeros((8, 8), "uint8")).save(p / "masks" / "b" / "b1.png")
+
+
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (lambda p: (p.mkdir(), (Image.new("L", (4, 4)).save(p / "x.png"))), "move them into one sub-folder"),
+        (lambda p: (make_folder(p, split="train"), make_folder(p, classes=("z",))), "mixes split folders"),
+        (lambda p: make_folder(p, split="test"), "no train folder"),
+        (lambda p: (make_folder(p, split="train"), make_folder(p, classes=("q",), split="test")), "q appear in test"),
+        (mismatched_mask, r"mask .*b1.png' is 8x8 but its image .* is 16x16"),
+    ],
+)
+def test_more_bad_folders(tmp_path, setup, match):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=match):
+        build_dataset(DataConfig("imagefolder", root=str(root)))
+
+
+@pytest.mark.parametrize("params,match", [({"channels": 2}, "1 or 3"), ({"in_memory": "yes"}, "true or false")])
+def test_bad_param_values(tmp_path, params, match):
+    make_folder(tmp_path)
+    with pytest.raises(DataError, match=match):
+        build_dataset(DataConfig("imagefolder", root=str(tmp_path), params=params))
+
+
+def test_root_that_is_a_file(tmp_path):
+    f = tmp_path / "file.png"
+    f.write_bytes(b"")
+    with pytest.raises(DataError, match="not a folder"):
+        build_dataset(DataConfig("imagefolder", root=str(f)))

@@ -144,3 +144,13 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     state = load_checkpoint(path)
     assert torch.equal(state["model"]["w"], torch.ones(2)) and state["history"] == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp files left behind
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    path = save_checkpoint(tmp_path / "c.pt", {"model": {}})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -133,6 +133,7 @@ def make_run_dir(
                 "explainers": ["grad_cam"] if "grad_cam" in explainers else list(explainers[:1]),
                 "feature_layers": feature_layers,
                 "has_masks": has_masks,
+                "config": {"samples_per_class": samples_per_class},
             },
         ),
     )
@@ -191,6 +192,9 @@ def make_run_dir(
                 "fidelity": {
                     "mean": 0.88 - 0.05 * r - 0.01 * e,
                     "retained_probability": 0.77 - 0.04 * r,
+                    "retained_clipped": 0.75 - 0.04 * r,
+                    "n": 10 * len(classes),
+                    "keep": 0.2,
                     "per_class": per_class,
                 },
                 "deletion_auc": 0.21 + 0.03 * r + 0.01 * e,
@@ -223,6 +227,15 @@ def make_run_dir(
                 "class_names": classes,
                 "per_model": per_model,
                 "agreement": agreement,
+                "random_baseline": {
+                    role: {
+                        "fidelity": 0.4 + 0.01 * r,
+                        "retained_probability": 0.35,
+                        "deletion_auc": 0.45,
+                        "insertion_auc": 0.44,
+                    }
+                    for r, role in enumerate(roles)
+                },
             },
         ),
     )
@@ -238,6 +251,7 @@ def make_run_dir(
         "finished": "2024-05-01T10:03:25+00:00",
         "timing": {
             "total_seconds": 205.4,
+            "train_seconds": 40.5,
             "per_model_train_seconds": {role: 12.5 + r for r, role in enumerate(roles)},
             "explain_seconds": 7.25,
         },

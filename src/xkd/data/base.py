@@ -136,11 +136,25 @@ def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> l
 
 
 def take_subset(ds: TensorImageDataset, size: int | None, seed: int) -> TensorImageDataset:
-    """A class-stratified, seeded subset of ``size`` items (all items if ``size`` is None)."""
+    """A class-stratified, seeded subset of exactly ``size`` items (all items if ``size`` is None).
+
+    Each class gets its share of ``size`` by largest remainder (so the shares add up exactly and
+    follow the class proportions), then a seeded random sample of that many of its items.
+    """
     if size is None or size >= len(ds):
         return ds
     if size <= 0:
         raise DataError(f"subset size must be positive, got {size}")
-    frac = size / len(ds)
-    first, _ = stratified_split(ds.labels, [frac, 1 - frac], seed)
-    return ds.subset(first[:size])
+    classes, counts = torch.unique(ds.labels, return_counts=True)
+    exact = counts.double() * size / len(ds)
+    quota = exact.floor().long()
+    short = size - int(quota.sum())
+    if short:
+        order = torch.argsort(exact - quota, descending=True, stable=True)
+        quota[order[:short]] += 1
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        idx = torch.nonzero(ds.labels == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:q]])
+    return ds.subset(torch.sort(torch.cat(picked)).values)

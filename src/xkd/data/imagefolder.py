@@ -1,22 +1,32 @@
-"""``imagefolder``: a user's folder of images, one sub-folder per class.
+"""``imagefolder``: a user's own images, one sub-folder per class, with optional ground-truth masks.
 
-Layouts (class names = sorted folder names):
+Layouts (class names = sorted folder names; hidden folders and ``masks`` are never classes):
 
-- ``root/<class>/*.png|jpg|jpeg|bmp|tif|tiff`` — split 70/20/10 (train/val/test), class-stratified
-  and deterministic from ``data.seed`` (the layout of the brain-tumour, eye-disease and Alzheimer
-  sets of KD-FMV);
-- ``root/{train,val,test}/<class>/...`` — used as given; without ``val/``, 10% of ``train/`` is
-  carved out as validation (stratified, seeded).
+* ``root/<class>/*.{png,jpg,jpeg,bmp,tif,tiff}`` -- split 70/20/10, class-stratified, seeded by
+  ``data.seed`` (the layout of the brain-tumour, eye-disease and Alzheimer sets of KD-FMV).
+* ``root/{train,val,test}/<class>/...`` -- already split; ``train`` is required. A missing ``val``
+  and/or ``test`` is carved from ``train`` (10 % of ``train`` each, stratified, seeded). Any other
+  folder next to the split folders is an error (mixed layouts are almost always a mistake).
 
-Optional ground-truth masks live in a twin tree, ``root/masks/<class>/<stem>.<ext>`` (or
-``root/masks/<split>/<class>/...``); any non-zero mask pixel is inside. When ``masks/`` exists,
-every image must have a mask (the error lists the first missing ones).
+Masks (optional): ``root/masks/<class>/<stem>.<ext>`` (or ``root/masks/<split>/<class>/...``) with the
+same stem as the image; any non-zero pixel is evidence (palette images: any non-zero index). If
+``masks/`` exists, every image must have a mask of the same size as the image, otherwise a
+:class:`DataError` names the first missing ones -- half-masked data would silently bias mask metrics.
 
-Decisions: images are decoded once at build time and kept in memory as uint8 (``data.image_size``
-keeps that small for large sets). An unreadable or corrupt image is **skipped**: it is counted in
-the log and listed in the run record and the report; if every file of a class is unreadable, that
-is an error. Channels: ``data.params.channels`` (1 or 3); by default 1 when the first readable image
-is grayscale, else 3. Without ``data.image_size`` all images must share one size.
+Decisions:
+
+* Channels (``params.channels``): 1 or 3; by default 1 when every image is grayscale (PIL modes
+  1, L, LA, I, I;16*, F) and 3 otherwise. 16-bit images are scaled to 8 bits.
+* Size: ``data.image_size`` resizes every image (bilinear, antialiased) and mask (nearest) to a
+  square. Without it all images must have the same size, else a :class:`DataError` says to set
+  ``data.image_size``.
+* Corrupt or unreadable files are skipped, listed in ``DataBundle.skipped_files`` and counted in a
+  warning on the ``xkd`` logger (a corrupt mask skips its image too). All files unreadable, or a
+  class left without images, is an error.
+* Storage (``params.in_memory``): decoded images are kept in memory as uint8 when they fit in
+  512 MiB (or when ``in_memory: true``); otherwise (or ``in_memory: false``) a lazy dataset decodes
+  each file on access. Every file is decoded once at build time either way, so a corrupt file is
+  found before training rather than in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -28,141 +38,286 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from xkd.config import DataConfig
 from xkd.data.base import DataBundle, DataError, TensorImageDataset, stratified_split
-from xkd.data.builtin import check_image_size, check_params, finish_bundle, split_tensors
+from xkd.data.builtin import SPLIT_70_20_10, check_image_size, check_params, finish_bundle, resize_images, resize_masks
 from xkd.registry import DATASETS
 
 log = logging.getLogger("xkd")
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 SPLITS = ("train", "val", "test")
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+DEFAULTS = {"channels": None, "in_memory": None}
+MEMORY_BUDGET = 512 * 2**20
+_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+_LAYOUT_FIX = "use root/<class_name>/<image> or root/{train,val,test}/<class_name>/<image>"
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "masks" and not p.name.startswith("."))
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read(path: Path, channels: int, size: tuple[int, int] | None, resize: bool) -> np.ndarray:
+def _to_array(im: Image.Image, channels: int) -> np.ndarray:
+    """Decoded pixels as uint8 ``(H, W, channels)``."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or arr.max(initial=0) > 255:  # 16-bit data -> 8 bits
+            arr = arr / 257.0
+        arr = np.rint(np.clip(arr, 0, 255)).astype(np.uint8)[..., None]
+        return np.repeat(arr, 3, -1) if channels == 3 else arr
+    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> Tensor:
+    """Decode ``path`` to a uint8 ``(channels, H, W)`` tensor resized to ``size`` (square only if resized)."""
     with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if resize and size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        im.load()
+        arr = _to_array(im, channels)
+    x = torch.from_numpy(arr.transpose(2, 0, 1).copy())  # PIL arrays are read-only
+    if tuple(x.shape[1:]) != size:
+        x = resize_images(x[None], size[0])[0]
+    return x
 
 
-def _find_mask(mask_dir: Path, stem: str) -> Path | None:
-    for ext in EXTENSIONS:
-        p = mask_dir / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
+def load_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
+    """Decode a mask file to a bool ``(H, W)`` tensor: any non-zero pixel (or palette index) is True."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "P" or im.mode in GRAY_MODES:
+            arr = np.asarray(im)
+            arr = (arr[..., 0] if arr.ndim == 3 else arr) != 0
+        else:
+            arr = np.asarray(im.convert("RGB")).any(-1)
+    m = torch.from_numpy(np.ascontiguousarray(arr))
+    if tuple(m.shape) != size:
+        m = resize_masks(m[None], size[0])[0]
+    return m
 
 
-def _load_tree(
-    folder: Path,
-    class_names: list[str],
-    mask_root: Path | None,
-    channels: int | None,
-    size: int | None,
-    skipped: list[str],
-) -> tuple[Tensor, Tensor, Tensor | None, int]:
-    """Decode every image under ``folder/<class>/``; returns images, labels, masks, channels."""
-    arrays, labels, masks, missing = [], [], [], []
-    shape: tuple[int, int] | None = (size, size) if size else None
-    for k, name in enumerate(class_names):
-        cdir = folder / name
-        files = _images_in(cdir) if cdir.is_dir() else []
-        if not files:
-            raise DataError(f"class folder {cdir} has no images ({', '.join(EXTENSIONS)}); add images or remove it")
-        read = 0
-        for f in files:
-            try:
-                if channels is None:
-                    with Image.open(f) as probe:
-                        channels = 1 if probe.mode in GRAY_MODES else 3
-                arr = _read(f, channels, shape, resize=size is not None)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-                skipped.append(str(f))
-                log.debug("skipping unreadable image %s (%s)", f, e)
-                continue
-            if shape is None:
-                shape = arr.shape[1:]
-            elif arr.shape[1:] != shape:
+class ImageFolderDataset(Dataset):
+    """A lazy split: decodes ``files[i]`` (and its mask) on every access; uint8 is scaled to [0, 1]."""
+
+    def __init__(
+        self, files: list[str], labels: Tensor, masks: list[str] | None, channels: int, size: tuple[int, int]
+    ) -> None:
+        self.files, self.labels, self.mask_files = list(files), labels.long(), masks
+        self.channels, self.size = channels, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, Tensor | None]:
+        img = load_image(self.files[i], self.channels, self.size).float().div_(255.0)
+        mask = None if self.mask_files is None else load_mask(self.mask_files[i], self.size)
+        return img, int(self.labels[i]), mask
+
+    def subset(self, index: Tensor) -> ImageFolderDataset:
+        idx = index.tolist()
+        masks = None if self.mask_files is None else [self.mask_files[i] for i in idx]
+        return ImageFolderDataset([self.files[i] for i in idx], self.labels[index], masks, self.channels, self.size)
+
+
+def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, str]]]]:
+    """Class names and, per split found on disk (``all`` if not pre-split), ``(image, class)`` pairs."""
+    folders = [p for p in _subfolders(root) if p.name != "masks"]
+    names = {p.name for p in folders}
+    if not folders:
+        loose = " (it holds images directly: move them into one sub-folder per class)" if _images_in(root) else ""
+        raise DataError(f"data.root {str(root)!r} holds no class folders{loose}; {_LAYOUT_FIX}")
+    if "train" in names:
+        other = sorted(names - set(SPLITS))
+        if other:
+            raise DataError(
+                f"data.root {str(root)!r} mixes split folders (train) with other folders ({', '.join(other)}); "
+                f"{_LAYOUT_FIX}"
+            )
+        layout = {s: root / s for s in SPLITS if s in names}
+    elif names & {"val", "test"}:
+        raise DataError(f"data.root {str(root)!r} has val/test folders but no train folder; add root/train")
+    else:
+        layout = {"all": root}
+    found: dict[str, list[tuple[Path, str]]] = {}
+    classes: set[str] = set()
+    for split, folder in layout.items():
+        class_dirs = [p for p in _subfolders(folder) if not (split == "all" and p.name == "masks")]
+        if not class_dirs:
+            raise DataError(f"{str(folder)!r} holds no class folders; {_LAYOUT_FIX}")
+        found[split] = []
+        for d in class_dirs:
+            files = _images_in(d)
+            if not files:
                 raise DataError(
-                    f"images have different sizes ({f}: {arr.shape[2]}x{arr.shape[1]}, others {shape[1]}x{shape[0]}); "
-                    "set data.image_size to resize them all"
+                    f"class folder {d} has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it"
                 )
-            if mask_root is not None:
-                mp = _find_mask(mask_root / name, f.stem)
-                if mp is None:
-                    missing.append(str(f))
-                    continue
-                with Image.open(mp) as m:
-                    m = m.convert("L").resize((arr.shape[2], arr.shape[1]), Image.NEAREST)
-                    masks.append(np.asarray(m) > 0)
-            arrays.append(arr)
-            labels.append(k)
-            read += 1
-        if read == 0 and not missing:
-            raise DataError(f"no image in {cdir} could be read (all {len(files)} are corrupt or unsupported)")
+            found[split] += [(f, d.name) for f in files]
+            classes.add(d.name)
+    if "train" in found:
+        train_classes = {c for _, c in found["train"]}
+        for split in ("val", "test"):
+            extra = sorted({c for _, c in found.get(split, [])} - train_classes)
+            if extra:
+                raise DataError(f"class(es) {', '.join(extra)} appear in {split} but not in train; add them to train")
+    if len(classes) < 2:
+        raise DataError(
+            f"data.root {str(root)!r} has {len(classes)} class ({', '.join(sorted(classes))}); imagefolder needs "
+            f"at least 2 class sub-folders"
+        )
+    return sorted(classes), found
+
+
+def _find_masks(root: Path, split: str, items: list[tuple[Path, str]]) -> list[Path] | None:
+    """The mask of every image of ``split`` (None when there is no ``masks/`` folder)."""
+    mask_root = root / "masks"
+    if not mask_root.is_dir():
+        return None
+    if split != "all":
+        mask_root = mask_root / split
+    by_stem: dict[tuple[str, str], Path] = {}
+    for cls in sorted({c for _, c in items}):
+        folder = mask_root / cls
+        # .png first: a stem with several mask files uses the lossless one
+        for f in sorted(_images_in(folder) if folder.is_dir() else [], key=lambda p: p.suffix.lower() != ".png"):
+            by_stem.setdefault((cls, f.stem), f)
+    masks = [by_stem.get((c, f.stem)) for f, c in items]
+    missing = [f"{c}/{f.name}" for (f, c), m in zip(items, masks) if m is None]
     if missing:
         raise DataError(
-            f"{len(missing)} image(s) have no mask under {mask_root}, e.g. {', '.join(missing[:3])}; add a mask "
-            "<masks>/<class>/<same name>.png for each image, or remove the masks folder"
+            f"{len(missing)} image(s) have no mask in {str(mask_root)!r} (first: {', '.join(missing[:5])}); every "
+            f"image needs <masks>/<class>/<same stem>.png -- add the missing masks or remove the masks folder"
         )
-    images = torch.from_numpy(np.stack(arrays))
-    mask_t = torch.from_numpy(np.stack(masks)) if mask_root is not None else None
-    return images, torch.tensor(labels, dtype=torch.long), mask_t, int(channels or 1)
+    return masks  # type: ignore[return-value]
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    with Image.open(path) as im:
+        return im.mode, (im.height, im.width)
 
 
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig) -> DataBundle:
-    """Build a dataset from ``cfg.root`` (see the module docstring for layouts and decisions)."""
-    params = check_params(cfg, {"channels": None})
-    channels = params["channels"]
-    if channels not in (None, 1, 3):
-        raise DataError(f"data.params.channels must be 1 or 3, got {channels!r}")
-    size = check_image_size(cfg)
+    """A folder of the user's images (see the module docstring for layouts and decisions).
+
+    Params: ``channels`` (1 or 3; default from the images), ``in_memory`` (true/false; default:
+    in memory when the decoded uint8 images fit in 512 MiB).
+    """
+    p = check_params(cfg, DEFAULTS)
+    if p["channels"] not in (None, 1, 3):
+        raise DataError(f"data.params.channels must be 1 or 3, got {p['channels']!r}; set it to 1 or 3 or remove it")
+    if p["in_memory"] not in (None, True, False):
+        raise DataError(f"data.params.in_memory must be true or false, got {p['in_memory']!r}")
+    image_size = check_image_size(cfg)
     if cfg.root is None:
-        raise DataError("dataset 'imagefolder' needs data.root: a folder with one sub-folder of images per class")
+        raise DataError(
+            "dataset 'imagefolder' needs data.root: set data.root to a folder with one sub-folder per class"
+        )
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root {str(root)!r} does not exist; point it at a folder with one sub-folder per class")
-    skipped: list[str] = []
-    pre_split = (root / "train").is_dir() and (root / "test").is_dir()
-    top = root / "train" if pre_split else root
-    class_names = [p.name for p in _class_dirs(top)]
-    if not class_names:
-        raise DataError(f"{root} holds no class folders; put the images of each class in root/<class_name>/")
-    if len(class_names) < 2:
-        raise DataError(f"{root} has a single class folder ({class_names[0]}); a classifier needs at least 2")
-    masks_dir = root / "masks"
-    has_masks = masks_dir.is_dir()
-    if pre_split:
-        parts = {}
-        for split in SPLITS:
-            if (root / split).is_dir():
-                mroot = (masks_dir / split) if has_masks else None
-                images, labels, masks, channels = _load_tree(root / split, class_names, mroot, channels, size, skipped)
-                parts[split] = TensorImageDataset(images, labels, masks)
-        if "val" not in parts:
-            tr = parts["train"]
-            keep, val = stratified_split(tr.labels, [0.9, 0.1], cfg.seed)
-            parts["train"], parts["val"] = tr.subset(keep), tr.subset(val)
-        train, val, test = parts["train"], parts["val"], parts["test"]
-    else:
-        images, labels, masks, channels = _load_tree(
-            root, class_names, masks_dir if has_masks else None, channels, size, skipped
+        raise DataError(
+            f"data.root {str(root)!r} does not exist or is not a folder; set data.root to your image folder"
         )
-        train, val, test = split_tensors(images, labels, masks, (0.7, 0.2, 0.1), cfg.seed)
+    class_names, found = _scan(root)
+    index = {c: i for i, c in enumerate(class_names)}
+    skipped: list[str] = []
+
+    # Pass 1: headers only (cheap) -> skip unreadable files, choose channels and size.
+    entries: dict[str, list[tuple[Path, int, Path | None, tuple[int, int]]]] = {}
+    modes: set[str] = set()
+    for split, items in found.items():
+        masks = _find_masks(root, split, items)
+        entries[split] = []
+        for k, (f, c) in enumerate(items):
+            mask = None if masks is None else masks[k]
+            try:
+                mode, hw = _header(f)
+            except _READ_ERRORS:
+                skipped.append(str(f))
+                continue
+            if mask is not None:
+                try:
+                    _, mask_hw = _header(mask)
+                except _READ_ERRORS:
+                    skipped += [str(mask), str(f)]
+                    continue
+                if mask_hw != hw:
+                    raise DataError(
+                        f"mask {str(mask)!r} is {mask_hw[1]}x{mask_hw[0]} but its image {str(f)!r} is {hw[1]}x{hw[0]}; "
+                        f"make every mask the size of its image"
+                    )
+            modes.add(mode)
+            entries[split].append((f, index[c], mask, hw))
+    channels = p["channels"] or (1 if modes <= GRAY_MODES else 3)
+    all_entries = [e for es in entries.values() for e in es]
+    if not all_entries:
+        raise DataError(f"none of the {len(skipped)} image files under {str(root)!r} could be read; check the files")
+    if image_size is not None:
+        size = (image_size, image_size)
+    else:
+        size = all_entries[0][3]
+        odd = next((e for e in all_entries if e[3] != size), None)
+        if odd is not None:
+            raise DataError(
+                f"images differ in size ({all_entries[0][0].name} is {size[1]}x{size[0]}, {odd[0].name} is "
+                f"{odd[3][1]}x{odd[3][0]}); set data.image_size (e.g. data.image_size=64) to resize them all"
+            )
+    in_memory = p["in_memory"]
+    if in_memory is None:
+        in_memory = len(all_entries) * channels * size[0] * size[1] <= MEMORY_BUDGET
+
+    # Pass 2: decode every file once, so corrupt pixel data is found now, not mid-training.
+    datasets: dict[str, Dataset] = {}
+    for split, es in entries.items():
+        kept, pixels, masks = [], [], []
+        for f, label, mask, _ in es:
+            try:
+                img = load_image(f, channels, size)
+            except _READ_ERRORS:
+                skipped.append(str(f))
+                continue
+            try:
+                m = None if mask is None else load_mask(mask, size)
+            except _READ_ERRORS:
+                skipped += [str(mask), str(f)]
+                continue
+            kept.append((f, label, mask))
+            if in_memory:
+                pixels.append(img)
+                masks.append(m)
+        labels = torch.tensor([k[1] for k in kept], dtype=torch.long)
+        has_masks = bool(kept) and kept[0][2] is not None
+        if in_memory:
+            images = torch.stack(pixels) if pixels else torch.empty((0, channels, *size), dtype=torch.uint8)
+            mask_t = torch.stack(masks) if has_masks else None
+            datasets[split] = TensorImageDataset(images, labels, mask_t)
+        else:
+            mask_files = [str(k[2]) for k in kept] if has_masks else None
+            datasets[split] = ImageFolderDataset([str(k[0]) for k in kept], labels, mask_files, channels, size)
     if skipped:
-        log.warning("imagefolder: skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
+        log.warning("imagefolder: skipped %d unreadable file(s) under %s (first: %s)", len(skipped), root, skipped[0])
+
+    first = datasets.get("train", datasets.get("all"))
+    present = set(first.labels.tolist())
+    lost = [c for c in class_names if index[c] not in present]
+    if lost:
+        raise DataError(
+            f"no training image of class(es) {', '.join(lost)} could be read ({len(skipped)} file(s) skipped, first "
+            f"{skipped[0] if skipped else '-'}); replace the corrupt files"
+        )
+    if "all" in datasets:
+        train, val, test = (first.subset(i) for i in stratified_split(first.labels, SPLIT_70_20_10, cfg.seed))
+    else:
+        missing = [s for s in ("val", "test") if s not in datasets]
+        cut = stratified_split(first.labels, [1.0 - 0.1 * len(missing)] + [0.1] * len(missing), cfg.seed)
+        datasets["train"] = first.subset(cut[0])
+        for s, idx in zip(missing, cut[1:]):
+            datasets[s] = first.subset(idx)
+        train, val, test = datasets["train"], datasets["val"], datasets["test"]
+    has_masks = getattr(train, "masks", None) is not None or getattr(train, "mask_files", None) is not None
     return finish_bundle(cfg, train, val, test, class_names, has_masks=has_masks, skipped_files=skipped)

@@ -17,12 +17,16 @@ the distractors, whose number is fixed and whose kind, size and location are ind
 class (they are only kept at least one pixel away from the lesion). So distractors carry no label
 information and the mask is the whole evidence: ``mask`` marks exactly the pixels where the image
 differs from the same image generated without the lesion (see ``generate_lesions(...,
-return_background=True)``).
+return_background=True)``; only a pixel noise far above the default can clip a lesion pixel to the
+same value in both). Sizes scale with the image: the shapes are clear at 64 px and blur into one
+another below about 48 px.
 
-Generation is vectorised (numpy, rendered in chunks of 512 images) and deterministic from the seed:
-2000 images of 64x64 take about 0.25 s on one CPU core (measured: 0.22-0.30 s on a 2-core
-machine); a 3-layer CNN trained for 3 epochs on 1400 of them reaches about 95 % test accuracy,
-while the same CNN trained on the lesion-free images stays at chance (about 25 %).
+Generation is vectorised (numpy, rendered in chunks of 512 images; lesion shapes are evaluated in a
+small window around each lesion) and deterministic from the seed: 2000 images of 64x64 take about
+0.5 s on one CPU core (measured 0.50-0.56 s on a shared 2-core machine). Learnability, measured
+with a 3-layer CNN with batch norm (Adam, lr 2e-3, batch 32) on 1400 training images: 88 % test
+accuracy after 2 epochs, 96 % after 5; trained on the same images without their lesion it stays at
+chance (22-30 %), so the distractors and the background do not predict the class.
 """
 
 from __future__ import annotations

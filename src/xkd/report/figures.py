@@ -16,8 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import contourpy  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from xkd.report.records import atomic_write_bytes  # noqa: E402
 
@@ -38,7 +41,9 @@ def as_array(x: Any) -> np.ndarray:
 def normalise_map(m: Any) -> np.ndarray:
     """Min-max scale one map to [0, 1]; a constant map becomes zeros."""
     m = as_array(m)
-    lo, hi = float(m.min(initial=0.0)), float(m.max(initial=0.0))
+    if m.size == 0:
+        return m
+    lo, hi = float(m.min()), float(m.max())
     return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
 
 
@@ -58,8 +63,8 @@ def interpolation(h: int, w: int) -> str:
 
 
 def cell_inches(h: int, w: int) -> tuple[float, float]:
-    """Size of one image cell: small images get 1.5 in, large ones 2 in on their long side."""
-    side = 1.5 if max(h, w) <= 64 else 2.0
+    """Size of one image cell: 1.5 in for small images, 1.6 in for large ones (three class cards per row)."""
+    side = 1.5 if max(h, w) <= 64 else 1.6
     return (side, side * h / w) if w >= h else (side * w / h, side)
 
 
@@ -72,47 +77,77 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
+ABBREVIATIONS = {"denseblock": "db", "denselayer": "dl", "transition": "tr", "layer": "L", "block": "b", "blocks": "b"}
+ABBREVIATIONS |= {"shortcut": "sc", "downsample": "ds", "features": "f", "stage": "s", "norm": "n", "relu": "r"}
+
+
 def abbreviate(name: str, limit: int = 16) -> str:
-    """Shorten a module path for a title: ``features.denseblock2.denselayer3.conv1`` -> ``db2.dl3.conv1``."""
+    """Shorten a module path for a title: ``features.denseblock2.denselayer3.conv1`` -> ``db2.dl3.conv1``
+    (known words shortened in every part but the last, then the head cut with "…" if still long)."""
     for prefix in ("features.", "model.", "module."):
         if name.startswith(prefix) and len(name) > len(prefix):
             name = name[len(prefix) :]
     if len(name) <= limit:
         return name
     parts = name.split(".")
-    short = []
-    for p in parts[:-1]:
-        letters = "".join(ch for ch in p if ch.isalpha())
-        digits = "".join(ch for ch in p if ch.isdigit())
-        short.append((letters[:1] + letters[len(letters) // 2 : len(letters) // 2 + 1] + digits) if letters else p)
-    name = ".".join(short + parts[-1:])
+    for i, p in enumerate(parts[:-1]):
+        word = p.rstrip("0123456789")
+        parts[i] = ABBREVIATIONS.get(word, word[:2]) + p[len(word) :]
+    name = ".".join(parts)
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def mask_outline(mask: np.ndarray | None) -> list[np.ndarray]:
+    """Outline of a binary mask as polylines in pixel units (pixel centres at integers), traced on
+    pixel edges: the mask is upsampled 8x first when small, so tiny masks are not cut short."""
+    if mask is None or not mask.any() or mask.all():
+        return []
+    h, w = mask.shape
+    f = 8 if max(h, w) <= 64 else 1
+    up = np.kron(mask.astype(np.float64), np.ones((f, f)))
+    xs, ys = (np.arange(w * f) + 0.5) / f - 0.5, (np.arange(h * f) + 0.5) / f - 0.5
+    lines = contourpy.contour_generator(xs, ys, up).lines(0.5)
+    return [np.asarray(ln) for ln in lines if len(ln) > 1]
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white", metadata={"Software": None})
-    fig.clear()
+    fig.savefig(
+        buf, format="png", dpi=DPI, facecolor="white", metadata={"Software": None}, pil_kwargs={"compress_level": 3}
+    )
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _off(ax: Any) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+class _Canvas:
+    """One figure with a single invisible axes in inch coordinates (y down): image grids are
+    drawn as positioned ``imshow`` artists, far faster than one ``Axes`` per cell."""
 
+    def __init__(self, width: float, height: float) -> None:
+        self.fig = Figure(figsize=(width, height))
+        self.ax = self.fig.add_axes((0, 0, 1, 1))
+        self.ax.set_axis_off()
+        self.ax.set_xlim(0, width)
+        self.ax.set_ylim(height, 0)
 
-def _contour(ax: Any, mask: np.ndarray | None) -> None:
-    """Outline a binary mask on pixel edges (upsampled first, so tiny masks are not cut short)."""
-    if mask is None or not mask.any() or mask.all():
-        return
-    h, w = mask.shape
-    f = 8 if max(h, w) <= 64 else 1
-    up = np.kron(mask.astype(np.float32), np.ones((f, f), dtype=np.float32))
-    xs, ys = (np.arange(w * f) + 0.5) / f - 0.5, (np.arange(h * f) + 0.5) / f - 0.5
-    ax.contour(xs, ys, up, levels=[0.5], colors="black", linewidths=2.4)
-    ax.contour(xs, ys, up, levels=[0.5], colors="white", linewidths=1.1)
+    def image(self, arr: np.ndarray, x: float, y: float, w: float, h: float, **kw: Any) -> None:
+        self.ax.imshow(arr, extent=(x, x + w, y + h, y), aspect="auto", vmin=0, vmax=1, **kw)
+
+    def text(self, x: float, y: float, s: str, **kw: Any) -> None:
+        self.ax.text(x, y, s, **{"ha": "center", "fontsize": 8, **kw})
+
+    def outline(
+        self, lines: Sequence[np.ndarray], shape: tuple[int, int], x: float, y: float, w: float, h: float
+    ) -> None:
+        """Draw mask outlines (from :func:`mask_outline`, in pixel units) over the cell at (x, y)."""
+        if not lines:
+            return
+        mh, mw = shape
+        segs = [np.column_stack([x + (ln[:, 0] + 0.5) * w / mw, y + (ln[:, 1] + 0.5) * h / mh]) for ln in lines]
+        self.ax.add_collection(LineCollection(segs, colors="black", linewidths=2.4))
+        self.ax.add_collection(LineCollection(segs, colors="white", linewidths=1.1))
+
+    def save(self, path: str | Path) -> Path:
+        return _save(self.fig, path)
 
 
 def save_overlay_figure(
@@ -134,10 +169,10 @@ def save_overlay_figure(
         path: PNG to write.
         images: (S,C,H,W) or (S,H,W) in [0, 1].
         rows: row label -> maps (S,H,W) at the images' resolution.
-        titles: one title per column (e.g. true label).
+        titles: one title per column (e.g. true label); may hold a newline.
         masks: optional (S,H,W) ground-truth masks, outlined on every cell.
         cell_titles: optional row label -> one short title per cell (e.g. the prediction).
-        cell_wrong: optional row label -> per cell flag; flagged titles are drawn in red.
+        cell_wrong: optional row label -> per cell flag; flagged titles are drawn in red, others green.
     """
     imgs = as_array(images)
     if imgs.ndim == 3:
@@ -145,44 +180,62 @@ def save_overlay_figure(
     s, _, h, w = imgs.shape
     mask_arr = as_array(masks) > 0.5 if masks is not None else None
     labels = list(rows)
+    maps = {k: as_array(v) for k, v in rows.items()}
     cw, ch = cell_inches(h, w)
-    title_h = 0.42 if titles else 0.1
-    cell_title_h = 0.25 if cell_titles else 0.05
-    left = 0.35
-    n_rows = 1 + len(labels)
-    fig = Figure(figsize=(left + s * (cw + 0.08), title_h + ch + len(labels) * (ch + cell_title_h) + 0.1))
-    W, H = fig.get_size_inches()
+    lines = max((t.count("\n") + 1 for t in titles or []), default=0)
+    title_h = 0.08 + 0.15 * lines
+    cell_title_h = 0.22 if cell_titles else 0.06
+    left, gap = 0.3, 0.08
+    cv = _Canvas(left + s * (cw + gap), title_h + ch + len(labels) * (ch + cell_title_h) + 0.08)
     interp = interpolation(h, w)
-    y = H - title_h
-    for r in range(n_rows):
-        y -= ch
+    bases = [display_image(imgs[c]) for c in range(s)]
+    outlines = [mask_outline(None if mask_arr is None else mask_arr[c]) for c in range(s)]
+    y = title_h
+    for r in range(1 + len(labels)):
+        label = "image" if r == 0 else labels[r - 1]
+        cv.text(left / 2, y + ch / 2, label, rotation=90, va="center", fontsize=8.5)
         for c in range(s):
-            ax = fig.add_axes([(left + c * (cw + 0.08)) / W, y / H, cw / W, ch / H])
-            _off(ax)
-            base, cmap = display_image(imgs[c])
-            ax.imshow(base, cmap=cmap, vmin=0, vmax=1, interpolation=interp)
-            if r == 0:
-                if titles:
-                    ax.set_title(titles[c], fontsize=8, pad=3)
-            else:
-                label = labels[r - 1]
-                ax.imshow(
-                    normalise_map(as_array(rows[label])[c]),
-                    cmap="jet",
-                    alpha=alpha,
-                    vmin=0,
-                    vmax=1,
-                    interpolation=interp,
-                )
+            x = left + c * (cw + gap)
+            base, cmap = bases[c]
+            cv.image(base, x, y, cw, ch, cmap=cmap, interpolation=interp)
+            if r == 0 and titles:
+                cv.text(x + cw / 2, y - 0.04, titles[c], va="bottom")
+            elif r > 0:
+                cv.image(normalise_map(maps[label][c]), x, y, cw, ch, cmap="jet", alpha=alpha, interpolation=interp)
                 if cell_titles and label in cell_titles:
-                    wrong = bool(cell_wrong and label in cell_wrong and cell_wrong[label][c])
-                    color = WRONG_COLOR if wrong else RIGHT_COLOR if cell_wrong and label in cell_wrong else "black"
-                    ax.set_title(cell_titles[label][c], fontsize=7.5, pad=2, color=color)
-            _contour(ax, None if mask_arr is None else mask_arr[c])
-            if c == 0:
-                ax.set_ylabel("image" if r == 0 else labels[r - 1], fontsize=8.5)
-        y -= cell_title_h
-    return _save(fig, path)
+                    flags = (cell_wrong or {}).get(label)
+                    color = "black" if flags is None else WRONG_COLOR if flags[c] else RIGHT_COLOR
+                    cv.text(x + cw / 2, y - 0.03, cell_titles[label][c], va="bottom", fontsize=7.5, color=color)
+            cv.outline(outlines[c], (h, w), x, y, cw, ch)
+        y += ch + cell_title_h
+    return cv.save(path)
+
+
+def class_name(names: Sequence[str], i: int, limit: int = 18) -> str:
+    return abbreviate(names[i], limit) if 0 <= i < len(names) else str(i)
+
+
+def save_class_grid(
+    path: str | Path,
+    images: Any,
+    maps: Mapping[str, Any],
+    labels: Sequence[int],
+    predictions: Mapping[str, Sequence[int]],
+    class_names: Sequence[str],
+    *,
+    indices: Sequence[int] | None = None,
+    masks: Any = None,
+) -> Path:
+    """The report's sample grid for some images: :func:`save_overlay_figure` with each column
+    titled by dataset index and true class, each map by that model's prediction (green ✓ / red ✗)."""
+    idx = list(indices) if indices is not None else list(range(len(labels)))
+    titles = [f"#{i}\ntrue: {class_name(class_names, y)}" for i, y in zip(idx, labels)]
+    wrong = {r: [p != y for p, y in zip(ps, labels)] for r, ps in predictions.items()}
+    cell_titles = {
+        r: [f"{class_name(class_names, p)} {'✗' if w else '✓'}" for p, w in zip(ps, wrong[r])]
+        for r, ps in predictions.items()
+    }
+    return save_overlay_figure(path, images, maps, titles, masks=masks, cell_titles=cell_titles, cell_wrong=wrong)
 
 
 def save_feature_strips(
@@ -197,23 +250,20 @@ def save_feature_strips(
     cw, ch = cell_inches(h, w)
     cw, ch = cw * 0.8, ch * 0.8
     n_cols = 1 + max((len(v) for v in strips.values()), default=0)
-    left, title_h, gap = 0.45, 0.3, 0.06
-    fig = Figure(figsize=(left + n_cols * (cw + gap), len(strips) * (ch + title_h) + 0.1))
-    W, H = fig.get_size_inches()
+    left, title_h, gap = 0.3, 0.22, 0.06
+    cv = _Canvas(left + n_cols * (cw + gap), len(strips) * (ch + title_h) + 0.08)
     interp = interpolation(h, w)
     for r, (label, maps) in enumerate(strips.items()):
-        y = H - (r + 1) * (ch + title_h)
-        cells = [("input", None), *maps]
-        for c, (name, m) in enumerate(cells):
-            ax = fig.add_axes([(left + c * (cw + gap)) / W, y / H, cw / W, ch / H])
-            _off(ax)
+        y = title_h + r * (ch + title_h)
+        cv.text(left / 2, y + ch / 2, label, rotation=90, va="center", fontsize=8.5)
+        for c, (name, m) in enumerate([("input", None), *maps]):
+            x = left + c * (cw + gap)
             if m is None:
-                ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation=interp)
-                ax.set_ylabel(label, fontsize=8.5)
+                cv.image(img, x, y, cw, ch, cmap=cmap, interpolation=interp)
             else:
-                ax.imshow(normalise_map(m), cmap="jet", vmin=0, vmax=1, interpolation=interp)
-            ax.set_title(name, fontsize=6.5, pad=2)
-    return _save(fig, path)
+                cv.image(normalise_map(m), x, y, cw, ch, cmap="jet", interpolation=interp)
+            cv.text(x + cw / 2, y - 0.03, name, va="bottom", fontsize=6.5)
+    return cv.save(path)
 
 
 def save_training_curves(path: str | Path, histories: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -257,6 +307,7 @@ def save_training_curves(path: str | Path, histories: Mapping[str, Mapping[str, 
                     label="best",
                 )
         bottom.set_xlabel("epoch", fontsize=8)
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("loss", fontsize=8.5)
     axes[1][0].set_ylabel("accuracy", fontsize=8.5)
     handles, labels = axes[1][0].get_legend_handles_labels()

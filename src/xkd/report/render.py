@@ -22,32 +22,29 @@ from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
 
 DASH = "–"
 MAX_LAYERS = 12
-RECORDS = {
-    "run.json": "run",
-    "models.json": "models",
-    "explanations.json": "explanations",
-    "samples.json": "samples",
-}
-EXPLAINER_NAMES = {
-    "grad_cam": "Grad-CAM",
-    "feature_maps": "Feature maps",
-    "shap": "SHAP",
-    "gradient_shap": "GradientSHAP",
-    "integrated_gradients": "Integrated Gradients",
-    "lime": "LIME",
-    "occlusion": "Occlusion",
-    "saliency": "Saliency",
-    "unicam": "UniCAM",
-    "medtex_mask": "MED-TEX mask",
-}
+SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
+    ("run", "Run", None),
+    ("summary", "Summary", None),
+    ("fidelity", "Fidelity per class", None),
+    ("faithfulness", "Faithfulness", None),
+    ("localisation", "Localisation", "localisation"),
+    ("samples", "Sample explanations", "samples"),
+    ("feature-maps", "Average feature maps", "feature_maps"),
+    ("training", "Training", None),
+    ("records", "Records", None),
+]
+RECORD_KINDS = ("run", "models", "explanations", "samples")  # records/<kind>.json
+EXPLAINER_NAMES = {"grad_cam": "Grad-CAM", "feature_maps": "Feature maps", "shap": "SHAP", "lime": "LIME"}
+EXPLAINER_NAMES |= {"integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientSHAP", "unicam": "UniCAM"}
 
 
 class ReportError(FileNotFoundError):
     """A record the report needs is missing: the run is incomplete (``xkd run --resume``)."""
 
 
-class ReportSchemaError(ValueError):
-    """A record has another schema version or kind than this xkd reads."""
+class ReportSchemaError(ReportError, ValueError):
+    """A record has another schema version or kind than this xkd reads (a ``ValueError``; also a
+    ``ReportError`` so the CLI reports it as one clear message)."""
 
 
 # --- formatting ---------------------------------------------------------------------------------
@@ -57,20 +54,13 @@ def _ok(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fmt(v: Any, digits: int = 4) -> str:
-    return f"{v:.{digits}f}" if _ok(v) else DASH
+def fmt(v: Any, spec: str = ".4f", scale: float = 1.0) -> str:
+    """``v * scale`` formatted with ``spec`` (accuracies ``.4f``, counts ``,.0f``); "–" if missing."""
+    return format(v * scale, spec) if _ok(v) else DASH
 
 
-def fmt_int(v: Any) -> str:
-    return f"{int(v):,}" if _ok(v) else DASH
-
-
-def fmt_mega(v: Any) -> str:
-    return f"{v / 1e6:,.2f}" if _ok(v) else DASH
-
-
-def fmt_ms(v: Any) -> str:
-    return f"{v * 1e3:,.2f}" if _ok(v) else DASH
+def fmt_pct(v: Any) -> str:
+    return f"{v * 100:g}%" if _ok(v) else "k"
 
 
 def fmt_seconds(v: Any) -> str:
@@ -95,11 +85,17 @@ def _slug(s: str) -> str:
 
 @dataclass
 class Col:
+    """One numeric column: header, raw values per row, format, and which direction is better."""
+
     head: str
     values: list[Any]
-    fmt: Callable[[Any], str] = fmt
+    spec: str | Callable[[Any], str] = ".4f"
     better: str | None = None  # "high", "low" or None (no highlight)
     title: str | None = None
+    scale: float = 1.0
+
+    def text(self, v: Any) -> str:
+        return self.spec(v) if callable(self.spec) else fmt(v, self.spec, self.scale)
 
 
 def _best(values: Sequence[Any], better: str | None) -> set[int]:
@@ -114,20 +110,18 @@ def cell(text: str, *, num: bool = True, best: bool = False, sub: str | None = N
     return {"text": text, "num": num, "best": best, "sub": sub, "title": title}
 
 
-def make_table(
-    caption: str,
-    labels: list[dict],
-    cols: list[Col],
-    *,
-    label_head: str = "Model",
-    groups: list[tuple[str, int]] | None = None,
-) -> dict:
+def head(text: str, num: bool = True, title: str | None = None) -> dict:
+    return {"text": text, "num": num, "title": title}
+
+
+def make_table(caption: str, labels: list[dict], cols: list[Col], groups: list[tuple[str, int]] | None = None) -> dict:
+    """Rows = models (``labels``), one column per ``Col``, best value per column highlighted."""
     bests = [_best(c.values, c.better) for c in cols]
     rows = [
-        [lab] + [cell(c.fmt(c.values[r]), best=r in b) for c, b in zip(cols, bests)] for r, lab in enumerate(labels)
+        [lab] + [cell(c.text(c.values[r]), best=r in b) for c, b in zip(cols, bests)] for r, lab in enumerate(labels)
     ]
-    head = [{"text": label_head, "title": None}] + [{"text": c.head, "title": c.title} for c in cols]
-    return {"caption": caption, "groups": groups, "head": head, "rows": rows}
+    heads = [head("Model", False)] + [head(c.head, True, c.title) for c in cols]
+    return {"caption": caption, "groups": groups, "head": heads, "rows": rows}
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -147,12 +141,13 @@ def load_records(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
     out: dict[str, Any] = {}
-    for name, kind in RECORDS.items():
-        data = read_json(_need(run_dir / "records" / name))
-        if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != kind:
+    for kind in RECORD_KINDS:
+        path = _need(run_dir / "records" / f"{kind}.json")
+        data = read_json(path)
+        version, found = data.get("schema_version"), data.get("kind")
+        if version != SCHEMA_VERSION or found != kind:
             raise ReportSchemaError(
-                f"{run_dir / 'records' / name}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
-                f"this xkd reads schema_version {SCHEMA_VERSION}, kind {kind!r}"
+                f"{path}: schema_version {version!r}, kind {found!r}; this xkd reads {SCHEMA_VERSION}, {kind!r}"
             )
         out[kind] = data
     from safetensors.torch import load_file
@@ -180,26 +175,16 @@ def _summary(roles: list[str], models: dict, expl: dict) -> list[dict]:
             Col("Test accuracy", [t.get("accuracy") for t in test], better="high"),
             Col("Macro-F1", [t.get("macro_f1") for t in test], better="high"),
             Col("Test loss", [t.get("loss") for t in test], better="low"),
-            Col(
-                "Post-hoc acc.",
-                [p.get("accuracy") for p in post],
-                better="high",
-                title="accuracy vs the teacher's predictions",
-            ),
-            Col(
-                "Post-hoc F1",
-                [p.get("macro_f1") for p in post],
-                better="high",
-                title="macro-F1 vs the teacher's predictions",
-            ),
-            Col("Parameters", [x.get("params") for x in m], fmt_int, "low"),
-            Col("FLOPs / image (M)", [x.get("flops") for x in m], fmt_mega, "low"),
+            Col("Post-hoc acc.", [p.get("accuracy") for p in post], better="high", title="vs teacher predictions"),
+            Col("Post-hoc F1", [p.get("macro_f1") for p in post], better="high", title="vs teacher predictions"),
+            Col("Parameters", [x.get("params") for x in m], ",.0f", "low"),
+            Col("FLOPs / image (M)", [x.get("flops") for x in m], ",.2f", "low", scale=1e-6),
         ],
     )
     for row, x in zip(perf["rows"], m):
         params = ", ".join(f"{k}={v}" for k, v in (x.get("distiller_params") or {}).items())
         row.insert(1, cell(x.get("distiller") or "— (teacher)", num=False, sub=params or None))
-    perf["head"].insert(1, {"text": "Distiller", "title": None})
+    perf["head"].insert(1, head("Distiller", False))
 
     cols, groups = [], [("", 1)]
     pct = expl.get("agreement_top_k")
@@ -207,26 +192,15 @@ def _summary(roles: list[str], models: dict, expl: dict) -> list[dict]:
         fid = [((expl["per_model"].get(r) or {}).get(ex) or {}).get("fidelity") or {} for r in roles]
         agr = [(expl.get("agreement", {}).get(r) or {}).get(ex) or {} for r in roles]
         cols += [
-            Col("MET (ms)", [(x.get("met") or {}).get(ex) for x in m], fmt_ms, "low", "mean execution time per image"),
+            Col("MET (ms)", [(x.get("met") or {}).get(ex) for x in m], ",.2f", "low", "ms per image", 1e3),
             Col("Fidelity", [f.get("mean") for f in fid], better="high"),
-            Col("Pearson", [a.get("pearson") for a in agr], better="high", title="teacher–student map correlation"),
-            Col("Spearman", [a.get("spearman") for a in agr], better="high", title="teacher–student rank correlation"),
-            Col(
-                f"Top-{fmt_pct(pct)} IoU",
-                [a.get("top_k_iou") for a in agr],
-                better="high",
-                title="IoU of the most salient pixels",
-            ),
+            Col("Pearson", [a.get("pearson") for a in agr], better="high", title="teacher–student maps"),
+            Col("Spearman", [a.get("spearman") for a in agr], better="high", title="teacher–student maps"),
+            Col(f"Top-{fmt_pct(pct)} IoU", [a.get("top_k_iou") for a in agr], better="high"),
         ]
         groups.append((explainer_name(ex), 5))
-    expl_table = make_table(
-        "Explanations: cost, fidelity and teacher–student agreement per explainer.", labels, cols, groups=groups
-    )
+    expl_table = make_table("Explanations: cost, fidelity and teacher–student agreement.", labels, cols, groups)
     return [perf, expl_table] if cols else [perf]
-
-
-def fmt_pct(v: Any) -> str:
-    return f"{v * 100:g}%" if _ok(v) else "k"
 
 
 def _fidelity_tables(roles: list[str], expl: dict, class_names: list[str]) -> list[dict]:
@@ -244,21 +218,15 @@ def _fidelity_tables(roles: list[str], expl: dict, class_names: list[str]) -> li
                 vals.append((src.get("mean" if c is None else "fidelity"), src.get("retained_probability")))
             first = (fids[shown[0]].get("per_class") or {}).get(c) or {} if c else {}
             best_f, best_p = _best([v[0] for v in vals], "high"), _best([v[1] for v in vals], "high")
-            row = [cell(c or "Average", num=False), cell(fmt_int(first.get("n")) if c else "")]
+            row = [cell(c or "Average", num=False), cell(fmt(first.get("n"), ",.0f") if c else "")]
             for i, (f, p) in enumerate(vals):
                 row += [cell(fmt(f), best=i in best_f), cell(fmt(p), best=i in best_p)]
             rows.append(row)
-        head = [{"text": "Class", "title": None}, {"text": "n", "title": "test images of the class"}]
-        head += [{"text": t, "title": None} for _ in shown for t in ("fidelity", "retained p")]
-        tables.append(
-            {
-                "caption": f"{explainer_name(ex)}: fidelity per class (best model per row highlighted).",
-                "groups": [("", 2)] + [(r, 2) for r in shown],
-                "head": head,
-                "rows": rows,
-                "footer_rows": 1,
-            }
-        )
+        heads = [head("Class", False), head("n", True, "explained images of the class")]
+        heads += [head(t) for _ in shown for t in ("fidelity", "retained")]
+        caption = f"{explainer_name(ex)}: fidelity per class (best model per row highlighted)."
+        groups = [("", 2)] + [(r, 2) for r in shown]
+        tables.append({"caption": caption, "groups": groups, "head": heads, "rows": rows, "footer_rows": 1})
     return tables
 
 
@@ -278,9 +246,7 @@ def _faithfulness(roles: list[str], models: dict, expl: dict) -> dict | None:
     if not cols:
         return None
     labels = [_model_label(r, models[r]) for r in roles]
-    return make_table(
-        "Deletion / insertion AUC of the probability of the predicted class.", labels, cols, groups=groups
-    )
+    return make_table("Deletion / insertion AUC of the predicted class's probability.", labels, cols, groups)
 
 
 def _baseline(roles: list[str], models: dict, expl: dict) -> dict | None:
@@ -288,18 +254,11 @@ def _baseline(roles: list[str], models: dict, expl: dict) -> dict | None:
     shown = [r for r in roles if r in base]
     if not shown:
         return None
+    keys = {"Fidelity": "fidelity", "Retained": "retained_probability"}
+    keys |= {"Deletion AUC": "deletion_auc", "Insertion AUC": "insertion_auc"}
+    cols = [Col(h, [base[r].get(k) for r in shown]) for h, k in keys.items()]
     labels = [_model_label(r, models[r]) for r in shown]
-    b = [base[r] for r in shown]
-    return make_table(
-        "Random-map baseline: the same metrics for seeded uniform-random maps (chance level).",
-        labels,
-        [
-            Col("Fidelity", [x.get("fidelity") for x in b]),
-            Col("Retained p", [x.get("retained_probability") for x in b]),
-            Col("Deletion AUC", [x.get("deletion_auc") for x in b]),
-            Col("Insertion AUC", [x.get("insertion_auc") for x in b]),
-        ],
-    )
+    return make_table("Random maps (seeded uniform noise) scored like an explainer: chance level.", labels, cols)
 
 
 def _localisation(roles: list[str], models: dict, expl: dict) -> list[dict]:
@@ -313,17 +272,12 @@ def _localisation(roles: list[str], models: dict, expl: dict) -> list[dict]:
         cols, groups = [Col("Pointing game", pg, better="high")], [("", 2)]
         for k in ks:
             vals = [((p.get("top_k_iou") or {}).get(k) or {}) for p in per]
-            cols += [
-                Col("IoU", [v.get("iou") for v in vals], better="high"),
-                Col("Dice", [v.get("dice") for v in vals], better="high"),
-            ]
-            groups.append((f"K = {fmt_int(float(k))} px", 2))
+            cols += [Col("IoU", [v.get("iou") for v in vals], better="high")]
+            cols += [Col("Dice", [v.get("dice") for v in vals], better="high")]
+            groups.append((f"K = {fmt(float(k), ',.0f')} px", 2))
         labels = [_model_label(r, models[r]) for r in roles]
-        tables.append(
-            make_table(
-                f"{explainer_name(ex)}: localisation against the ground-truth masks.", labels, cols, groups=groups
-            )
-        )
+        caption = f"{explainer_name(ex)}: localisation against the ground-truth masks."
+        tables.append(make_table(caption, labels, cols, groups))
     return tables
 
 
@@ -341,32 +295,16 @@ def _samples(run_dir: Path, roles: list[str], samples: dict, tensors: dict, clas
             idx = [i for i, y in enumerate(labels) if y == k]
             if not idx:
                 continue
-            rows = {r: tensors[f"maps/{r}/{ex}"][idx] for r in shown}
-            titles = [f"#{indices[i]}\ntrue: {figures.abbreviate(name, 18)}" for i in idx]
-            cell_titles, wrong = {}, {}
-            for r in shown:
-                p = preds.get(r)
-                if p and len(p) == len(labels):
-                    wrong[r] = [p[i] != labels[i] for i in idx]
-                    cell_titles[r] = [f"{_class(class_names, p[i])} {'✗' if w else '✓'}" for i, w in zip(idx, wrong[r])]
+            maps = {r: tensors[f"maps/{r}/{ex}"][idx] for r in shown}
+            pred = {r: [p[i] for i in idx] for r in shown if len(p := preds.get(r) or []) == len(labels)}
             src = f"figures/samples_{_slug(ex)}_{k:03d}.png"
-            figures.save_overlay_figure(
-                run_dir / src,
-                tensors["images"][idx],
-                rows,
-                titles,
-                masks=None if masks is None else masks[idx],
-                cell_titles=cell_titles,
-                cell_wrong=wrong,
-            )
-            n_wrong = sum(sum(w) for w in wrong.values())
-            cards.append({"name": name, "src": src, "wrong": n_wrong})
+            args = (tensors["images"][idx], maps, [labels[i] for i in idx], pred, class_names)
+            m = None if masks is None else masks[idx]
+            figures.save_class_grid(run_dir / src, *args, indices=[indices[i] for i in idx], masks=m)
+            wrong = sum(q != k for p in pred.values() for q in p)
+            cards.append({"name": name, "src": src, "wrong": wrong})
         groups.append({"explainer": explainer_name(ex), "cards": cards})
     return groups
-
-
-def _class(names: list[str], i: int) -> str:
-    return figures.abbreviate(names[i], 18) if 0 <= i < len(names) else str(i)
 
 
 def _feature_maps(run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str]) -> dict | None:
@@ -377,8 +315,7 @@ def _feature_maps(run_dir: Path, roles: list[str], samples: dict, tensors: dict,
         return None
     picks = [labels.index(y) for y in dict.fromkeys(labels)][:2]
     indices = samples.get("indices", list(range(len(labels))))
-    notes, full = [], []
-    keep = {}
+    notes, full, keep = [], [], {}
     for r in shown:
         n = len(layers[r])
         keep[r] = [i for i in figures.evenly_spaced(n, MAX_LAYERS) if f"feature_maps/{r}/{i}" in tensors]
@@ -392,72 +329,37 @@ def _feature_maps(run_dir: Path, roles: list[str], samples: dict, tensors: dict,
         }
         src = f"figures/feature_maps_{j:03d}.png"
         figures.save_feature_strips(run_dir / src, tensors["images"][j], strips)
-        figs.append(
-            {"src": src, "caption": f"Test image #{indices[j]} (true class: {_class(class_names, labels[j])})."}
-        )
+        caption = f"Test image #{indices[j]} (true class: {figures.class_name(class_names, labels[j])})."
+        figs.append({"src": src, "caption": caption})
     return {"figures": figs, "notes": notes, "full": full}
 
 
 def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_names: list[str]) -> dict:
     trains = {r: models[r].get("train") or {} for r in roles}
     figures.save_training_curves(run_dir / "figures/training_curves.png", trains)
-    cms = {r: (models[r].get("test") or {}).get("confusion_matrix") for r in roles}
-    cms = {r: cm for r, cm in cms.items() if cm}
+    cms = {r: cm for r in roles if (cm := (models[r].get("test") or {}).get("confusion_matrix"))}
     if cms:
         figures.save_confusion_matrices(run_dir / "figures/confusion_matrices.png", cms, class_names)
     hist = {r: trains[r].get("history") or [] for r in roles}
-    best_val = []
-    for r in roles:
-        row = next((h for h in hist[r] if h.get("epoch") == trains[r].get("best_epoch")), {})
-        best_val.append(row.get("val_accuracy"))
+    at_best = [next((h for h in hist[r] if h.get("epoch") == trains[r].get("best_epoch")), {}) for r in roles]
     secs = (run.get("timing") or {}).get("per_model_train_seconds") or {}
     labels = [_model_label(r, models[r]) for r in roles]
     table = make_table(
         "Training per model (best epoch = the checkpoint that is evaluated).",
         labels,
         [
-            Col("Epochs", [len(hist[r]) for r in roles], fmt_int),
-            Col("Best epoch", [trains[r].get("best_epoch") for r in roles], fmt_int),
-            Col("Val accuracy at best", best_val, better="high"),
+            Col("Epochs", [len(hist[r]) for r in roles], ",.0f"),
+            Col("Best epoch", [trains[r].get("best_epoch") for r in roles], ",.0f"),
+            Col("Val accuracy at best", [h.get("val_accuracy") for h in at_best], better="high"),
             Col("Train time", [secs.get(r, trains[r].get("seconds")) for r in roles], fmt_seconds),
         ],
     )
-    table["head"].append({"text": "Checkpoint", "title": None})
+    table["head"].append(head("Checkpoint", False))
     for row, r in zip(table["rows"], roles):
-        row.append(
-            cell("from cache" if trains[r].get("from_cache") else "trained", num=False, sub=trains[r].get("checkpoint"))
-        )
-    return {
-        "table": table,
-        "curves": "figures/training_curves.png",
-        "confusion": "figures/confusion_matrices.png" if cms else None,
-    }
-
-
-def _header(run: dict, models: dict, roles: list[str]) -> dict:
-    ds = run.get("dataset") or {}
-    timing = run.get("timing") or {}
-    sizes = ds.get("sizes") or {}
-    skipped = ds.get("skipped_files") or []
-    facts = [
-        ("Dataset", ds.get("name", DASH)),
-        ("Split sizes", " · ".join(f"{k} {fmt_int(v)}" for k, v in sizes.items()) or DASH),
-        ("Image shape", "×".join(str(d) for d in ds.get("image_shape", [])) or DASH),
-        ("Classes", f"{len(ds.get('class_names', []))}: " + ", ".join(ds.get("class_names", []))),
-        ("Masks", "yes" if ds.get("has_masks") else "no"),
-        ("Seed", str(run.get("seed", DASH))),
-        ("Device", f"{run.get('device', DASH)} · world size {run.get('world_size', 1)}"),
-        ("Started / finished", f"{run.get('started', DASH)} → {run.get('finished', DASH)}"),
-        ("Total time", fmt_seconds(timing.get("total_seconds"))),
-        ("Explain time", fmt_seconds(timing.get("explain_seconds"))),
-        ("Versions", " · ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items()) or DASH),
-    ]
-    return {
-        "name": run.get("name", "run"),
-        "facts": facts,
-        "roles": roles,
-        "skipped": {"count": len(skipped), "first": skipped[:5]} if skipped else None,
-    }
+        source = "from cache" if trains[r].get("from_cache") else "trained"
+        row.append(cell(source, num=False, sub=trains[r].get("checkpoint")))
+    confusion = "figures/confusion_matrices.png" if cms else None
+    return {"table": table, "curves": "figures/training_curves.png", "confusion": confusion}
 
 
 # --- entry point --------------------------------------------------------------------------------------
@@ -471,6 +373,7 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
+_ENV.filters.update(num=fmt, seconds=fmt_seconds)
 
 
 def render_report(run_dir: str | Path) -> Path:
@@ -491,7 +394,10 @@ def render_report(run_dir: str | Path) -> Path:
     expl.setdefault("per_model", {})
     has_masks = bool((run.get("dataset") or {}).get("has_masks"))
     ctx = {
-        "header": _header(run, models, roles),
+        "run": run,
+        "dataset": run.get("dataset") or {},
+        "timing": run.get("timing") or {},
+        "roles": roles,
         "summary": _summary(roles, models, expl),
         "fidelity": _fidelity_tables(roles, expl, class_names),
         "fidelity_keep": fmt_pct(expl.get("fidelity_keep")),
@@ -504,21 +410,9 @@ def render_report(run_dir: str | Path) -> Path:
         "has_masks": bool(samples.get("has_masks")),
         "feature_maps": _feature_maps(run_dir, roles, samples, tensors, class_names),
         "training": _training(run_dir, roles, models, run, class_names),
-        "records": sorted(
-            p.name for p in (run_dir / "records").iterdir() if p.is_file() and not p.name.startswith(".")
-        ),
+        "records": sorted(p.name for p in (run_dir / "records").iterdir() if p.is_file() and p.name[0] != "."),
         "has_config": (run_dir / "config.yaml").is_file(),
     }
-    sections = [
-        ("run", "Run"),
-        ("summary", "Summary"),
-        ("fidelity", "Fidelity per class"),
-        ("faithfulness", "Faithfulness"),
-    ]
-    sections += [("localisation", "Localisation")] if ctx["localisation"] else []
-    sections += [("samples", "Sample explanations")] if ctx["samples"] else []
-    sections += [("feature-maps", "Average feature maps")] if ctx["feature_maps"] else []
-    sections += [("training", "Training"), ("records", "Records")]
-    ctx["sections"] = sections
+    ctx["sections"] = [(a, t) for a, t, key in SECTIONS if key is None or ctx[key]]
     html = _ENV.get_template("report.html.j2").render(**ctx)
     return atomic_write_text(run_dir / "report.html", html)
