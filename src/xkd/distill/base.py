@@ -79,7 +79,7 @@ def build_distiller(
     cls = DISTILLERS.get(name)
     p = distiller_params(name, params)
     if teacher is not None and cls.needs_teacher:
-        ns, nt = _num_classes(student), _num_classes(teacher)
+        ns, nt = num_classes_of(student), num_classes_of(teacher)
         if ns is not None and nt is not None and ns != nt:
             raise ConfigError(
                 f"teacher predicts {nt} classes but the student predicts {ns}; "
@@ -88,7 +88,8 @@ def build_distiller(
     return cls(student, teacher if cls.needs_teacher else None, p)
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def num_classes_of(model: nn.Module) -> int | None:
+    """Classes ``model`` predicts: its ``num_classes`` attribute, else its last Linear layer's outputs."""
     n = getattr(model, "num_classes", None)
     if isinstance(n, int):
         return n

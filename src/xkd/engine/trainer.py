@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from xkd.config import TrainConfig
+from xkd.config import ConfigError, TrainConfig
 from xkd.data.base import collate
-from xkd.distill.base import Distiller
+from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from xkd.metrics.classification import evaluate_model
 
 log = logging.getLogger("xkd")
 
@@ -62,31 +62,6 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
     if s.name == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
     return None
-
-
-@torch.no_grad()
-def evaluate_loss_accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Mean cross-entropy, accuracy and macro-F1 of ``model`` on ``loader`` (eval mode, restored)."""
-    from sklearn.metrics import f1_score
-
-    was_training = model.training
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    preds, labels = [], []
-    for batch in loader:
-        batch = batch.to(device)
-        logits = model(batch.images)
-        loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-        p = logits.argmax(1)
-        correct += int((p == batch.labels).sum())
-        total += len(batch)
-        preds.append(p.cpu())
-        labels.append(batch.labels.cpu())
-    model.train(was_training)
-    if total == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
-    f1 = f1_score(torch.cat(labels).numpy(), torch.cat(preds).numpy(), average="macro", zero_division=0)
-    return {"loss": loss_sum / total, "accuracy": correct / total, "macro_f1": float(f1)}
 
 
 class Trainer:
@@ -128,6 +103,12 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.train_data, self.val_data = train_data, val_data
+        self.num_classes = num_classes_of(distiller.student)
+        if self.num_classes is None:
+            raise ConfigError(
+                f"cannot tell how many classes {type(distiller.student).__name__} predicts; give it a "
+                "`num_classes` attribute (xkd's build_model sets one)"
+            )
         self.modules = distiller.trainable_modules()
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
@@ -218,7 +199,7 @@ class Trainer:
             for epoch in range(start, self.cfg.epochs + 1):
                 stats = self._train_epoch(model, epoch, progress)
                 self._sync_buffers()
-                val = evaluate_loss_accuracy(self.distiller.student, self.val_loader, self.device)
+                val = evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
                 stats.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
                 result.history.append(stats)
                 if self.scheduler is not None:
