@@ -9,36 +9,34 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from xkd.data.imagefolder import GRAY_MODES
+from xkd.data.imagefolder import load_image as decode_image
 from xkd.errors import ImageInputError
 from xkd.report.records import atomic_write_bytes, record, write_json
 
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-
 
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
-    """Read ``path`` as a float32 (C, H, W) tensor in [0, 1], resized to ``size`` (H, W).
+    """Read ``path`` as a float32 (C, H, W) tensor in [0, 1], resized to ``size`` (H, W) the way
+    ``imagefolder`` resizes training images.
 
     Raises:
         ImageInputError: unreadable file, or a channel count the run's models do not take.
     """
     try:
         with Image.open(path) as im:
-            im.load()
             mode = im.mode
-            found = 1 if mode in _GRAY_MODES else 3
-            if found != channels:
-                fix = "convert it to grayscale (PIL: Image.convert('L'))" if channels == 1 else "convert it to RGB"
-                raise ImageInputError(
-                    f"image {str(path)!r} has {found} channel(s) (mode {mode}) but the run's models take "
-                    f"{channels}-channel images; {fix} and try again"
-                )
-            im = im.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
-            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        found = 1 if mode in GRAY_MODES else 3
+        if found != channels:
+            fix = "convert it to grayscale (PIL: Image.convert('L'))" if channels == 1 else "convert it to RGB"
+            raise ImageInputError(
+                f"image {str(path)!r} has {found} channel(s) (mode {mode}) but the run's models take "
+                f"{channels}-channel images; {fix} and try again"
+            )
+        return decode_image(path, channels, size).float().div_(255.0)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         if isinstance(e, ImageInputError):
             raise
         raise ImageInputError(f"cannot read image {str(path)!r} ({e}); give PNG, JPEG, BMP or TIFF files") from None
-    return arr.view(size[0], size[1], channels).permute(2, 0, 1).float().div(255.0)
 
 
 def explain_images(

@@ -257,3 +257,16 @@ def test_subsets_have_exactly_the_requested_size_and_follow_class_proportions(si
     counts = torch.bincount(sub.labels, minlength=10)
     assert int(counts.max()) - int(counts.min()) <= 1  # balanced classes stay balanced
     assert torch.equal(sub.labels, take_subset(ds, size, seed=0).labels)
+
+
+def test_resize_takes_one_side_or_height_and_width():
+    from xkd.data.builtin import resize_images, resize_masks
+
+    images = torch.randint(0, 256, (2, 1, 10, 12), dtype=torch.uint8)
+    assert resize_images(images, 8).shape == (2, 1, 8, 8) and resize_images(images, 8).dtype == torch.uint8
+    assert resize_images(images, (6, 9)).shape == (2, 1, 6, 9)
+    assert resize_images(images, (10, 12)) is images
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[:, :5] = True
+    out = resize_masks(masks, (20, 24))
+    assert out.shape == (2, 20, 24) and out.dtype == torch.bool and int(out.sum()) == 2 * 10 * 24

@@ -94,27 +94,33 @@ def check_image_size(cfg: DataConfig) -> int | None:
     return check_int(cfg.image_size, "data.image_size", 1)
 
 
-def resize_images(images: Tensor, size: int | None) -> Tensor:
-    """Resize ``(N, C, H, W)`` images to ``size`` x ``size`` (bilinear, antialiased); keeps the dtype.
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_images(images: Tensor, size: int | tuple[int, int] | None) -> Tensor:
+    """Resize ``(N, C, H, W)`` images to ``size`` x ``size`` (or ``(H, W)``; bilinear, antialiased);
+    keeps the dtype.
 
     uint8 stays uint8 (rounded) so in-memory sets keep a quarter of the float memory.
     """
-    if size is None or tuple(images.shape[-2:]) == (size, size) or images.shape[0] == 0:
+    if size is None or tuple(images.shape[-2:]) == _hw(size) or images.shape[0] == 0:
         return images
+    size = _hw(size)
     out = []
     # Chunks bound the float32 copy for big sets (60k Fashion-MNIST images).
     for chunk in images.split(4096):
         x = chunk.float() / 255.0 if chunk.dtype == torch.uint8 else chunk.float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
         out.append(x.mul_(255).round_().to(torch.uint8) if chunk.dtype == torch.uint8 else x)
     return torch.cat(out)
 
 
-def resize_masks(masks: Tensor, size: int | None) -> Tensor:
-    """Resize ``(N, H, W)`` bool masks to ``size`` x ``size`` with nearest-neighbour sampling."""
-    if size is None or tuple(masks.shape[-2:]) == (size, size) or masks.shape[0] == 0:
+def resize_masks(masks: Tensor, size: int | tuple[int, int] | None) -> Tensor:
+    """Resize ``(N, H, W)`` bool masks to ``size`` x ``size`` (or ``(H, W)``), nearest-neighbour."""
+    if size is None or tuple(masks.shape[-2:]) == _hw(size) or masks.shape[0] == 0:
         return masks
-    x = F.interpolate(masks[:, None].to(torch.uint8), size=(size, size), mode="nearest")
+    x = F.interpolate(masks[:, None].to(torch.uint8), size=_hw(size), mode="nearest")
     return x[:, 0].bool()
 
 

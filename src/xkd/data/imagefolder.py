@@ -77,13 +77,13 @@ def _to_array(im: Image.Image, channels: int) -> np.ndarray:
 
 
 def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> Tensor:
-    """Decode ``path`` to a uint8 ``(channels, H, W)`` tensor resized to ``size`` (square only if resized)."""
+    """Decode ``path`` to a uint8 ``(channels, H, W)`` tensor resized to ``size`` ``(H, W)``."""
     with Image.open(path) as im:
         im.load()
         arr = _to_array(im, channels)
     x = torch.from_numpy(arr.transpose(2, 0, 1).copy())  # PIL arrays are read-only
     if tuple(x.shape[1:]) != size:
-        x = resize_images(x[None], size[0])[0]
+        x = resize_images(x[None], size)[0]
     return x
 
 
@@ -98,7 +98,7 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
             arr = np.asarray(im.convert("RGB")).any(-1)
     m = torch.from_numpy(np.ascontiguousarray(arr))
     if tuple(m.shape) != size:
-        m = resize_masks(m[None], size[0])[0]
+        m = resize_masks(m[None], size)[0]
     return m
 
 
