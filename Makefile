@@ -10,7 +10,7 @@ $(BIN)/xkd: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,bench,shap]'
 	@touch $@
 
 setup: $(BIN)/xkd

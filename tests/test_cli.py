@@ -133,32 +133,17 @@ def test_list_prints_every_registry(capsys):
     out = capsys.readouterr().out
     for kind in ["datasets:", "models:", "distillers:", "explainers:", "metrics:"]:
         assert kind in out
-    for name in [
-        "fashion-mnist",
-        "mnist5k",
-        "digits",
-        "lesions",
-        "imagefolder",
-        "densenet121",
-        "resnet18",
-        "cifar_resnet",
-        "kdfmv_cnn",
-        "scratch",
-        "hinton_kd",
-        "label_smoothing",
-        "grad_cam",
-        "feature_maps",
-        "accuracy",
-        "macro_f1",
-        "posthoc_agreement",
-        "fidelity",
-        "pointing_game",
-        "top_k_iou",
-        "flops",
-        "params",
-        "met",
-    ]:
-        assert f"  {name}\n" in out, name
+    from xkd.registry import ALL_REGISTRIES
+
+    lines = out.splitlines()
+    for reg in ALL_REGISTRIES.values():
+        for name in reg.names():  # every registered name on a line of its own
+            assert any(line.split()[:1] == [name] for line in lines), name
+    for name in ["grad_cam_pp", "kernel_shap", "lime", "unicam", "occlusion", "deep_shap", "road", "fss", "rs"]:
+        assert any(line.split()[:1] == [name] for line in lines), name
+    road = next(line for line in lines if line.split()[:1] == ["road"])
+    assert "faithfulness" in road and "higher is better" in road and "needs: model, images, maps" in road
+    assert "grad_cam+superpixel" in out
 
 
 def test_bad_config_key_is_one_clear_error(capsys):
@@ -168,7 +153,7 @@ def test_bad_config_key_is_one_clear_error(capsys):
 
 
 @pytest.mark.slow
-def test_lesions_run_fills_the_localisation_metrics(tmp_path, make_tiny_args):
+def test_lesions_run_fills_every_explanation_record(tmp_path, make_tiny_args):
     args = make_tiny_args(
         tmp_path,
         "name=les",
@@ -176,13 +161,32 @@ def test_lesions_run_fills_the_localisation_metrics(tmp_path, make_tiny_args):
         "data.image_size=null",
         "data.params={num_per_class: 40, size: 32}",
         "students=[{name: kd}]",
+        "evaluation.explainers=[{name: grad_cam}, {name: kernel_shap, params: {n_samples: 32}},"
+        " {name: grad_cam+superpixel}, {name: unicam, params: {kind: residual}}]",
+        "evaluation.metric_params={road: {percentages: [0.2, 0.6]}}",
     )
     assert cli("run", "--no-progress", overrides=args) == 0
     expl = read_json(tmp_path / "runs/les/records/explanations.json")
+    assert expl["explainers"] == ["grad_cam", "kernel_shap", "grad_cam+superpixel", "unicam"]
     for role in ("teacher", "kd"):
-        entry = expl["per_model"][role]["grad_cam"]
-        assert 0.0 <= entry["pointing_game"] <= 1.0
-        assert len(entry["top_k_iou"]) >= 5 and all(
-            0.0 <= v["iou"] <= v["dice"] <= 1.0 for v in entry["top_k_iou"].values()
-        )
-    assert "Localisation" in (tmp_path / "runs/les/report.html").read_text()
+        for ex in ("grad_cam", "kernel_shap", "grad_cam+superpixel"):
+            entry = expl["per_model"][role][ex]
+            assert 0.0 <= entry["pointing_game"] <= 1.0
+            assert len(entry["top_k"]) == 6 and all(
+                0.0 <= v["iou"] <= v["dice"] <= 1.0 for v in entry["top_k"].values()
+            )
+            assert entry["top_k_iou"] == pytest.approx(sum(v["iou"] for v in entry["top_k"].values()) / 6)
+            assert 0.0 <= entry["mask_mass"] <= 1.0
+            assert entry["road"]["percentages"] == [0.2, 0.6] and -1.0 <= entry["road"]["road"] <= 1.0
+            assert entry["sanity"]["verdict"] in ("PASS", "FAIL")
+            assert 0.0 <= entry["fidelity"]["mean"] <= 1.0
+    assert "unicam" not in expl["per_model"]["teacher"] and "unicam" in expl["per_model"]["kd"]
+    agree = expl["agreement"]["kd"]["kernel_shap"]
+    assert set(agree) >= {"map_pearson", "rank_correlation", "top_k_agreement", "superpixel_mse"}
+    assert -1.0 <= agree["rank_correlation"] <= 1.0 and agree["superpixel_mse"] >= 0.0
+    assert 0.0 <= expl["transfer"]["kd"]["fss"] <= 1.0 + 1e-9
+    models = read_json(tmp_path / "runs/les/records/models.json")["models"]
+    assert set(models["kd"]["met"]) == {"grad_cam", "kernel_shap", "grad_cam+superpixel", "unicam"}
+    html = (tmp_path / "runs/les/report.html").read_text()
+    for heading in ("Localisation per K", "KernelSHAP", "Grad-CAM (superpixels)", "UniCAM", "Feature transfer"):
+        assert heading in html, heading

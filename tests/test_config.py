@@ -37,6 +37,17 @@ def test_overrides_reach_nested_keys_and_list_items():
     assert [e.name for e in cfg.evaluation.explainers] == ["grad_cam"]
 
 
+def test_superpixel_form_and_labels_are_accepted():
+    cfg = load_config(
+        None,
+        [
+            "evaluation.explainers=[{name: grad_cam+superpixel, params: {layer: null, superpixel: {n_segments: 8}}},"
+            " {name: grad_cam, label: gc2, params: {relu: false}}]",
+        ],
+    )
+    assert [e.key for e in cfg.evaluation.explainers] == ["grad_cam+superpixel", "gc2"]
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -55,7 +66,13 @@ def test_overrides_reach_nested_keys_and_list_items():
             r"students\[0\].distiller: unknown distiller 'fitnet'; registered: hinton_kd, label_smoothing, scratch",
         ),
         (["students.1.params.temperature=-1"], r"students\[1\].params: temperature must be > 0"),
-        (["evaluation.explainers=[{name: lime}]"], r"unknown explainer 'lime'; registered: feature_maps, grad_cam"),
+        (["evaluation.explainers=[{name: lyme}]"], r"unknown explainer 'lyme'; registered: deep_shap, feature_maps"),
+        (["evaluation.explainers=[{name: grad_cam+superpixel, params: {superpixel: {n_segments: 0}}}]"], r"n_segments"),
+        (["evaluation.explainers=[{name: grad_cam}, {name: grad_cam}]"], r"listed twice; give each entry a distinct"),
+        (["evaluation.metrics=[accuracy, roadd]"], r"evaluation.metrics\[1\]: unknown metric 'roadd'"),
+        (["evaluation.metric_params={road: {stepz: 3}}"], r"metric_params.road.stepz: unknown argument"),
+        (["evaluation.transfer_layers={teacherr: x}"], r"unknown key; allowed keys: teacher, student"),
+        (["evaluation.sanity_images=-1"], r"sanity_images must be >= 0"),
         (["teacher.model.name=vgg"], r"teacher.model.name: unknown model 'vgg'; registered: cifar_resnet"),
         (["students.5.name=x"], r"index '5' is not one of 0..2"),
         (["train.epochs=0"], r"train.epochs must be >= 1"),

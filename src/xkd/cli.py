@@ -53,12 +53,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_list() -> None:
     import xkd.api  # noqa: F401  (registers everything)
+    from xkd.metrics.base import MetricInfo
     from xkd.registry import ALL_REGISTRIES
 
     for kind, reg in ALL_REGISTRIES.items():
         print(f"{kind}:")
         for name in reg.names():
-            print(f"  {name}")
+            entry = reg.get(name)
+            if isinstance(entry, MetricInfo):
+                arrow = {True: "higher is better", False: "lower is better", None: "no direction"}
+                needs = ", ".join(entry.needs) or "-"
+                print(f"  {name:<28} {entry.category:<15} {arrow[entry.higher_is_better]:<17} needs: {needs}")
+            else:
+                print(f"  {name}")
+        if kind == "explainers":
+            print("  (any explainer + '+superpixel': its XDistillation superpixel form, e.g. grad_cam+superpixel)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

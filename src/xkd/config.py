@@ -110,8 +110,38 @@ class StudentConfig:
 
 @dataclass
 class ExplainerConfig:
+    """One explainer of the evaluation: registered ``name`` (``+superpixel`` for the superpixel form),
+    its ``params``, and the ``label`` it is recorded and shown under (default: the name; set it to
+    run one explainer twice, e.g. UniCAM's ``distilled`` and ``residual`` kinds)."""
+
     name: str = "grad_cam"
     params: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+DEFAULT_METRICS = [
+    "fidelity",
+    "deletion_auc",
+    "insertion_auc",
+    "road",
+    "pointing_game",
+    "top_k_iou",
+    "top_k_dice",
+    "mask_mass",
+    "map_pearson",
+    "rank_correlation",
+    "top_k_agreement",
+    "superpixel_mse",
+    "superpixel_sign_agreement",
+    "fss",
+    "rs",
+    "randomisation_sanity",
+    "met",
+]
 
 
 @dataclass
@@ -119,7 +149,12 @@ class EvaluationConfig:
     """What is explained and scored after training.
 
     Attributes:
-        explainers: registered explainers to run on teacher and every student.
+        explainers: registered explainers to run on teacher and every student (``name+superpixel``
+            gives any explainer's XDistillation superpixel form; ``unicam`` runs on students only).
+        metrics: registered metrics to compute (``xkd list``); those that need masks are skipped on
+            data without masks, and classification/cost metrics always run.
+        metric_params: keyword arguments per metric, e.g. ``{road: {percentages: [0.2, 0.5]}}``.
+        superpixel: SLIC options of the superpixel metrics (``n_segments`` = XDistillation's k, 19).
         num_images: test images explained for the explanation metrics (None = whole test set).
         samples_per_class: images per class in the report's overlay grid.
         batch_size: batch size of explaining and scoring.
@@ -129,17 +164,25 @@ class EvaluationConfig:
             while at 50% it separates them (0.61 vs 0.32).
         agreement_top_k: fraction of pixels in the teacher-student top-k% IoU.
         met_images: images timed for the mean execution time of each explainer.
+        sanity_images: images explained at every step of the randomisation sanity check.
+        transfer_layers: ``{teacher: path, student: path}`` matched layers of FSS/RS (None entries:
+            each model's default layer, the one Grad-CAM explains).
     """
 
     explainers: list[ExplainerConfig] = field(
         default_factory=lambda: [ExplainerConfig("grad_cam"), ExplainerConfig("feature_maps")]
     )
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    superpixel: dict[str, Any] = field(default_factory=dict)
     num_images: int | None = 256
     samples_per_class: int = 2
     batch_size: int = 64
     fidelity_keep: float = 0.5
     agreement_top_k: float = 0.1
     met_images: int = 32
+    sanity_images: int = 8
+    transfer_layers: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -363,7 +406,7 @@ def validate_config(cfg: RunConfig) -> None:
     import xkd.models  # noqa: F401
     from xkd import registry as R
     from xkd.distill.base import distiller_params
-    from xkd.explain.base import explainer_params
+    from xkd.explain.base import explainer_params, split_name
 
     def check_name(reg: R.Registry, name: str, path: str) -> None:
         if name not in reg:
@@ -387,8 +430,12 @@ def validate_config(cfg: RunConfig) -> None:
         check_name(R.DISTILLERS, s.distiller, f"students[{i}].distiller")
         distiller_params(s.distiller, s.params, f"students[{i}].params")
     for i, e in enumerate(cfg.evaluation.explainers):
-        check_name(R.EXPLAINERS, e.name, f"evaluation.explainers[{i}].name")
+        check_name(R.EXPLAINERS, split_name(e.name)[0], f"evaluation.explainers[{i}].name")
         explainer_params(e.name, e.params, f"evaluation.explainers[{i}].params")
+    keys = [e.key for e in cfg.evaluation.explainers]
+    if len(set(keys)) < len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ConfigError(f"evaluation.explainers: {dup} listed twice; give each entry a distinct `label`")
     for path, t in [("train", cfg.train), ("teacher.train", cfg.teacher.train)]:
         if t.epochs < 1:
             raise ConfigError(f"{path}.epochs must be >= 1, got {t.epochs}")
@@ -397,10 +444,38 @@ def validate_config(cfg: RunConfig) -> None:
         if t.optimizer.lr <= 0:
             raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
     ev = cfg.evaluation
+    _validate_metrics(ev, check_name, R)
     for key in ("fidelity_keep", "agreement_top_k"):
         v = getattr(ev, key)
         if not 0.0 < v <= 1.0:
             raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
+
+
+def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:
+    import inspect
+
+    import xkd.metrics  # noqa: F401  (registers metrics)
+    from xkd.explain.superpixel import SuperpixelParams
+
+    for i, name in enumerate(ev.metrics):
+        check_name(R.METRICS, name, f"evaluation.metrics[{i}]")
+    for name, kwargs in ev.metric_params.items():
+        check_name(R.METRICS, name, f"evaluation.metric_params.{name}")
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(f"evaluation.metric_params.{name} must be a mapping of keyword arguments")
+        sig = inspect.signature(R.METRICS.get(name).fn).parameters
+        for key in kwargs:
+            if key not in sig:
+                allowed = ", ".join(p for p in sig)
+                raise ConfigError(f"evaluation.metric_params.{name}.{key}: unknown argument; arguments: {allowed}")
+    from_dict(SuperpixelParams, ev.superpixel, "evaluation.superpixel").validate()
+    for key in ev.transfer_layers:
+        if key not in ("teacher", "student"):
+            raise ConfigError(f"evaluation.transfer_layers.{key}: unknown key; allowed keys: teacher, student")
+    for key in ("num_images", "met_images", "sanity_images", "samples_per_class", "batch_size"):
+        v = getattr(ev, key)
+        if v is not None and v < (0 if key == "sanity_images" else 1):
+            raise ConfigError(f"evaluation.{key} must be >= {0 if key == 'sanity_images' else 1}, got {v}")
 
 
 def _is_import_path(name: str) -> bool:

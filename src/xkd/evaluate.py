@@ -24,8 +24,10 @@ from torch import Tensor, nn
 from xkd.config import RunConfig, to_dict
 from xkd.data import DataBundle, make_loader
 from xkd.explain import build_explainer
-from xkd.metrics import agreement, classification, cost, faithfulness, localisation
+from xkd.metrics import classification, cost
+from xkd.registry import METRICS
 from xkd.report.records import atomic_write_bytes, library_versions, record, write_json
+from xkd.scoring import explain_and_score, pair_explainer, random_baseline
 
 if TYPE_CHECKING:
     from xkd.pipeline import TrainedModel
@@ -63,8 +65,10 @@ def all_labels(dataset: Any) -> Tensor:
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
 
 
-def explain_maps(name: str, params: dict[str, Any], model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-    with build_explainer(name, model, params) as ex:
+def explain_maps(
+    name: str, params: dict[str, Any], model: nn.Module, images: Tensor, targets: Tensor, **context: Any
+) -> Tensor:
+    with build_explainer(name, model, params, **context) as ex:
         return ex.explain(images, targets).maps
 
 
@@ -130,51 +134,11 @@ def evaluate_run(
     idx = select_indices(test_labels, ev.num_images, cfg.seed)
     images, labels, masks = gather(data.test, idx)
     images, labels = images.to(device), labels.to(device)
-    names = [e.name for e in ev.explainers]
-    per_model: dict[str, dict[str, Any]] = {m.role: {} for m in models}
-    agree: dict[str, dict[str, Any]] = {s.role: {} for s in students}
-    k_values = localisation.medtex_k_values(h, w)
-    for e in ev.explainers:
-        maps: dict[str, Tensor] = {}
-        for m in models:
-            console.print(f"explaining {m.role} with {e.name} ({len(idx)} images)")
-            maps[m.role] = explain_maps(e.name, e.params, m.model, images, labels)
-            with build_explainer(e.name, m.model, e.params) as ex:
-                n_met = min(ev.met_images, len(idx))
-                model_records[m.role]["met"][e.name] = cost.mean_explain_time(ex, images[:n_met], labels[:n_met])
-            fid = faithfulness.fidelity(
-                m.model,
-                images,
-                labels,
-                maps[m.role],
-                keep=ev.fidelity_keep,
-                batch_size=ev.batch_size,
-                class_names=data.class_names,
-            )
-            entry: dict[str, Any] = {
-                "fidelity": fidelity_record(fid),
-                "deletion_auc": faithfulness.deletion_auc(m.model, images, maps[m.role], batch_size=ev.batch_size)[
-                    "deletion_auc"
-                ],
-                "insertion_auc": faithfulness.insertion_auc(m.model, images, maps[m.role], batch_size=ev.batch_size)[
-                    "insertion_auc"
-                ],
-                "pointing_game": None,
-                "top_k_iou": None,
-            }
-            if masks is not None:
-                entry["pointing_game"] = localisation.pointing_game(maps[m.role], masks)["pointing_game"]
-                per_k = localisation.top_k_iou(maps[m.role], masks, k_values).get("per_k")
-                entry["top_k_iou"] = {str(kk): v for kk, v in per_k.items()}
-            per_model[m.role][e.name] = entry
-        for s in students:
-            a, b = maps["teacher"], maps[s.role]
-            agree[s.role][e.name] = {
-                "pearson": agreement.map_pearson(a, b),
-                "spearman": agreement.map_spearman(a, b),
-                "top_k_iou": agreement.top_k_iou_maps(a, b, ev.agreement_top_k),
-            }
-    baseline = random_baseline(models, images, labels, ev, cfg.seed, data.class_names)
+    names = [e.key for e in ev.explainers]
+    scored = explain_and_score(ev, models, images, labels, masks, data.class_names, console)
+    for m in models:
+        model_records[m.role]["met"] = scored["met"][m.role]
+    baseline = random_baseline(ev, models, images, labels, cfg.seed, data.class_names)
     explain_seconds = time.perf_counter() - t_explain
 
     records = run_dir / "records"
@@ -189,8 +153,12 @@ def evaluate_run(
                 "fidelity_keep": ev.fidelity_keep,
                 "agreement_top_k": ev.agreement_top_k,
                 "class_names": data.class_names,
-                "per_model": per_model,
-                "agreement": agree,
+                "metrics": list(ev.metrics),
+                "metric_info": metric_info(ev.metrics),
+                "per_model": scored["per_model"],
+                "agreement": scored["agreement"],
+                "transfer": scored["transfer"],
+                "correct": scored["predictions_correct"],
                 "random_baseline": baseline,
             },
         ),
@@ -223,56 +191,18 @@ def evaluate_run(
         },
     )
     write_json(records / "run.json", run_record)
-    summary = summarise(model_records, per_model, agree)
+    summary = summarise(model_records, scored["per_model"], scored["agreement"])
     write_json(run_dir / "metrics.json", record("metrics", {"name": cfg.name, "seed": cfg.seed, "models": summary}))
     return summary
 
 
-def random_baseline(
-    models: list[TrainedModel], images: Tensor, labels: Tensor, ev: Any, seed: int, class_names: list[str]
-) -> dict[str, Any]:
-    """Faithfulness scores of seeded uniform-random maps, per model: the chance level a real
-    explainer's fidelity and deletion/insertion AUC must beat to mean anything."""
-    g = torch.Generator().manual_seed(seed)
-    maps = torch.rand(images.shape[0], *images.shape[2:], generator=g).to(images.device)
+def metric_info(names: list[str]) -> dict[str, Any]:
+    """Direction, category and one-line description of each selected metric (for the report)."""
     out = {}
-    for m in models:
-        fid = faithfulness.fidelity(
-            m.model, images, labels, maps, keep=ev.fidelity_keep, batch_size=ev.batch_size, class_names=class_names
-        )
-        out[m.role] = {
-            "fidelity": fid["fidelity"],
-            "retained_probability": fid["retained"],
-            "deletion_auc": faithfulness.deletion_auc(m.model, images, maps, batch_size=ev.batch_size)["deletion_auc"],
-            "insertion_auc": faithfulness.insertion_auc(m.model, images, maps, batch_size=ev.batch_size)[
-                "insertion_auc"
-            ],
-        }
+    for n in names:
+        info = METRICS.get(n)
+        out[n] = {"higher_is_better": info.higher_is_better, "category": info.category, "description": info.description}
     return out
-
-
-def fidelity_record(fid: dict[str, Any]) -> dict[str, Any]:
-    """The fidelity result in the record's terms.
-
-    ``retained_probability`` is the mean of ``p_masked(c) / p_orig(c)``, not clipped (a ratio above
-    1 means the removed pixels were evidence against ``c``); ``retained_clipped`` clips it at 1.
-    """
-
-    def one(v: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "fidelity": v["fidelity"],
-            "retained_probability": v["retained"],
-            "retained_clipped": v["retained_clipped"],
-            "n": v["n"],
-        }
-
-    top = one(fid)
-    return {
-        "mean": top.pop("fidelity"),
-        **top,
-        "keep": fid["keep"],
-        "per_class": {name: one(v) for name, v in fid["per_class"].items()},
-    }
 
 
 def summarise(model_records: dict[str, Any], per_model: dict[str, Any], agree: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +217,7 @@ def summarise(model_records: dict[str, Any], per_model: dict[str, Any], agree: d
             "params": r["params"],
             "flops": r["flops"],
             "met": r["met"],
-            "fidelity": {e: v["fidelity"]["mean"] for e, v in per_model[role].items()},
+            "fidelity": {e: (v.get("fidelity") or {}).get("mean") for e, v in per_model[role].items()},
             "agreement": agree.get(role),
         }
     return out
@@ -311,7 +241,10 @@ def write_samples(
         with torch.no_grad():
             preds[m.role] = m.model(images).argmax(1).cpu().tolist()
         for e in shown:
-            tensors[f"maps/{m.role}/{e.name}"] = explain_maps(e.name, e.params, m.model, images, labels).cpu()
+            if pair_explainer(e.name) and m.role == "teacher":
+                continue
+            context = {"teacher": models[0].model} if pair_explainer(e.name) else {}
+            tensors[f"maps/{m.role}/{e.key}"] = explain_maps(e.name, e.params, m.model, images, labels, **context).cpu()
         fm_params = next((e.params for e in ev.explainers if e.name == "feature_maps"), None)
         if fm_params is not None:
             with build_explainer("feature_maps", m.model, fm_params) as fm:
@@ -331,7 +264,7 @@ def write_samples(
                 "labels": labels.cpu().tolist(),
                 "class_names": data.class_names,
                 "predictions": preds,
-                "explainers": [e.name for e in shown],
+                "explainers": [e.key for e in shown],
                 "feature_layers": layers,
                 "has_masks": masks is not None,
                 "config": to_dict(ev),

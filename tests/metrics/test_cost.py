@@ -42,10 +42,10 @@ def test_mean_explain_time_per_image():
         calls.append(images.shape[0])
         time.sleep(0.02)
 
-    images, targets = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    images, targets = torch.zeros(6, 1, 2, 2), torch.zeros(6, dtype=torch.long)
     t = mean_explain_time(slow_explainer, images, targets, repeats=2)
-    assert calls == [2, 4, 4]  # the warm-up call on two images is not timed
-    assert 0.02 / 4 <= t < 0.02
+    assert calls == [4, 6, 6]  # the warm-up call on four images is not timed
+    assert 0.02 / 6 <= t < 0.02
     calls.clear()
     mean_explain_time(slow_explainer, images, targets, warmup=False)
-    assert calls == [4]
+    assert calls == [6]

@@ -9,6 +9,15 @@ import torch
 from torch import nn
 
 from xkd.metrics import deletion_auc, fidelity, insertion_auc, saliency_ranks
+from xkd.metrics.faithfulness import linear_imputation, road
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class RegionModel(nn.Module):
@@ -109,3 +118,210 @@ def test_chunking_does_not_change_curves_and_mode_is_restored():
     f2 = fidelity(model, images, torch.tensor([0, 1, 2, 0, 1]), maps)
     assert f1 == f2
     assert model.training and model[1].training
+
+
+def test_inverted_map_deletes_worse_than_a_random_map():
+    images, labels, right = region_data()
+    lit = labels == 1
+    model, x, good = RegionModel(), images[lit], right[lit]
+    rand = torch.rand(good.shape, generator=torch.Generator().manual_seed(0))
+    aucs = {k: deletion_auc(model, x, m, steps=16)["deletion_auc"] for k, m in [("right", good), ("inv", 1 - good)]}
+    aucs["rand"] = deletion_auc(model, x, rand, steps=16)["deletion_auc"]
+    assert aucs["right"] < aucs["rand"] < aucs["inv"]
+    assert aucs["inv"] - aucs["rand"] > 0.1
+
+
+# ---- ROAD (Rong et al. 2022) ----
+
+
+def ramp(h: int = 12, w: int = 14, channels: int = 2) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    return torch.stack([0.03 * yy - 0.02 * xx + 0.5 + c for c in range(channels)])[None]  # (1, C, H, W)
+
+
+def interior_mask(h: int, w: int, frac: float, seed: int = 0) -> torch.Tensor:
+    removed = torch.rand(1, h, w, generator=torch.Generator().manual_seed(seed)) < frac
+    removed[:, [0, -1], :] = False
+    removed[:, :, [0, -1]] = False
+    return removed
+
+
+@pytest.mark.parametrize("neighbours", [8, 4])
+def test_linear_imputation_of_a_ramp_is_exact(neighbours):
+    # a linear function is the weighted mean of its symmetric neighbours: the system's solution is the ramp
+    x = ramp()
+    removed = interior_mask(12, 14, 0.7)
+    out = linear_imputation(x, removed, noise=0.0, neighbours=neighbours, backend="scipy")
+    torch.testing.assert_close(out, x, atol=1e-12, rtol=0)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    # CG with float64 refinement reaches the exact ramp when asked; at the default tol within 1e-6
+    exact = linear_imputation(x, removed, noise=0.0, neighbours=neighbours, tol=1e-13)
+    torch.testing.assert_close(exact, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(linear_imputation(x, removed, noise=0.0, neighbours=neighbours), x, atol=1e-6, rtol=0)
+
+
+def _road_masks(n: int, frac: float, seed: int) -> torch.Tensor:
+    """Random masks with ``frac`` of 28x28 removed, border included, plus smooth-map MoRF-like blobs."""
+    g = torch.Generator().manual_seed(seed)
+    scattered = torch.rand(n, 28, 28, generator=g) < frac
+    smooth = nn.functional.avg_pool2d(torch.rand(n, 1, 28, 28, generator=g), 7, 1, 3)[:, 0]
+    blob = saliency_ranks(smooth) < int(frac * 784)
+    return torch.cat([scattered, blob.view(n, 28, 28)])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("frac", [0.1, 0.5, 0.9])
+def test_torch_backend_matches_scipy(channels, frac):
+    g = torch.Generator().manual_seed(int(frac * 10) + channels)
+    removed = _road_masks(4, frac, seed=channels)
+    x = torch.rand(8, channels, 28, 28, generator=g, dtype=torch.float64)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(8)]  # noqa: E731
+    for neighbours in (8, 4):
+        ref = linear_imputation(x, removed, 0.01, neighbours, gens(), backend="scipy")
+        out = linear_imputation(x, removed, 0.01, neighbours, gens(), backend="torch")
+        assert (out - ref).abs().max() < 1e-5  # same noise, same solution
+        assert torch.equal(out[~removed[:, None].expand_as(x)], x[~removed[:, None].expand_as(x)])
+    # float32 images: the solve still runs in float64 with refinement, only the output is rounded
+    out32 = linear_imputation(x.float(), removed, noise=0.0)
+    assert out32.dtype == torch.float32
+    assert (out32.double() - linear_imputation(x, removed, noise=0.0, backend="scipy")).abs().max() < 1e-5
+
+
+def test_torch_backend_errors():
+    x = torch.rand(2, 1, 28, 28)
+    removed = _road_masks(1, 0.9, seed=0)
+    with pytest.raises(RuntimeError, match="max_iter"):
+        linear_imputation(x, removed, noise=0.0, max_iter=3)
+    with pytest.raises(ValueError, match="backend"):
+        linear_imputation(x, removed, backend="cupy")
+    # one whole image removed among others: undetermined, for both backends
+    removed[1] = True
+    for backend in ("torch", "scipy"):
+        with pytest.raises(ValueError, match="touches no kept pixel"):
+            linear_imputation(x, removed, noise=0.0, backend=backend)
+
+
+def test_imputation_border_and_noise_by_hand():
+    # 1x3 image (0, ?, 3): the centre is the mean of its two straight neighbours (weights 1/6 each) = 1.5
+    x = torch.tensor([0.0, 9.0, 3.0]).view(1, 1, 1, 3)
+    out = linear_imputation(x, torch.tensor([[[False, True, False]]]), noise=0.0)
+    assert out.flatten().tolist() == [0.0, 1.5, 3.0]
+    # corner of a 2x2 image: neighbours (0, 1) 1/6, (1, 0) 1/6, (1, 1) 1/12 -> (2/6 + 3/6 + 4/12) / (5/12) = 2.8
+    x = torch.tensor([[9.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    out = linear_imputation(x, torch.tensor([[[True, False], [False, False]]]), noise=0.0)
+    assert out[0, 0, 0, 0].item() == pytest.approx(2.8)
+    # the noise is N(0, noise^2) on removed pixels only
+    x = torch.zeros(1, 1, 64, 64, dtype=torch.float64)
+    removed = interior_mask(64, 64, 0.5)
+    out = linear_imputation(x, removed, noise=0.01, generator=torch.Generator().manual_seed(0))
+    assert out[0, 0][~removed[0]].abs().max() == 0
+    assert out[0, 0][removed[0]].std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_imputation_errors():
+    with pytest.raises(ValueError, match="touches no kept pixel"):
+        linear_imputation(torch.rand(1, 1, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool), noise=0.0)
+    with pytest.raises(ValueError, match=r"must be \(N, H, W\)"):
+        linear_imputation(torch.rand(1, 1, 3, 3), torch.ones(1, 3, 4, dtype=torch.bool))
+
+
+def test_imputation_matches_quantus():
+    perturb = pytest.importorskip("quantus.functions.perturb_func")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 9, 11, generator=g, dtype=torch.float64)
+    removed = torch.rand(3, 9, 11, generator=g) < 0.6  # border pixels included
+    ours = linear_imputation(x, removed, noise=0.0, backend="scipy").numpy()
+    fast = linear_imputation(x, removed, noise=0.0).numpy()
+    for i in range(3):
+        idx = torch.nonzero(removed[i].flatten())[:, 0].numpy()
+        theirs = perturb.noisy_linear_imputation(x[i].numpy(), idx, noise=0.0)
+        assert abs(theirs - ours[i]).max() < 1e-12 and abs(theirs - fast[i]).max() < 1e-5
+
+
+class BoxModel(nn.Module):
+    """logits (0, 10 * mean(box) - 5) for the 4x4 box at rows/cols 4..7 of a 12x12 image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 10 * x[:, 0, 4:8, 4:8].mean(dim=(1, 2)) - 5
+        return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+def box_data(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.rand(n, 1, 12, 12, generator=torch.Generator().manual_seed(0)) * 0.3
+    x[:, :, 4:8, 4:8] = 1.0
+    right = torch.zeros(n, 12, 12)
+    right[:, 4:8, 4:8] = 1.0
+    return x, right
+
+
+def test_road_right_map_positive_inverted_negative():
+    x, right = box_data()
+    model = BoxModel()
+    good, bad = road(model, x, right), road(model, x, 1 - right)
+    p_orig = torch.sigmoid(torch.tensor(5.0)).item()
+    torch.testing.assert_close(good["original"], torch.full((4,), p_orig, dtype=torch.float64))
+    # MoRF removes the box from 20 % on (28 px > 16): it is imputed from the dark surround, sigmoid(10 * ~0.15 - 5)
+    assert good["morf"][1:].max() < 0.06 and good["morf"][0] < 0.5
+    # LeRF removes background only up to 80 % (115 of 128 background pixels): the decision is untouched;
+    # at 90 % (129 pixels) only 15 box pixels are kept and everything else is imputed from them, i.e. ~1
+    torch.testing.assert_close(good["lerf"][:8], torch.full((8,), p_orig, dtype=torch.float64))
+    assert good["lerf"][8] == pytest.approx(p_orig, abs=1e-4)
+    assert good["road"] > 0.9 and bad["road"] < -0.9
+    torch.testing.assert_close(bad["morf"], good["lerf"], atol=1e-4, rtol=0)  # the same pixels up to ties
+    assert good["percentages"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert good["morf_per_image"].shape == (4, 9) and good["per_image"].shape == (4,)
+    rand = road(model, x, torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(3)))["road"]
+    assert bad["road"] < rand < good["road"]
+
+
+def test_road_accuracy_measure_and_percentage_count():
+    x, right = box_data(2)
+    out = road(BoxModel(), x, right, percentages=[0.0, 0.5], measure="accuracy", noise=0.0)
+    # p = 0 removes nothing: both curves keep the decision; at 50 % MoRF flips it, LeRF does not
+    assert out["morf"].tolist() == [1.0, 0.0] and out["lerf"].tolist() == [1.0, 1.0]
+    assert out["road"] == pytest.approx(0.5)
+
+
+def test_road_does_not_depend_on_batching_and_restores_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)).train()
+    images, maps = torch.rand(3, 1, 4, 4), torch.rand(3, 4, 4)
+    a = road(model, images, maps, percentages=[0.25, 0.5], batch_size=1)
+    b = road(model, images, maps, percentages=[0.25, 0.5], batch_size=100)
+    torch.testing.assert_close(a["morf_per_image"], b["morf_per_image"])
+    torch.testing.assert_close(a["lerf_per_image"], b["lerf_per_image"])
+    assert model.training and model[1].training
+
+
+def test_road_backends_agree():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 5)).eval()
+    x, maps = torch.rand(3, 3, 12, 12), torch.rand(3, 12, 12)
+    a, b = road(model, x, maps, backend="torch"), road(model, x, maps, backend="scipy")
+    torch.testing.assert_close(a["morf_per_image"], b["morf_per_image"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a["lerf_per_image"], b["lerf_per_image"], atol=1e-5, rtol=0)
+    assert a["road"] == pytest.approx(b["road"], abs=1e-6)
+
+
+def test_road_bad_arguments():
+    x, right = box_data(1)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        road(BoxModel(), x, right, percentages=[0.5, 1.0])
+    with pytest.raises(ValueError, match="measure"):
+        road(BoxModel(), x, right, measure="auc")
+    with pytest.raises(ValueError, match="must be \\(N, H, W\\)"):
+        road(BoxModel(), x, right[:, :8])
+
+
+def test_imputation_of_a_hole_in_a_black_background_converges_to_zero():
+    # the kept neighbours of the hole are all 0 (b = 0) while the image has bright pixels elsewhere
+    from xkd.metrics.road import linear_imputation
+
+    x = torch.zeros(2, 1, 16, 16)
+    x[:, :, 10:, 10:] = 1.0
+    removed = torch.zeros(2, 16, 16, dtype=torch.bool)
+    removed[:, 2:6, 2:6] = True
+    for backend in ("torch", "scipy"):
+        out = linear_imputation(x, removed, noise=0.0, backend=backend)
+        assert out[:, :, 2:6, 2:6].abs().max() < 1e-5, backend  # tol 1e-7 relative to the kept pixels' norm
+        assert torch.equal(out[~removed[:, None].expand_as(out)], x[~removed[:, None].expand_as(x)])

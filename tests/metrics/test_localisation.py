@@ -63,3 +63,50 @@ def test_medtex_k_values_scale_from_224():
     assert medtex_k_values(28, 28) == [16, 32, 48, 64, 80, 96]  # 1024 * 784 / 50176 = 16
     assert medtex_k_values(4, 4) == [1, 1, 1, 1, 2, 2]
     assert len(top_k_iou(torch.rand(2, 28, 28), torch.ones(2, 28, 28, dtype=torch.bool))["per_k"]) == 6
+
+
+# ---- top_k_dice, mask_mass (direct module import: registered on import) ----
+from xkd.metrics.localisation import mask_mass, top_k_dice  # noqa: E402
+
+
+def test_perfect_map_scores_one_everywhere():
+    masks = square_masks()
+    maps = masks.float()
+    assert pointing_game(maps, masks)["pointing_game"] == 1.0
+    assert top_k_iou(maps, masks, k_pixels=4)["top_k_iou"] == 1.0
+    assert top_k_dice(maps, masks, k_pixels=4)["top_k_dice"] == 1.0
+    assert mask_mass(maps, masks)["mask_mass"] == 1.0
+    assert mask_mass((~masks).float(), masks)["mask_mass"] == 0.0
+
+
+def test_top_k_dice_is_top_k_iou_dice():
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 2, 3:7] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    out = top_k_dice(maps, square_masks(1), k_pixels=4)
+    assert out["top_k_dice"] == pytest.approx(0.5) and out["top_k_iou"] == pytest.approx(1 / 3)
+    assert "dice" not in out and out["evaluated"] == 1
+    several = top_k_dice(maps, square_masks(1), k_pixels=[2, 4])
+    # K = 2: both top pixels (2, 3), (2, 4) are inside: Dice 2 * 2 / (2 + 4); K = 4: 0.5
+    assert several["top_k_dice"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert several["per_k"][2]["dice"] == pytest.approx(2 / 3)
+
+
+def test_mask_mass_by_hand_signed_and_undefined():
+    masks = square_masks(4)  # 4 of 64 pixels
+    maps = torch.zeros(4, 8, 8)
+    maps[0] = 1.0  # uniform: the mask's area fraction
+    maps[1, 2, 3], maps[1, 0, 0], maps[1, 7, 7] = 3.0, 1.0, -5.0  # negative evidence is ignored: 3 / 4
+    masks[2] = False  # empty mask -> undefined
+    # maps[3] is all zero: no positive evidence -> undefined
+    out = mask_mass(maps, masks)
+    assert out["per_image"][0].item() == pytest.approx(4 / 64) and out["per_image"][1].item() == pytest.approx(0.75)
+    assert math.isnan(out["per_image"][2]) and math.isnan(out["per_image"][3])
+    assert out["mask_mass"] == pytest.approx((4 / 64 + 0.75) / 2)
+    assert (out["evaluated"], out["skipped_empty"], out["skipped_no_positive"]) == (2, 1, 1)
+    assert math.isnan(mask_mass(torch.rand(1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool))["mask_mass"])
+
+
+@pytest.mark.parametrize("fn", [pointing_game, top_k_iou, top_k_dice, mask_mass])
+def test_maps_and_masks_of_different_sizes_are_one_clear_error(fn):
+    with pytest.raises(ValueError, match="resize the masks"):
+        fn(torch.rand(2, 8, 8), torch.ones(2, 16, 16, dtype=torch.bool))

@@ -6,6 +6,8 @@ import pytest
 
 import xkd.explain  # noqa: F401
 import xkd.metrics  # noqa: F401
+import xkd.metrics.sanity  # noqa: F401  (until xkd.metrics imports them)
+import xkd.metrics.superpixel  # noqa: F401
 from xkd.metrics import as_result, flops
 from xkd.metrics.base import MetricInfo
 from xkd.registry import EXPLAINERS, METRICS
@@ -21,14 +23,38 @@ FIXED = [
     "params",
     "met",
 ]
-DIRECTIONS = {"deletion_auc": False, "insertion_auc": True, "map_pearson": True, "top_k_agreement": True, "loss": False}
+# the explanation metrics the issue names, with their direction
+DIRECTIONS = {
+    "deletion_auc": False,
+    "insertion_auc": True,
+    "road": True,
+    "pointing_game": True,
+    "top_k_iou": True,
+    "top_k_dice": True,
+    "mask_mass": True,
+    "rank_correlation": True,
+    "top_k_agreement": True,
+    "superpixel_mse": False,
+    "superpixel_sign_agreement": True,
+    "randomisation_sanity": False,
+    "map_pearson": True,
+    "loss": False,
+}
 
 
 @pytest.mark.parametrize("name", FIXED + list(DIRECTIONS))
 def test_metric_is_registered_with_metadata(name):
     info = METRICS.get(name)
     assert isinstance(info, MetricInfo) and info.name == name and callable(info.fn)
-    assert info.category in {"classification", "agreement", "cost", "faithfulness", "localisation"}
+    assert info.category in {
+        "classification",
+        "agreement",
+        "cost",
+        "faithfulness",
+        "localisation",
+        "sanity",
+        "transfer",
+    }
     assert info.description
     if name in DIRECTIONS:
         assert info.higher_is_better is DIRECTIONS[name]
@@ -38,6 +64,17 @@ def test_needs_name_what_a_metric_consumes():
     assert set(METRICS.get("pointing_game").needs) == {"maps", "masks"}
     assert "second_model" in METRICS.get("top_k_agreement").needs
     assert "second_model" in METRICS.get("posthoc_agreement").needs
+    assert set(METRICS.get("mask_mass").needs) == {"maps", "masks"}
+    assert {"maps", "second_model", "segments"} <= set(METRICS.get("superpixel_mse").needs)
+    assert "correct" in METRICS.get("superpixel_sign_agreement").needs
+    assert "explainer" in METRICS.get("randomisation_sanity").needs
+
+
+def test_map_spearman_is_registered_as_rank_correlation():
+    from xkd.metrics.agreement import map_spearman
+
+    assert METRICS.get("rank_correlation").fn is map_spearman
+    assert "map_spearman" not in METRICS.names()
 
 
 def test_explainers_registered():

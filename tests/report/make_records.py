@@ -199,18 +199,40 @@ def make_run_dir(
                 },
                 "deletion_auc": 0.21 + 0.03 * r + 0.01 * e,
                 "insertion_auc": 0.71 - 0.03 * r - 0.01 * e,
-                "pointing_game": (0.9 - 0.1 * r) if has_masks else None,
-                "top_k_iou": {
-                    str(kk): {"iou": 0.5 - 0.05 * r + 0.01 * j, "dice": 0.66 - 0.04 * r + 0.01 * j}
-                    for j, kk in enumerate(ks)
-                }
-                if has_masks
-                else None,
+                "road": {"road": 0.31 - 0.02 * r, "morf": [0.5, 0.3], "lerf": [0.8, 0.7], "percentages": [0.2, 0.5]},
+                "sanity": {"verdict": "pass" if e == 0 else "fail", "final_rank_correlation": 0.1 + 0.6 * e},
             }
+            if has_masks:
+                per_model[role][ex] |= {
+                    "pointing_game": 0.9 - 0.1 * r,
+                    "top_k": {
+                        str(kk): {"iou": 0.5 - 0.05 * r + 0.01 * j, "dice": 0.66 - 0.04 * r + 0.01 * j}
+                        for j, kk in enumerate(ks)
+                    },
+                    "top_k_iou": 0.51 - 0.05 * r,
+                    "top_k_dice": 0.67 - 0.04 * r,
+                    "mask_mass": 0.61 - 0.03 * r,
+                }
     agreement = {
         role: {
-            ex: {"pearson": 0.8 - 0.1 * r, "spearman": 0.75 - 0.1 * r, "top_k_iou": 0.6 - 0.1 * r + 0.01 * e}
+            ex: {
+                "map_pearson": 0.8 - 0.1 * r,
+                "rank_correlation": 0.75 - 0.1 * r,
+                "top_k_agreement": 0.6 - 0.1 * r + 0.01 * e,
+                "superpixel_mse": 0.02 + 0.01 * r,
+                "superpixel_sign_agreement": 0.7 - 0.05 * r,
+            }
             for e, ex in enumerate(explainers)
+        }
+        for r, role in enumerate(roles)
+        if role != "teacher"
+    }
+    transfer = {
+        role: {
+            "fss": 0.6 - 0.1 * r,
+            "rs": {"student": 0.4, "teacher": 0.5},
+            "student_layer": "blocks.2.1",
+            "teacher_layer": "layer3",
         }
         for r, role in enumerate(roles)
         if role != "teacher"
@@ -227,12 +249,14 @@ def make_run_dir(
                 "class_names": classes,
                 "per_model": per_model,
                 "agreement": agreement,
+                "transfer": transfer,
                 "random_baseline": {
                     role: {
                         "fidelity": 0.4 + 0.01 * r,
                         "retained_probability": 0.35,
                         "deletion_auc": 0.45,
                         "insertion_auc": 0.44,
+                        "road": 0.01,
                     }
                     for r, role in enumerate(roles)
                 },

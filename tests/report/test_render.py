@@ -24,10 +24,12 @@ _spec.loader.exec_module(make_records)
 SECTIONS = [
     "Run",
     "Summary",
+    "Explainers",
+    "Feature transfer",
+    "Sanity checks",
     "Fidelity per class",
-    "Faithfulness",
-    "Localisation",
-    "Sample explanations",
+    "Chance level",
+    "Localisation per K",
     "Average feature maps",
     "Training",
     "Records",
@@ -127,9 +129,9 @@ def test_rendering_twice_gives_the_same_html_and_figures(run_dir):
 def test_without_masks_there_is_no_localisation_section(tmp_path):
     run_dir = make_records.make_run_dir(tmp_path / "nomask", has_masks=False, samples_per_class=1, skipped_files=())
     html = render_report(run_dir).read_text()
-    assert ">Localisation</h2>" not in html and 'href="#localisation"' not in html
+    assert ">Localisation per K</h2>" not in html and 'href="#localisation"' not in html
     assert "Pointing game" not in html and "outlines mark the ground-truth masks" not in html
-    assert ">Summary</h2>" in html and ">Sample explanations</h2>" in html
+    assert ">Summary</h2>" in html and ">Explainers</h2>" in html
     assert "files skipped" not in html
 
 
@@ -160,8 +162,10 @@ def test_missing_explainer_and_null_values_are_dashes(run_dir):
     _edit(run_dir / "records/models.json", lambda d: d["models"]["teacher"]["test"].update(loss=None))
     shutil.rmtree(run_dir / "figures", ignore_errors=True)
     html = render_report(run_dir).read_text()
-    faith = _section(html, "faithfulness")
-    assert "–" in faith and "<strong>kd</strong>" in faith
+    section = _section(html, "explainer-grad_cam")
+    assert "–" in section and "<strong>kd</strong>" in section
+    fm = _section(html, "explainer-feature_maps")
+    assert "<strong>kd</strong>" not in fm.split("</table>")[0]  # kd has no feature-map scores: no row
     assert "0.2345" not in _section(html, "summary")
 
 

@@ -35,19 +35,34 @@ class Attribution:
     role: str | None = None
 
     def __post_init__(self) -> None:
-        check_maps(self.maps)
+        check_maps(self.maps, method=self.method)
 
 
-def check_maps(maps: Tensor, image_hw: tuple[int, int] | None = None) -> None:
-    """Assert the explanation contract: float32, (N, H, W), finite, optionally at ``image_hw``."""
+class NonFiniteAttributionError(ValueError):
+    """An explainer produced NaN or inf; the message names the method and the first bad images."""
+
+
+def check_maps(maps: Tensor, image_hw: tuple[int, int] | None = None, method: str | None = None) -> None:
+    """Assert the explanation contract: float32, (N, H, W), finite, optionally at ``image_hw``.
+
+    Raises:
+        NonFiniteAttributionError: naming ``method`` and the indices of the images with NaN/inf.
+    """
     if maps.dtype != torch.float32:
         raise ValueError(f"explanation maps must be float32, got {maps.dtype}")
     if maps.ndim != 3:
         raise ValueError(f"explanation maps must have shape (N, H, W), got {tuple(maps.shape)}")
     if image_hw is not None and tuple(maps.shape[1:]) != tuple(image_hw):
         raise ValueError(f"explanation maps are {tuple(maps.shape[1:])}, expected input resolution {image_hw}")
-    if not torch.isfinite(maps).all():
-        raise ValueError("explanation maps contain NaN or inf")
+    bad = ~torch.isfinite(maps.flatten(1)).all(dim=1)
+    if bad.any():
+        idx = torch.nonzero(bad).flatten().tolist()
+        shown = ", ".join(map(str, idx[:10])) + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
+        who = f"explainer {method!r}" if method else "an explainer"
+        raise NonFiniteAttributionError(
+            f"{who} produced NaN or inf attributions for image index {shown} of the batch; check the model's "
+            "outputs on those images (NaN logits) and the explainer's baseline and parameters"
+        )
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -109,14 +124,86 @@ class Explainer:
         self.close()
 
 
+SUPERPIXEL_SUFFIX = "+superpixel"
+
+
+def split_name(name: str) -> tuple[str, bool]:
+    """``"grad_cam+superpixel"`` -> ``("grad_cam", True)``; a plain name -> ``(name, False)``."""
+    if name.endswith(SUPERPIXEL_SUFFIX):
+        return name[: -len(SUPERPIXEL_SUFFIX)], True
+    return name, False
+
+
 def explainer_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:
-    """Validate ``params`` against explainer ``name``'s ``Params`` dataclass."""
+    """Validate ``params`` against explainer ``name``'s ``Params`` dataclass.
+
+    ``name`` may carry the ``+superpixel`` suffix (the XDistillation superpixel form of any explainer,
+    :class:`SuperpixelForm`); its SLIC options are the ``superpixel`` entry of ``params``.
+    """
     import xkd.explain  # noqa: F401  (registers explainers)
+    from xkd.explain.superpixel import SuperpixelParams
 
-    cls = EXPLAINERS.get(name)
-    return from_dict(cls.Params, params or {}, path)
+    base, superpixel = split_name(name)
+    cls = EXPLAINERS.get(base)
+    params = dict(params or {})
+    sp = params.pop("superpixel", None) if superpixel else None
+    inner = from_dict(cls.Params, params, path)
+    validate = getattr(inner, "validate", None)
+    if callable(validate):
+        validate()
+    if not superpixel:
+        return inner
+    sp_params = from_dict(SuperpixelParams, sp or {}, f"{path}.superpixel")
+    sp_params.validate()
+    return SuperpixelFormParams(inner, sp_params)
 
 
-def build_explainer(name: str, model: nn.Module, params: dict[str, Any] | None = None) -> Explainer:
-    """Build registered explainer ``name`` for ``model`` with validated ``params``."""
-    return EXPLAINERS.get(name)(model, explainer_params(name, params))
+def build_explainer(name: str, model: nn.Module, params: dict[str, Any] | None = None, **context: Any) -> Explainer:
+    """Build registered explainer ``name`` (optionally ``name+superpixel``) for ``model`` with
+    validated ``params``. ``context`` passes extra objects some explainers need (``teacher=`` for
+    ``unicam``); explainers that do not take them ignore them."""
+    validated = explainer_params(name, params)
+    base, superpixel = split_name(name)
+    if superpixel:
+        return SuperpixelForm(model, validated, base=base, **context)
+    return _construct(EXPLAINERS.get(base), model, validated, context)
+
+
+def _construct(cls: type, model: nn.Module, params: Any, context: dict[str, Any]) -> Explainer:
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in context.items() if takes_any or k in accepted}
+    return cls(model, params, **kwargs)
+
+
+@dataclass
+class SuperpixelFormParams:
+    """Validated options of :class:`SuperpixelForm`: the inner explainer's and SLIC's."""
+
+    inner: Any
+    superpixel: Any
+
+
+class SuperpixelForm(Explainer):
+    """The XDistillation superpixel form of any explainer (SEEDS.md §4): the inner explainer's pixel
+    map, then every pixel takes the **sum** of the attributions in its SLIC superpixel
+    (:func:`xkd.explain.superpixel.superpixel_maps`). Registered explainers get it by name:
+    ``"<name>+superpixel"``."""
+
+    def __init__(self, model: nn.Module, params: SuperpixelFormParams, *, base: str, **context: Any) -> None:
+        self.model = model
+        self.params = params
+        self.registry_name = base + SUPERPIXEL_SUFFIX
+        self.inner = _construct(EXPLAINERS.get(base), model, params.inner, context)
+
+    def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
+        from xkd.explain.superpixel import slic_segments, superpixel_maps
+
+        a = self.inner.explain(images, targets)
+        segments = slic_segments(images, self.params.superpixel).to(a.maps.device)
+        return Attribution(superpixel_maps(a.maps, segments), method=self.registry_name, layer=a.layer, role=a.role)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,4 +1,6 @@
-"""Grad-CAM (Selvaraju et al., ICCV 2017) over a small class-activation-map template.
+"""The Grad-CAM family over a small class-activation-map template: Grad-CAM (Selvaraju et al., ICCV
+2017; registry ``grad_cam``), Grad-CAM++ (Chattopadhay et al., WACV 2018, eq. 19; ``grad_cam_pp``) and
+LayerCAM (Jiang et al., IEEE TIP 2021; ``layer_cam``).
 
 Grad-CAM for class ``c`` at a convolutional layer with activations ``A^k`` (eq. 1-2)::
 
@@ -18,25 +20,28 @@ the layer can depend on its output, so the gradient is exact); the layer's outpu
 the rest of the network sees it, so in-place operations after it (``ReLU(inplace=True)``) do not
 corrupt the activations.
 
-Backends, measured with ``bench/gradcam_bench.py`` on this machine (2 CPU cores shared with other
-jobs, load ~1.5; 2 torch threads; torch 2.14.1, captum 0.9, grad-cam 1.5.7): one batch of 64 random
-images, untrained models in eval mode, the model's default layer, median of interleaved repeats
-(15 for the 28x28 cases, 5 for resnet18), milliseconds per batch (ratio = xkd / captum):
+Speed, measured with ``bench/gradcam_bench.py`` on this machine (2 CPU cores shared with other jobs,
+load ~3; 2 torch threads; torch 2.14.1, captum 0.9, grad-cam 1.5.7): one batch of 64 random images,
+untrained models in eval mode, the model's default layer, median of interleaved repeats (7 for the
+28x28 cases, 3 for resnet18), milliseconds per batch. LIMIT = one forward pass with autograd plus the
+backward of the selected logits' sum to the input (pgc = pytorch-grad-cam):
 
-================================  ======  ======  ======  ================  =======
-model (layer), input              xkd     captum  ratio   pytorch-grad-cam  forward
-================================  ======  ======  ======  ================  =======
-cifar_resnet (layer3), 1x28x28    66.0    71.2    0.93    209               63.6
-kdfmv_cnn (blocks.4.0), 1x28x28   61.9    62.2    1.00    165               58.8
-resnet18 (layer4), 3x64x64        343     346     0.99    1095              340
-================================  ======  ======  ======  ================  =======
+==============================  =======================  ===================  =================  =======  =====
+model (layer), input            grad_cam xkd/captum/pgc  grad_cam_pp xkd/pgc  layer_cam xkd/pgc  forward  LIMIT
+==============================  =======================  ===================  =================  =======  =====
+cifar_resnet (layer3) 1x28x28   54.6 / 55.8 / 161        50.7 / 158           52.5 / 162         49.3     107
+kdfmv_cnn (blocks.4.1) 1x28x28  38.6 / 39.6 / 99.1       39.3 / 97.9          37.8 / 96.1        36.2     62.8
+resnet18 (layer4) 3x64x64       230 / 226 / 684          222 / 709            258 / 711          214      444
+==============================  =======================  ===================  =================  =======  =====
 
-The ``xkd`` and ``captum`` maps are identical (max abs difference 0); pytorch-grad-cam agrees to
-1e-5 after min-max normalisation. Absolute times move by up to ~30 % with the machine's load, the
-ratios do not. The own backend is the default: it is never slower than captum (0.93-1.00) and costs
-about one plain no-grad forward pass (1.01-1.05x), which is the floor for a last-layer Grad-CAM;
-pytorch-grad-cam takes ~3x as long (it back-propagates into the whole network and fills
-``parameter.grad``). ``backend="captum"`` runs ``captum.attr.LayerGradCam`` +
+xkd/fastest other = 0.98-1.02 for Grad-CAM (captum), 0.31-0.40 for Grad-CAM++ and 0.32-0.39 for LayerCAM
+(pytorch-grad-cam); xkd/LIMIT = 0.47-0.63 and xkd/forward = 1.03-1.20 for all three. The ``xkd`` and
+``captum`` Grad-CAM maps are identical (max abs difference 0); pytorch-grad-cam agrees to 1e-5 after
+min-max normalisation for Grad-CAM and LayerCAM (1e-2 to 1e-1 for Grad-CAM++: its eps, see
+:class:`GradCAMPlusPlus`). Absolute times move by up to ~30 % with the machine's load, the ratios do
+not. The own backend is the default: it costs about one plain no-grad forward pass, which is the floor
+for a last-layer CAM; pytorch-grad-cam takes ~3x as long (it back-propagates into the whole network and
+fills ``parameter.grad``). ``backend="captum"`` (Grad-CAM only) runs ``captum.attr.LayerGradCam`` +
 ``LayerAttribution.interpolate(..., "bilinear")``.
 """
 
@@ -141,6 +146,28 @@ class CAMExplainer(Explainer):
         self._handles.clear()
 
 
+@dataclass
+class CAMParams:
+    """Options shared by the CAM explainers.
+
+    Attributes:
+        layer: module path of the explained layer (None: the model's default layer, usually the
+            last convolution).
+        batch_size: images per forward/backward pass (bounds memory).
+        relu: apply the final ReLU (keep only evidence for the class).
+    """
+
+    layer: str | None = None
+    batch_size: int = 64
+    relu: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.layer is not None and not self.layer:
+            raise ConfigError("layer must be a module path or null, got ''")
+
+
 @EXPLAINERS.register("grad_cam")
 class GradCAM(CAMExplainer):
     """Grad-CAM (Selvaraju et al. 2017, eq. 1-2): channel weights are the spatial mean of the
@@ -152,27 +179,15 @@ class GradCAM(CAMExplainer):
     """
 
     @dataclass
-    class Params:
-        """Grad-CAM options.
+    class Params(CAMParams):
+        """Grad-CAM options: ``layer``, ``batch_size``, ``relu`` (the ReLU of eq. 2) as in
+        :class:`CAMParams`, and ``backend``: ``"xkd"`` (own implementation, the faster) or
+        ``"captum"`` (LayerGradCam)."""
 
-        Attributes:
-            layer: module path of the explained layer (None: the model's default layer, usually the
-                last convolution).
-            batch_size: images per forward/backward pass (bounds memory).
-            relu: apply the ReLU of eq. 2 (keep only evidence for the class).
-            backend: ``"xkd"`` (own implementation, the faster) or ``"captum"`` (LayerGradCam).
-        """
-
-        layer: str | None = None
-        batch_size: int = 64
-        relu: bool = True
         backend: Literal["xkd", "captum"] = "xkd"
 
         def validate(self) -> None:
-            if self.batch_size < 1:
-                raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-            if self.layer is not None and not self.layer:
-                raise ConfigError("layer must be a module path or null, got ''")
+            super().validate()
             if self.backend not in ("xkd", "captum"):
                 raise ConfigError(f"backend {self.backend!r} is not allowed; allowed values: 'xkd', 'captum'")
 
@@ -193,3 +208,46 @@ class GradCAM(CAMExplainer):
             )
         cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[2:]), interpolate_mode="bilinear")
         return cam[:, 0]
+
+
+@EXPLAINERS.register("grad_cam_pp")
+class GradCAMPlusPlus(CAMExplainer):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018), channel weights of eq. 19 in the closed form for
+    an exponential score ``Y = exp(S)`` (eq. 17-19; the form pytorch-grad-cam and the authors use),
+    with ``g = dS/dA^k_ij`` the gradient of the class logit::
+
+        alpha^k_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3)      (0 where the denominator is 0)
+        w_k        = sum_ij alpha^k_ij ReLU(g)
+        L          = ReLU(sum_k w_k A^k)
+
+    pytorch-grad-cam adds ``eps = 1e-6`` to the denominator; xkd does not (it would bias ``alpha``
+    wherever ``g^2`` is not >> 1e-6, i.e. for the small gradients of wide layers), and sets ``alpha = 0``
+    only where the denominator is exactly 0 (pytorch-grad-cam: where ``g = 0``, which is the same set
+    except for the measure-zero case ``sum A * g = -2``).
+    """
+
+    Params = CAMParams
+
+    def channel_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        g2 = gradients.pow(2)
+        denom = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * g2 * gradients
+        alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
+        return (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)
+
+
+@EXPLAINERS.register("layer_cam")
+class LayerCAM(CAMExplainer):
+    """LayerCAM (Jiang et al., IEEE TIP 2021, eq. 5-6): every position gets its own weight, the
+    positive part of the gradient of the class logit, instead of a spatially averaged one::
+
+        L = ReLU(sum_k ReLU(g^k_ij) * A^k_ij)
+
+    so it is not "channel weights times A": :meth:`_explain_chunk` is overridden.
+    """
+
+    Params = CAMParams
+
+    def _explain_chunk(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        acts, grads = self._activations_and_gradients(images, targets)
+        cam = (F.relu(grads) * acts).sum(dim=1, keepdim=True)
+        return self._finish(cam, images.shape[2:])

@@ -23,8 +23,19 @@ from xkd.metrics.classification import (
     posthoc_agreement,
 )
 from xkd.metrics.cost import flops, mean_explain_time, parameter_count
-from xkd.metrics.faithfulness import deletion_auc, fidelity, insertion_auc, perturbation_curves, saliency_ranks
-from xkd.metrics.localisation import medtex_k_values, pointing_game, top_k_iou
+from xkd.metrics.faithfulness import (
+    deletion_auc,
+    fidelity,
+    insertion_auc,
+    linear_imputation,
+    perturbation_curves,
+    road,
+    saliency_ranks,
+)
+from xkd.metrics.localisation import mask_mass, medtex_k_values, pointing_game, top_k_dice, top_k_iou
+from xkd.metrics.sanity import data_randomisation_sanity, randomisation_sanity
+from xkd.metrics.superpixel import superpixel_mse, superpixel_sign_agreement
+from xkd.metrics.transfer import fss, pair_features, rs, transfer_scores
 from xkd.registry import METRICS
 
 
@@ -38,6 +49,18 @@ def as_result(name: str, value: Any) -> MetricResult:
 
 
 __all__ = [
+    "fss",
+    "pair_features",
+    "rs",
+    "transfer_scores",
+    "data_randomisation_sanity",
+    "linear_imputation",
+    "mask_mass",
+    "randomisation_sanity",
+    "road",
+    "superpixel_mse",
+    "superpixel_sign_agreement",
+    "top_k_dice",
     "MetricInfo",
     "MetricResult",
     "accuracy",

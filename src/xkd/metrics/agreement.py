@@ -54,10 +54,11 @@ def map_pearson(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean
     return _reduce(_pearson_rows(*_flat_pair(a, b)), reduction)
 
 
-@metric("map_spearman", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+@metric("rank_correlation", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
 def map_spearman(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
     """Spearman rank correlation of the two maps of each image, averaged over images: the Pearson
     correlation of the pixel ranks, ties given their average rank (as ``scipy.stats.spearmanr``).
+    Registered as ``rank_correlation``.
 
     Constant maps give ``nan`` for that image, excluded from the mean (see the module docstring).
     """

@@ -23,7 +23,8 @@ class MetricInfo:
         higher_is_better: direction of the score (None when it has none, e.g. a confusion matrix).
         needs: inputs beyond predictions, e.g. ``("labels",)``, ``("maps", "masks")``,
             ``("second_model",)``.
-        category: ``classification``, ``agreement``, ``cost``, ``faithfulness``, ``localisation``.
+        category: ``classification``, ``agreement``, ``cost``, ``faithfulness``, ``localisation``,
+            ``sanity``, ``transfer``.
         fn: the function computing it.
         description: one line for the report.
     """

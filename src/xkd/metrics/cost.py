@@ -66,14 +66,14 @@ def mean_explain_time(
 
     Wall-clock time (``time.perf_counter``) of ``repeats`` calls of ``explainer(images, targets)``
     divided by ``repeats * N``. With ``warmup``, one untimed call on the first two images comes first
-    (it pays one-off costs such as allocator growth and lazy initialisation).
+    (first four images; it pays one-off costs such as allocator growth and lazy initialisation).
     """
     if images.shape[0] == 0:
         raise ValueError("mean_explain_time needs at least one image")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup:
-        explainer(images[:2], targets[:2])
+        explainer(images[:4], targets[:4])  # UniCAM needs a batch of at least 4
     _sync(images)
     start = time.perf_counter()
     for _ in range(repeats):

@@ -3,6 +3,7 @@
 - :func:`fidelity` -- KD-FMV reports fidelity per class without a formula; xkd's definition is in
   SEEDS.md §1 and below.
 - :func:`deletion_auc`, :func:`insertion_auc` -- Petsiuk et al., "RISE", BMVC 2018, §4.1.
+- ROAD (Rong et al., ICML 2022) lives in :mod:`xkd.metrics.road` and is re-exported here.
 
 Pixels are ranked by decreasing saliency; equal saliency is broken by pixel index (row-major, the
 lower index first), so results are deterministic. Perturbed pixels take the ``baseline`` value (a
@@ -212,3 +213,17 @@ def insertion_auc(
     """
     curve, fractions = perturbation_curves(model, images, maps, "insertion", steps, baseline, batch_size, targets)
     return _auc_result("insertion_auc", curve, fractions)
+
+
+from xkd.metrics.road import ROAD_PERCENTAGES, linear_imputation, road  # noqa: E402  (re-export)
+
+__all__ = [
+    "ROAD_PERCENTAGES",
+    "deletion_auc",
+    "fidelity",
+    "insertion_auc",
+    "linear_imputation",
+    "perturbation_curves",
+    "road",
+    "saliency_ranks",
+]

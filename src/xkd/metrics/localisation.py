@@ -4,10 +4,14 @@
   ECCV 2016 / IJCV 2018, §5.1, here without the 15-pixel tolerance.
 - :func:`top_k_iou` -- MED-TEX (SEEDS.md §2, eq. 14): overlap of the map's K most salient pixels
   with the mask. The paper's eq. 14, ``2|A ∩ B| / (|A| + |B|)``, is the Dice coefficient, not IoU;
-  both are reported under their right names.
+  both are reported under their right names; :func:`top_k_dice` registers the Dice on its own.
+- :func:`mask_mass` -- the share of positive attribution inside the mask: the "energy-based pointing
+  game" of Wang et al., "Score-CAM", CVPR Workshops 2020, localisation evaluation (``sum_{in mask} L / sum L`` for a
+  map ``L >= 0``).
 
 Maps are ``(N, H, W)``, masks boolean ``(N, H, W)`` at the same resolution. Images whose mask is
-empty have no region to find: they are skipped and counted in ``skipped_empty``.
+empty have no region to find: their score is undefined, so they are skipped (``nan`` per image,
+left out of the mean, never counted as 0) and counted in ``skipped_empty``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ MEDTEX_SIDE = 224
 
 def _flat(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if maps.ndim != 3 or masks.shape != maps.shape:
-        raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be (N, H, W)")
+        raise ValueError(
+            f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be (N, H, W) of the same shape; "
+            "explanation maps are at input resolution, so resize the masks to the images' size (nearest)"
+        )
     m = masks.detach().flatten(1).bool().cpu()
     valid = m.any(dim=1)
     return maps.detach().flatten(1).cpu()[valid], m[valid], valid
@@ -107,3 +114,50 @@ def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None 
     if len(ks_list) > 1:
         out["per_k"] = per_k
     return out
+
+
+@metric("top_k_dice", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+def top_k_dice(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """Dice ``2 |A ∩ B| / (|A| + |B|)`` between each map's ``K`` most salient pixels ``A`` and the mask
+    ``B`` (MED-TEX eq. 14 as written); the same computation as :func:`top_k_iou`, whose arguments it takes.
+
+    Returns:
+        ``{"top_k_dice", "top_k_iou", "k_pixels", "evaluated", "skipped_empty"}``, plus ``"per_k"``
+        when several ``K`` are given.
+    """
+    out = top_k_iou(maps, masks, k_pixels)
+    return {"top_k_dice": out.pop("dice"), **out}
+
+
+@metric("mask_mass", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
+    """Share of the positive attribution that falls inside the mask (energy-based pointing game,
+    Wang et al., "Score-CAM", CVPR-W 2020, localisation evaluation)::
+
+        mass = sum_{ij in mask} max(L_ij, 0) / sum_ij max(L_ij, 0)
+
+    Score-CAM's maps are non-negative; signed maps (gradients, SHAP) keep their positive part, the
+    evidence *for* the class. 1 when all evidence lies in the mask; a uniform map scores the mask's
+    area fraction. Undefined (``nan``, left out of the mean) for an empty mask (``skipped_empty``)
+    or a map without positive values (``skipped_no_positive``, e.g. an all-zero Grad-CAM).
+
+    Returns:
+        ``{"mask_mass", "per_image" (N,) float64 with nans, "evaluated", "skipped_empty",
+        "skipped_no_positive"}``.
+    """
+    _flat(maps, masks)  # shape check
+    pos = maps.detach().flatten(1).double().cpu().clamp_min(0)
+    m = masks.detach().flatten(1).bool().cpu()
+    total = pos.sum(dim=1)
+    empty = ~m.any(dim=1)
+    no_pos = ~empty & (total <= 0)
+    per_image = (pos * m).sum(dim=1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    per_image[empty | no_pos] = float("nan")
+    ok = ~(empty | no_pos)
+    return {
+        "mask_mass": float(per_image[ok].mean()) if ok.any() else float("nan"),
+        "per_image": per_image,
+        "evaluated": int(ok.sum()),
+        "skipped_empty": int(empty.sum()),
+        "skipped_no_positive": int(no_pos.sum()),
+    }

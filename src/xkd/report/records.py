@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: explanations.json keys metrics by registry name (issue 3)
 
 
 def is_writer() -> bool:

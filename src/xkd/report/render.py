@@ -8,10 +8,6 @@ deterministic: rendering the same records twice gives the same bytes.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +15,36 @@ import jinja2
 
 from xkd.report import figures
 from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
+from xkd.report.sections import explainer_sections, sanity_table, transfer_table
+from xkd.report.tables import (
+    Col,
+    best_rows,
+    cell,
+    explainer_name,
+    fmt,
+    fmt_pct,
+    fmt_seconds,
+    head,
+    make_table,
+    model_label,
+    ok,
+)
 
-DASH = "–"
 MAX_LAYERS = 12
 SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
     ("run", "Run", None),
     ("summary", "Summary", None),
-    ("fidelity", "Fidelity per class", None),
-    ("faithfulness", "Faithfulness", None),
-    ("localisation", "Localisation", "localisation"),
-    ("samples", "Sample explanations", "samples"),
+    ("explainers", "Explainers", "explainers"),
+    ("transfer", "Feature transfer", "transfer"),
+    ("sanity", "Sanity checks", "sanity"),
+    ("fidelity", "Fidelity per class", "fidelity"),
+    ("baseline", "Chance level", "baseline"),
+    ("localisation", "Localisation per K", "localisation"),
     ("feature-maps", "Average feature maps", "feature_maps"),
     ("training", "Training", None),
     ("records", "Records", None),
 ]
 RECORD_KINDS = ("run", "models", "explanations", "samples")  # records/<kind>.json
-EXPLAINER_NAMES = {"grad_cam": "Grad-CAM", "feature_maps": "Feature maps", "shap": "SHAP", "lime": "LIME"}
-EXPLAINER_NAMES |= {"integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientSHAP", "unicam": "UniCAM"}
 
 
 class ReportError(FileNotFoundError):
@@ -45,83 +54,6 @@ class ReportError(FileNotFoundError):
 class ReportSchemaError(ReportError, ValueError):
     """A record has another schema version or kind than this xkd reads (a ``ValueError``; also a
     ``ReportError`` so the CLI reports it as one clear message)."""
-
-
-# --- formatting ---------------------------------------------------------------------------------
-
-
-def _ok(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def fmt(v: Any, spec: str = ".4f", scale: float = 1.0) -> str:
-    """``v * scale`` formatted with ``spec`` (accuracies ``.4f``, counts ``,.0f``); "–" if missing."""
-    return format(v * scale, spec) if _ok(v) else DASH
-
-
-def fmt_pct(v: Any) -> str:
-    return f"{v * 100:g}%" if _ok(v) else "k"
-
-
-def fmt_seconds(v: Any) -> str:
-    if not _ok(v):
-        return DASH
-    if v < 60:
-        return f"{v:.1f} s"
-    m, s = divmod(round(v), 60)
-    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
-
-
-def explainer_name(name: str) -> str:
-    return EXPLAINER_NAMES.get(name, name.replace("_", " "))
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
-
-
-# --- tables (plain dicts the template's macro draws) ----------------------------------------------
-
-
-@dataclass
-class Col:
-    """One numeric column: header, raw values per row, format, and which direction is better."""
-
-    head: str
-    values: list[Any]
-    spec: str | Callable[[Any], str] = ".4f"
-    better: str | None = None  # "high", "low" or None (no highlight)
-    title: str | None = None
-    scale: float = 1.0
-
-    def text(self, v: Any) -> str:
-        return self.spec(v) if callable(self.spec) else fmt(v, self.spec, self.scale)
-
-
-def _best(values: Sequence[Any], better: str | None) -> set[int]:
-    ok = [(i, v) for i, v in enumerate(values) if _ok(v)]
-    if better is None or len(ok) < 2 or len({v for _, v in ok}) == 1:
-        return set()
-    target = (max if better == "high" else min)(v for _, v in ok)
-    return {i for i, v in ok if v == target}
-
-
-def cell(text: str, *, num: bool = True, best: bool = False, sub: str | None = None, title: str | None = None) -> dict:
-    return {"text": text, "num": num, "best": best, "sub": sub, "title": title}
-
-
-def head(text: str, num: bool = True, title: str | None = None) -> dict:
-    return {"text": text, "num": num, "title": title}
-
-
-def make_table(caption: str, labels: list[dict], cols: list[Col], groups: list[tuple[str, int]] | None = None) -> dict:
-    """Rows = models (``labels``), one column per ``Col``, best value per column highlighted."""
-    bests = [_best(c.values, c.better) for c in cols]
-    rows = [
-        [lab] + [cell(c.text(c.values[r]), best=r in b) for c, b in zip(cols, bests)] for r, lab in enumerate(labels)
-    ]
-    heads = [head("Model", False)] + [head(c.head, True, c.title) for c in cols]
-    return {"caption": caption, "groups": groups, "head": heads, "rows": rows}
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -159,12 +91,8 @@ def load_records(run_dir: Path) -> dict[str, Any]:
 # --- sections ---------------------------------------------------------------------------------------
 
 
-def _model_label(role: str, m: dict) -> dict:
-    return cell(role, num=False, sub=m.get("model"))
-
-
 def _summary(roles: list[str], models: dict, expl: dict) -> list[dict]:
-    labels = [_model_label(r, models[r]) for r in roles]
+    labels = [model_label(r, models[r]) for r in roles]
     m = [models[r] for r in roles]
     test = [x.get("test") or {} for x in m]
     post = [x.get("posthoc") or {} for x in m]
@@ -187,19 +115,18 @@ def _summary(roles: list[str], models: dict, expl: dict) -> list[dict]:
     perf["head"].insert(1, head("Distiller", False))
 
     cols, groups = [], [("", 1)]
-    pct = expl.get("agreement_top_k")
     for ex in expl.get("explainers", []):
-        fid = [((expl["per_model"].get(r) or {}).get(ex) or {}).get("fidelity") or {} for r in roles]
+        per = [((expl["per_model"].get(r) or {}).get(ex) or {}) for r in roles]
         agr = [(expl.get("agreement", {}).get(r) or {}).get(ex) or {} for r in roles]
         cols += [
             Col("MET (ms)", [(x.get("met") or {}).get(ex) for x in m], ",.2f", "low", "ms per image", 1e3),
-            Col("Fidelity", [f.get("mean") for f in fid], better="high"),
-            Col("Pearson", [a.get("pearson") for a in agr], better="high", title="teacher–student maps"),
-            Col("Spearman", [a.get("spearman") for a in agr], better="high", title="teacher–student maps"),
-            Col(f"Top-{fmt_pct(pct)} IoU", [a.get("top_k_iou") for a in agr], better="high"),
+            Col("Fidelity", [(p.get("fidelity") or {}).get("mean") for p in per], better="high"),
+            Col(
+                "Rank corr.", [a.get("rank_correlation") for a in agr], better="high", title="Spearman with the teacher"
+            ),
         ]
-        groups.append((explainer_name(ex), 5))
-    expl_table = make_table("Explanations: cost, fidelity and teacher–student agreement.", labels, cols, groups)
+        groups.append((explainer_name(ex), 3))
+    expl_table = make_table("Explanations: cost, fidelity and agreement with the teacher's maps.", labels, cols, groups)
     return [perf, expl_table] if cols else [perf]
 
 
@@ -217,7 +144,7 @@ def _fidelity_tables(roles: list[str], expl: dict, class_names: list[str]) -> li
                 src = fids[r] if c is None else (fids[r].get("per_class") or {}).get(c) or {}
                 vals.append((src.get("mean" if c is None else "fidelity"), src.get("retained_probability")))
             first = (fids[shown[0]].get("per_class") or {}).get(c) or {} if c else {}
-            best_f, best_p = _best([v[0] for v in vals], "high"), _best([v[1] for v in vals], "high")
+            best_f, best_p = best_rows([v[0] for v in vals], "high"), best_rows([v[1] for v in vals], "high")
             row = [cell(c or "Average", num=False), cell(fmt(first.get("n"), ",.0f") if c else "")]
             for i, (f, p) in enumerate(vals):
                 row += [cell(fmt(f), best=i in best_f), cell(fmt(p), best=i in best_p)]
@@ -234,30 +161,15 @@ def _per_explainer(roles: list[str], expl: dict, ex: str) -> list[dict]:
     return [(expl["per_model"].get(r) or {}).get(ex) or {} for r in roles]
 
 
-def _faithfulness(roles: list[str], models: dict, expl: dict) -> dict | None:
-    cols, groups = [], [("", 1)]
-    for ex in expl.get("explainers", []):
-        per = _per_explainer(roles, expl, ex)
-        cols += [
-            Col("Deletion AUC ↓", [p.get("deletion_auc") for p in per], better="low"),
-            Col("Insertion AUC ↑", [p.get("insertion_auc") for p in per], better="high"),
-        ]
-        groups.append((explainer_name(ex), 2))
-    if not cols:
-        return None
-    labels = [_model_label(r, models[r]) for r in roles]
-    return make_table("Deletion / insertion AUC of the predicted class's probability.", labels, cols, groups)
-
-
 def _baseline(roles: list[str], models: dict, expl: dict) -> dict | None:
     base = expl.get("random_baseline") or {}
     shown = [r for r in roles if r in base]
     if not shown:
         return None
     keys = {"Fidelity": "fidelity", "Retained": "retained_probability"}
-    keys |= {"Deletion AUC": "deletion_auc", "Insertion AUC": "insertion_auc"}
-    cols = [Col(h, [base[r].get(k) for r in shown]) for h, k in keys.items()]
-    labels = [_model_label(r, models[r]) for r in shown]
+    keys |= {"Deletion AUC": "deletion_auc", "Insertion AUC": "insertion_auc", "ROAD": "road"}
+    cols = [Col(h, [base[r].get(k) for r in shown]) for h, k in keys.items() if any(k in base[r] for r in shown)]
+    labels = [model_label(r, models[r]) for r in shown]
     return make_table("Random maps (seeded uniform noise) scored like an explainer: chance level.", labels, cols)
 
 
@@ -265,46 +177,20 @@ def _localisation(roles: list[str], models: dict, expl: dict) -> list[dict]:
     tables = []
     for ex in expl.get("explainers", []):
         per = _per_explainer(roles, expl, ex)
-        ks = sorted({k for p in per for k in (p.get("top_k_iou") or {})}, key=lambda k: float(k))
+        ks = sorted({k for p in per for k in (p.get("top_k") or {})}, key=lambda k: float(k))
         pg = [p.get("pointing_game") for p in per]
-        if not ks and not any(_ok(v) for v in pg):
+        if not ks and not any(ok(v) for v in pg):
             continue
         cols, groups = [Col("Pointing game", pg, better="high")], [("", 2)]
         for k in ks:
-            vals = [((p.get("top_k_iou") or {}).get(k) or {}) for p in per]
+            vals = [((p.get("top_k") or {}).get(k) or {}) for p in per]
             cols += [Col("IoU", [v.get("iou") for v in vals], better="high")]
             cols += [Col("Dice", [v.get("dice") for v in vals], better="high")]
             groups.append((f"K = {fmt(float(k), ',.0f')} px", 2))
-        labels = [_model_label(r, models[r]) for r in roles]
+        labels = [model_label(r, models[r]) for r in roles]
         caption = f"{explainer_name(ex)}: localisation against the ground-truth masks."
         tables.append(make_table(caption, labels, cols, groups))
     return tables
-
-
-def _samples(run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str]) -> list[dict]:
-    labels, preds = samples.get("labels", []), samples.get("predictions", {})
-    indices = samples.get("indices", list(range(len(labels))))
-    masks = tensors.get("masks") if samples.get("has_masks") else None
-    groups = []
-    for ex in samples.get("explainers", []):
-        shown = [r for r in roles if f"maps/{r}/{ex}" in tensors]
-        if not shown:
-            continue
-        cards = []
-        for k, name in enumerate(class_names):
-            idx = [i for i, y in enumerate(labels) if y == k]
-            if not idx:
-                continue
-            maps = {r: tensors[f"maps/{r}/{ex}"][idx] for r in shown}
-            pred = {r: [p[i] for i in idx] for r in shown if len(p := preds.get(r) or []) == len(labels)}
-            src = f"figures/samples_{_slug(ex)}_{k:03d}.png"
-            args = (tensors["images"][idx], maps, [labels[i] for i in idx], pred, class_names)
-            m = None if masks is None else masks[idx]
-            figures.save_class_grid(run_dir / src, *args, indices=[indices[i] for i in idx], masks=m)
-            wrong = sum(q != k for p in pred.values() for q in p)
-            cards.append({"name": name, "src": src, "wrong": wrong})
-        groups.append({"explainer": explainer_name(ex), "cards": cards})
-    return groups
 
 
 def _feature_maps(run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str]) -> dict | None:
@@ -343,7 +229,7 @@ def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_na
     hist = {r: trains[r].get("history") or [] for r in roles}
     at_best = [next((h for h in hist[r] if h.get("epoch") == trains[r].get("best_epoch")), {}) for r in roles]
     secs = (run.get("timing") or {}).get("per_model_train_seconds") or {}
-    labels = [_model_label(r, models[r]) for r in roles]
+    labels = [model_label(r, models[r]) for r in roles]
     table = make_table(
         "Training per model (best epoch = the checkpoint that is evaluated).",
         labels,
@@ -403,10 +289,11 @@ def render_report(run_dir: str | Path) -> Path:
         "fidelity_keep": fmt_pct(expl.get("fidelity_keep")),
         "top_k": fmt_pct(expl.get("agreement_top_k")),
         "num_images": expl.get("num_images"),
-        "faithfulness": _faithfulness(roles, models, expl),
+        "explainers": explainer_sections(run_dir, roles, models, expl, samples, tensors, class_names),
+        "transfer": transfer_table(roles, models, expl),
+        "sanity": sanity_table(roles, models, expl),
         "baseline": _baseline(roles, models, expl),
         "localisation": _localisation(roles, models, expl) if has_masks else [],
-        "samples": _samples(run_dir, roles, samples, tensors, class_names),
         "has_masks": bool(samples.get("has_masks")),
         "feature_maps": _feature_maps(run_dir, roles, samples, tensors, class_names),
         "training": _training(run_dir, roles, models, run, class_names),

@@ -1,0 +1,178 @@
+"""XDistillation's explanation-consistency metrics (seeds/003, §IV-B "Explanation consistency").
+
+Teacher and student maps ``a`` and ``b`` ``(N, H, W)`` of the same images are turned into superpixel
+explanations with one shared segmentation ``segments`` ``(N, H, W)`` (integer labels per image,
+e.g. :func:`xkd.explain.superpixel.slic_segments`): every superpixel gets the **sum** of its
+attribution (:func:`xkd.explain.superpixel.segment_sums`, the paper's §III-A1 transform, which it
+also applies to Grad-CAM before comparing). Then:
+
+- :func:`superpixel_mse` -- Table IV: "the mean square error (MSE) to measure the similarity between
+  the two explanations".
+- :func:`superpixel_sign_agreement` -- Table V: over the inputs both models classify correctly, "the
+  k most important super-pixels of the corresponding explanations" and ``h = 1 where sign(M) =
+  sign(T)``, reported as a percentage.
+
+Images can be restricted with a boolean ``correct`` ``(N,)`` (e.g. both models right, as the paper
+does for Table V and "the same predictions" for Table IV); an empty selection gives ``nan`` and the
+counts say why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from xkd.explain.superpixel import segment_sums
+from xkd.metrics.base import metric
+
+
+def _superpixel_values(a: Tensor, b: Tensor, segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(N, S_max)`` sums of ``a`` and ``b`` per superpixel and the ``(N, S_max)`` mask of real superpixels."""
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"maps must both be (N, H, W) of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if segments.shape != a.shape:
+        raise ValueError(
+            f"segments {tuple(segments.shape)} must be (N, H, W) like the maps {tuple(a.shape)}: "
+            "one segmentation per image at the maps' resolution"
+        )
+    if segments.dtype.is_floating_point or segments.dtype == torch.bool:
+        raise ValueError(f"segments must hold integer superpixel labels, got {segments.dtype}")
+    seg = segments.detach().cpu().long()
+    if seg.numel() and int(seg.min()) < 0:
+        raise ValueError("segments must hold labels 0..S-1 (got negative labels)")
+    sa, sb = segment_sums(a.detach().cpu(), seg), segment_sums(b.detach().cpu(), seg)
+    # labels present in each image (robust to gaps in the labels and to padding up to S_max)
+    real = torch.zeros(sa.shape, dtype=torch.bool).scatter_(1, seg.flatten(1), True)
+    return sa, sb, real
+
+
+def _selection(correct: Tensor | None, n: int) -> Tensor:
+    if correct is None:
+        return torch.ones(n, dtype=torch.bool)
+    sel = torch.as_tensor(correct).detach().cpu()
+    if sel.shape != (n,) or sel.dtype != torch.bool:
+        raise ValueError(
+            f"correct must be a boolean tensor of shape ({n},) (True where both models are right), "
+            f"got {sel.dtype} {tuple(sel.shape)}"
+        )
+    return sel
+
+
+@metric(
+    "superpixel_mse",
+    higher_is_better=False,
+    needs=("maps", "second_model", "segments"),
+    category="agreement",
+)
+def superpixel_mse(
+    a: Tensor,
+    b: Tensor,
+    segments: Tensor,
+    normalize: bool = False,
+    correct: Tensor | None = None,
+) -> dict[str, Any]:
+    """MSE between the teacher's and the student's superpixel explanations (XDistillation, Table IV).
+
+    Per image ``i`` with ``S_i`` superpixels (the labels present) and superpixel sums ``A_s``, ``B_s``::
+
+        mse_i = 1 / S_i * sum_s (A_s - B_s)^2,      superpixel_mse = mean over the selected images
+
+    ``normalize=False`` (default) compares the raw sums, as the paper does for SHAP: SHAP values of
+    both models are in the same unit (they add up to the model output minus its expectation), so
+    their difference is meaningful. Maps without a common scale -- Grad-CAM magnitudes follow each
+    model's activations -- should use ``normalize=True``: each image's superpixel vector is divided
+    by its largest ``|value|`` (the sign, which :func:`superpixel_sign_agreement` reads, is kept;
+    min-max scaling would move the zero). A vector of zeros stays zero.
+
+    Returns:
+        ``{"superpixel_mse", "per_image" (N,) float64 (nan for unselected images), "evaluated",
+        "skipped"}``.
+    """
+    sa, sb, real = _superpixel_values(a, b, segments)
+    sel = _selection(correct, a.shape[0])
+    if normalize:
+        sa = sa / sa.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        sb = sb / sb.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    per_image = ((sa - sb) ** 2 * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+    per_image[~sel] = float("nan")
+    return {
+        "superpixel_mse": float(per_image[sel].mean()) if sel.any() else float("nan"),
+        "per_image": per_image,
+        "evaluated": int(sel.sum()),
+        "skipped": int((~sel).sum()),
+    }
+
+
+def _top_k(values: Tensor, real: Tensor, k: int) -> Tensor:
+    """Boolean mask of each row's ``k`` largest ``|values|`` among its real superpixels (ties by index)."""
+    score = values.abs().masked_fill(~real, -1.0)  # padded entries rank last
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    top = torch.zeros_like(real).scatter_(1, order, True)
+    return top & real
+
+
+@metric(
+    "superpixel_sign_agreement",
+    higher_is_better=True,
+    needs=("maps", "second_model", "segments", "correct"),
+    category="agreement",
+)
+def superpixel_sign_agreement(
+    a: Tensor,
+    b: Tensor,
+    segments: Tensor,
+    k: int = 2,
+    correct: Tensor | None = None,
+    select: Literal["each", "teacher"] = "each",
+) -> dict[str, Any]:
+    """Top-k superpixel sign agreement of teacher ``a`` and student ``b`` (XDistillation, Table V).
+
+    The paper: "for all correctly classified inputs by both teacher and student models, we collect the
+    k most important super-pixels of the corresponding explanations and compute ... h(x) = 1 where
+    sign(M(x)) = sign(T(x)), 0 otherwise, where M(x) [T(x)] is the explanation value of overlapping
+    SLIC super-pixels patch" of the student [teacher], introduced as "measuring the overlapping area
+    of explained super-pixels". The literal reading, ``select="each"`` (default): each model's own
+    ``k`` most important superpixels (largest ``|value|``: importance of a signed explanation is its
+    magnitude, as LIME and SHAP rank features), and ``h = 1`` for a superpixel in **both** top sets
+    whose signs match::
+
+        score_i = |{s in top_k(T) ∩ top_k(M) : sign(T_s) = sign(M_s)}| / k_i,   k_i = min(k, S_i)
+
+    so it is 1 only when both models single out the same superpixels with the same signs.
+    ``select="teacher"`` is the looser reading: the teacher's top ``k`` superpixels and the share whose
+    student sign matches. ``k`` defaults to 2, the paper's Fig. 11. ``sign(0) = 0``: a zero matches
+    only a zero. Ties in importance go to the lower superpixel label.
+
+    Args:
+        a, b: teacher and student maps ``(N, H, W)``.
+        segments: shared superpixel labels ``(N, H, W)``.
+        k: number of superpixels.
+        correct: boolean ``(N,)``, True where both models classify the image correctly (None: all
+            images; the caller decides).
+        select: ``"each"`` or ``"teacher"`` (see above).
+
+    Returns:
+        ``{"superpixel_sign_agreement": mean over the selected images (nan when none qualifies),
+        "per_image" (N,) float64 with nans, "evaluated", "skipped", "k"}``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if select not in ("each", "teacher"):
+        raise ValueError(f"select must be 'each' or 'teacher', got {select!r}")
+    sa, sb, real = _superpixel_values(a, b, segments)
+    sel = _selection(correct, a.shape[0])
+    same_sign = torch.sign(sa) == torch.sign(sb)
+    top_t = _top_k(sa, real, k)
+    chosen = top_t & _top_k(sb, real, k) if select == "each" else top_t
+    k_i = real.sum(dim=1).clamp(max=k).clamp_min(1)
+    per_image = (chosen & same_sign).sum(dim=1).double() / k_i
+    per_image[~sel] = float("nan")
+    return {
+        "superpixel_sign_agreement": float(per_image[sel].mean()) if sel.any() else float("nan"),
+        "per_image": per_image,
+        "evaluated": int(sel.sum()),
+        "skipped": int((~sel).sum()),
+        "k": k,
+    }

@@ -1,0 +1,187 @@
+"""Report sections about explanations: one section per explainer (every metric for teacher and each
+student, the sanity verdict, and the models' maps of the same images side by side), feature transfer
+(FSS/RS) and the sanity-check table. Built from records only, like the rest of the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xkd.report import figures
+from xkd.report.tables import DASH, Col, cell, explainer_name, fmt, head, make_table, model_label, ok, slug
+
+
+@dataclass(frozen=True)
+class MetricCol:
+    """A column of the per-explainer table: where the value lives in the records and how it reads."""
+
+    head: str
+    get: Callable[[dict, dict, dict], Any]  # (per_model entry, agreement entry, model record) -> value
+    better: str | None
+    title: str
+    agreement: bool = False  # a student-vs-teacher score
+
+
+def _sub(key: str, sub: str) -> Callable[[dict, dict, dict], Any]:
+    return lambda p, a, m: (p.get(key) or {}).get(sub) if isinstance(p.get(key), dict) else None
+
+
+COLUMNS = [
+    MetricCol(
+        "Fidelity", _sub("fidelity", "mean"), "high", "share of images whose prediction survives keeping the top pixels"
+    ),
+    MetricCol("Deletion AUC ↓", lambda p, a, m: p.get("deletion_auc"), "low", "RISE deletion, true class"),
+    MetricCol("Insertion AUC ↑", lambda p, a, m: p.get("insertion_auc"), "high", "RISE insertion, true class"),
+    MetricCol("ROAD ↑", _sub("road", "road"), "high", "ROAD: LeRF minus MoRF probability, noisy linear imputation"),
+    MetricCol("Pointing game", lambda p, a, m: p.get("pointing_game"), "high", "map maximum inside the mask"),
+    MetricCol("Top-K IoU", lambda p, a, m: p.get("top_k_iou"), "high", "mean over MED-TEX's K values"),
+    MetricCol("Top-K Dice", lambda p, a, m: p.get("top_k_dice"), "high", "mean over MED-TEX's K values"),
+    MetricCol("Mask mass", lambda p, a, m: p.get("mask_mass"), "high", "share of positive attribution inside the mask"),
+    MetricCol("Pearson", lambda p, a, m: a.get("map_pearson"), "high", "with the teacher's maps", agreement=True),
+    MetricCol(
+        "Rank corr.",
+        lambda p, a, m: a.get("rank_correlation"),
+        "high",
+        "Spearman with the teacher's maps",
+        agreement=True,
+    ),
+    MetricCol(
+        "Top-k% IoU",
+        lambda p, a, m: a.get("top_k_agreement"),
+        "high",
+        "top pixels shared with the teacher",
+        agreement=True,
+    ),
+    MetricCol(
+        "SP MSE ↓", lambda p, a, m: a.get("superpixel_mse"), "low", "superpixel sums vs the teacher's", agreement=True
+    ),
+    MetricCol(
+        "SP sign agr.",
+        lambda p, a, m: a.get("superpixel_sign_agreement"),
+        "high",
+        "top superpixels' signs",
+        agreement=True,
+    ),
+]
+
+
+def sanity_verdict(entry: dict) -> str:
+    s = entry.get("sanity") or {}
+    v = s.get("verdict")
+    return DASH if v is None else str(v).upper()
+
+
+def explainer_tables(roles: list[str], models: dict, expl: dict, ex: str) -> list[dict]:
+    """Every recorded metric of explainer ``ex``: one table of the models' own scores (teacher and
+    students) and one of each student's agreement with the teacher. Columns without any value are
+    left out."""
+    per = [((expl.get("per_model") or {}).get(r) or {}).get(ex) for r in roles]
+    agr = [((expl.get("agreement") or {}).get(r) or {}).get(ex) or {} for r in roles]
+    shown = [i for i, p in enumerate(per) if p is not None]
+    labels = [model_label(roles[i], models[roles[i]]) for i in shown]
+    met = [((models[roles[i]].get("met") or {}).get(ex)) for i in shown]
+    own = [Col("MET (ms)", met, ",.2f", "low", "mean execution time per image", 1e3)] if any(map(ok, met)) else []
+    pair = []
+    for c in COLUMNS:
+        vals = [c.get(per[i], agr[i], models[roles[i]]) for i in shown]
+        if any(ok(v) for v in vals):
+            (pair if c.agreement else own).append(Col(c.head, vals, better=c.better, title=c.title))
+    name = explainer_name(ex)
+    tables = [make_table(f"{name}: faithfulness, localisation and cost of each model's maps.", labels, own)]
+    verdicts = [sanity_verdict(per[i]) for i in shown]
+    if any(v != DASH for v in verdicts):
+        tables[0]["head"].append(head("Sanity", False, "model-parameter randomisation test"))
+        for row, v in zip(tables[0]["rows"], verdicts):
+            row.append(cell(v, num=False, title="maps must change when the weights are randomised"))
+    students = [j for j, i in enumerate(shown) if any(ok(c.values[j]) for c in pair)]
+    if students:
+        cols = [Col(c.head, [c.values[j] for j in students], better=c.better, title=c.title) for c in pair]
+        caption = f"{name}: agreement of each student's maps with the teacher's."
+        tables.append(make_table(caption, [labels[j] for j in students], cols))
+    return tables
+
+
+def sample_cards(
+    run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str], ex: str
+) -> list[dict]:
+    """One figure per class: the test images and each model's map of them (teacher first)."""
+    labels, preds = samples.get("labels", []), samples.get("predictions", {})
+    indices = samples.get("indices", list(range(len(labels))))
+    masks = tensors.get("masks") if samples.get("has_masks") else None
+    shown = [r for r in roles if f"maps/{r}/{ex}" in tensors]
+    cards = []
+    for k, name in enumerate(class_names) if shown else []:
+        idx = [i for i, y in enumerate(labels) if y == k]
+        if not idx:
+            continue
+        maps = {r: tensors[f"maps/{r}/{ex}"][idx] for r in shown}
+        pred = {r: [p[i] for i in idx] for r in shown if len(p := preds.get(r) or []) == len(labels)}
+        src = f"figures/samples_{slug(ex)}_{k:03d}.png"
+        args = (tensors["images"][idx], maps, [labels[i] for i in idx], pred, class_names)
+        m = None if masks is None else masks[idx]
+        figures.save_class_grid(run_dir / src, *args, indices=[indices[i] for i in idx], masks=m)
+        wrong = sum(q != k for p in pred.values() for q in p)
+        cards.append({"name": name, "src": src, "wrong": wrong})
+    return cards
+
+
+def explainer_sections(
+    run_dir: Path, roles: list[str], models: dict, expl: dict, samples: dict, tensors: dict, class_names: list[str]
+) -> list[dict]:
+    """One section per explainer: its metric table and its sample maps."""
+    out = []
+    keys = list(dict.fromkeys([*expl.get("explainers", []), *samples.get("explainers", [])]))
+    for ex in keys:
+        has_scores = any(((expl.get("per_model") or {}).get(r) or {}).get(ex) is not None for r in roles)
+        tables = explainer_tables(roles, models, expl, ex) if has_scores else []
+        cards = sample_cards(run_dir, roles, samples, tensors, class_names, ex)
+        if not tables and not cards:
+            continue
+        anchor = f"explainer-{slug(ex)}"
+        out.append({"key": ex, "anchor": anchor, "title": explainer_name(ex), "tables": tables, "cards": cards})
+    return out
+
+
+def transfer_table(roles: list[str], models: dict, expl: dict) -> dict | None:
+    """FSS and RS (UniCAM) of each student against the teacher."""
+    tr = expl.get("transfer") or {}
+    shown = [r for r in roles if r in tr]
+    if not shown:
+        return None
+    rs_keys = sorted({k for r in shown for k in (tr[r].get("rs") or {}) if ok((tr[r].get("rs") or {}).get(k))})
+    cols = [
+        Col("FSS", [tr[r].get("fss") for r in shown], better="high", title="distance correlation, student vs teacher")
+    ]
+    cols += [
+        Col(f"RS {k}", [(tr[r].get("rs") or {}).get(k) for r in shown], title="relevance to the class target")
+        for k in rs_keys
+    ]
+    table = make_table("Feature transfer at matched layers (UniCAM).", [model_label(r, models[r]) for r in shown], cols)
+    table["head"].append(head("Layers (student / teacher)", False))
+    for row, r in zip(table["rows"], shown):
+        row.append(cell(f"{tr[r].get('student_layer')} / {tr[r].get('teacher_layer')}", num=False))
+    return table
+
+
+def sanity_table(roles: list[str], models: dict, expl: dict) -> dict | None:
+    """Verdicts of the randomisation sanity check, explainer by model."""
+    rows, any_value = [], False
+    for ex in expl.get("explainers", []):
+        row = [cell(explainer_name(ex), num=False)]
+        for r in roles:
+            s = (((expl.get("per_model") or {}).get(r) or {}).get(ex) or {}).get("sanity") or {}
+            any_value |= bool(s)
+            corr = s.get("final_rank_correlation")
+            sub = f"rank corr. {fmt(corr, '.2f')}" if ok(corr) else None
+            text = DASH if s.get("verdict") is None else str(s["verdict"]).upper()
+            row.append(cell(text, num=False, sub=sub, best=text == "PASS"))
+        rows.append(row)
+    if not any_value:
+        return None
+    heads = [head("Explainer", False)] + [head(r, False) for r in roles]
+    caption = (
+        "Model-parameter randomisation (Adebayo et al. 2018): PASS when the maps change as the weights are randomised."
+    )
+    return {"caption": caption, "groups": None, "head": heads, "rows": rows}

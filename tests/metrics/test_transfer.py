@@ -1,0 +1,206 @@
+"""FSS / RS and the (partial) distance correlation behind them: known answers, dcor agreement, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import dcor
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from xkd.config import ModelConfig
+from xkd.metrics.transfer import (
+    class_target,
+    dcor_u,
+    dcor_v,
+    distance_matrix,
+    fss,
+    model_features,
+    pair_features,
+    partial_dcor,
+    residual_dcor,
+    rs,
+    transfer_scores,
+    u_centered,
+    u_correlation,
+    u_residual,
+)
+from xkd.models import LayerNotFoundError, build_model
+from xkd.registry import METRICS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_u_centering_and_partial_dcor_match_the_hand_worked_examples():
+    # Székely-Rizzo U-centring of the 4x4 matrix worked in dcor's documentation
+    a = torch.tensor([[0.0, 3, 11, 6], [3, 0, 8, 3], [11, 8, 0, 5], [6, 3, 5, 0]], dtype=torch.float64)
+    expected = torch.tensor([[0.0, -2, 1, 1], [-2, 0, 1, 1], [1, 1, 0, -2], [1, 1, -2, 0]], dtype=torch.float64)
+    torch.testing.assert_close(u_centered(a), expected, atol=1e-12, rtol=0)
+    # partial dCor examples of dcor's documentation: R*(a, b; c) = -0.5, R*(a, a; c) = 1, R*(a, c; c) = 0
+    x = torch.tensor([[1.0], [1], [2], [2], [3]])
+    y = torch.tensor([[1.0], [2], [1], [2], [1]])
+    z = torch.tensor([[1.0], [2], [2], [1], [2]])
+    assert float(partial_dcor(x, y, z)) == pytest.approx(-0.5, abs=1e-12)
+    assert float(partial_dcor(x, x, z)) == pytest.approx(1.0, abs=1e-12)
+    assert float(partial_dcor(x, z, z)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_distance_matrix_is_euclidean_with_zero_diagonal():
+    x = randn(7, 2, 3, seed=1)
+    torch.testing.assert_close(distance_matrix(x), torch.cdist(x.flatten(1), x.flatten(1)), atol=1e-12, rtol=0)
+    dup = torch.cat([x, x[:2]])  # duplicated samples: exact zero distances, finite gradients
+    dup.requires_grad_(True)
+    d = distance_matrix(dup)
+    assert d[0, 7] == 0 and d[1, 8] == 0
+    (g,) = torch.autograd.grad(d.sum(), dup)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("n, dx, dy", [(6, 1, 1), (30, 5, 3), (120, 64, 16)])
+def test_torch_statistics_match_dcor(n, dx, dy):
+    x = randn(n, dx, seed=n)
+    y = x[:, :1] ** 2 + 0.5 * randn(n, dy, seed=n + 1)  # dependent, nonlinearly
+    z = x[:, -1:] + randn(n, 2, seed=n + 2)
+    xn, yn, zn = x.numpy(), y.numpy(), z.numpy()
+    assert float(dcor_u(x, y)) == pytest.approx(dcor.u_distance_correlation_sqr(xn, yn), abs=1e-6)
+    assert float(partial_dcor(x, y, z)) == pytest.approx(dcor.partial_distance_correlation(xn, yn, zn), abs=1e-6)
+    assert float(dcor_v(x, y)) == pytest.approx(dcor.distance_correlation(xn, yn), abs=1e-6)
+    # the residual projection equals dcor's complementary projection
+    ua, uc = u_centered(distance_matrix(x)), u_centered(distance_matrix(z))
+    expected = dcor.u_complementary_projection(dcor.u_centered(dcor.distances.pairwise_distances(zn)))(
+        dcor.u_centered(dcor.distances.pairwise_distances(xn))
+    )
+    np.testing.assert_allclose(u_residual(ua, uc).numpy(), expected, atol=1e-9)
+    # float32 features are computed in float64: same values to 1e-6
+    assert float(dcor_u(x.float(), y.float())) == pytest.approx(dcor.u_distance_correlation_sqr(xn, yn), abs=1e-6)
+
+
+def test_independent_features_score_near_zero():
+    # under independence R* ~ t / sqrt(n(n-3)/2) (Székely & Rizzo 2013): 5 standard deviations at n=400 is 0.018
+    n = 400
+    tol = 5 * math.sqrt(2 / (n * (n - 3)))
+    for seed in range(3):
+        assert abs(fss(randn(n, 256, seed=seed), randn(n, 256, seed=100 + seed))) < tol
+    # while the biased V-statistic dCor of the same features is near 1 (why FSS is R*)
+    assert float(dcor_v(randn(64, 4096, seed=1), randn(64, 4096, seed=2))) > 0.9
+
+
+def test_identical_and_similarity_transformed_features_score_one():
+    x = randn(50, 12, seed=3)
+    assert fss(x, x) == pytest.approx(1.0, abs=1e-12)
+    q, _ = torch.linalg.qr(randn(12, 12, seed=4))  # orthogonal
+    assert fss(x, 3.7 * x @ q + 5.0) == pytest.approx(1.0, abs=1e-10)
+    assert fss(x.view(50, 3, 4), (x @ q).view(50, 2, 2, 3)) == pytest.approx(1.0, abs=1e-10)  # flattened per sample
+    # an invertible but non-similarity linear map is not distance-preserving: R* < 1
+    assert fss(x, x @ torch.diag(torch.linspace(0.1, 10, 12, dtype=torch.float64))) < 0.99
+
+
+def test_projection_removes_the_conditioning_variable():
+    x, y = randn(40, 3, seed=5), randn(40, 2, seed=6)
+    assert float(partial_dcor(x, y, x)) == pytest.approx(0.0, abs=1e-10)
+    assert float(residual_dcor(x, y, x)) == pytest.approx(0.0, abs=1e-10)
+    ux, uy = u_centered(distance_matrix(x)), u_centered(distance_matrix(y))
+    assert float(u_correlation(u_residual(ux, uy), uy)) == pytest.approx(0.0, abs=1e-10)  # residual is orthogonal
+    assert torch.equal(u_residual(ux, torch.zeros_like(uy)), ux)  # a constant z explains nothing
+
+
+def test_gradients_pass_gradcheck():
+    x = randn(6, 3, seed=7).requires_grad_(True)
+    y, z = randn(6, 2, seed=8), randn(6, 2, seed=9)
+    assert torch.autograd.gradcheck(lambda a: dcor_u(a, y), (x,))
+    assert torch.autograd.gradcheck(lambda a: partial_dcor(a, y, z), (x,))
+    assert torch.autograd.gradcheck(lambda a: residual_dcor(a, y, z), (x,))
+
+
+def test_class_targets():
+    labels = torch.tensor([0, 2, 0, 1])
+    torch.testing.assert_close(class_target(labels, "onehot", 3), torch.eye(3, dtype=torch.float64)[labels])
+    emb = torch.tensor([[1.0, 0], [5, 5], [3, 2], [7, 1]])
+    expected = torch.tensor([[2.0, 1], [5, 5], [2, 1], [7, 1]], dtype=torch.float64)
+    torch.testing.assert_close(class_target(labels, "class_mean", embeddings=emb), expected)
+    with pytest.raises(ValueError, match="'onehot' or 'class_mean'"):
+        class_target(labels, "clip")
+    with pytest.raises(ValueError, match="needs embeddings"):
+        class_target(labels, "class_mean")
+
+
+def test_rs_known_answers():
+    labels = torch.arange(40) % 4
+    onehot = torch.nn.functional.one_hot(labels, 4).float()
+    noise = randn(40, 6, seed=10)
+    out = rs(onehot, noise, labels)
+    assert out["rs_student"] == pytest.approx(1.0, abs=1e-12)  # features = the target
+    assert out["rs"] == out["rs_student_given_teacher"]
+    assert out["rs"] > 0.95  # noise explains almost none of it
+    assert abs(out["rs_teacher"]) < 0.05
+    # the student is the teacher: nothing is left beyond it
+    same = rs(noise, noise, labels)
+    assert same["rs"] == pytest.approx(0.0, abs=1e-10) and same["fss"] == pytest.approx(1.0, abs=1e-12)
+    # class_mean of features that are the one-hot labels is the one-hot target itself
+    assert rs(onehot, noise, labels, "class_mean", target_feats=onehot)["rs_student"] == pytest.approx(1.0, abs=1e-12)
+    assert out["n"] == 40 and out["target"] == "onehot"
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="at least 4"):
+        fss(randn(3, 2), randn(3, 2))
+    with pytest.raises(ValueError, match="same samples"):
+        fss(randn(5, 2), randn(6, 2))
+    with pytest.raises(ValueError, match="same samples"):
+        rs(randn(5, 2), randn(5, 2), torch.zeros(6, dtype=torch.long))
+
+
+def test_metrics_are_registered():
+    info = METRICS.get("fss")
+    assert info.higher_is_better is True and info.category == "transfer" and info.fn is fss
+    assert info.needs == ("model", "second_model", "images")
+    assert METRICS.get("rs").fn is rs and METRICS.get("rs").higher_is_better is True
+
+
+def tiny(name: str, seed: int, **params) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name, params=params), 3, 1, 16)
+
+
+def test_features_of_two_models_and_transfer_scores():
+    student = tiny("kdfmv_cnn", 0, widths=[4, 8, 8])
+    teacher = tiny("cifar_resnet", 1, depth=8, width=4)
+    images = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(12) % 3
+    student.train()
+    s, lab = model_features(student, images, "blocks.2.0", batch_size=5)
+    assert student.training  # eval mode was scoped
+    with torch.no_grad():
+        student.eval()
+        direct = {}
+        h = student.get_submodule("blocks.2.0").register_forward_hook(lambda m, i, o: direct.update(o=o))
+        student(images)
+        h.remove()
+    torch.testing.assert_close(s, direct["o"].flatten(1))
+    assert lab is None
+    batches = [(images[:6], labels[:6]), (images[6:], labels[6:])]
+    f = pair_features(student, teacher, batches, "blocks.2.0", "layer3")
+    s2, t2 = f.student, f.teacher
+    torch.testing.assert_close(s2, s)
+    assert torch.equal(f.labels, labels) and t2.shape[0] == 12
+    assert (f.student_layer, f.teacher_layer) == ("blocks.2.0", "layer3")
+    assert pair_features(student, teacher, images).teacher_layer == "layer3"  # default layers
+    out = transfer_scores(student, teacher, batches, student_layer="blocks.2.0", teacher_layer="layer3")
+    assert out["fss"] == pytest.approx(float(dcor_u(s2, t2)), abs=1e-12)
+    assert out["rs"]["rs"] == pytest.approx(rs(s2, t2, labels)["rs"], abs=1e-12)
+    assert transfer_scores(student, student, images)["fss"] == pytest.approx(1.0, abs=1e-9)  # default layers
+    assert transfer_scores(student, teacher, images)["rs"] is None  # no labels
+    with pytest.raises(LayerNotFoundError, match="blocks"):
+        model_features(student, images, "nope")
