@@ -33,6 +33,9 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/gradcam_bench.py
+	$(BIN)/python bench/perturbation_bench.py
+	@bash scripts/fashion_mnist.sh
+	$(BIN)/python bench/explain_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -164,6 +164,9 @@ def test_lesions_run_fills_every_explanation_record(tmp_path, make_tiny_args):
         "evaluation.explainers=[{name: grad_cam}, {name: kernel_shap, params: {n_samples: 32}},"
         " {name: grad_cam+superpixel}, {name: unicam, params: {kind: residual}}]",
         "evaluation.metric_params={road: {percentages: [0.2, 0.6]}}",
+        "evaluation.metrics=[fidelity, deletion_auc, insertion_auc, road, pointing_game, top_k_iou, top_k_dice,"
+        " mask_mass, map_pearson, rank_correlation, top_k_agreement, superpixel_mse, superpixel_sign_agreement,"
+        " fss, rs, randomisation_sanity, data_randomisation_sanity, met]",
     )
     assert cli("run", "--no-progress", overrides=args) == 0
     expl = read_json(tmp_path / "runs/les/records/explanations.json")
@@ -181,6 +184,10 @@ def test_lesions_run_fills_every_explanation_record(tmp_path, make_tiny_args):
             assert entry["sanity"]["verdict"] in ("PASS", "FAIL")
             assert 0.0 <= entry["fidelity"]["mean"] <= 1.0
     assert "unicam" not in expl["per_model"]["teacher"] and "unicam" in expl["per_model"]["kd"]
+    label = expl["per_model"]["kd"]["grad_cam"]["label_sanity"]  # kd vs the same CNN trained on permuted labels
+    assert label["verdict"] in ("PASS", "FAIL") and -1.0 <= label["rank_correlation"] <= 1.0
+    assert "label_sanity" not in expl["per_model"]["teacher"]["grad_cam"]  # another architecture
+    assert (tmp_path / "runs/les/checkpoints/random_labels/last.pt").is_file()
     agree = expl["agreement"]["kd"]["kernel_shap"]
     assert set(agree) >= {"map_pearson", "rank_correlation", "top_k_agreement", "superpixel_mse"}
     assert -1.0 <= agree["rank_correlation"] <= 1.0 and agree["superpixel_mse"] >= 0.0
@@ -188,5 +195,12 @@ def test_lesions_run_fills_every_explanation_record(tmp_path, make_tiny_args):
     models = read_json(tmp_path / "runs/les/records/models.json")["models"]
     assert set(models["kd"]["met"]) == {"grad_cam", "kernel_shap", "grad_cam+superpixel", "unicam"}
     html = (tmp_path / "runs/les/report.html").read_text()
-    for heading in ("Localisation per K", "KernelSHAP", "Grad-CAM (superpixels)", "UniCAM", "Feature transfer"):
+    for heading in (
+        "Localisation per K",
+        "KernelSHAP",
+        "Grad-CAM (superpixels)",
+        "UniCAM",
+        "Feature transfer",
+        "labels randomised",
+    ):
         assert heading in html, heading

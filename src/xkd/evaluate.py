@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from xkd.config import RunConfig, to_dict
 from xkd.data import DataBundle, make_loader
 from xkd.explain import build_explainer
+from xkd.explain.base import explainer_applies
 from xkd.metrics import classification, cost
 from xkd.registry import METRICS
 from xkd.report.records import atomic_write_bytes, library_versions, record, write_json
@@ -85,8 +86,12 @@ def evaluate_run(
     train_seconds: float,
     world_size: int = 1,
     progress: bool = True,
+    random_labels: TrainedModel | None = None,
 ) -> dict[str, Any]:
-    """Compute every metric for teacher and students and write ``records/`` and ``metrics.json``."""
+    """Compute every metric for teacher and students and write ``records/`` and ``metrics.json``.
+
+    ``random_labels`` is the student architecture trained on permuted labels, for the data-label
+    randomisation check (``data_randomisation_sanity``)."""
     console = Console(stderr=True, quiet=not progress)
     ev = cfg.evaluation
     models = [teacher, *students]
@@ -135,7 +140,7 @@ def evaluate_run(
     images, labels, masks = gather(data.test, idx)
     images, labels = images.to(device), labels.to(device)
     names = [e.key for e in ev.explainers]
-    scored = explain_and_score(ev, models, images, labels, masks, data.class_names, console)
+    scored = explain_and_score(ev, models, images, labels, masks, data.class_names, console, random_labels)
     for m in models:
         model_records[m.role]["met"] = scored["met"][m.role]
     baseline = random_baseline(ev, models, images, labels, cfg.seed, data.class_names)
@@ -241,7 +246,7 @@ def write_samples(
         with torch.no_grad():
             preds[m.role] = m.model(images).argmax(1).cpu().tolist()
         for e in shown:
-            if pair_explainer(e.name) and m.role == "teacher":
+            if (pair_explainer(e.name) and m.role == "teacher") or not explainer_applies(e.name, m.model):
                 continue
             context = {"teacher": models[0].model} if pair_explainer(e.name) else {}
             tensors[f"maps/{m.role}/{e.key}"] = explain_maps(e.name, e.params, m.model, images, labels, **context).cpu()

@@ -24,6 +24,7 @@ from torch import nn
 from xkd.config import ConfigError, ModelConfig, RunConfig, save_config, to_dict
 from xkd.data import DataBundle, build_dataset
 from xkd.distill import build_distiller
+from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
 from xkd.engine.trainer import Trainer, TrainResult
@@ -137,6 +138,16 @@ def train_teacher(
     return TrainedModel("teacher", teacher, cfg.teacher.model.name, result=result)
 
 
+def weights_key(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, shapes and values): identifies a trained teacher in cache keys."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _load_best(distiller: nn.Module, path: Path) -> None:
     D.barrier()
     load_weights(distiller.trainable_modules(), load_checkpoint(path)["model"], str(path))
@@ -156,7 +167,16 @@ def train_students(
     for s in cfg.students:
         model_cfg = s.model or cfg.student_model
         student = build_for(model_cfg, data, cfg.seed)
-        distiller = build_distiller(s.distiller, student, teacher, s.params)
+        context = DistillContext(
+            sample=torch.zeros(2, *data.image_shape),
+            train=data.train,
+            cache_dir=cache_dir_of(cfg) / "distill",
+            teacher_key=weights_key(teacher),
+            device=device,
+            seed=cfg.seed,
+            progress=progress,
+        )
+        distiller = build_distiller(s.distiller, student, teacher, s.params, context)
         ckpt_dir = run_dir / "checkpoints" / s.name
         trainer = Trainer(
             distiller,
@@ -171,8 +191,49 @@ def train_students(
         )
         result = trainer.fit(resume=resume)
         _load_best(distiller, ckpt_dir / "best.pt")
-        out.append(TrainedModel(s.name, student, model_cfg.name, s.distiller, to_dict(distiller.params), result))
+        model = distiller.student  # the evaluated model: a method may wrap the student (MED-TEX)
+        out.append(TrainedModel(s.name, model, model_cfg.name, s.distiller, to_dict(distiller.params), result))
     return out
+
+
+class PermutedLabels(torch.utils.data.Dataset):
+    """``dataset`` with its labels shuffled by a seeded permutation (images unchanged): the training
+    data of the data-label randomisation check (Adebayo et al. 2018, §3.2)."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        image, _, mask = self.dataset[i]
+        return image, self.dataset[self.order[i]][1], mask
+
+
+def train_random_labels(
+    cfg: RunConfig, data: DataBundle, run_dir: Path, device: torch.device, resume: bool, progress: bool
+) -> TrainedModel:
+    """The student architecture trained from scratch on permuted labels, with the students' budget;
+    its last epoch is kept (validation accuracy on the true labels means nothing for it)."""
+    student = build_for(cfg.student_model, data, cfg.seed)
+    distiller = build_distiller("scratch", student)
+    ckpt_dir = run_dir / "checkpoints" / "random_labels"
+    trainer = Trainer(
+        distiller,
+        PermutedLabels(data.train, cfg.seed),
+        data.val,
+        cfg.train,
+        checkpoint_dir=ckpt_dir,
+        seed=cfg.seed,
+        device=device,
+        role="random_labels",
+        progress=progress,
+    )
+    result = trainer.fit(resume=resume)
+    _load_best(distiller, ckpt_dir / "last.pt")
+    return TrainedModel("random_labels", student.eval(), cfg.student_model.name, "scratch", {}, result)
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
@@ -197,6 +258,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     teacher = train_teacher(cfg, data, run_dir, device, resume, progress)
     teacher.model.eval().requires_grad_(False)
     students = train_students(cfg, data, teacher.model, run_dir, device, resume, progress)
+    random_labels = None
+    if "data_randomisation_sanity" in cfg.evaluation.metrics:
+        random_labels = train_random_labels(cfg, data, run_dir, device, resume, progress)
     train_seconds = time.perf_counter() - t0
     if info.is_main:
         evaluate_run(
@@ -211,6 +275,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
             train_seconds=train_seconds,
             world_size=info.world_size,
             progress=progress,
+            random_labels=random_labels,
         )
         html = render_report(run_dir)
         if progress:
@@ -239,8 +304,14 @@ def load_run_models(run_dir: str | Path) -> tuple[RunConfig, DataBundle | None, 
     c, h, w = record["dataset"]["image_shape"]
     n = len(record["dataset"]["class_names"])
     models: dict[str, nn.Module] = {}
-    for role, mcfg in [("teacher", cfg.teacher.model)] + [(s.name, s.model or cfg.student_model) for s in cfg.students]:
-        model = build_model(mcfg, n, c, h if h == w else (h, w))
+    size = h if h == w else (h, w)
+    teacher = build_model(cfg.teacher.model, n, c, size)
+    for role, mcfg, distiller in [("teacher", cfg.teacher.model, None)] + [
+        (s.name, s.model or cfg.student_model, s) for s in cfg.students
+    ]:
+        model = teacher if distiller is None else build_model(mcfg, n, c, size)
+        if distiller is not None:  # the evaluated model may wrap the student (MED-TEX, XDistillation)
+            model = build_distiller(distiller.distiller, model, teacher, distiller.params).student
         path = run_dir / "checkpoints" / role / "best.pt"
         load_weights(model, model_weights(load_checkpoint(path)), str(path))
         models[role] = model.eval()

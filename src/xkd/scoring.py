@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from xkd.config import EvaluationConfig, from_dict
 from xkd.explain import build_explainer
-from xkd.explain.base import split_name
+from xkd.explain.base import explainer_applies, split_name
 from xkd.explain.superpixel import SuperpixelParams, slic_segments
 from xkd.metrics import as_result, localisation
 from xkd.registry import EXPLAINERS, METRICS
@@ -166,6 +166,7 @@ def explain_and_score(
     masks: Tensor | None,
     class_names: list[str],
     console: Console,
+    random_labels: TrainedModel | None = None,
 ) -> dict[str, Any]:
     """Explain ``images`` (true-class targets) with every configured explainer for teacher and
     students, and score the maps. Returns the body of ``records/explanations.json`` (without the
@@ -185,6 +186,9 @@ def explain_and_score(
         pair = pair_explainer(e.name)
         maps: dict[str, Tensor] = {}
         for m in students if pair else models:
+            if not explainer_applies(e.name, m.model):
+                console.print(f"{e.key} does not apply to {m.role}: skipped")
+                continue
             context = {"teacher": teacher.model} if pair else {}
             console.print(f"explaining {m.role} with {e.name} ({images.shape[0]} images)")
 
@@ -199,6 +203,9 @@ def explain_and_score(
             per_model[m.role][e.key] = score_model(
                 sc, e.name, m.model, images, labels, maps[m.role], masks, class_names, make
             )
+        applies = explainer_applies(e.name, random_labels.model) if random_labels is not None else False
+        if applies and sc.wants("data_randomisation_sanity") and not pair:
+            label_sanity(sc, e, students, random_labels, images, labels, per_model)
         if pair or "teacher" not in maps:
             continue
         for s in students:
@@ -214,6 +221,40 @@ def explain_and_score(
         "met": met,
         "predictions_correct": {r: int(c.sum()) for r, c in correct.items()},
     }
+
+
+def same_architecture(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+def label_sanity(
+    sc: Scorer,
+    e: Any,
+    students: list[TrainedModel],
+    random_labels: TrainedModel,
+    images: Tensor,
+    labels: Tensor,
+    per_model: dict[str, dict[str, Any]],
+) -> None:
+    """Data-label randomisation check (Adebayo et al. 2018, §3.2) of explainer ``e`` for every student
+    with the random-label model's architecture: its maps must differ from the random-label model's."""
+    n = min(sc.ev.sanity_images, images.shape[0])
+    for s in students:
+        if n == 0 or e.key not in per_model[s.role] or not same_architecture(s.model, random_labels.model):
+            continue
+
+        def make(model: nn.Module, e: Any = e) -> Any:
+            return build_explainer(e.name, model, e.params)
+
+        res = sc.full("data_randomisation_sanity", s.model, random_labels.model, images[:n], make, targets=labels[:n])
+        per_model[s.role][e.key]["label_sanity"] = {
+            "verdict": res["verdict"],
+            "rank_correlation": headline(res["data_randomisation_sanity"]),
+            "ssim": headline(res["ssim"]),
+            "threshold": res["threshold"],
+            "n_images": res["n_images"],
+        }
 
 
 def predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:

@@ -201,6 +201,7 @@ def make_run_dir(
                 "insertion_auc": 0.71 - 0.03 * r - 0.01 * e,
                 "road": {"road": 0.31 - 0.02 * r, "morf": [0.5, 0.3], "lerf": [0.8, 0.7], "percentages": [0.2, 0.5]},
                 "sanity": {"verdict": "pass" if e == 0 else "fail", "final_rank_correlation": 0.1 + 0.6 * e},
+                **({"label_sanity": {"verdict": "fail", "rank_correlation": 0.93}} if r == 1 else {}),
             }
             if has_masks:
                 per_model[role][ex] |= {

@@ -75,6 +75,8 @@ def test_every_section_model_and_number_is_on_the_page(rendered):
         assert f"{m['flops'] / 1e6:,.2f}" in html
     assert "6,964,106" in html and "566.89" in html  # thousands separators, FLOPs in M
     assert "Chance level" in html  # random-map baseline
+    sanity = _section(html, "sanity")
+    assert "weights randomised" in sanity and "labels randomised" in sanity and "rank corr. 0.93" in sanity
     assert "2 files skipped" in html and "raw/bad_0.png" in html
     assert "Every number on this page comes from" in html and "records/models.json" in html
 

@@ -9,8 +9,10 @@ one class with a ``Params`` dataclass and one :data:`~xkd.registry.DISTILLERS` d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from xkd.config import ConfigError
@@ -21,6 +23,31 @@ from xkd.registry import DISTILLERS
 @dataclass
 class NoParams:
     """A distiller without parameters."""
+
+
+@dataclass
+class DistillContext:
+    """What a distiller may need before training starts (:meth:`Distiller.setup`).
+
+    Attributes:
+        sample: a small input batch ``(B, C, H, W)`` (zeros) of the data's shape, for dry runs that
+            probe feature shapes (adapters are built from them).
+        train: the training split (a dataset of ``(image, label, mask)``), for methods with a phase
+            before distillation (XDistillation's auto-encoder).
+        cache_dir: a folder for artefacts worth keeping between runs (teacher explanations).
+        teacher_key: identifies the teacher's weights (e.g. the hash of its checkpoint), for cache keys.
+        device: where training runs.
+        seed: the run's seed.
+        progress: show progress bars.
+    """
+
+    sample: Tensor
+    train: Any = None
+    cache_dir: Path | None = None
+    teacher_key: str | None = None
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    progress: bool = False
 
 
 class Distiller(nn.Module):
@@ -54,6 +81,12 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    def setup(self, context: DistillContext) -> None:
+        """Build whatever depends on the data before the optimiser is created (adapters sized by a
+        dry run on ``context.sample``, a pre-training phase). Called once by :func:`build_distiller`;
+        the default does nothing. Modules created here must be returned by :meth:`trainable_modules`
+        (or frozen)."""
+
     def trainable_modules(self) -> nn.ModuleDict:
         """Modules whose parameters the optimiser updates and checkpoints hold: the student and
         any adapters. Subclasses with adapters extend this."""
@@ -73,9 +106,17 @@ def distiller_params(name: str, params: dict[str, Any] | None, path: str = "para
 
 
 def build_distiller(
-    name: str, student: nn.Module, teacher: nn.Module | None = None, params: dict[str, Any] | None = None
+    name: str,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    params: dict[str, Any] | None = None,
+    context: DistillContext | None = None,
 ) -> Distiller:
-    """Build registered distiller ``name``; checks that teacher and student agree on classes."""
+    """Build registered distiller ``name``; checks that teacher and student agree on classes.
+
+    With ``context``, :meth:`Distiller.setup` runs (adapters, pre-training phases). The model to
+    evaluate after training is ``distiller.student`` (a method may wrap the student passed in, e.g.
+    MED-TEX puts its explainer in front of it)."""
     cls = DISTILLERS.get(name)
     p = distiller_params(name, params)
     if teacher is not None and cls.needs_teacher:
@@ -85,7 +126,10 @@ def build_distiller(
                 f"teacher predicts {nt} classes but the student predicts {ns}; "
                 "build both for the same dataset (same num_classes)"
             )
-    return cls(student, teacher if cls.needs_teacher else None, p)
+    distiller = cls(student, teacher if cls.needs_teacher else None, p)
+    if context is not None:
+        distiller.setup(context)
+    return distiller
 
 
 def num_classes_of(model: nn.Module) -> int | None:

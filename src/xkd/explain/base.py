@@ -107,6 +107,12 @@ class Explainer:
         self.model = model
         self.params = coerce_params(self.Params, params)
 
+    @classmethod
+    def applies_to(cls, model: nn.Module) -> bool:
+        """Whether this explainer can explain ``model`` at all (e.g. MED-TEX's Θ exists only for
+        MED-TEX students); an evaluation skips the models it does not apply to."""
+        return True
+
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
         """Maps for ``images`` (N, C, H, W) explaining class ``targets`` (N,) (None: the predicted class)."""
         raise NotImplementedError
@@ -156,6 +162,11 @@ def explainer_params(name: str, params: dict[str, Any] | None, path: str = "para
     sp_params = from_dict(SuperpixelParams, sp or {}, f"{path}.superpixel")
     sp_params.validate()
     return SuperpixelFormParams(inner, sp_params)
+
+
+def explainer_applies(name: str, model: nn.Module) -> bool:
+    """Whether explainer ``name`` (``+superpixel`` allowed) can explain ``model``."""
+    return EXPLAINERS.get(split_name(name)[0]).applies_to(model)
 
 
 def build_explainer(name: str, model: nn.Module, params: dict[str, Any] | None = None, **context: Any) -> Explainer:

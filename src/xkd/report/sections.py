@@ -166,22 +166,30 @@ def transfer_table(roles: list[str], models: dict, expl: dict) -> dict | None:
 
 
 def sanity_table(roles: list[str], models: dict, expl: dict) -> dict | None:
-    """Verdicts of the randomisation sanity check, explainer by model."""
-    rows, any_value = [], False
+    """Verdicts of the sanity checks, one row per explainer and check, one column per model."""
+    checks = [
+        ("sanity", "weights randomised", "final_rank_correlation"),
+        ("label_sanity", "labels randomised", "rank_correlation"),
+    ]
+    rows = []
     for ex in expl.get("explainers", []):
-        row = [cell(explainer_name(ex), num=False)]
-        for r in roles:
-            s = (((expl.get("per_model") or {}).get(r) or {}).get(ex) or {}).get("sanity") or {}
-            any_value |= bool(s)
-            corr = s.get("final_rank_correlation")
-            sub = f"rank corr. {fmt(corr, '.2f')}" if ok(corr) else None
-            text = DASH if s.get("verdict") is None else str(s["verdict"]).upper()
-            row.append(cell(text, num=False, sub=sub, best=text == "PASS"))
-        rows.append(row)
-    if not any_value:
+        for key, what, corr_key in checks:
+            entries = [(((expl.get("per_model") or {}).get(r) or {}).get(ex) or {}).get(key) or {} for r in roles]
+            if not any(entries):
+                continue
+            row = [cell(explainer_name(ex), num=False, sub=what)]
+            for s in entries:
+                corr = s.get(corr_key)
+                sub = f"rank corr. {fmt(corr, '.2f')}" if ok(corr) else None
+                text = DASH if s.get("verdict") is None else str(s["verdict"]).upper()
+                row.append(cell(text, num=False, sub=sub, best=text == "PASS"))
+            rows.append(row)
+    if not rows:
         return None
     heads = [head("Explainer", False)] + [head(r, False) for r in roles]
     caption = (
-        "Model-parameter randomisation (Adebayo et al. 2018): PASS when the maps change as the weights are randomised."
+        "Sanity checks (Adebayo et al. 2018): PASS when the maps change (rank correlation below the threshold) once "
+        "the model's weights are randomised layer by layer from the top, or against the same architecture trained "
+        "on permuted labels."
     )
     return {"caption": caption, "groups": None, "head": heads, "rows": rows}
