@@ -1,6 +1,45 @@
-"""Distillers: one class per method, registered by name."""
+"""Distillers: one class per method, registered by name.
 
-from xkd.distill.base import Distiller, build_distiller, distiller_params
-from xkd.distill.logits import HintonKD, LabelSmoothing, Scratch, kd_loss
+Importing this package registers the built-in distillers: ``scratch``, ``hinton_kd``,
+``label_smoothing``, ``dkd`` (logits); ``fitnets``, ``at``, ``nst``, ``ab``, ``vid`` (features);
+``sp``, ``rkd``, ``pkt`` (relations); ``medtex``, ``medex`` (MED-TEX); ``xdistill``
+(XDistillation); ``teacher_assistant`` (a chain teacher -> assistant -> student).
+"""
 
-__all__ = ["Distiller", "HintonKD", "LabelSmoothing", "Scratch", "build_distiller", "distiller_params", "kd_loss"]
+from xkd.distill.base import DistillContext, Distiller, build_distiller, distiller_params
+from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
+from xkd.distill.logits import DKD, HintonKD, LabelSmoothing, Scratch, dkd_terms, kd_loss
+from xkd.distill.medtex import ExplainerNet, MaskedStudent, MedEx, MedTex, teacher_cross_entropy
+from xkd.distill.relation import PKT, RKD, SP
+from xkd.distill.xdistill import CAE, XDistillation, XDistillParams, XDistillStudent
+
+__all__ = [
+    "CAE",
+    "DKD",
+    "NST",
+    "PKT",
+    "RKD",
+    "SP",
+    "VID",
+    "ActivationBoundaries",
+    "AttentionTransfer",
+    "DistillContext",
+    "Distiller",
+    "ExplainerNet",
+    "FitNets",
+    "HintonKD",
+    "LabelSmoothing",
+    "MaskedStudent",
+    "MedEx",
+    "MedTex",
+    "Scratch",
+    "VIDLoss",
+    "XDistillParams",
+    "XDistillStudent",
+    "XDistillation",
+    "build_distiller",
+    "distiller_params",
+    "dkd_terms",
+    "kd_loss",
+    "teacher_cross_entropy",
+]

@@ -1,8 +1,9 @@
-"""Logit-based distillation: scratch, Hinton KD and label smoothing.
+"""Logit-based distillation: scratch, Hinton KD, label smoothing and decoupled KD.
 
 Sources: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015); KD-FMV
 (``shared/seeds/000_kd-fmv.txt``, SEEDS.md §1); Han et al., ICML 2023 (SEEDS.md §3) for label
-smoothing ``y_LS = (1 - eps) y + eps / K``.
+smoothing ``y_LS = (1 - eps) y + eps / K``; Zhao et al., "Decoupled Knowledge Distillation",
+CVPR 2022 (DKD, as in mdistiller).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from xkd.config import ConfigError
 from xkd.data.base import Batch
@@ -107,3 +108,122 @@ class LabelSmoothing(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(batch.images)
         return logits, {"ce_smooth": F.cross_entropy(logits, batch.labels, label_smoothing=self.params.epsilon)}
+
+
+def dkd_terms(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Decoupled KD's two parts, ``(TCKD, NCKD)``, each ``T^2 * KL`` averaged over the batch.
+
+    Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, eq. (1)-(3), at temperature ``T``:
+
+    - TCKD = ``KL(b_t || b_s)`` between the binary distributions ``b = [p_target, 1 - p_target]``;
+    - NCKD = ``KL(p^_t || p^_s)`` between the distributions over the non-target classes alone,
+      ``p^_i = exp(z_i/T) / sum_{j != target} exp(z_j/T)``.
+
+    Hinton's KD decomposes as ``KL(p_t || p_s) = TCKD + (1 - p_t,target) * NCKD`` (their eq. 3). Both
+    are computed in log space (log-sum-exp) rather than by mdistiller's ``- 1000 * gt_mask`` trick;
+    the values are the same. Needs at least 2 classes (NCKD is 0 with exactly 2).
+    """
+    t = temperature
+    zs, zt = student_logits / t, teacher_logits / t
+    gt = F.one_hot(labels, zs.shape[1]).bool()
+
+    def binary_log_probs(z: Tensor) -> Tensor:
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        target = z.gather(1, labels.unsqueeze(1))
+        others = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1, keepdim=True)
+        return torch.cat([target, others], dim=1) - lse
+
+    def non_target_log_probs(z: Tensor) -> Tensor:
+        return F.log_softmax(z.masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
+
+    n = zs.shape[0]
+    log_bs, log_bt = binary_log_probs(zs), binary_log_probs(zt)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum() / n * (t * t)
+    log_qs, log_qt = non_target_log_probs(zs), non_target_log_probs(zt)
+    nckd = (log_qt.exp().masked_fill(gt, 0.0) * (log_qt - log_qs)).sum() / n * (t * t)
+    return tckd, nckd
+
+
+@dataclass
+class DKDParams:
+    """Defaults of Zhao et al. / mdistiller on CIFAR-100: ``alpha`` = 1 (TCKD weight), ``beta`` = 8
+    (NCKD weight; the paper uses other values for some teacher-student pairs, 0.5 on ImageNet),
+    ``temperature`` = 4, ``ce_weight`` = 1.
+
+    ``warmup_steps``: the DKD term is multiplied by ``min(step / warmup_steps, 1)``, ``step`` = 1, 2,
+    ... counting training forward passes (= optimiser steps); 0 (the default) means no warm-up.
+    mdistiller ramps per epoch, ``min(epoch / 20, 1)`` over its 240 epochs, but a distiller does not
+    know the epoch or the number of steps per epoch; to reproduce it set ``warmup_steps`` to
+    ``20 * ceil(train_size / batch_size)`` (the ramp is then linear per step instead of a staircase).
+    xkd's short budgets train for a few epochs, hence no warm-up unless asked.
+    """
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    warmup_steps: int = 0
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta", "ce_weight"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+class StepCounter(nn.Module):
+    """Counts training steps in a buffer, so the count is checkpointed and restored on resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+
+@DISTILLERS.register("dkd")
+class DKD(Distiller):
+    """Decoupled KD (Zhao et al., CVPR 2022, eq. 4; mdistiller's ``DKD``)::
+
+        L = ce_weight * CE(y, z_s) + ramp * (alpha * TCKD + beta * NCKD)
+
+    ``ramp`` = ``min(step / warmup_steps, 1)`` (1 without warm-up). Terms: ``ce``, ``tckd``, ``nckd``
+    (each already weighted, ramp included). With ``warmup_steps`` > 0 the step counter is a
+    trainable module ``dkd_state`` (a buffer, no parameters) so that resuming continues the ramp.
+    """
+
+    Params = DKDParams
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: DKDParams | None = None) -> None:
+        super().__init__(student, teacher, params)
+        self.counter = StepCounter()
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        modules = super().trainable_modules()
+        if self.params.warmup_steps > 0:
+            modules["dkd_state"] = self.counter
+        return modules
+
+    def ramp(self) -> float:
+        """The warm-up factor for the current step (1 without warm-up)."""
+        w = self.params.warmup_steps
+        return 1.0 if w <= 0 else min(int(self.counter.step) / w, 1.0)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        p: DKDParams = self.params
+        logits = self.student(batch.images)
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch.images)
+        if self.training and torch.is_grad_enabled():
+            self.counter.step += 1
+        tckd, nckd = dkd_terms(logits, teacher_logits, batch.labels, p.temperature)
+        r = self.ramp()
+        return logits, {
+            "ce": p.ce_weight * F.cross_entropy(logits, batch.labels),
+            "tckd": r * p.alpha * tckd,
+            "nckd": r * p.beta * nckd,
+        }
