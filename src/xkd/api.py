@@ -9,6 +9,7 @@ Example:
     >>> xkd.Trainer(xkd.build_distiller("scratch", teacher), data.train, data.val, TrainConfig(epochs=1)).fit()
 """
 
+from xkd.compare import compare
 from xkd.config import RunConfig, load_config
 from xkd.data import DataBundle, build_dataset, make_loader
 from xkd.distill import Distiller, build_distiller
@@ -31,6 +32,7 @@ __all__ = [
     "build_model",
     "capture_features",
     "classification",
+    "compare",
     "cost",
     "explanation_agreement",
     "faithfulness",

@@ -38,13 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="delete an existing run directory of this name first")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    c = sub.add_parser(
+        "compare",
+        help="train the configured students over several seeds and write one comparison report (mean ± std)",
+    )
+    c.add_argument("--config", "-c", required=True, help="YAML run config: its students are the methods compared")
+    c.add_argument("--seeds", type=int, help="number of seeds (default: the config's compare.seeds, 3)")
+    c.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    c.add_argument("--resume", action="store_true", help="keep finished seeds and continue an interrupted one")
+    c.add_argument("--overwrite", action="store_true", help="delete an existing comparison of this name first")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     e = sub.add_parser("explain", help="teacher and student maps for your own images")
     e.add_argument("--run", required=True, help="a finished run directory (runs/NAME)")
     e.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
     e.add_argument("--explainer", default="grad_cam", help="registered explainer (default grad_cam)")
     e.add_argument("--out", help="output folder (default RUN/explanations)")
 
-    rep = sub.add_parser("report", help="re-render RUN_DIR/report.html from its records")
+    rep = sub.add_parser("report", help="re-render RUN_DIR/report.html from its records (a run or a comparison)")
     rep.add_argument("run_dir")
 
     sub.add_parser("list", help="registered datasets, models, distillers, explainers and metrics")
@@ -88,10 +101,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        elif args.command == "compare":
+            from xkd.compare import compare
+            from xkd.config import ConfigError, load_config
+
+            if args.seeds is not None and args.seeds < 1:
+                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+            cfg = load_config(args.config, args.overrides)
+            compare(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         elif args.command == "report":
+            from xkd.report.compare import is_compare_dir, render_compare_report
             from xkd.report.render import render_report
 
-            print(render_report(args.run_dir))
+            render = render_compare_report if is_compare_dir(args.run_dir) else render_report
+            print(render(args.run_dir))
         elif args.command == "explain":
             from xkd.explain_images import explain_images
 

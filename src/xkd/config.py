@@ -186,11 +186,32 @@ class EvaluationConfig:
 
 
 @dataclass
+class CompareConfig:
+    """How ``xkd compare`` repeats the run and what it ranks on.
+
+    Attributes:
+        seeds: number of seeds; seed ``i`` runs with ``seed + i`` (the students' initialisation,
+            data order and explained images change; the data split and the teacher stay fixed).
+        agreement_explainer: the explainer (its ``label``, or name) whose teacher-student agreement
+            is the headline "explanation agreement" (None: the first configured explainer that has
+            agreement records, i.e. not ``feature_maps`` or a pair explainer).
+        agreement_metric: the agreement metric of that explainer used as the headline
+            (``rank_correlation``, ``top_k_agreement``, ``map_pearson``, ``superpixel_mse`` or
+            ``superpixel_sign_agreement``); it must be among ``evaluation.metrics``.
+    """
+
+    seeds: int = 3
+    agreement_explainer: str | None = None
+    agreement_metric: str = "rank_correlation"
+
+
+@dataclass
 class RunConfig:
     """A whole run: data, teacher, students, training budget, evaluation.
 
     ``train`` is the students' budget; the teacher has its own under ``teacher.train``.
-    ``student_model`` is the default architecture of every student.
+    ``student_model`` is the default architecture of every student. ``compare`` is read by
+    ``xkd compare`` only.
     """
 
     name: str = "default"
@@ -210,6 +231,7 @@ class RunConfig:
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +471,38 @@ def validate_config(cfg: RunConfig) -> None:
         v = getattr(ev, key)
         if not 0.0 < v <= 1.0:
             raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
+    _validate_compare(cfg)
+
+
+COMPARE_METRICS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
+
+
+def _validate_compare(cfg: RunConfig) -> None:
+    c = cfg.compare
+    if c.seeds < 1:
+        raise ConfigError(f"compare.seeds must be >= 1, got {c.seeds}")
+    if c.agreement_metric not in COMPARE_METRICS:
+        raise ConfigError(
+            f"compare.agreement_metric: {c.agreement_metric!r} is not a teacher-student agreement metric; "
+            f"allowed: {', '.join(COMPARE_METRICS)}"
+        )
+    keys = [e.key for e in cfg.evaluation.explainers]
+    if c.agreement_explainer is not None and c.agreement_explainer not in keys:
+        raise ConfigError(
+            f"compare.agreement_explainer {c.agreement_explainer!r} is not among evaluation.explainers "
+            f"({', '.join(keys)}); use an explainer's label"
+        )
+
+
+def validate_for_compare(cfg: RunConfig) -> None:
+    """What ``xkd compare`` needs beyond a valid run config: its headline agreement is computed."""
+    c = cfg.compare
+    if c.agreement_metric not in cfg.evaluation.metrics:
+        raise ConfigError(
+            f"compare.agreement_metric {c.agreement_metric!r} is not computed by this config: add it to "
+            f"evaluation.metrics or choose one of the selected metrics "
+            f"({', '.join(m for m in cfg.evaluation.metrics if m in COMPARE_METRICS) or 'none selected'})"
+        )
 
 
 def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:

@@ -129,9 +129,24 @@ def evaluate_run(
                 "loss": t["loss"],
                 "confusion_matrix": t["confusion_matrix"].tolist(),
             },
+            "test_last": m.last_test,
             "posthoc": None if m.role == "teacher" else classification.posthoc_agreement(t["preds"], teacher_preds, k),
             "met": {},
         }
+        if m.assistant is not None:
+            a = m.assistant
+            at = classification.evaluate_model(a.model, test_loader, k, device)
+            model_records[m.role]["assistant"] = {
+                "role": a.role,
+                "model": a.model_name,
+                "distiller": a.distiller,
+                "distiller_params": a.distiller_params,
+                "params": cost.parameter_count(a.model),
+                "test": {"accuracy": at["accuracy"], "macro_f1": at["macro_f1"]},
+                "posthoc": classification.posthoc_agreement(at["preds"], teacher_preds, k),
+                "train": {"best_epoch": a.result.best_epoch, "seconds": a.result.seconds},
+                "checkpoint": f"checkpoints/{a.role}/best.pt",
+            }
 
     # -- explanations on a seeded subset of the test split ------------------------------------
     t_explain = time.perf_counter()

@@ -23,12 +23,13 @@ from torch import nn
 
 from xkd.config import ConfigError, ModelConfig, RunConfig, save_config, to_dict
 from xkd.data import DataBundle, build_dataset
-from xkd.distill import build_distiller
+from xkd.distill import build_distiller, distiller_params
 from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
 from xkd.engine.trainer import Trainer, TrainResult
 from xkd.models import build_model
+from xkd.registry import DISTILLERS
 from xkd.report.records import atomic_write_bytes, is_writer
 
 log = logging.getLogger("xkd")
@@ -49,6 +50,8 @@ class TrainedModel:
     distiller_params: dict[str, Any] = field(default_factory=dict)
     result: TrainResult = field(default_factory=TrainResult)
     from_cache: bool = False
+    last_test: dict[str, float] | None = None
+    assistant: TrainedModel | None = None
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -162,38 +165,85 @@ def train_students(
     resume: bool,
     progress: bool,
 ) -> list[TrainedModel]:
-    """Distil every configured student from ``teacher`` with the same data and budget."""
+    """Distil every configured student from ``teacher`` with the same data and budget.
+
+    A ``teacher_assistant`` student is a chain: its assistant is distilled from ``teacher`` first
+    (checkpoints under ``checkpoints/<name>.assistant``), then the student from the assistant."""
     out = []
     for s in cfg.students:
         model_cfg = s.model or cfg.student_model
-        student = build_for(model_cfg, data, cfg.seed)
-        context = DistillContext(
-            sample=torch.zeros(2, *data.image_shape),
-            train=data.train,
-            cache_dir=cache_dir_of(cfg) / "distill",
-            teacher_key=weights_key(teacher),
-            device=device,
-            seed=cfg.seed,
-            progress=progress,
-        )
-        distiller = build_distiller(s.distiller, student, teacher, s.params, context)
-        ckpt_dir = run_dir / "checkpoints" / s.name
-        trainer = Trainer(
-            distiller,
-            data.train,
-            data.val,
-            cfg.train,
-            checkpoint_dir=ckpt_dir,
-            seed=cfg.seed,
-            device=device,
-            role=s.name,
-            progress=progress,
-        )
-        result = trainer.fit(resume=resume)
-        _load_best(distiller, ckpt_dir / "best.pt")
-        model = distiller.student  # the evaluated model: a method may wrap the student (MED-TEX)
-        out.append(TrainedModel(s.name, model, model_cfg.name, s.distiller, to_dict(distiller.params), result))
+        source, assistant = teacher, None
+        if getattr(DISTILLERS.get(s.distiller), "needs_assistant", False):
+            p = distiller_params(s.distiller, s.params)
+            a_cfg = p.assistant_model()
+            assistant = distil(
+                cfg, data, teacher, f"{s.name}.assistant", a_cfg, p.assistant_distiller, p.assistant_params,
+                run_dir, device, resume, progress,
+            )  # fmt: skip
+            source = assistant.model.eval().requires_grad_(False)
+        trained = distil(cfg, data, source, s.name, model_cfg, s.distiller, s.params, run_dir, device, resume, progress)
+        if assistant is not None:
+            trained.assistant = assistant
+        out.append(trained)
     return out
+
+
+def distil(
+    cfg: RunConfig,
+    data: DataBundle,
+    teacher: nn.Module,
+    role: str,
+    model_cfg: ModelConfig,
+    distiller_name: str,
+    params: dict[str, Any],
+    run_dir: Path,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+) -> TrainedModel:
+    """Train one student of architecture ``model_cfg`` from ``teacher`` with distiller ``distiller_name``
+    under ``checkpoints/<role>``; returns it with its best checkpoint loaded, and the test scores of
+    its last epoch (``last_test``: users of other KD frameworks compare best and last)."""
+    student = build_for(model_cfg, data, cfg.seed)
+    context = DistillContext(
+        sample=torch.zeros(2, *data.image_shape),
+        train=data.train,
+        cache_dir=cache_dir_of(cfg) / "distill",
+        teacher_key=weights_key(teacher),
+        device=device,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    distiller = build_distiller(distiller_name, student, teacher, params, context)
+    ckpt_dir = run_dir / "checkpoints" / role
+    trainer = Trainer(
+        distiller,
+        data.train,
+        data.val,
+        cfg.train,
+        checkpoint_dir=ckpt_dir,
+        seed=cfg.seed,
+        device=device,
+        role=role,
+        progress=progress,
+    )
+    result = trainer.fit(resume=resume)
+    model = distiller.student  # the evaluated model: a method may wrap the student (MED-TEX)
+    last_test = test_scores(model, data, cfg, device)
+    _load_best(distiller, ckpt_dir / "best.pt")
+    return TrainedModel(
+        role, model, model_cfg.name, distiller_name, to_dict(distiller.params), result, last_test=last_test
+    )
+
+
+def test_scores(model: nn.Module, data: DataBundle, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """Accuracy and macro-F1 of ``model`` (as it is now) on the test split."""
+    from xkd.data import make_loader
+    from xkd.metrics.classification import evaluate_model
+
+    loader = make_loader(data.test, batch_size=cfg.evaluation.batch_size, shuffle=False, seed=cfg.seed)
+    scores = evaluate_model(model, loader, data.num_classes, device)  # restores the train/eval flags
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
 class PermutedLabels(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ Importing this package registers the built-in distillers: ``scratch``, ``hinton_
 (XDistillation); ``teacher_assistant`` (a chain teacher -> assistant -> student).
 """
 
+from xkd.distill.assistant import TeacherAssistant
 from xkd.distill.base import DistillContext, Distiller, build_distiller, distiller_params
 from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
 from xkd.distill.logits import DKD, HintonKD, LabelSmoothing, Scratch, dkd_terms, kd_loss
@@ -20,6 +21,7 @@ __all__ = [
     "PKT",
     "RKD",
     "SP",
+    "TeacherAssistant",
     "VID",
     "ActivationBoundaries",
     "AttentionTransfer",

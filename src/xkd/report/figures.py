@@ -353,3 +353,34 @@ def save_confusion_matrices(path: str | Path, matrices: Mapping[str, Any], class
         ax.set_xlabel("predicted", fontsize=7.5)
     axes[0].set_ylabel("true", fontsize=7.5)
     return _save(fig, path)
+
+
+def save_accuracy_vs_agreement(
+    path: str | Path,
+    points: Sequence[tuple[str, float, float, float, float]],
+    agreement_name: str,
+    teacher_accuracy: float | None,
+    n_seeds: int,
+) -> Path:
+    """One point per method: explanation agreement with the teacher (x) vs test accuracy (y), with
+    error bars of one standard deviation over seeds. ``points`` = (label, x, x_std, y, y_std)."""
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot(1, 1, 1)
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.13)
+    colors = matplotlib.colormaps["tab10"]
+    for i, (label, x, xs, y, ys) in enumerate(points):
+        c = colors(i % 10)
+        ax.errorbar(x, y, xerr=xs, yerr=ys, fmt="o", color=c, markersize=6, capsize=3, linewidth=1.2, label=label)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8.5, color=c)
+    if teacher_accuracy is not None:
+        ax.axhline(teacher_accuracy, color="#555555", linestyle=":", linewidth=1.1)
+        ax.annotate(
+            "teacher", (1.0, teacher_accuracy), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+            textcoords="offset points", ha="right", fontsize=8, color="#555555",
+        )  # fmt: skip
+    ax.set_xlabel(f"explanation agreement with the teacher ({agreement_name})", fontsize=9)
+    ax.set_ylabel("test accuracy", fontsize=9)
+    ax.set_title(f"Accuracy vs explanation agreement (mean ± std over {n_seeds} seed(s))", fontsize=10)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax.tick_params(labelsize=8)
+    return _save(fig, path)

@@ -1,0 +1,314 @@
+"""``xkd compare``: the configured students over several seeds, side by side, in one report.
+
+Every seed is a whole ``xkd run`` of the same config (same data split, student architectures,
+optimiser and budget) written to ``<output_dir>/<name>/seeds/seed_<s>/``; only the seed changes
+(students' initialisation, data order, the explained test images). The teacher is trained once, by
+the first seed's run, and every other seed loads that checkpoint, so the spread measures the
+distillation, not the teacher. Then :func:`aggregate` reads the seed runs' records (never live
+models) and writes ``records/compare.json`` with, per method, mean ± std over seeds of accuracy,
+macro-F1 (best and last epoch), agreement with the teacher's predictions, explanation agreement
+with the teacher, FSS/RS, parameters, FLOPs and training time, and a ranking; the report is
+rendered from that record (:func:`xkd.report.compare.render_compare_report`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from xkd.config import RunConfig, from_dict, save_config, to_dict, validate_for_compare
+from xkd.pipeline import RunExistsError, cache_dir_of, run
+from xkd.registry import METRICS
+from xkd.report.records import is_writer, read_json, record, write_json
+
+QUALITY_KEYS = (
+    "fidelity",
+    "deletion_auc",
+    "insertion_auc",
+    "road",
+    "pointing_game",
+    "top_k_iou",
+    "top_k_dice",
+    "mask_mass",
+)
+AGREEMENT_KEYS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    run_dir: Path
+    reused: bool
+
+
+def compare_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def seed_config(cfg: RunConfig, compare_dir: Path, seed: int, teacher_checkpoint: str | None) -> RunConfig:
+    """``cfg`` for one seed: its own run folder under ``compare_dir/seeds``, the comparison's cache,
+    and (after the first seed) the first seed's teacher."""
+    c = from_dict(RunConfig, to_dict(cfg))
+    c.seed = seed
+    c.name = f"seed_{seed}"
+    c.output_dir = str(compare_dir / "seeds")
+    c.cache_dir = str(cache_dir_of(cfg))
+    if teacher_checkpoint is not None:
+        c.teacher.checkpoint = teacher_checkpoint
+    return c
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "records" / "models.json").is_file()
+
+
+def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    out = compare_dir_of(cfg)
+    if out.exists() and any(out.iterdir()):
+        is_compare = (out / "seeds").is_dir() or (out / "records" / "compare.json").is_file()
+        if overwrite:
+            if not is_compare:
+                raise RunExistsError(f"{out} is not empty and is not an xkd comparison; refusing to delete it")
+            if is_writer():
+                shutil.rmtree(out)
+        elif not resume:
+            raise RunExistsError(
+                f"comparison directory {out} already exists; pass --resume to continue it (finished seeds are "
+                "kept), --overwrite to start over, or choose another name (--set name=NEW)"
+            )
+        elif not is_compare:
+            raise RunExistsError(f"{out} holds something other than an xkd comparison; choose another name")
+    if is_writer():
+        (out / "records").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return out
+
+
+def compare(
+    cfg: RunConfig,
+    seeds: int | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run ``cfg`` over ``seeds`` seeds (default ``cfg.compare.seeds``), aggregate and render the report.
+
+    Returns the comparison directory (holding ``report.html``). With ``resume``, finished seed runs
+    are reused as they are and an interrupted one continues from its last checkpoints.
+    """
+    from xkd.report.compare import render_compare_report
+
+    if seeds is not None:
+        cfg.compare.seeds = seeds
+    validate_for_compare(cfg)
+    console = Console(stderr=True, quiet=not progress)
+    t0 = time.perf_counter()
+    out = prepare_compare_dir(cfg, resume, overwrite)
+    seed_list = [cfg.seed + i for i in range(cfg.compare.seeds)]
+    runs: list[SeedRun] = []
+    teacher_ckpt = cfg.teacher.checkpoint
+    for i, s in enumerate(seed_list):
+        c = seed_config(cfg, out, s, teacher_ckpt)
+        run_dir = Path(c.output_dir) / c.name
+        console.print(f"[bold]xkd compare[/bold] {cfg.name!r}: seed {s} ({i + 1} of {len(seed_list)})")
+        if resume and _finished(run_dir):
+            console.print(f"seed {s}: finished run found in {run_dir}, reused")
+            runs.append(SeedRun(s, run_dir, True))
+        else:
+            runs.append(SeedRun(s, run(c, resume=resume, overwrite=False, progress=progress), False))
+        if teacher_ckpt is None:  # every later seed distils from this seed's teacher
+            teacher_ckpt = str(run_dir / "checkpoints" / "teacher" / "best.pt")
+    if is_writer():
+        summary = aggregate(cfg, runs)
+        summary["seconds"] = time.perf_counter() - t0
+        write_json(out / "records" / "compare.json", record("compare", summary))
+        html = render_compare_report(out)
+        console.print(f"comparison report: {html}  ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+# --- aggregation ------------------------------------------------------------------------------------
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def stat(values: list[Any]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1) of the finite values; the per-seed values kept as
+    they were (None where a seed has no value). ``std`` is None with fewer than two values."""
+    vals = [x for x in (_num(v) for v in values) if x is not None]
+    return {
+        "mean": statistics.fmean(vals) if vals else None,
+        "std": statistics.stdev(vals) if len(vals) >= 2 else None,
+        "n": len(vals),
+        "values": [_num(v) for v in values],
+    }
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def headline_explainer(cfg: RunConfig, agreement: dict[str, Any]) -> str | None:
+    """The explainer whose agreement is the headline: configured, else the first with agreement records."""
+    if cfg.compare.agreement_explainer is not None:
+        return cfg.compare.agreement_explainer
+    present = {ex for per_role in agreement.values() for ex in (per_role or {})}
+    return next((e.key for e in cfg.evaluation.explainers if e.key in present), None)
+
+
+def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
+    """Mean ± std over seeds of every per-model number, read from each seed run's records."""
+    recs = []
+    for r in runs:
+        models = read_json(r.run_dir / "records" / "models.json")
+        expl = read_json(r.run_dir / "records" / "explanations.json")
+        recs.append((r, models, expl))
+    first_models = recs[0][1]
+    roles = list(first_models["roles"])
+    students = roles[1:]
+    explainer = headline_explainer(cfg, recs[0][2].get("agreement") or {})
+    metric = cfg.compare.agreement_metric
+    explainers = sorted(
+        {ex for _, _, e in recs for per_role in (e.get("agreement") or {}).values() for ex in (per_role or {})},
+        key=lambda ex: (
+            [e.key for e in cfg.evaluation.explainers].index(ex)
+            if ex in [e.key for e in cfg.evaluation.explainers]
+            else 99
+        ),
+    )
+
+    order = [e.key for e in cfg.evaluation.explainers]
+    all_explainers = [
+        ex for ex in order if any(ex in per for _, _, e in recs for per in (e.get("per_model") or {}).values())
+    ]
+    methods: dict[str, Any] = {}
+    for role in roles:
+        per_seed = [m["models"].get(role) or {} for _, m, _ in recs]
+        agr = [(e.get("agreement") or {}).get(role) or {} for _, _, e in recs]
+        own = [(e.get("per_model") or {}).get(role) or {} for _, _, e in recs]
+        transfer = [(e.get("transfer") or {}).get(role) or {} for _, _, e in recs]
+        entry: dict[str, Any] = {
+            "model": per_seed[0].get("model"),
+            "distiller": per_seed[0].get("distiller"),
+            "distiller_params": per_seed[0].get("distiller_params"),
+            "accuracy": stat([_get(m, "test", "accuracy") for m in per_seed]),
+            "macro_f1": stat([_get(m, "test", "macro_f1") for m in per_seed]),
+            "last_accuracy": stat([_get(m, "test_last", "accuracy") for m in per_seed]),
+            "last_macro_f1": stat([_get(m, "test_last", "macro_f1") for m in per_seed]),
+            "best_epoch": stat([_get(m, "train", "best_epoch") for m in per_seed]),
+            "train_seconds": stat([_get(m, "train", "seconds") for m in per_seed]),
+            "params": stat([m.get("params") for m in per_seed]),
+            "flops": stat([m.get("flops") for m in per_seed]),
+            "explanation_quality": {ex: quality(own, ex) for ex in all_explainers if any(ex in o for o in own)},
+        }
+        if role != "teacher":
+            entry["posthoc_accuracy"] = stat([_get(m, "posthoc", "accuracy") for m in per_seed])
+            entry["posthoc_macro_f1"] = stat([_get(m, "posthoc", "macro_f1") for m in per_seed])
+            entry["explanation_agreement"] = {
+                ex: {
+                    k: stat([_get(a, ex, k) for a in agr])
+                    for k in AGREEMENT_KEYS
+                    if any(_get(a, ex, k) is not None for a in agr)
+                }
+                for ex in explainers
+            }
+            entry["headline_agreement"] = stat([_get(a, explainer, metric) for a in agr]) if explainer else stat([])
+            if any(transfer):
+                entry["fss"] = stat([t.get("fss") for t in transfer])
+                entry["rs"] = stat([_get(t, "rs", "rs") for t in transfer])
+            assistant = [m.get("assistant") for m in per_seed]
+            if any(assistant):
+                entry["assistant"] = {
+                    "model": (assistant[0] or {}).get("model"),
+                    "accuracy": stat([_get(a, "test", "accuracy") for a in assistant]),
+                    "posthoc_accuracy": stat([_get(a, "posthoc", "accuracy") for a in assistant]),
+                    "params": stat([(a or {}).get("params") for a in assistant]),
+                }
+        methods[role] = entry
+
+    higher = METRICS.get(metric).higher_is_better if metric in METRICS else True
+    ranking = rank(
+        {r: methods[r] for r in students},
+        [("accuracy", True), ("posthoc_accuracy", True), ("headline_agreement", bool(higher))],
+    )
+    return {
+        "name": cfg.name,
+        "seeds": [r.seed for r in runs],
+        "explainers_scored": all_explainers,
+        "runs": {str(r.seed): {"dir": f"seeds/{r.run_dir.name}", "reused": r.reused} for r in runs},
+        "roles": roles,
+        "students": students,
+        "explainers": explainers,
+        "headline": {"explainer": explainer, "metric": metric, "higher_is_better": higher},
+        "methods": methods,
+        "ranking": ranking,
+        "dataset": read_json(runs[0].run_dir / "records" / "run.json").get("dataset"),
+    }
+
+
+def _scalar(entry: dict[str, Any], key: str) -> Any:
+    v = entry.get(key)
+    if isinstance(v, dict):  # fidelity and ROAD records keep their headline under "mean" / "road"
+        v = v.get("mean", v.get(key))
+    return v
+
+
+def quality(own: list[dict[str, Any]], ex: str) -> dict[str, Any]:
+    """One explainer's own metrics for one model over seeds: each scalar metric, and top-K IoU/Dice per K."""
+    entries = [o.get(ex) or {} for o in own]
+    out: dict[str, Any] = {
+        k: stat([_scalar(e, k) for e in entries])
+        for k in QUALITY_KEYS
+        if any(_scalar(e, k) is not None for e in entries)
+    }
+    ks = sorted({k for e in entries for k in (e.get("top_k") or {})}, key=float)
+    if ks:
+        out["per_k"] = {k: {m: stat([_get(e, "top_k", k, m) for e in entries]) for m in ("iou", "dice")} for k in ks}
+    return out
+
+
+def _ranks(values: dict[str, float | None], higher: bool) -> dict[str, float | None]:
+    """Rank 1 = best; ties share the mean of their ranks; a missing value gets no rank."""
+    present = sorted((v, r) for r, v in values.items() if v is not None)
+    if higher:
+        present.reverse()
+    out: dict[str, float | None] = {r: None for r in values}
+    i = 0
+    while i < len(present):
+        j = i
+        while j + 1 < len(present) and present[j + 1][0] == present[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            out[present[k][1]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def rank(methods: dict[str, Any], criteria: list[tuple[str, bool]]) -> dict[str, Any]:
+    """Rank methods by the mean of each criterion, then by their mean rank over the criteria."""
+    per = {key: _ranks({r: (m.get(key) or {}).get("mean") for r, m in methods.items()}, hi) for key, hi in criteria}
+    mean_rank = {}
+    for r in methods:
+        got = [per[key][r] for key, _ in criteria if per[key][r] is not None]
+        mean_rank[r] = statistics.fmean(got) if got else None
+    order = sorted(methods, key=lambda r: (mean_rank[r] is None, mean_rank[r] or 0.0, r))
+    return {
+        "criteria": [{"key": k, "higher_is_better": hi} for k, hi in criteria],
+        "ranks": per,
+        "mean_rank": mean_rank,
+        "order": order,
+    }

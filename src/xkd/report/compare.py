@@ -1,0 +1,319 @@
+"""The comparison report of ``xkd compare``, rendered from ``records/compare.json`` only.
+
+Tables show mean ± sample standard deviation over seeds (the per-seed values are in the record and
+in the "Per seed" table); the best mean per column is highlighted. The figure plots each method's
+test accuracy against its headline explanation agreement with the teacher, with error bars of one
+standard deviation in both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xkd.report import figures
+from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
+from xkd.report.render import _ENV, ReportError, ReportSchemaError
+from xkd.report.tables import DASH, best_rows, cell, explainer_name, fmt, fmt_seconds, head, ok
+
+METRIC_NAMES = {
+    "rank_correlation": "Rank corr.",
+    "top_k_agreement": "Top-k IoU",
+    "map_pearson": "Pearson",
+    "superpixel_mse": "Superpixel MSE",
+    "superpixel_sign_agreement": "Sign agreement",
+}
+LOWER_IS_BETTER = {"superpixel_mse"}
+
+
+@dataclass
+class StatCol:
+    """A column of mean ± std cells."""
+
+    head: str
+    stats: list[dict[str, Any] | None]
+    spec: str = ".4f"
+    better: str | None = None
+    scale: float = 1.0
+    title: str | None = None
+
+
+def fmt_stat(s: dict[str, Any] | None, spec: str = ".4f", scale: float = 1.0) -> str:
+    """``mean ± std`` (just the mean with one seed or a constant; "–" when there is no value)."""
+    if not s or not ok(s.get("mean")):
+        return DASH
+    text = fmt(s["mean"], spec, scale)
+    std = s.get("std")
+    if ok(std) and std > 0:
+        text += f" ± {fmt(std, spec, scale)}"
+    return text
+
+
+def stat_table(caption: str, labels: list[dict], cols: list[StatCol], groups: list | None = None) -> dict:
+    means = [[(s or {}).get("mean") for s in c.stats] for c in cols]
+    bests = [best_rows(m, c.better) for m, c in zip(means, cols)]
+    rows = []
+    for r, lab in enumerate(labels):
+        row = [lab]
+        for c, b in zip(cols, bests):
+            s = c.stats[r]
+            text = c.spec(s) if callable(c.spec) else fmt_stat(s, c.spec, c.scale)
+            row.append(cell(text, best=r in b, title=_values_title(s)))
+        rows.append(row)
+    heads = [head("Method", False)] + [head(c.head, True, c.title) for c in cols]
+    return {"caption": caption, "groups": groups, "head": heads, "rows": rows}
+
+
+def _values_title(s: dict[str, Any] | None) -> str | None:
+    vals = (s or {}).get("values")
+    if not vals or len(vals) < 2:
+        return None
+    return "per seed: " + ", ".join(fmt(v, ".4g") for v in vals)
+
+
+def _label(role: str, m: dict[str, Any]) -> dict:
+    params = ", ".join(f"{k}={v}" for k, v in (m.get("distiller_params") or {}).items() if not isinstance(v, dict))
+    sub = f"{m.get('distiller') or 'teacher'} · {m.get('model')}" + (f" · {params}" if params else "")
+    return cell(role, num=False, sub=sub)
+
+
+def _headline_name(h: dict[str, Any]) -> str:
+    if not h.get("explainer"):
+        return "explanation agreement"
+    return f"{explainer_name(h['explainer'])} {METRIC_NAMES.get(h['metric'], h['metric'])}"
+
+
+def _main_table(cmp: dict[str, Any]) -> dict:
+    roles, methods = cmp["roles"], cmp["methods"]
+    m = [methods[r] for r in roles]
+    h = cmp["headline"]
+    better = "high" if h.get("higher_is_better", True) else "low"
+    return stat_table(
+        "Accuracy, agreement and cost, mean ± std over seeds (hover a cell for the per-seed values). "
+        "Best = the checkpoint with the best validation accuracy (the one evaluated everywhere else); "
+        "last = the final epoch's weights. Post-hoc scores a student against the teacher's predictions.",
+        [_label(r, x) for r, x in zip(roles, m)],
+        [
+            StatCol("Acc. (best)", [x.get("accuracy") for x in m], better="high"),
+            StatCol("Acc. (last)", [x.get("last_accuracy") for x in m], better="high"),
+            StatCol("F1 (best)", [x.get("macro_f1") for x in m], better="high"),
+            StatCol("F1 (last)", [x.get("last_macro_f1") for x in m], better="high"),
+            StatCol("Post-hoc acc.", [x.get("posthoc_accuracy") for x in m], better="high"),
+            StatCol("Post-hoc F1", [x.get("posthoc_macro_f1") for x in m], better="high"),
+            StatCol(_headline_name(h), [x.get("headline_agreement") for x in m], better=better),
+            StatCol("Parameters", [x.get("params") for x in m], ",.0f", "low"),
+            StatCol("FLOPs (M)", [x.get("flops") for x in m], ",.2f", "low", 1e-6, "per image"),
+            StatCol("Train time", [x.get("train_seconds") for x in m], lambda s: fmt_seconds((s or {}).get("mean"))),
+        ],
+    )
+
+
+def _agreement_table(cmp: dict[str, Any]) -> dict | None:
+    students, methods = cmp["students"], cmp["methods"]
+    cols, groups = [], [("", 1)]
+    for ex in cmp.get("explainers", []):
+        keys = [
+            k
+            for k in METRIC_NAMES
+            if any(k in ((methods[r].get("explanation_agreement") or {}).get(ex) or {}) for r in students)
+        ]
+        if not keys:
+            continue
+        for k in keys:
+            stats = [((methods[r].get("explanation_agreement") or {}).get(ex) or {}).get(k) for r in students]
+            cols.append(StatCol(METRIC_NAMES[k], stats, better="low" if k in LOWER_IS_BETTER else "high"))
+        groups.append((explainer_name(ex), len(keys)))
+    if not cols:
+        return None
+    return stat_table(
+        "Explanation agreement of each student's maps with the teacher's (same test images, true class), "
+        "mean ± std over seeds.",
+        [_label(r, methods[r]) for r in students],
+        cols,
+        groups,
+    )
+
+
+QUALITY_NAMES = {
+    "fidelity": "Fidelity",
+    "deletion_auc": "Deletion AUC",
+    "insertion_auc": "Insertion AUC",
+    "road": "ROAD",
+    "pointing_game": "Pointing game",
+    "top_k_iou": "Top-K IoU",
+    "top_k_dice": "Top-K Dice",
+    "mask_mass": "Mask mass",
+}
+
+
+def _direction(metric: str) -> str | None:
+    from xkd.registry import METRICS
+
+    if metric not in METRICS:
+        return None
+    hi = METRICS.get(metric).higher_is_better
+    return None if hi is None else ("high" if hi else "low")
+
+
+def _quality_tables(cmp: dict[str, Any]) -> list[dict]:
+    """Per explainer: its own metrics (faithfulness, localisation) for every model, and top-K IoU and
+    Dice per K where the data has masks."""
+    import xkd.metrics  # noqa: F401  (registers metrics: their directions)
+
+    roles, methods = cmp["roles"], cmp["methods"]
+    tables = []
+    for ex in cmp.get("explainers_scored", []):
+        q = {r: (methods[r].get("explanation_quality") or {}).get(ex) or {} for r in roles}
+        shown = [r for r in roles if q[r]]
+        keys = [k for k in QUALITY_NAMES if any(k in q[r] for r in shown)]
+        if keys:
+            tables.append(
+                stat_table(
+                    f"{explainer_name(ex)}: its own metrics per model, mean ± std over seeds.",
+                    [_label(r, methods[r]) for r in shown],
+                    [StatCol(QUALITY_NAMES[k], [q[r].get(k) for r in shown], better=_direction(k)) for k in keys],
+                )
+            )
+        ks = sorted({k for r in shown for k in (q[r].get("per_k") or {})}, key=float)
+        if ks:
+            cols, groups = [], [("", 1)]
+            for k in ks:
+                for m in ("iou", "dice"):
+                    stats = [((q[r].get("per_k") or {}).get(k) or {}).get(m) for r in shown]
+                    cols.append(StatCol("IoU" if m == "iou" else "Dice", stats, better="high"))
+                groups.append((f"K = {fmt(float(k), ',.0f')} px", 2))
+            tables.append(
+                stat_table(
+                    f"{explainer_name(ex)}: top-K IoU and Dice of the K most important pixels against the masks.",
+                    [_label(r, methods[r]) for r in shown],
+                    cols,
+                    groups,
+                )
+            )
+    return tables
+
+
+def _transfer_table(cmp: dict[str, Any]) -> dict | None:
+    students, methods = cmp["students"], cmp["methods"]
+    if not any("fss" in methods[r] for r in students):
+        return None
+    return stat_table(
+        "Feature transfer at matched layers (UniCAM): FSS = distance correlation of student and teacher "
+        "features; RS = partial distance correlation of the student's features with the class target "
+        "given the teacher's (what the student learned beyond the teacher).",
+        [_label(r, methods[r]) for r in students],
+        [
+            StatCol("FSS", [methods[r].get("fss") for r in students]),
+            StatCol("RS", [methods[r].get("rs") for r in students]),
+        ],
+    )
+
+
+def _assistant_table(cmp: dict[str, Any]) -> dict | None:
+    students, methods = cmp["students"], cmp["methods"]
+    shown = [r for r in students if methods[r].get("assistant")]
+    if not shown:
+        return None
+    a = [methods[r]["assistant"] for r in shown]
+    return stat_table(
+        "Teacher assistants: the intermediate model each chain distilled its student from.",
+        [cell(r, num=False, sub=x.get("model")) for r, x in zip(shown, a)],
+        [
+            StatCol("Assistant acc.", [x.get("accuracy") for x in a], better="high"),
+            StatCol("Assistant post-hoc acc.", [x.get("posthoc_accuracy") for x in a], better="high"),
+            StatCol("Assistant parameters", [x.get("params") for x in a], ",.0f"),
+        ],
+    )
+
+
+def _ranking_table(cmp: dict[str, Any]) -> dict:
+    rk, methods = cmp["ranking"], cmp["methods"]
+    names = {
+        "accuracy": "Accuracy",
+        "posthoc_accuracy": "Post-hoc acc.",
+        "headline_agreement": _headline_name(cmp["headline"]),
+    }
+    heads = [head("Place", True), head("Method", False)]
+    heads += [head(f"{names.get(c['key'], c['key'])} rank", True) for c in rk["criteria"]]
+    heads.append(head("Mean rank", True, "mean of the ranks over the criteria (1 = best)"))
+    rows = []
+    for place, r in enumerate(rk["order"], 1):
+        row = [cell(str(place)), _label(r, methods[r])]
+        row += [cell(fmt(rk["ranks"][c["key"]].get(r), ".1f")) for c in rk["criteria"]]
+        row.append(cell(fmt(rk["mean_rank"].get(r), ".2f"), best=place == 1))
+        rows.append(row)
+    caption = (
+        "Ranking of the students by the mean of each criterion (1 = best, ties share their mean rank), "
+        "ordered by mean rank. Differences smaller than the standard deviations above are not resolved "
+        "at this number of seeds."
+    )
+    return {"caption": caption, "groups": None, "head": heads, "rows": rows}
+
+
+def _per_seed_table(cmp: dict[str, Any]) -> dict:
+    seeds = cmp["seeds"]
+    heads = [head("Method", False)] + [head(f"seed {s}", True) for s in seeds]
+    rows = []
+    for r in cmp["roles"]:
+        vals = (cmp["methods"][r].get("accuracy") or {}).get("values") or []
+        rows.append([cell(r, num=False)] + [cell(fmt(v)) for v in vals])
+    caption = "Test accuracy (best checkpoint) of every seed's run; each run's own report is linked below."
+    return {"caption": caption, "groups": None, "head": heads, "rows": rows}
+
+
+def _figure(out: Path, cmp: dict[str, Any]) -> str | None:
+    students, methods = cmp["students"], cmp["methods"]
+    points = []
+    for r in students:
+        acc, agr = methods[r].get("accuracy") or {}, methods[r].get("headline_agreement") or {}
+        if ok(acc.get("mean")) and ok(agr.get("mean")):
+            points.append((r, agr["mean"], agr.get("std") or 0.0, acc["mean"], acc.get("std") or 0.0))
+    if not points:
+        return None
+    teacher_acc = (methods.get("teacher", {}).get("accuracy") or {}).get("mean")
+    src = "figures/accuracy_vs_agreement.png"
+    figures.save_accuracy_vs_agreement(
+        out / src, points, _headline_name(cmp["headline"]), teacher_acc, len(cmp["seeds"])
+    )
+    return src
+
+
+def load_compare(out: Path) -> dict[str, Any]:
+    path = out / "records" / "compare.json"
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: the comparison is incomplete (finish it with `xkd compare --resume`)")
+    data = read_json(path)
+    if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != "compare":
+        raise ReportSchemaError(
+            f"{path}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
+            f"this xkd reads {SCHEMA_VERSION}, 'compare'"
+        )
+    return data
+
+
+def render_compare_report(out: str | Path) -> Path:
+    """Render ``out/report.html`` (and ``out/figures/*.png``) from ``out/records/compare.json``."""
+    out = Path(out)
+    cmp = load_compare(out)
+    ctx = {
+        "cmp": cmp,
+        "dataset": cmp.get("dataset") or {},
+        "headline": _headline_name(cmp["headline"]),
+        "main": _main_table(cmp),
+        "agreement": _agreement_table(cmp),
+        "transfer": _transfer_table(cmp),
+        "quality": _quality_tables(cmp),
+        "assistants": _assistant_table(cmp),
+        "ranking": _ranking_table(cmp),
+        "per_seed": _per_seed_table(cmp),
+        "figure": _figure(out, cmp),
+        "runs": [(s, info["dir"]) for s, info in cmp["runs"].items()],
+        "seconds": fmt_seconds(cmp.get("seconds")),
+    }
+    html = _ENV.get_template("compare.html.j2").render(**ctx)
+    return atomic_write_text(out / "report.html", html)
+
+
+def is_compare_dir(path: str | Path) -> bool:
+    return (Path(path) / "records" / "compare.json").is_file()

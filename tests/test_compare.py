@@ -1,0 +1,119 @@
+"""``xkd compare``: statistics and ranking by hand, then two seeds of the tiny run end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from xkd.cli import main
+from xkd.compare import _ranks, rank, stat
+from xkd.config import ConfigError, load_config, validate_for_compare
+from xkd.report.records import read_json
+
+STUDENTS = "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}, {name: at, distiller: at}]"
+
+
+def test_stat_is_the_mean_and_sample_std_of_the_finite_values():
+    s = stat([0.5, 0.7, None, 0.9])
+    assert s["mean"] == pytest.approx(0.7) and s["n"] == 3
+    assert s["std"] == pytest.approx(math.sqrt(((0.2**2) * 2) / 2))  # n - 1 in the denominator: 0.2
+    assert s["values"] == [0.5, 0.7, None, 0.9]
+    one = stat([0.3])
+    assert one["mean"] == 0.3 and one["std"] is None
+    assert stat([None, float("nan")])["mean"] is None
+
+
+def test_ranks_share_ties_and_follow_the_direction():
+    assert _ranks({"a": 0.9, "b": 0.8, "c": 0.9, "d": None}, higher=True) == {"a": 1.5, "b": 3.0, "c": 1.5, "d": None}
+    assert _ranks({"a": 0.1, "b": 0.3}, higher=False) == {"a": 1.0, "b": 2.0}
+    methods = {
+        "x": {"accuracy": {"mean": 0.9}, "agree": {"mean": 0.1}},
+        "y": {"accuracy": {"mean": 0.8}, "agree": {"mean": 0.5}},
+        "z": {"accuracy": {"mean": 0.7}, "agree": {"mean": 0.4}},
+    }
+    r = rank(methods, [("accuracy", True), ("agree", True)])
+    assert r["mean_rank"] == {"x": 2.0, "y": 1.5, "z": 2.5}
+    assert r["order"] == ["y", "x", "z"]
+
+
+def test_headline_metric_must_be_computed(tmp_path):
+    cfg = load_config(None, ["evaluation.metrics=[fidelity]"])
+    with pytest.raises(ConfigError, match="compare.agreement_metric 'rank_correlation' is not computed"):
+        validate_for_compare(cfg)
+    with pytest.raises(ConfigError, match="compare.seeds must be >= 1"):
+        load_config(None, ["compare.seeds=0"])
+    with pytest.raises(ConfigError, match="not among evaluation.explainers"):
+        load_config(None, ["compare.agreement_explainer=lime"])
+
+
+def compare_args(tmp_path, make_tiny_args, *extra: str) -> list[str]:
+    config = tmp_path / "c.yaml"
+    config.write_text("name: tiny\n")
+    args = ["compare", "--config", str(config), "--seeds", "2", "--no-progress"]
+    for o in make_tiny_args(tmp_path, "evaluation.explainers=[{name: grad_cam}]", STUDENTS, *extra):
+        args += ["--set", o]
+    return args
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, make_tiny_args):
+    tmp = tmp_path_factory.mktemp("compare")
+    assert main(compare_args(tmp, make_tiny_args)) == 0
+    return tmp
+
+
+@pytest.mark.slow
+def test_every_aggregate_is_traceable_to_a_seed_run(compared):
+    out = compared / "runs" / "tiny"
+    cmp = read_json(out / "records/compare.json")
+    assert cmp["kind"] == "compare" and cmp["seeds"] == [0, 1]
+    assert cmp["roles"] == ["teacher", "scratch", "kd", "at"] and cmp["headline"]["explainer"] == "grad_cam"
+    for i, s in enumerate(cmp["seeds"]):
+        run_dir = out / cmp["runs"][str(s)]["dir"]
+        models = read_json(run_dir / "records/models.json")["models"]
+        expl = read_json(run_dir / "records/explanations.json")
+        agreement = expl["agreement"]
+        for role in cmp["roles"]:
+            m = cmp["methods"][role]
+            assert m["accuracy"]["values"][i] == pytest.approx(models[role]["test"]["accuracy"])
+            fidelity = expl["per_model"][role]["grad_cam"]["fidelity"]["mean"]
+            assert m["explanation_quality"]["grad_cam"]["fidelity"]["values"][i] == pytest.approx(fidelity)
+            if role != "teacher":
+                assert m["last_accuracy"]["values"][i] == pytest.approx(models[role]["test_last"]["accuracy"])
+                assert m["posthoc_accuracy"]["values"][i] == pytest.approx(models[role]["posthoc"]["accuracy"])
+                expected = agreement[role]["grad_cam"]["rank_correlation"]
+                assert m["headline_agreement"]["values"][i] == pytest.approx(expected)
+    kd = cmp["methods"]["kd"]["headline_agreement"]
+    assert kd["mean"] == pytest.approx(sum(kd["values"]) / 2)
+    assert sorted(cmp["ranking"]["order"]) == ["at", "kd", "scratch"]
+    html = (out / "report.html").read_text()
+    for text in ("Accuracy vs agreement", "Ranking", "Acc. (last)", "seeds/seed_1/report.html"):
+        assert text in html
+    assert (out / "figures/accuracy_vs_agreement.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_later_seeds_distil_from_the_first_seeds_teacher(compared):
+    seeds = compared / "runs" / "tiny" / "seeds"
+    second = yaml.safe_load((seeds / "seed_1/config.yaml").read_text())
+    assert second["seed"] == 1 and second["teacher"]["checkpoint"].endswith("seed_0/checkpoints/teacher/best.pt")
+    a = read_json(seeds / "seed_0/records/models.json")["models"]["teacher"]["test"]
+    b = read_json(seeds / "seed_1/records/models.json")["models"]["teacher"]["test"]
+    assert a == b
+
+
+@pytest.mark.slow
+def test_resume_reuses_finished_seeds_and_report_rerenders(compared, make_tiny_args, capsys):
+    out = compared / "runs" / "tiny"
+    assert main(compare_args(compared, make_tiny_args)) == 2
+    assert "--resume" in capsys.readouterr().err
+    before = read_json(out / "records/compare.json")
+    assert main([*compare_args(compared, make_tiny_args), "--resume"]) == 0
+    after = read_json(out / "records/compare.json")
+    assert all(info["reused"] for info in after["runs"].values())
+    assert after["methods"] == before["methods"]
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "xkd comparison" in (out / "report.html").read_text()
