@@ -37,6 +37,8 @@ QUALITY_KEYS = (
     "top_k_iou",
     "top_k_dice",
     "mask_mass",
+    "region_precision",
+    "region_recall",
 )
 AGREEMENT_KEYS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
 

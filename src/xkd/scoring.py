@@ -32,7 +32,7 @@ from xkd.registry import EXPLAINERS, METRICS
 if TYPE_CHECKING:
     from xkd.pipeline import TrainedModel
 
-MASK_METRICS = ("pointing_game", "top_k_iou", "top_k_dice", "mask_mass")
+MASK_METRICS = ("pointing_game", "top_k_iou", "top_k_dice", "mask_mass", "region_precision")
 AGREEMENT_METRICS = ("map_pearson", "rank_correlation", "top_k_agreement")
 SUPERPIXEL_METRICS = ("superpixel_mse", "superpixel_sign_agreement")
 
@@ -121,6 +121,9 @@ def score_model(
                 out["top_k_dice"] = sc("top_k_dice", maps, masks, k_values)
         if sc.wants("mask_mass"):
             out["mask_mass"] = sc("mask_mass", maps, masks)
+        if sc.wants("region_precision"):
+            res = sc.full("region_precision", maps, masks)
+            out["region_precision"], out["region_recall"] = res["region_precision"], res["region_recall"]
     if sc.wants("randomisation_sanity") and ev.sanity_images > 0:
         n = min(ev.sanity_images, images.shape[0])
         res = sc.full("randomisation_sanity", model, images[:n], make, targets=labels[:n])

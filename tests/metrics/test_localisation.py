@@ -110,3 +110,26 @@ def test_mask_mass_by_hand_signed_and_undefined():
 def test_maps_and_masks_of_different_sizes_are_one_clear_error(fn):
     with pytest.raises(ValueError, match="resize the masks"):
         fn(torch.rand(2, 8, 8), torch.ones(2, 16, 16, dtype=torch.bool))
+
+
+def test_region_precision_and_recall_by_hand():
+    from xkd.metrics.localisation import region_precision_recall
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 0, :] = True  # 4-pixel region
+    masks[1, :2, :2] = True  # 4-pixel region
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, :2] = 1.0  # top 2 pixels both inside the region
+    maps[1, 3, 3], maps[1, 0, 0] = 2.0, 1.0  # top 2: one outside, one inside
+    res = region_precision_recall(maps, masks, fraction=2 / 16)
+    # image 0: precision 2/2, recall 2/4; image 1: precision 1/2, recall 1/4
+    assert res["region_precision"] == pytest.approx((1.0 + 0.5) / 2)
+    assert res["region_recall"] == pytest.approx((0.5 + 0.25) / 2)
+    perfect = region_precision_recall(masks.float(), masks, fraction=4 / 16)
+    assert perfect["region_precision"] == 1.0 and perfect["region_recall"] == 1.0
+    inverted = region_precision_recall((~masks).float(), masks, fraction=4 / 16)
+    assert inverted["region_precision"] == 0.0 and inverted["region_recall"] == 0.0
+    empty = region_precision_recall(maps, torch.zeros_like(masks))
+    assert math.isnan(empty["region_precision"]) and empty["skipped_empty"] == 2
+    with pytest.raises(ValueError, match="fraction must be in"):
+        region_precision_recall(maps, masks, fraction=0.0)

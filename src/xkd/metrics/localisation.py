@@ -161,3 +161,34 @@ def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
         "skipped_empty": int(empty.sum()),
         "skipped_no_positive": int(no_pos.sum()),
     }
+
+
+@metric("region_precision", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1) -> dict[str, Any]:
+    """Precision and recall of each map's top ``fraction`` of pixels against the known discriminative
+    region (the synthetic ground-truth experiment of Han et al., ICML 2023, SEEDS.md §3).
+
+    With ``A`` the ``max(1, round(fraction * H * W))`` most salient pixels and ``B`` the mask:
+    precision ``|A ∩ B| / |A|`` (how much of what the map points at is evidence), recall
+    ``|A ∩ B| / |B|`` (how much of the evidence it finds), averaged over images with a non-empty mask.
+
+    Returns:
+        ``{"region_precision", "region_recall", "fraction", "evaluated", "skipped_empty"}``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    flat, m, valid = _flat(maps, masks)
+    n = int(valid.sum())
+    nan = float("nan")
+    if n == 0:
+        return {"region_precision": nan, "region_recall": nan, "fraction": fraction, "evaluated": 0,
+                "skipped_empty": int((~valid).sum())}  # fmt: skip
+    top = top_n_mask(flat, max(1, round(fraction * flat.shape[1])))
+    inter = (top & m).sum(dim=1).double()
+    return {
+        "region_precision": float((inter / top.sum(dim=1)).mean()),
+        "region_recall": float((inter / m.sum(dim=1)).mean()),
+        "fraction": fraction,
+        "evaluated": n,
+        "skipped_empty": int((~valid).sum()),
+    }

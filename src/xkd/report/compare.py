@@ -144,11 +144,16 @@ QUALITY_NAMES = {
     "top_k_iou": "Top-K IoU",
     "top_k_dice": "Top-K Dice",
     "mask_mass": "Mask mass",
+    "region_precision": "Region precision",
+    "region_recall": "Region recall",
 }
 
 
 def _direction(metric: str) -> str | None:
     from xkd.registry import METRICS
+
+    if metric == "region_recall":
+        return "high"
 
     if metric not in METRICS:
         return None
@@ -313,7 +318,3 @@ def render_compare_report(out: str | Path) -> Path:
     }
     html = _ENV.get_template("compare.html.j2").render(**ctx)
     return atomic_write_text(out / "report.html", html)
-
-
-def is_compare_dir(path: str | Path) -> bool:
-    return (Path(path) / "records" / "compare.json").is_file()

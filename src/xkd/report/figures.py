@@ -371,7 +371,8 @@ def save_accuracy_vs_agreement(
     for i, (label, x, xs, y, ys) in enumerate(points):
         c = colors(i % 10)
         ax.errorbar(x, y, xerr=xs, yerr=ys, fmt="o", color=c, markersize=6, capsize=3, linewidth=1.2, label=label)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8.5, color=c)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8.5, color=c,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
     if teacher_accuracy is not None:
         ax.axhline(teacher_accuracy, color="#555555", linestyle=":", linewidth=1.1)
         ax.annotate(
@@ -383,4 +384,66 @@ def save_accuracy_vs_agreement(
     ax.set_title(f"Accuracy vs explanation agreement (mean ± std over {n_seeds} seed(s))", fontsize=10)
     ax.grid(True, alpha=0.3, linewidth=0.6)
     ax.tick_params(labelsize=8)
+    return _save(fig, path)
+
+
+def save_grouped_bars(
+    path: str | Path,
+    groups: Sequence[str],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    ylabel: str,
+    title: str,
+) -> Path:
+    """Grouped bar chart: one group per ``groups`` entry, one bar per series (``{label: (means, stds)}``)
+    with error bars of one standard deviation."""
+    n_groups, n_series = max(1, len(groups)), max(1, len(series))
+    fig = Figure(figsize=(max(5.0, 1.1 + 0.5 * n_groups * n_series + 0.4 * n_groups), 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.88, bottom=0.16)
+    width = 0.8 / n_series
+    x = np.arange(n_groups)
+    colors = matplotlib.colormaps["tab10"]
+    for i, (label, (means, stds)) in enumerate(series.items()):
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, np.nan_to_num(np.asarray(means, float)), width * 0.92, yerr=np.nan_to_num(np.asarray(stds, float)),
+               capsize=3, color=colors(i % 10), label=label, error_kw={"linewidth": 1.0})  # fmt: skip
+    ax.set_xticks(x, list(groups), fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, axis="y", alpha=0.3, linewidth=0.6)
+    ax.legend(fontsize=8, frameon=True)
+    return _save(fig, path)
+
+
+def save_lines_vs_size(
+    path: str | Path,
+    sizes: Sequence[float],
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    extra: Mapping[str, Mapping[str, tuple[float, float, float]]] | None = None,
+    xlabel: str = "teacher parameters",
+) -> Path:
+    """One panel per measured quantity (``{title: {series: (means, stds)}}``) against ``sizes`` (log x),
+    error bars of one std; ``extra[title][label] = (x, mean, std)`` adds single marked points (the
+    teacher-assistant student)."""
+    n = max(1, len(panels))
+    fig = Figure(figsize=(3.3 * n + 0.4, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    fig.subplots_adjust(left=0.07, right=0.99, top=0.86, bottom=0.17, wspace=0.3)
+    colors = matplotlib.colormaps["tab10"]
+    for ax, (title, series) in zip(axes, panels.items()):
+        for i, (label, (means, stds)) in enumerate(series.items()):
+            ax.errorbar(list(sizes), list(means), yerr=np.nan_to_num(np.asarray(stds, float)), marker="o",
+                        markersize=4, capsize=3, linewidth=1.2, color=colors(i % 10), label=label)  # fmt: skip
+        for j, (label, (x, m, s)) in enumerate(((extra or {}).get(title) or {}).items()):
+            ax.errorbar([x], [m], yerr=[s or 0.0], marker="*", markersize=11, capsize=3, linestyle="none",
+                        color=colors((len(series) + j) % 10), markeredgecolor="black", label=label)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel(xlabel, fontsize=8.5)
+        ax.tick_params(labelsize=7.5)
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, fontsize=7, frameon=True)
     return _save(fig, path)
