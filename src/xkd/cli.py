@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="delete an existing comparison of this name first")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    st = sub.add_parser("study", help="re-measure a source's claim over several seeds: kd-vs-ls or capacity-gap")
+    st.add_argument("study", choices=["kd-vs-ls", "capacity-gap"], help="which study")
+    st.add_argument("--config", "-c", required=True, help="YAML run config with a `study:` section")
+    st.add_argument("--seeds", type=int, help="number of seeds (default: the config's compare.seeds, 3)")
+    st.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    st.add_argument("--resume", action="store_true", help="keep finished runs and cached retrainings")
+    st.add_argument("--overwrite", action="store_true", help="delete an existing study of this name first")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     e = sub.add_parser("explain", help="teacher and student maps for your own images")
     e.add_argument("--run", required=True, help="a finished run directory (runs/NAME)")
     e.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
@@ -109,12 +120,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
             cfg = load_config(args.config, args.overrides)
             compare(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        elif args.command == "report":
-            from xkd.report.compare import is_compare_dir, render_compare_report
-            from xkd.report.render import render_report
+        elif args.command == "study":
+            from xkd.config import ConfigError, load_config
+            from xkd.studies import study_runner
 
-            render = render_compare_report if is_compare_dir(args.run_dir) else render_report
-            print(render(args.run_dir))
+            if args.seeds is not None and args.seeds < 1:
+                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+            cfg = load_config(args.config, args.overrides)
+            study_runner(args.study)(
+                cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+            )
+        elif args.command == "report":  # a run, a comparison, a study, or a study over a comparison
+            from xkd.report.compare import render_compare_report
+            from xkd.report.render import render_report
+            from xkd.report.study import render_study_report
+
+            records = Path(args.run_dir) / "records"
+            if (records / "study.json").is_file():
+                print(render_study_report(args.run_dir))
+            if (records / "compare.json").is_file():
+                print(render_compare_report(args.run_dir))
+            elif not (records / "study.json").is_file():
+                print(render_report(args.run_dir))
         elif args.command == "explain":
             from xkd.explain_images import explain_images
 

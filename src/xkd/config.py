@@ -206,12 +206,88 @@ class CompareConfig:
 
 
 @dataclass
+class DiffROARConfig:
+    """DiffROAR of ``xkd study kd-vs-ls`` (:mod:`xkd.studies.diffroar`).
+
+    Attributes:
+        explainer: the explainer whose maps rank the pixels (registered name).
+        explainer_params: its parameters.
+        fractions: the fractions ``k`` of pixels kept, each in (0, 1).
+        epochs: training epochs of each retrained model (few: it runs on small data here).
+        batch_size: its batch size.
+        lr: its Adam learning rate.
+        model: the retrained architecture (None: ``student_model``).
+    """
+
+    explainer: str = "grad_cam"
+    explainer_params: dict[str, Any] = field(default_factory=dict)
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    model: ModelConfig | None = None
+
+    def validate(self) -> None:
+        if not self.fractions or any(not 0.0 < f < 1.0 for f in self.fractions):
+            raise ConfigError(f"fractions must be a non-empty list of values in (0, 1), got {self.fractions}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class StudyConfig:
+    """Options of ``xkd study`` (read by the studies only; ``xkd run`` and ``xkd compare`` ignore them).
+
+    Attributes:
+        concepts: the data set dissected for concept detectors (None: the run's data); it must
+            have concept masks (``concepts``, ``lesions``, or an ``imagefolder`` with masks).
+        layer: module path of the students' dissected layer (None: each model's default layer).
+        teacher_layer: the same for the teacher (None: its default layer).
+        quantile: per-unit activation quantile of network dissection (Bau et al.: 0.995).
+        iou_threshold: IoU above which a unit is a detector for its best concept (0.05).
+        explainer: explainer of the ground-truth precision/recall (and its ``explainer_params``).
+        region_fraction: fraction of most salient pixels scored against the discriminative region.
+        diffroar: :class:`DiffROARConfig`.
+        teachers: the teachers of growing capacity of ``xkd study capacity-gap`` (at least 3).
+        assistant: the assistant of the teacher -> assistant -> student chain for the largest gap.
+        distiller: how every student learns from its teacher (and from the assistant) in that study.
+        params: that distiller's parameters.
+    """
+
+    concepts: DataConfig | None = None
+    layer: str | None = None
+    teacher_layer: str | None = None
+    quantile: float = 0.995
+    iou_threshold: float = 0.05
+    explainer: str = "grad_cam"
+    explainer_params: dict[str, Any] = field(default_factory=dict)
+    region_fraction: float = 0.1
+    diffroar: DiffROARConfig = field(default_factory=DiffROARConfig)
+    teachers: list[ModelConfig] = field(default_factory=list)
+    assistant: ModelConfig | None = None
+    distiller: str = "hinton_kd"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 0.0 < self.quantile < 1.0:
+            raise ConfigError(f"quantile must be in (0, 1), got {self.quantile}")
+        if not 0.0 <= self.iou_threshold < 1.0:
+            raise ConfigError(f"iou_threshold must be in [0, 1), got {self.iou_threshold}")
+        if not 0.0 < self.region_fraction <= 1.0:
+            raise ConfigError(f"region_fraction must be in (0, 1], got {self.region_fraction}")
+
+
+@dataclass
 class RunConfig:
     """A whole run: data, teacher, students, training budget, evaluation.
 
     ``train`` is the students' budget; the teacher has its own under ``teacher.train``.
     ``student_model`` is the default architecture of every student. ``compare`` is read by
-    ``xkd compare`` only.
+    ``xkd compare`` only, ``study`` by ``xkd study`` only.
     """
 
     name: str = "default"
@@ -232,6 +308,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +549,29 @@ def validate_config(cfg: RunConfig) -> None:
         if not 0.0 < v <= 1.0:
             raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
     _validate_compare(cfg)
+    _validate_study(cfg, check_name, R)
+
+
+def _validate_study(cfg: RunConfig, check_name: Any, R: Any) -> None:
+    from xkd.distill.base import distiller_params
+    from xkd.explain.base import explainer_params, split_name
+
+    st = cfg.study
+    for path, name, params in [
+        ("study.explainer", st.explainer, st.explainer_params),
+        ("study.diffroar.explainer", st.diffroar.explainer, st.diffroar.explainer_params),
+    ]:
+        check_name(R.EXPLAINERS, split_name(name)[0], path)
+        explainer_params(name, params, path.replace("explainer", "explainer_params"))
+    check_name(R.DISTILLERS, st.distiller, "study.distiller")
+    distiller_params(st.distiller, st.params, "study.params")
+    models = [(f"study.teachers[{i}]", m) for i, m in enumerate(st.teachers)]
+    models += [("study.assistant", st.assistant), ("study.diffroar.model", st.diffroar.model)]
+    for path, m in models:
+        if m is not None and not _is_import_path(m.name):
+            check_name(R.MODELS, m.name, f"{path}.name")
+    if st.concepts is not None:
+        check_name(R.DATASETS, st.concepts.name, "study.concepts.name")
 
 
 COMPARE_METRICS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")

@@ -1,0 +1,159 @@
+"""The page of ``xkd study`` (``study.html``), rendered from ``records/study.json`` only.
+
+Both studies share the layout: the verdicts first (each computed from the per-seed numbers by
+:mod:`xkd.studies.verdict`), then the tables and figures they rest on, then links to the comparison
+report(s) and the seed runs they aggregate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from xkd.report import figures
+from xkd.report.compare import StatCol, fmt_stat, stat_table
+from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
+from xkd.report.render import _ENV, ReportError, ReportSchemaError
+from xkd.report.tables import cell, fmt, fmt_seconds
+
+TITLES = {"kd-vs-ls": "KD vs label smoothing vs scratch", "capacity-gap": "Capacity gap and teacher assistant"}
+
+
+def load_study(out: Path) -> dict[str, Any]:
+    path = out / "records" / "study.json"
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: the study is incomplete (rerun `xkd study ... --resume`)")
+    data = read_json(path)
+    if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != "study":
+        raise ReportSchemaError(
+            f"{path}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
+            f"this xkd reads {SCHEMA_VERSION}, 'study'"
+        )
+    return data
+
+
+def _label(role: str, m: dict[str, Any]) -> dict:
+    return cell(role, num=False, sub=m.get("distiller") or "teacher")
+
+
+def _kd_vs_ls(out: Path, st: dict[str, Any]) -> dict[str, Any]:
+    roles, methods, cats = st["roles"], st["methods"], st["categories"]
+    m = [methods[r] for r in roles]
+    main = stat_table(
+        "Per method, mean ± std over seeds (hover for per-seed values): test accuracy, concept detectors "
+        f"per category at the dissected layer, precision and recall of the top "
+        f"{fmt(st['config']['region_fraction'] * 100, '.0f')}% attributed pixels against the discriminative "
+        "region, and DiffROAR averaged over the fractions (teacher: reference, one model).",
+        [_label(r, x) for r, x in zip(roles, m)],
+        [StatCol("Accuracy", [x["accuracy"] for x in m], better="high")]
+        + [StatCol(c, [x["detectors"].get(c) for x in m], ".2f", "high", title=f"{c} detectors") for c in cats]
+        + [
+            StatCol("All detectors", [x["detectors_total"] for x in m], ".2f", "high"),
+            StatCol("Precision", [x["precision"] for x in m], better="high"),
+            StatCol("Recall", [x["recall"] for x in m], better="high"),
+            StatCol("DiffROAR", [x.get("diffroar_mean") for x in m], better="high"),
+        ],
+        [("", 2), ("Concept detectors", len(cats) + 1), ("Attributions", 3)],
+    )
+    students = st["students"]
+    cols, groups = [], [("", 1)]
+    for f in st["fractions"]:
+        d = [(methods[r].get("diffroar") or {}).get(str(f)) or {} for r in students]
+        cols += [
+            StatCol("keep top", [x.get("keep_top") for x in d], better="high"),
+            StatCol("keep bottom", [x.get("keep_bottom") for x in d], better="low"),
+            StatCol("DiffROAR", [x.get("diffroar") for x in d], better="high"),
+        ]
+        groups.append((f"{fmt(f * 100, '.0f')}% of pixels kept", 3))
+    diff = stat_table(
+        "DiffROAR per fraction: test accuracy of a model retrained on images reduced to their top (or bottom) "
+        "attributed pixels; DiffROAR = keep top − keep bottom (positive: the attributions rank discriminative "
+        "pixels first).",
+        [_label(r, methods[r]) for r in students],
+        cols,
+        groups,
+    )
+    src = "figures/detectors_per_category.png"
+    figures.save_grouped_bars(
+        out / src,
+        cats,
+        {
+            r: (
+                [(methods[r]["detectors"].get(c) or {}).get("mean") for c in cats],
+                [(methods[r]["detectors"].get(c) or {}).get("std") for c in cats],
+            )
+            for r in roles
+        },
+        "concept detectors (mean ± std)",
+        f"Detectors per concept category, {len(st['seeds'])} seed(s)",
+    )
+    layers = ", ".join(sorted({f"{r}: {methods[r].get('layer')} ({methods[r].get('units')} units)" for r in roles}))
+    return {
+        "tables": [main, diff],
+        "figures": [(src, "Concept detectors per category and method; error bars: one std over seeds.")],
+        "facts": {"Dissected layers": layers},
+    }
+
+
+def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
+    rows = st["teachers"]
+    series = st["series"]
+    tables = []
+    for key, title, better in (
+        ("accuracy", "Student accuracy", "high"),
+        ("posthoc_accuracy", "Agreement with the teacher's predictions", "high"),
+        ("fss", "FSS", None),
+        ("rs", "RS", None),
+        ("headline_agreement", "Explanation agreement", "high"),
+    ):
+        cols = [StatCol(s, [(t["students"].get(s) or {}).get(key) for t in rows], better=better) for s in series]
+        labels = [
+            cell(t["label"], num=False, sub=f"{fmt(t['params'], ',.0f')} params · acc {fmt_stat(t['accuracy'])}")
+            for t in rows
+        ]
+        t = stat_table(
+            f"{title} per teacher (rows, growing capacity) and student (columns), mean ± std over seeds.", labels, cols
+        )
+        t["head"][0]["text"] = "Teacher"
+        tables.append(t)
+    sizes = [t["params"] for t in rows]
+    panels, extra = {}, {}
+    for key, title in (("accuracy", "student accuracy"), ("posthoc_accuracy", "post-hoc acc. vs teacher"),
+                       ("fss", "FSS"), ("rs", "RS"), ("headline_agreement", "explanation agreement")):  # fmt: skip
+        panels[title] = {
+            s: ([((t["students"].get(s) or {}).get(key) or {}).get("mean") for t in rows],
+                [((t["students"].get(s) or {}).get(key) or {}).get("std") for t in rows])
+            for s in series
+        }  # fmt: skip
+        ta = st.get("assistant")
+        if ta:
+            v = ta["student"].get(key) or {}
+            extra[title] = {f"{ta['role']} (via assistant)": (rows[-1]["params"], v.get("mean"), v.get("std"))}
+    src = "figures/capacity_gap.png"
+    figures.save_lines_vs_size(out / src, sizes, panels, extra)
+    facts = {"Teachers": ", ".join(f"{t['label']} ({fmt(t['params'], ',.0f')})" for t in rows)}
+    if st.get("assistant"):
+        facts["Assistant"] = (
+            f"{st['assistant']['model']} ({fmt(st['assistant']['params'], ',.0f')} params), for the largest teacher"
+        )
+    caption = "Each measure against the teacher's size (log scale); the star is the student distilled through the assistant from the largest teacher."
+    return {"tables": tables, "figures": [(src, caption)], "facts": facts}
+
+
+def render_study_report(out: str | Path) -> Path:
+    """Render ``out/study.html`` (and its figures) from ``out/records/study.json``."""
+    out = Path(out)
+    st = load_study(out)
+    body = _kd_vs_ls(out, st) if st["study"] == "kd-vs-ls" else _capacity_gap(out, st)
+    ctx = {
+        "st": st,
+        "title": TITLES.get(st["study"], st["study"]),
+        "verdicts": st.get("verdicts", []),
+        "tables": body["tables"],
+        "figures": body["figures"],
+        "facts": body["facts"],
+        "links": st.get("links") or [("report.html", "the comparison of the methods (mean ± std over seeds)")],
+        "seconds": fmt_seconds(st.get("seconds")),
+    }
+    html = _ENV.get_template("study.html.j2").render(**ctx)
+    return atomic_write_text(out / "study.html", html)
