@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from xkd.report import figures
-from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
-from xkd.report.render import _ENV, ReportError, ReportSchemaError
+from xkd.report.records import atomic_write_text
+from xkd.report.render import _ENV, load_record
 from xkd.report.tables import DASH, best_rows, cell, explainer_name, fmt, fmt_seconds, head, ok
 
 METRIC_NAMES = {
@@ -285,16 +285,11 @@ def _figure(out: Path, cmp: dict[str, Any]) -> str | None:
 
 
 def load_compare(out: Path) -> dict[str, Any]:
-    path = out / "records" / "compare.json"
-    if not path.is_file():
-        raise ReportError(f"{path} is missing: the comparison is incomplete (finish it with `xkd compare --resume`)")
-    data = read_json(path)
-    if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != "compare":
-        raise ReportSchemaError(
-            f"{path}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
-            f"this xkd reads {SCHEMA_VERSION}, 'compare'"
-        )
-    return data
+    return load_record(
+        out / "records" / "compare.json",
+        "compare",
+        "the comparison is incomplete (finish it with `xkd compare --resume`)",
+    )
 
 
 def render_compare_report(out: str | Path) -> Path:

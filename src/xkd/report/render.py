@@ -59,13 +59,29 @@ class ReportSchemaError(ReportError, ValueError):
 # --- loading ----------------------------------------------------------------------------------------
 
 
+INCOMPLETE_RUN = (
+    "the report is rendered from records only and this run may be incomplete (finish it with `xkd run --resume`)."
+)
+
+
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise ReportError(
-            f"{path} is missing: the report is rendered from records only and this run may be incomplete "
-            "(finish it with `xkd run --resume`)."
-        )
+        raise ReportError(f"{path} is missing: {INCOMPLETE_RUN}")
     return path
+
+
+def load_record(path: Path, kind: str, incomplete: str) -> dict[str, Any]:
+    """One record file of ``kind``, checked for this xkd's schema version; ``incomplete`` tells the
+    user how to finish whatever should have written it."""
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: {incomplete}")
+    data = read_json(path)
+    if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != kind:
+        raise ReportSchemaError(
+            f"{path}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
+            f"this xkd reads {SCHEMA_VERSION}, {kind!r}"
+        )
+    return data
 
 
 def load_records(run_dir: Path) -> dict[str, Any]:
@@ -74,14 +90,7 @@ def load_records(run_dir: Path) -> dict[str, Any]:
         raise ReportError(f"run directory {run_dir} does not exist")
     out: dict[str, Any] = {}
     for kind in RECORD_KINDS:
-        path = _need(run_dir / "records" / f"{kind}.json")
-        data = read_json(path)
-        version, found = data.get("schema_version"), data.get("kind")
-        if version != SCHEMA_VERSION or found != kind:
-            raise ReportSchemaError(
-                f"{path}: schema_version {version!r}, kind {found!r}; this xkd reads {SCHEMA_VERSION}, {kind!r}"
-            )
-        out[kind] = data
+        out[kind] = load_record(run_dir / "records" / f"{kind}.json", kind, INCOMPLETE_RUN)
     from safetensors.torch import load_file
 
     out["tensors"] = load_file(str(_need(run_dir / "records" / "samples.safetensors")))

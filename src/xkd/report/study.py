@@ -12,24 +12,17 @@ from typing import Any
 
 from xkd.report import figures
 from xkd.report.compare import StatCol, fmt_stat, stat_table
-from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
-from xkd.report.render import _ENV, ReportError, ReportSchemaError
+from xkd.report.records import atomic_write_text
+from xkd.report.render import _ENV, load_record
 from xkd.report.tables import cell, fmt, fmt_seconds
 
 TITLES = {"kd-vs-ls": "KD vs label smoothing vs scratch", "capacity-gap": "Capacity gap and teacher assistant"}
 
 
 def load_study(out: Path) -> dict[str, Any]:
-    path = out / "records" / "study.json"
-    if not path.is_file():
-        raise ReportError(f"{path} is missing: the study is incomplete (rerun `xkd study ... --resume`)")
-    data = read_json(path)
-    if data.get("schema_version") != SCHEMA_VERSION or data.get("kind") != "study":
-        raise ReportSchemaError(
-            f"{path}: schema_version {data.get('schema_version')!r}, kind {data.get('kind')!r}; "
-            f"this xkd reads {SCHEMA_VERSION}, 'study'"
-        )
-    return data
+    return load_record(
+        out / "records" / "study.json", "study", "the study is incomplete (rerun `xkd study ... --resume`)"
+    )
 
 
 def _label(role: str, m: dict[str, Any]) -> dict:
@@ -87,6 +80,13 @@ def _kd_vs_ls(out: Path, st: dict[str, Any]) -> dict[str, Any]:
         "concept detectors (mean ± std)",
         f"Detectors per concept category, {len(st['seeds'])} seed(s)",
     )
+    figs = [(src, "Concept detectors per category and method; error bars: one std over seeds.")]
+    for r in roles:
+        unit_fig = f"figures/top_units_{r}.png"
+        if (out / unit_fig).is_file():
+            figs.append((unit_fig, f"{r} (seed {st['seeds'][0]}): its best units, each with its most activating "
+                         "images and the region above the unit's threshold outlined; titled with the unit, its "
+                         "best concept and the IoU."))  # fmt: skip
     layers = ", ".join(sorted({f"{r}: {methods[r].get('layer')} ({methods[r].get('units')} units)" for r in roles}))
     return {
         "tables": [main, diff],
