@@ -59,7 +59,7 @@ def test_superpixel_form_and_labels_are_accepted():
         ),
         (
             ["data.name=cifar10"],
-            r"data.name: unknown dataset 'cifar10'; registered: digits, fashion-mnist, imagefolder, lesions, mnist5k",
+            r"data.name: unknown dataset 'cifar10'; registered: concepts, digits, fashion-mnist, imagefolder, lesions, mnist5k",
         ),
         (
             ["students.0.distiller=fitnet"],
@@ -117,3 +117,8 @@ def test_shipped_configs_are_valid():
     assert {"default.yaml", "lesions.yaml"} <= {f.name for f in files}
     for f in files:
         load_config(f)
+
+
+def test_study_only_metric_is_not_accepted_by_a_run():
+    with pytest.raises(ConfigError, match="'concept_detectors' is not computed by a run: network dissection runs in"):
+        load_config(None, ["evaluation.metrics=[fidelity, concept_detectors]"])

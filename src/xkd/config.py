@@ -574,6 +574,10 @@ def _validate_study(cfg: RunConfig, check_name: Any, R: Any) -> None:
         check_name(R.DATASETS, st.concepts.name, "study.concepts.name")
 
 
+STUDY_ONLY_METRICS = {
+    "concept_detectors": "network dissection runs in `xkd study kd-vs-ls` (its layer and concept data are under "
+    "`study:`), or call xkd.metrics.dissection.concept_detectors on a model",
+}
 COMPARE_METRICS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
 
 
@@ -613,6 +617,8 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:
 
     for i, name in enumerate(ev.metrics):
         check_name(R.METRICS, name, f"evaluation.metrics[{i}]")
+        if name in STUDY_ONLY_METRICS:
+            raise ConfigError(f"evaluation.metrics[{i}]: {name!r} is not computed by a run: {STUDY_ONLY_METRICS[name]}")
     for name, kwargs in ev.metric_params.items():
         check_name(R.METRICS, name, f"evaluation.metric_params.{name}")
         if not isinstance(kwargs, Mapping):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xkd.config import DataConfig
-from xkd.data import builtin, imagefolder, lesions  # noqa: F401  (registers the builders)
+from xkd.data import builtin, concepts, imagefolder, lesions  # noqa: F401  (registers the builders)
 from xkd.data.base import Batch, DataBundle, DataError, TensorImageDataset, collate
 from xkd.data.lesions import LESION_CLASSES, generate_lesions
 from xkd.registry import DATASETS

@@ -23,6 +23,7 @@ from xkd.metrics.classification import (
     posthoc_agreement,
 )
 from xkd.metrics.cost import flops, mean_explain_time, parameter_count
+from xkd.metrics.dissection import concept_detectors  # noqa: F401  (registers the metric)
 from xkd.metrics.faithfulness import (
     deletion_auc,
     fidelity,

@@ -1,0 +1,205 @@
+"""``xkd study kd-vs-ls``: does knowledge distillation make a student more interpretable than
+training from scratch, and label smoothing less? (Han et al., ICML 2023; SEEDS.md §3)
+
+Built on :func:`xkd.compare.compare`: the config's students (at least one ``scratch``, one
+``label_smoothing`` and one ``hinton_kd``; any other registered distiller may be added) are trained
+over N seeds with the same data, architecture, optimiser and budget. Then, from each seed's
+checkpoints, every student (and the teacher, as a reference) is measured on:
+
+- **concept detectors** per category (network dissection, :mod:`xkd.metrics.dissection`) at the
+  study's layer over the concept data set;
+- **precision and recall** of its attributions (``study.explainer``, true class) against the known
+  discriminative region (the data's masks: the object on ``concepts``, the lesion on ``lesions``);
+- **DiffROAR** at several fractions of kept pixels (:mod:`xkd.studies.diffroar`, cached).
+
+The numbers go to ``records/study.json`` (mean ± std and per-seed values); the verdict on each claim
+is computed from them (:mod:`xkd.studies.verdict`) and the page ``study.html`` is rendered from that
+record.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from xkd.compare import compare, stat
+from xkd.config import ConfigError, RunConfig, to_dict
+from xkd.report.records import read_json, record, write_json
+from xkd.studies.verdict import judge
+
+REQUIRED = {"scratch": "scratch", "label_smoothing": "label smoothing", "hinton_kd": "KD"}
+
+
+def roles_by_distiller(cfg: RunConfig) -> dict[str, str]:
+    """The first student of each required distiller, by distiller name; a clear error if one is missing."""
+    found: dict[str, str] = {}
+    for s in cfg.students:
+        found.setdefault(s.distiller, s.name)
+    missing = [d for d in REQUIRED if d not in found]
+    if missing:
+        raise ConfigError(
+            f"xkd study kd-vs-ls compares scratch, label smoothing and KD students: add students with distiller "
+            f"{', '.join(repr(m) for m in missing)} to the config (any other registered distiller may be added too)"
+        )
+    return found
+
+
+def run_study(
+    cfg: RunConfig, seeds: int | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Run the study and return its folder (``study.html``, ``records/study.json``, the comparison)."""
+    from xkd.report.study import render_study_report
+
+    roles = roles_by_distiller(cfg)
+    t0 = time.perf_counter()
+    out = compare(cfg, seeds, resume=resume, overwrite=overwrite, progress=progress)
+    console = Console(stderr=True, quiet=not progress)
+    cmp = read_json(out / "records" / "compare.json")
+    measured = measure(cfg, out, cmp, console)
+    body = summarise(cfg, cmp, measured, roles)
+    body["seconds"] = time.perf_counter() - t0
+    write_json(out / "records" / "study.json", record("study", body))
+    html = render_study_report(out)
+    console.print(f"study report: {html}  ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def measure(cfg: RunConfig, out: Path, cmp: dict[str, Any], console: Console) -> dict[str, list[dict[str, Any]]]:
+    """Per role, one dict per seed: dissection counts, region precision/recall, DiffROAR."""
+    from xkd.data import build_dataset
+    from xkd.evaluate import gather
+    from xkd.explain import build_explainer
+    from xkd.metrics.dissection import concept_detectors, plot_top_units
+    from xkd.metrics.localisation import region_precision_recall
+    from xkd.models.hooks import default_layer
+    from xkd.pipeline import cache_dir_of, load_run_models, weights_key
+    from xkd.studies.diffroar import diffroar, float_images
+
+    st = cfg.study
+    data = build_dataset(cfg.data)
+    concepts = data if st.concepts is None else build_dataset(st.concepts)
+    splits = {n: float_images(_tensor_split(getattr(data, n))) for n in ("train", "val", "test")}
+    test_images, test_labels, test_masks = gather(data.test, torch.arange(len(data.test)))
+    if test_masks is None:
+        raise ConfigError(
+            f"the study's data {cfg.data.name!r} has no masks: the precision/recall of attributions needs the known "
+            "discriminative region (use `concepts` or `lesions`, or an imagefolder with masks)"
+        )
+    device = torch.device("cpu")
+    retrain = st.diffroar.model or cfg.student_model
+    per_role: dict[str, list[dict[str, Any]]] = {r: [] for r in cmp["roles"]}
+    dissected_teacher: dict[str, Any] | None = None
+    for s in cmp["seeds"]:
+        run_dir = out / cmp["runs"][str(s)]["dir"]
+        _, _, models, _ = load_run_models(run_dir)
+        for role, model in models.items():
+            if role == "teacher" and dissected_teacher is not None:  # one teacher for every seed
+                per_role[role].append(dissected_teacher)
+                continue
+            console.print(f"seed {s}: measuring {role}")
+            layer = (st.teacher_layer if role == "teacher" else st.layer) or default_layer(model)
+            result = concept_detectors(
+                model, concepts.test, layer=layer, quantile=st.quantile, iou_threshold=st.iou_threshold
+            )
+            if s == cmp["seeds"][0]:  # the top units of every model of the first seed, for the page
+                plot_top_units(result, model, concepts.test, out / "figures" / f"top_units_{role}.png")
+            det = {k: v for k, v in result.to_record().items() if k not in ("iou", "top_images", "thresholds")}
+            with build_explainer(st.explainer, model, st.explainer_params) as ex:
+                maps = torch.cat(
+                    [
+                        ex.explain(test_images[i : i + 256], test_labels[i : i + 256]).maps
+                        for i in range(0, len(test_images), 256)
+                    ]
+                )
+            pr = region_precision_recall(maps, test_masks, fraction=st.region_fraction)
+            entry: dict[str, Any] = {"seed": s, "dissection": det, "precision": pr["region_precision"],
+                                     "recall": pr["region_recall"]}  # fmt: skip
+            if role != "teacher":
+                entry["diffroar"] = diffroar(
+                    model, weights_key(model), splits, data.num_classes, st.diffroar, retrain,
+                    to_dict(cfg.data), s, device, cache_dir_of(cfg),
+                )  # fmt: skip
+            per_role[role].append(entry)
+            if role == "teacher":
+                dissected_teacher = entry
+    return per_role
+
+
+def _tensor_split(ds: Any) -> Any:
+    from xkd.data.base import TensorImageDataset
+    from xkd.evaluate import gather
+
+    if isinstance(ds, TensorImageDataset):
+        return ds
+    images, labels, masks = gather(ds, torch.arange(len(ds)))
+    return TensorImageDataset(images, labels, masks)
+
+
+def summarise(
+    cfg: RunConfig, cmp: dict[str, Any], measured: dict[str, list[dict[str, Any]]], roles: dict[str, str]
+) -> dict[str, Any]:
+    """Mean ± std per method of every measured number, and the verdicts."""
+    categories = sorted({c for entries in measured.values() for e in entries for c in e["dissection"]["per_category"]})
+    fractions = list(cfg.study.diffroar.fractions)
+    methods: dict[str, Any] = {}
+    for role, entries in measured.items():
+        m: dict[str, Any] = {
+            "accuracy": cmp["methods"][role]["accuracy"],
+            "distiller": cmp["methods"][role].get("distiller"),
+            "detectors": {c: stat([e["dissection"]["per_category"].get(c, 0) for e in entries]) for c in categories},
+            "detectors_total": stat([e["dissection"]["n_detectors"] for e in entries]),
+            "precision": stat([e["precision"] for e in entries]),
+            "recall": stat([e["recall"] for e in entries]),
+            "layer": entries[0]["dissection"]["layer"] if entries else None,
+            "units": entries[0]["dissection"]["n_units"] if entries else None,
+        }
+        if entries and "diffroar" in entries[0]:
+            m["diffroar"] = {
+                str(f): {
+                    "diffroar": stat([e["diffroar"]["diffroar"][i] for e in entries]),
+                    "keep_top": stat([e["diffroar"]["keep_top"][i] for e in entries]),
+                    "keep_bottom": stat([e["diffroar"]["keep_bottom"][i] for e in entries]),
+                }
+                for i, f in enumerate(fractions)
+            }
+            m["diffroar_mean"] = stat([sum(e["diffroar"]["diffroar"]) / len(fractions) for e in entries])
+        methods[role] = m
+    kd, ls, sc = roles["hinton_kd"], roles["label_smoothing"], roles["scratch"]
+    obj = "object" if "object" in categories else (categories[0] if categories else None)
+
+    def values(role: str, key: str, sub: str | None = None) -> list[Any]:
+        s = methods[role][key] if sub is None else methods[role][key].get(sub) or {}
+        return list((s or {}).get("values") or [])
+
+    verdicts = []
+    if obj is not None:
+        verdicts.append(judge(f"KD gives more {obj} detectors than training from scratch", kd,
+                              values(kd, "detectors", obj), sc, values(sc, "detectors", obj), higher=True,
+                              quantity=f"{obj} detectors", spec=".2f"))  # fmt: skip
+        verdicts.append(judge(f"Label smoothing gives fewer {obj} detectors than training from scratch", ls,
+                              values(ls, "detectors", obj), sc, values(sc, "detectors", obj), higher=False,
+                              quantity=f"{obj} detectors", spec=".2f"))  # fmt: skip
+    verdicts.append(judge("KD's attributions are more precise on the discriminative region than scratch's", kd,
+                          values(kd, "precision"), sc, values(sc, "precision"), higher=True,
+                          quantity=f"precision of the top {cfg.study.region_fraction:.0%} pixels"))  # fmt: skip
+    verdicts.append(judge("KD's attributions highlight more discriminative features than scratch's (DiffROAR)", kd,
+                          values(kd, "diffroar_mean"), sc, values(sc, "diffroar_mean"), higher=True,
+                          quantity="DiffROAR averaged over the fractions"))  # fmt: skip
+    return {
+        "name": cfg.name,
+        "study": "kd-vs-ls",
+        "seeds": cmp["seeds"],
+        "roles": cmp["roles"],
+        "students": cmp["students"],
+        "claim_roles": roles,
+        "categories": categories,
+        "fractions": fractions,
+        "config": to_dict(cfg.study),
+        "methods": methods,
+        "per_seed": measured,
+        "verdicts": [v.to_record() for v in verdicts],
+    }

@@ -1,0 +1,70 @@
+"""``xkd study kd-vs-ls`` end to end on tiny concept images: dissection, region precision/recall and
+DiffROAR per student and seed, aggregated with the comparison, verdicts computed from the numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from xkd.cli import main
+from xkd.config import ConfigError, load_config
+from xkd.report.records import read_json
+from xkd.studies.kd_vs_ls import roles_by_distiller
+from xkd.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD
+
+TINY_STUDY = [
+    "data.name=concepts",
+    "data.params={num_per_class: 24, size: 24}",
+    "data.image_size=null",
+    "data.train_size=null",
+    "data.val_size=null",
+    "data.test_size=null",
+    "students=[{name: scratch, distiller: scratch}, {name: ls, distiller: label_smoothing}, "
+    "{name: kd, distiller: hinton_kd}]",
+    "evaluation.explainers=[{name: grad_cam}]",
+    "evaluation.metrics=[rank_correlation]",
+    "study.diffroar={fractions: [0.3], epochs: 1, batch_size: 32}",
+]
+
+
+def test_the_three_methods_are_required(tiny_args):
+    cfg = load_config(None, [*tiny_args, "students=[{name: kd, distiller: hinton_kd}]"])
+    with pytest.raises(ConfigError, match="add students with distiller 'scratch', 'label_smoothing'"):
+        roles_by_distiller(cfg)
+
+
+@pytest.mark.slow
+def test_study_measures_every_student_and_seed(tmp_path, make_tiny_args):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: kdls\n")
+    args = ["study", "kd-vs-ls", "--config", str(config), "--seeds", "2", "--no-progress"]
+    for o in make_tiny_args(tmp_path, *TINY_STUDY, "name=kdls"):
+        args += ["--set", o]
+    assert main(args) == 0
+    out = tmp_path / "runs" / "kdls"
+    st = read_json(out / "records/study.json")
+    assert st["study"] == "kd-vs-ls" and st["seeds"] == [0, 1]
+    assert st["categories"] == ["colour", "object", "part", "texture"]
+    assert st["claim_roles"] == {"scratch": "scratch", "label_smoothing": "ls", "hinton_kd": "kd"}
+    cmp = read_json(out / "records/compare.json")
+    for role in ("scratch", "ls", "kd"):
+        m = st["methods"][role]
+        assert m["accuracy"] == cmp["methods"][role]["accuracy"]
+        per_seed = st["per_seed"][role]
+        assert [e["seed"] for e in per_seed] == [0, 1]
+        for cat in st["categories"]:
+            assert m["detectors"][cat]["values"] == [e["dissection"]["per_category"][cat] for e in per_seed]
+        assert m["precision"]["values"] == [e["precision"] for e in per_seed]
+        d = per_seed[0]["diffroar"]
+        assert d["diffroar"][0] == pytest.approx(d["keep_top"][0] - d["keep_bottom"][0])
+        assert (out / f"figures/top_units_{role}.png").is_file()
+    assert "diffroar" not in st["per_seed"]["teacher"][0]
+    assert len(st["verdicts"]) == 4
+    for v in st["verdicts"]:
+        assert v["verdict"] in (HELD, NOT_HELD, INCONCLUSIVE)
+    html = (out / "study.html").read_text()
+    assert "Verdicts" in html and "detectors_per_category.png" in html
+    # a second run reuses the seed runs and every DiffROAR retraining
+    assert main([*args, "--resume"]) == 0
+    again = read_json(out / "records/study.json")
+    assert all(all(e["diffroar"]["cached"]) for r in ("scratch", "ls", "kd") for e in again["per_seed"][r])
+    assert again["methods"] == st["methods"]
