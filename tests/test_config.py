@@ -122,3 +122,18 @@ def test_shipped_configs_are_valid():
 def test_study_only_metric_is_not_accepted_by_a_run():
     with pytest.raises(ConfigError, match="'concept_detectors' is not computed by a run: network dissection runs in"):
         load_config(None, ["evaluation.metrics=[fidelity, concept_detectors]"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("study.distiller=fitnet", r"study.distiller: unknown distiller 'fitnet'; registered: ab, at"),
+        ("study.teachers=[{name: vgg}]", r"study.teachers\[0\].name: unknown model 'vgg'"),
+        ("study.diffroar.fractions=[0.0]", "fractions must be a non-empty list of values in"),
+        ("study.quantile=1.5", "quantile must be in"),
+        ("study.explainer=lyme", "study.explainer: unknown explainer 'lyme'"),
+    ],
+)
+def test_study_section_is_validated(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

@@ -128,7 +128,7 @@ def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
         ta = st.get("assistant")
         if ta:
             v = ta["student"].get(key) or {}
-            extra[title] = {f"{ta['role']} (via assistant)": (rows[-1]["params"], v.get("mean"), v.get("std"))}
+            extra[title] = {"student via the assistant": (rows[-1]["params"], v.get("mean"), v.get("std"))}
     src = "figures/capacity_gap.png"
     figures.save_lines_vs_size(out / src, sizes, panels, extra)
     facts = {"Teachers": ", ".join(f"{t['label']} ({fmt(t['params'], ',.0f')})" for t in rows)}
