@@ -117,3 +117,16 @@ def test_resume_reuses_finished_seeds_and_report_rerenders(compared, make_tiny_a
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert "xkd comparison" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_resume_reruns_only_seeds_whose_config_changed(tmp_path, make_tiny_args):
+    assert main(compare_args(tmp_path, make_tiny_args)) == 0
+    out = tmp_path / "runs" / "tiny"
+    changed = compare_args(tmp_path, make_tiny_args, "students.1.params={alpha: 0.2, temperature: 3.0}")
+    assert main([*changed, "--resume"]) == 0
+    cmp = read_json(out / "records/compare.json")
+    assert not any(info["reused"] for info in cmp["runs"].values())
+    assert cmp["methods"]["kd"]["distiller_params"] == {"alpha": 0.2, "temperature": 3.0}
+    assert main([*changed, "--resume"]) == 0
+    assert all(info["reused"] for info in read_json(out / "records/compare.json")["runs"].values())

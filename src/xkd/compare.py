@@ -67,6 +67,14 @@ def seed_config(cfg: RunConfig, compare_dir: Path, seed: int, teacher_checkpoint
     return c
 
 
+def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` was written by ``cfg`` (its saved ``config.yaml`` equals ``cfg``)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return path.is_file() and yaml.safe_load(path.read_text()) == to_dict(cfg)
+
+
 def _finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "records" / "models.json").is_file()
 
@@ -121,11 +129,15 @@ def compare(
         c = seed_config(cfg, out, s, teacher_ckpt)
         run_dir = Path(c.output_dir) / c.name
         console.print(f"[bold]xkd compare[/bold] {cfg.name!r}: seed {s} ({i + 1} of {len(seed_list)})")
-        if resume and _finished(run_dir):
+        same = _same_config(run_dir, c)
+        if resume and same and _finished(run_dir):
             console.print(f"seed {s}: finished run found in {run_dir}, reused")
             runs.append(SeedRun(s, run_dir, True))
         else:
-            runs.append(SeedRun(s, run(c, resume=resume, overwrite=False, progress=progress), False))
+            if resume and run_dir.exists() and not same:  # its checkpoints belong to another config
+                console.print(f"seed {s}: the config changed since {run_dir} was written; it is run again")
+            fresh = resume and run_dir.exists() and not same
+            runs.append(SeedRun(s, run(c, resume=resume and not fresh, overwrite=fresh, progress=progress), False))
         if teacher_ckpt is None:  # every later seed distils from this seed's teacher
             teacher_ckpt = str(run_dir / "checkpoints" / "teacher" / "best.pt")
     if is_writer():
