@@ -34,6 +34,7 @@ format: setup
 bench: setup
 	$(BIN)/python bench/gradcam_bench.py
 	$(BIN)/python bench/perturbation_bench.py
+	$(BIN)/python bench/dissection_bench.py
 	@bash scripts/fashion_mnist.sh
 	$(BIN)/python bench/explain_bench.py
 
