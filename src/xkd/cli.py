@@ -87,7 +87,7 @@ def cmd_list() -> None:
             if isinstance(entry, MetricInfo):
                 arrow = {True: "higher is better", False: "lower is better", None: "no direction"}
                 needs = ", ".join(entry.needs) or "-"
-                print(f"  {name:<28} {entry.category:<16} {arrow[entry.higher_is_better]:<17} needs: {needs}")
+                print(f"  {name:<28} {entry.category:<17} {arrow[entry.higher_is_better]:<17} needs: {needs}")
             else:
                 print(f"  {name}")
         if kind == "explainers":
