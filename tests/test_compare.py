@@ -85,6 +85,11 @@ def test_every_aggregate_is_traceable_to_a_seed_run(compared):
                 assert m["posthoc_accuracy"]["values"][i] == pytest.approx(models[role]["posthoc"]["accuracy"])
                 expected = agreement[role]["grad_cam"]["rank_correlation"]
                 assert m["headline_agreement"]["values"][i] == pytest.approx(expected)
+    total = sum(
+        read_json(out / cmp["runs"][str(s)]["dir"] / "records/run.json")["timing"]["total_seconds"]
+        for s in cmp["seeds"]
+    )
+    assert cmp["seed_run_seconds"] == pytest.approx(total)
     kd = cmp["methods"]["kd"]["headline_agreement"]
     assert kd["mean"] == pytest.approx(sum(kd["values"]) / 2)
     assert sorted(cmp["ranking"]["order"]) == ["at", "kd", "scratch"]

@@ -271,6 +271,10 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
         "methods": methods,
         "ranking": ranking,
         "dataset": read_json(runs[0].run_dir / "records" / "run.json").get("dataset"),
+        "seed_run_seconds": sum(
+            float((read_json(r.run_dir / "records" / "run.json").get("timing") or {}).get("total_seconds") or 0.0)
+            for r in runs
+        ),
     }
 
 

@@ -310,6 +310,7 @@ def render_compare_report(out: str | Path) -> Path:
         "figure": _figure(out, cmp),
         "runs": [(s, info["dir"]) for s, info in cmp["runs"].items()],
         "seconds": fmt_seconds(cmp.get("seconds")),
+        "seed_seconds": fmt_seconds(cmp.get("seed_run_seconds")),
     }
     html = _ENV.get_template("compare.html.j2").render(**ctx)
     return atomic_write_text(out / "report.html", html)

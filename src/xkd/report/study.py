@@ -120,10 +120,11 @@ def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
     panels, extra = {}, {}
     for key, title in (("accuracy", "student accuracy"), ("posthoc_accuracy", "post-hoc acc. vs teacher"),
                        ("fss", "FSS"), ("rs", "RS"), ("headline_agreement", "explanation agreement")):  # fmt: skip
-        panels[title] = {
+        panels[title] = {  # the chain exists for the largest teacher only: a marked point, not a line
             s: ([((t["students"].get(s) or {}).get(key) or {}).get("mean") for t in rows],
                 [((t["students"].get(s) or {}).get(key) or {}).get("std") for t in rows])
             for s in series
+            if s != "via_assistant"
         }  # fmt: skip
         ta = st.get("assistant")
         if ta:
@@ -154,6 +155,7 @@ def render_study_report(out: str | Path) -> Path:
         "facts": body["facts"],
         "links": st.get("links") or [("report.html", "the comparison of the methods (mean ± std over seeds)")],
         "seconds": fmt_seconds(st.get("seconds")),
+        "seed_seconds": fmt_seconds(st["seed_run_seconds"]) if st.get("seed_run_seconds") else None,
     }
     html = _ENV.get_template("study.html.j2").render(**ctx)
     return atomic_write_text(out / "study.html", html)

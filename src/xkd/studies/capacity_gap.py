@@ -155,7 +155,7 @@ def summarise(cfg: RunConfig, out: Path, rows: list[tuple[int, int, Any, Path, d
         "name": cfg.name,
         "study": "capacity-gap",
         "seeds": rows[0][4]["seeds"],
-        "series": [DIRECT],
+        "series": [DIRECT, VIA_ASSISTANT],
         "teachers": teachers,
         "assistant": {
             "role": VIA_ASSISTANT,
@@ -168,5 +168,6 @@ def summarise(cfg: RunConfig, out: Path, rows: list[tuple[int, int, Any, Path, d
         else None,
         "config": to_dict(cfg.study),
         "verdicts": [v.to_record() for v in verdicts],
+        "seed_run_seconds": sum(float(r[4].get("seed_run_seconds") or 0.0) for r in rows),
         "links": [(f"{t['dir']}/report.html", f"comparison with teacher {t['label']}") for t in teachers],
     }

@@ -202,4 +202,5 @@ def summarise(
         "methods": methods,
         "per_seed": measured,
         "verdicts": [v.to_record() for v in verdicts],
+        "seed_run_seconds": cmp.get("seed_run_seconds"),
     }

@@ -38,6 +38,7 @@ class Verdict:
     n_a: int
     n_b: int
     text: str
+    details: str
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,8 +90,10 @@ def judge(
     n = min(len(va), len(vb))
     p_text = "p undefined (fewer than 2 seeds or no spread)" if p is None else f"Welch p = {p:.3g}"
     diff_text = "" if diff is None else f", difference {diff:+{spec}}"
-    text = (
-        f"{claim} — {verdict}. {quantity}: {a} {show(ma, sa)} vs {b} {show(mb, sb)}{diff_text}; "
+    details = (
+        f"{quantity}: {a} {show(ma, sa)} vs {b} {show(mb, sb)}{diff_text}; "
         f"{p_text}; N = {n} seed{'s' if n != 1 else ''} per method."
     )
-    return Verdict(claim, verdict, a, b, ma, mb, sa, sb, diff, p, len(va), len(vb), text)
+    return Verdict(
+        claim, verdict, a, b, ma, mb, sa, sb, diff, p, len(va), len(vb), f"{claim} — {verdict}. {details}", details
+    )
