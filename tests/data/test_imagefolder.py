@@ -223,3 +223,19 @@ def test_root_that_is_a_file(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(DataError, match="not a folder"):
         build_dataset(DataConfig("imagefolder", root=str(f)))
+
+
+def test_concept_mask_trees_bad_input(tmp_path):
+    make_folder(tmp_path, n=4)
+    (tmp_path / "concepts").mkdir()
+    with pytest.raises(DataError, match="holds no concept folders"):
+        build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    for cat in ("texture", "colour"):
+        (tmp_path / "concepts" / cat / "dots" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="dots appear under several categories"):
+        build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    (tmp_path / "concepts" / "colour" / "dots" / "a").rmdir()
+    (tmp_path / "concepts" / "colour" / "dots").rmdir()
+    Image.fromarray(np.zeros((8, 8), "uint8")).save(tmp_path / "concepts" / "texture" / "dots" / "a" / "a1.png")
+    with pytest.raises(DataError, match="concept mask .* is 8x8 but its image .* is 16x16"):
+        build_dataset(DataConfig("imagefolder", root=str(tmp_path)))

@@ -224,3 +224,50 @@ def test_figure_of_top_units(tmp_path, concepts, dissected):
     model, res = dissected
     path = plot_top_units(res, model, concepts, tmp_path / "units.png", n_units=3, n_images=2)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_imagefolder_with_a_mask_tree_per_concept_is_dissected_per_concept(tmp_path):
+    # concepts/<category>/<concept>/<class>/<stem>.png; an image without a file lacks that concept
+    from PIL import Image
+
+    from xkd.config import DataConfig
+    from xkd.data import build_dataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for i in range(12):
+            (tmp_path / cls).mkdir(exist_ok=True)
+            img = (rng.random((16, 16)) * 255).astype("uint8")
+            Image.fromarray(img).save(tmp_path / cls / f"{cls}{i}.png")
+            r, c = 4 * (i % 3), 4 * (i % 2)
+            m = np.zeros((16, 16), "uint8")
+            m[r : r + 8, c : c + 8] = 255
+            folder = tmp_path / "concepts" / "texture" / "stripes" / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(folder / f"{cls}{i}.png")
+            if i % 2 == 0:  # "red" only in every other image
+                folder = tmp_path / "concepts" / "colour" / "red" / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(255 - m).save(folder / f"{cls}{i}.png")
+    (tmp_path / "concepts" / "part" / "handle").mkdir(parents=True)  # a concept with no image at all
+    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    assert data.class_names == ["a", "b"]  # `concepts` is not a class
+    test = data.train
+    assert sorted(test.concept_names) == ["handle", "red", "stripes"]
+    masks = torch.stack([test.concept_masks(i) for i in range(len(test))])
+    k = {n: j for j, n in enumerate(test.concept_names)}
+    assert masks[:, k["stripes"]].flatten(1).sum(1).eq(64).all() and not masks[:, k["handle"]].any()
+    assert masks[:, k["red"]].flatten(1).sum(1).unique().tolist() == [0, 192]
+    # a unit reporting the stripes mask at HALF resolution (the upsampling path) is its detector
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    half = masks[:, [k["stripes"]]].float()[:, :, ::2, ::2]
+    res = concept_detectors(nn.Sequential(Lookup(images, half)), test, layer="0", batch_size=8)
+    unit = res["units"][0]
+    assert unit["concept"] == "stripes" and unit["detector"] and unit["threshold"] == 1.0
+    # by hand: bilinear upsampling blurs each block's edge to 0.75, so only pixels at exactly 1
+    # (the block's interior, and its edges on the image border) pass the threshold of 1
+    on = torch.nn.functional.interpolate(half, size=(16, 16), mode="bilinear", align_corners=False) >= 1.0
+    truth = masks[:, [k["stripes"]]]
+    assert unit["iou"] == pytest.approx(float((on & truth).sum() / (on | truth).sum()), abs=1e-6)
+    assert 0.5 < unit["iou"] < 0.8
+    assert res["empty_concepts"] == ["handle"] and res["categories"]["stripes"] == "texture"

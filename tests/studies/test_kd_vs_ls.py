@@ -7,8 +7,10 @@ import pytest
 
 from xkd.cli import main
 from xkd.config import ConfigError, load_config
+from xkd.metrics.dissection import DissectionError
+from xkd.models.hooks import LayerNotFoundError
 from xkd.report.records import read_json
-from xkd.studies.kd_vs_ls import roles_by_distiller
+from xkd.studies.kd_vs_ls import roles_by_distiller, run_study
 from xkd.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD
 
 TINY_STUDY = [
@@ -30,6 +32,29 @@ def test_the_three_methods_are_required(tiny_args):
     cfg = load_config(None, [*tiny_args, "students=[{name: kd, distiller: hinton_kd}]"])
     with pytest.raises(ConfigError, match="add students with distiller 'scratch', 'label_smoothing'"):
         roles_by_distiller(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        ("study.layer=features.99", LayerNotFoundError, "features.99"),
+        ("study.teacher_layer=nope", LayerNotFoundError, "module paths"),
+        ("study.concepts={name: digits}", DissectionError, "concepts"),
+        ("students.1.model={name: cifar_resnet}", ConfigError, "one student architecture"),
+    ],
+)
+def test_bad_study_input_fails_before_any_training(tmp_path, make_tiny_args, override, error, match):
+    cfg = load_config(None, [*make_tiny_args(tmp_path, *TINY_STUDY, "name=bad"), override])
+    with pytest.raises(error, match=match):
+        run_study(cfg, 1, progress=False)
+    assert not (tmp_path / "runs" / "bad").exists() and not (tmp_path / "runs" / ".cache").exists()
+
+
+def test_study_data_without_masks_fails_before_any_training(tmp_path, make_tiny_args):
+    cfg = load_config(None, [*make_tiny_args(tmp_path, "name=bad"), *TINY_STUDY[-4:], "data.name=digits"])
+    with pytest.raises(ConfigError, match="has no masks"):
+        run_study(cfg, 1, progress=False)
+    assert not (tmp_path / "runs" / "bad").exists()
 
 
 @pytest.mark.slow
@@ -57,12 +82,16 @@ def test_study_measures_every_student_and_seed(tmp_path, make_tiny_args):
         d = per_seed[0]["diffroar"]
         assert d["diffroar"][0] == pytest.approx(d["keep_top"][0] - d["keep_bottom"][0])
         assert (out / f"figures/top_units_{role}.png").is_file()
-    assert "diffroar" not in st["per_seed"]["teacher"][0]
+    teacher = st["per_seed"]["teacher"]
+    assert len(teacher) == 1 and "diffroar" not in teacher[0]  # one teacher for every seed: measured once
+    assert st["methods"]["teacher"]["detectors_total"]["n"] == 1
+    assert st["methods"]["teacher"]["detectors_total"]["std"] is None
     assert len(st["verdicts"]) == 4
     for v in st["verdicts"]:
         assert v["verdict"] in (HELD, NOT_HELD, INCONCLUSIVE)
     html = (out / "study.html").read_text()
     assert "Verdicts" in html and "detectors_per_category.png" in html
+    assert all(f"top_units_{r}.png" in html for r in ("teacher", "scratch", "ls", "kd"))
     # a second run reuses the seed runs and every DiffROAR retraining
     assert main([*args, "--resume"]) == 0
     again = read_json(out / "records/study.json")

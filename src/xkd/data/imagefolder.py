@@ -13,6 +13,14 @@ same stem as the image; any non-zero pixel is evidence (palette images: any non-
 ``masks/`` exists, every image must have a mask of the same size as the image, otherwise a
 :class:`DataError` names the first missing ones -- half-masked data would silently bias mask metrics.
 
+Concept masks (optional, for network dissection): ``root/concepts/<category>/<concept>/<class>/<stem>.<ext>``
+(or ``.../<concept>/<split>/<class>/...`` for pre-split data), e.g. ``concepts/texture/stripes/cat/img1.png``.
+Every split then has :attr:`~ConceptFolderDataset.concept_names`, ``concept_categories`` and
+``concept_masks(i)`` (``(K, H, W)`` bool, read on access). An image without a mask file for a
+concept does not show that concept (Broden's convention: concepts are sparse); a mask of another
+size than its image, or an unreadable one, is a :class:`DataError`. A concept without any positive
+pixel is reported by the dissection, never divided by.
+
 Decisions:
 
 * Channels (``params.channels``): 1 or 3; by default 1 when every image is grayscale (PIL modes
@@ -50,6 +58,7 @@ log = logging.getLogger("xkd")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 SPLITS = ("train", "val", "test")
+RESERVED = ("masks", "concepts")  # folders of the root that are never classes
 DEFAULTS = {"channels": None, "in_memory": None}
 MEMORY_BUDGET = 512 * 2**20
 _READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -127,7 +136,7 @@ class ImageFolderDataset(Dataset):
 
 def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, str]]]]:
     """Class names and, per split found on disk (``all`` if not pre-split), ``(image, class)`` pairs."""
-    folders = [p for p in _subfolders(root) if p.name != "masks"]
+    folders = [p for p in _subfolders(root) if p.name not in RESERVED]
     names = {p.name for p in folders}
     if not folders:
         loose = " (it holds images directly: move them into one sub-folder per class)" if _images_in(root) else ""
@@ -147,7 +156,7 @@ def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, str]]]]:
     found: dict[str, list[tuple[Path, str]]] = {}
     classes: set[str] = set()
     for split, folder in layout.items():
-        class_dirs = [p for p in _subfolders(folder) if not (split == "all" and p.name == "masks")]
+        class_dirs = [p for p in _subfolders(folder) if not (split == "all" and p.name in RESERVED)]
         if not class_dirs:
             raise DataError(f"{str(folder)!r} holds no class folders; {_LAYOUT_FIX}")
         found[split] = []
@@ -171,6 +180,95 @@ def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, str]]]]:
             f"at least 2 class sub-folders"
         )
     return sorted(classes), found
+
+
+class ConceptFolderDataset(Dataset):
+    """A split of ``imagefolder`` with concept masks from ``root/concepts`` (module docstring):
+    items as the wrapped split's; ``concept_files[i][k]`` is item ``i``'s mask of concept ``k`` (None:
+    the concept is absent from that image)."""
+
+    def __init__(
+        self,
+        base: Dataset,
+        concept_files: list[list[str | None]],
+        names: list[str],
+        categories: dict[str, str],
+        size: tuple[int, int],
+    ) -> None:
+        self.base, self.concept_files, self.size = base, concept_files, size
+        self.concept_names, self.concept_categories = list(names), dict(categories)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, Tensor | None]:
+        return self.base[i]
+
+    def __getattr__(self, name: str) -> object:  # labels, masks, images ... of the wrapped split
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def concept_masks(self, i: int) -> Tensor:
+        """Boolean ``(K, H, W)`` masks of item ``i``, one per concept of :attr:`concept_names`."""
+        empty = torch.zeros(self.size, dtype=torch.bool)
+        return torch.stack([empty if f is None else load_mask(f, self.size) for f in self.concept_files[i]])
+
+    def subset(self, index: Tensor) -> ConceptFolderDataset:
+        files = [self.concept_files[i] for i in index.tolist()]
+        return ConceptFolderDataset(
+            self.base.subset(index), files, self.concept_names, self.concept_categories, self.size
+        )
+
+
+def _concept_folders(root: Path) -> list[tuple[str, str, Path]]:
+    """``(category, concept, folder)`` of every concept under ``root/concepts`` (empty if none)."""
+    top = root / "concepts"
+    if not top.is_dir():
+        return []
+    found = [(cat.name, c.name, c) for cat in _subfolders(top) for c in _subfolders(cat)]
+    if not found:
+        raise DataError(
+            f"{str(top)!r} holds no concept folders; use concepts/<category>/<concept>/<class>/<image stem>.png "
+            "(e.g. concepts/texture/stripes/...) or remove it"
+        )
+    names = [c for _, c, _ in found]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise DataError(
+            f"concept(s) {', '.join(twice)} appear under several categories in {str(top)!r}; name them apart"
+        )
+    return found
+
+
+def _concept_files(
+    concepts: list[tuple[str, str, Path]], split: str, kept: list[tuple[Path, str]], size_of: dict[Path, tuple]
+) -> list[list[str | None]]:
+    """Per kept image ``(file, class)``, the mask file of each concept (None where it has none)."""
+    per_concept = []
+    for _, _name, folder in concepts:
+        base = folder if split == "all" else folder / split
+        by_stem: dict[tuple[str, str], Path] = {}
+        for cls in sorted({c for _, c in kept}):
+            d = base / cls
+            for f in sorted(_images_in(d) if d.is_dir() else [], key=lambda q: q.suffix.lower() != ".png"):
+                by_stem.setdefault((cls, f.stem), f)
+        files = []
+        for f, c in kept:
+            m = by_stem.get((c, f.stem))
+            if m is not None:
+                try:
+                    _, hw = _header(m)
+                except _READ_ERRORS as e:
+                    raise DataError(f"concept mask {str(m)!r} cannot be read ({e}); replace or remove it") from None
+                if hw != size_of[f]:
+                    raise DataError(
+                        f"concept mask {str(m)!r} is {hw[1]}x{hw[0]} but its image {str(f)!r} is "
+                        f"{size_of[f][1]}x{size_of[f][0]}; make every concept mask the size of its image"
+                    )
+            files.append(None if m is None else str(m))
+        per_concept.append(files)
+    return [list(row) for row in zip(*per_concept)] if per_concept else [[] for _ in kept]
 
 
 def _find_masks(root: Path, split: str, items: list[tuple[Path, str]]) -> list[Path] | None:
@@ -224,6 +322,7 @@ def imagefolder(cfg: DataConfig) -> DataBundle:
             f"data.root {str(root)!r} does not exist or is not a folder; set data.root to your image folder"
         )
     class_names, found = _scan(root)
+    concepts = _concept_folders(root)
     index = {c: i for i, c in enumerate(class_names)}
     skipped: list[str] = []
 
@@ -299,6 +398,11 @@ def imagefolder(cfg: DataConfig) -> DataBundle:
         else:
             mask_files = [str(k[2]) for k in kept] if has_masks else None
             datasets[split] = ImageFolderDataset([str(k[0]) for k in kept], labels, mask_files, channels, size)
+        if concepts:
+            sizes = {f: hw for f, _, _, hw in es}
+            files = _concept_files(concepts, split, [(k[0], class_names[k[1]]) for k in kept], sizes)
+            names, categories = [c for _, c, _ in concepts], {c: cat for cat, c, _ in concepts}
+            datasets[split] = ConceptFolderDataset(datasets[split], files, names, categories, size)
     if skipped:
         log.warning("imagefolder: skipped %d unreadable file(s) under %s (first: %s)", len(skipped), root, skipped[0])
 

@@ -75,7 +75,8 @@ _UPSAMPLE_BUDGET = 2**24  # upsampled activations handled at once (64 MiB of flo
 _NO_MASKS_FIX = (
     "network dissection needs pixel masks of concepts; use a dataset that has them: `concepts` (object, part, "
     "texture and colour masks; data.name: concepts), `lesions` (one concept: the lesion mask) or an `imagefolder` "
-    "with a masks/ folder (one concept: the mask)"
+    "with a masks/ folder (one concept: the mask) or a concepts/<category>/<concept>/<class>/ mask tree (one "
+    "concept per folder)"
 )
 
 
@@ -211,6 +212,12 @@ def _concept_source(data: Any, batch_size: int) -> tuple[Any, int, list[str], di
         return images, torch.stack([torch.as_tensor(it[2]).bool() for it in items])[:, None] if masks else None
 
     return data, batch_size, [MASK_CONCEPT], {MASK_CONCEPT: "object"}, load_items
+
+
+def check_concept_data(data: Any) -> None:
+    """Raise :class:`DissectionError` (naming the data sets that have masks) unless ``data`` can be
+    dissected: a non-empty map-style dataset with concept masks."""
+    _concept_source(data, 1)
 
 
 class _Stop(Exception):

@@ -88,10 +88,13 @@ def _kd_vs_ls(out: Path, st: dict[str, Any]) -> dict[str, Any]:
                          "images and the region above the unit's threshold outlined; titled with the unit, its "
                          "best concept and the IoU."))  # fmt: skip
     layers = ", ".join(sorted({f"{r}: {methods[r].get('layer')} ({methods[r].get('units')} units)" for r in roles}))
+    facts = {"Dissected layers": layers}
+    if st.get("empty_concepts"):  # no positive pixel anywhere in the concept data: never a unit's concept
+        facts["Concepts absent from the data"] = ", ".join(st["empty_concepts"]) + " (no IoU; never a detector)"
     return {
         "tables": [main, diff],
-        "figures": [(src, "Concept detectors per category and method; error bars: one std over seeds.")],
-        "facts": {"Dissected layers": layers},
+        "figures": figs,
+        "facts": facts,
     }
 
 

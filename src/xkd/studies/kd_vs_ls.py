@@ -48,6 +48,48 @@ def roles_by_distiller(cfg: RunConfig) -> dict[str, str]:
     return found
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Check everything the measurements need before any training: one student architecture, masks on
+    the study's data (the discriminative region) and concept masks on the concept data, and the
+    dissected layers in the teacher and every student. Raises the error a late failure would."""
+    from xkd.data import build_dataset
+    from xkd.distill import build_distiller
+    from xkd.metrics.dissection import check_concept_data
+    from xkd.models.hooks import get_module
+    from xkd.pipeline import build_for
+
+    arch = to_dict(cfg.student_model)
+    for i, s in enumerate(cfg.students):
+        if s.model is not None and to_dict(s.model) != arch:
+            raise ConfigError(
+                f"students[{i}] ({s.name}) sets its own model: xkd study kd-vs-ls compares methods on one student "
+                f"architecture; remove students[{i}].model so every student uses student_model"
+            )
+    data = build_dataset(cfg.data)
+    _region_masks(cfg, data)
+    check_concept_data(data.test if cfg.study.concepts is None else build_dataset(cfg.study.concepts).test)
+    teacher = build_for(cfg.teacher.model, data, cfg.seed)
+    if cfg.study.teacher_layer is not None:
+        get_module(teacher, cfg.study.teacher_layer)
+    if cfg.study.layer is not None:
+        for s in cfg.students:
+            student = build_distiller(s.distiller, build_for(cfg.student_model, data, cfg.seed), teacher, s.params)
+            get_module(student.student, cfg.study.layer)
+
+
+def _region_masks(cfg: RunConfig, data: Any) -> Any:
+    """The test split's images, labels and masks; a clear error if the data has no masks."""
+    from xkd.evaluate import gather
+
+    images, labels, masks = gather(data.test, torch.arange(len(data.test)))
+    if masks is None:
+        raise ConfigError(
+            f"the study's data {cfg.data.name!r} has no masks: the precision/recall of attributions needs the known "
+            "discriminative region (use `concepts` or `lesions`, or an imagefolder with masks)"
+        )
+    return images, labels, masks
+
+
 def run_study(
     cfg: RunConfig, seeds: int | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> Path:
@@ -55,12 +97,14 @@ def run_study(
     from xkd.report.study import render_study_report
 
     roles = roles_by_distiller(cfg)
+    preflight(cfg)
     t0 = time.perf_counter()
     out = compare(cfg, seeds, resume=resume, overwrite=overwrite, progress=progress)
     console = Console(stderr=True, quiet=not progress)
     cmp = read_json(out / "records" / "compare.json")
-    measured = measure(cfg, out, cmp, console)
+    measured, empty = measure(cfg, out, cmp, console)
     body = summarise(cfg, cmp, measured, roles)
+    body["empty_concepts"] = empty
     body["seconds"] = time.perf_counter() - t0
     write_json(out / "records" / "study.json", record("study", body))
     html = render_study_report(out)
@@ -68,10 +112,12 @@ def run_study(
     return out
 
 
-def measure(cfg: RunConfig, out: Path, cmp: dict[str, Any], console: Console) -> dict[str, list[dict[str, Any]]]:
-    """Per role, one dict per seed: dissection counts, region precision/recall, DiffROAR."""
+def measure(
+    cfg: RunConfig, out: Path, cmp: dict[str, Any], console: Console
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Per role, one dict per seed (the teacher, shared by every seed, once): dissection counts, region
+    precision/recall, DiffROAR; and the concepts with no positive pixel in the concept data."""
     from xkd.data import build_dataset
-    from xkd.evaluate import gather
     from xkd.explain import build_explainer
     from xkd.metrics.dissection import concept_detectors, plot_top_units
     from xkd.metrics.localisation import region_precision_recall
@@ -83,22 +129,16 @@ def measure(cfg: RunConfig, out: Path, cmp: dict[str, Any], console: Console) ->
     data = build_dataset(cfg.data)
     concepts = data if st.concepts is None else build_dataset(st.concepts)
     splits = {n: float_images(_tensor_split(getattr(data, n))) for n in ("train", "val", "test")}
-    test_images, test_labels, test_masks = gather(data.test, torch.arange(len(data.test)))
-    if test_masks is None:
-        raise ConfigError(
-            f"the study's data {cfg.data.name!r} has no masks: the precision/recall of attributions needs the known "
-            "discriminative region (use `concepts` or `lesions`, or an imagefolder with masks)"
-        )
+    test_images, test_labels, test_masks = _region_masks(cfg, data)
     device = torch.device("cpu")
     retrain = st.diffroar.model or cfg.student_model
     per_role: dict[str, list[dict[str, Any]]] = {r: [] for r in cmp["roles"]}
-    dissected_teacher: dict[str, Any] | None = None
+    empty: list[str] = []
     for s in cmp["seeds"]:
         run_dir = out / cmp["runs"][str(s)]["dir"]
         _, _, models, _ = load_run_models(run_dir)
         for role, model in models.items():
-            if role == "teacher" and dissected_teacher is not None:  # one teacher for every seed
-                per_role[role].append(dissected_teacher)
+            if role == "teacher" and per_role[role]:  # one teacher for every seed: measured once (n = 1)
                 continue
             console.print(f"seed {s}: measuring {role}")
             layer = (st.teacher_layer if role == "teacher" else st.layer) or default_layer(model)
@@ -124,9 +164,13 @@ def measure(cfg: RunConfig, out: Path, cmp: dict[str, Any], console: Console) ->
                     to_dict(cfg.data), s, device, cache_dir_of(cfg),
                 )  # fmt: skip
             per_role[role].append(entry)
-            if role == "teacher":
-                dissected_teacher = entry
-    return per_role
+            for c in result["empty_concepts"]:
+                if c not in empty:
+                    empty.append(c)
+                    console.print(
+                        f"[yellow]concept {c!r} has no positive pixel in the concept data: no IoU, never a detector"
+                    )
+    return per_role, empty
 
 
 def _tensor_split(ds: Any) -> Any:
