@@ -6,18 +6,18 @@ computed once, outside the timings), same budget (``n_samples`` model evaluation
 baseline, the target's softmax probability, the predicted class as target. Compared:
 
 * ``xkd kernel_shap`` / ``xkd lime``: all images of the run in one group (``batch_size = N``),
-  ``max_batch`` perturbed inputs per forward pass.
+  ``internal_batch_size`` perturbed inputs per forward pass.
 * ``captum KernelShap`` / ``captum Lime`` (``feature_mask`` = the segments, ``perturbations_per_eval
   = n_samples`` so each image's perturbations run in one forward pass; one ``attribute`` call per
   image, which is what captum does internally for a batch, and keeps each image's own ``M``). Lime
   gets lime_image's kernel on the interpretable input and ``SkLearnRidge(alpha=1)``, like xkd's.
 * ``shap.KernelExplainer`` on the superpixel on/off vector (background: all off; ``nsamples =
   n_samples - 2``, ``l1_reg=False`` so it solves the same regression as xkd; its ``f`` builds the
-  perturbed images with torch and runs them ``max_batch`` at a time).
+  perturbed images with torch and runs them ``internal_batch_size`` at a time).
 * ``lime.lime_image.LimeImageExplainer`` (``segmentation_fn`` returns our segments,
   ``hide_color=0``, ``num_samples = n_samples``, ``batch_size = n_samples``).
 * ``limit``: the bare no-grad forward passes of the ``N * n_samples`` perturbed inputs, in chunks of
-  ``max_batch`` (built beforehand, not timed): no explainer can be faster than this.
+  ``internal_batch_size`` (built beforehand, not timed): no explainer can be faster than this.
 
 shap and lime_image are timed on ``--slow-images`` images (they are slow) and reported per image.
 Timing: one torch thread, process CPU time (``time.process_time``), best of interleaved rounds (the
@@ -104,7 +104,7 @@ def bench_model(label: str, name: str, args: argparse.Namespace) -> dict:
     else:
         model = build_model(ModelConfig(name), 10, 1, 28).eval()
     prob = nn.Sequential(model, nn.Softmax(dim=1)).eval()
-    n, ns, mb = args.images, args.n_samples, args.max_batch
+    n, ns, mb = args.images, args.n_samples, args.internal_batch_size
     x = mnist_images(n)
     start = time.perf_counter()
     seg = slic_segments(x)  # shared by all methods, not timed with them
@@ -112,7 +112,7 @@ def bench_model(label: str, name: str, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         t = model(x).argmax(dim=1)
     slow = min(args.slow_images, n)
-    params = {"n_samples": ns, "baseline": "zero", "batch_size": n, "max_batch": mb}
+    params = {"n_samples": ns, "baseline": "zero", "batch_size": n, "internal_batch_size": mb}
     xkd_shap, xkd_lime = KernelSHAP(model, params), LIME(model, params)
     limit_inputs = perturbed_inputs(x, seg, ns)
 
@@ -257,7 +257,7 @@ def bench_model(label: str, name: str, args: argparse.Namespace) -> dict:
         "images": n,
         "slow_images": slow,
         "n_samples": ns,
-        "max_batch": mb,
+        "internal_batch_size": mb,
         "slic_ms_per_image": 1000 * slic_seconds / n,
         "superpixels_per_image": (seg.flatten(1).amax(dim=1) + 1).tolist(),
         "repeats": args.repeats,
@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = work done)")
     parser.add_argument("--slow-images", type=int, default=2, help="images for shap and lime_image")
     parser.add_argument("--n-samples", type=int, default=200)
-    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--internal-batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round is reported")
     parser.add_argument("--models", nargs="*", default=[m for _, m in MODELS])
     parser.add_argument("--no-slow", action="store_true", help="skip shap and lime_image")

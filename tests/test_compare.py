@@ -94,8 +94,24 @@ def test_every_aggregate_is_traceable_to_a_seed_run(compared):
     assert kd["mean"] == pytest.approx(sum(kd["values"]) / 2)
     assert sorted(cmp["ranking"]["order"]) == ["at", "kd", "scratch"]
     html = (out / "report.html").read_text()
-    for text in ("Accuracy vs agreement", "Ranking", "Acc. (last)", "seeds/seed_1/report.html"):
+    for text in ("Accuracy vs agreement", "Ranking", "Acc. (last)", "Best epoch", "seeds/seed_1/report.html"):
         assert text in html
+    for role in cmp["roles"]:
+        epochs = [
+            read_json(out / cmp["runs"][str(s)]["dir"] / "records/models.json")["models"][role]["train"]["best_epoch"]
+            for s in cmp["seeds"]
+        ]
+        assert cmp["methods"][role]["best_epoch"]["values"] == epochs
+    # seed 1 loads seed 0's teacher: it reports the time that teacher took to train, not 0 s
+    teacher = cmp["methods"]["teacher"]
+    assert teacher["loaded"] == [False, True]
+    t0, t1 = teacher["train_seconds"]["values"]
+    assert t0 > 0 and t1 == pytest.approx(t0) and teacher["train_seconds"]["mean"] == pytest.approx(t0)
+    assert "loaded from a checkpoint by seed 1" in html
+    for i, s in enumerate(cmp["seeds"]):  # a student's time = epoch loop + distiller setup
+        train = read_json(out / cmp["runs"][str(s)]["dir"] / "records/models.json")["models"]["at"]["train"]
+        assert train["seconds"] == pytest.approx(train["loop_seconds"] + train["setup_seconds"])
+        assert cmp["methods"]["at"]["train_seconds"]["values"][i] == pytest.approx(train["seconds"])
     assert (out / "figures/accuracy_vs_agreement.png").stat().st_size > 0
 
 

@@ -137,3 +137,13 @@ def test_study_only_metric_is_not_accepted_by_a_run():
 def test_study_section_is_validated(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_unicam_needs_four_images_per_call_checked_before_training(tmp_path):
+    base = [f"output_dir={tmp_path}", "evaluation.explainers=[{name: grad_cam}, {name: unicam}]"]
+    with pytest.raises(ConfigError, match=r"evaluation.met_images = 2, but unicam explains at least 4 images"):
+        load_config(None, [*base, "evaluation.met_images=2"])
+    with pytest.raises(ConfigError, match=r"evaluation.sanity_images = 3.*\(or 0 to skip the check\)"):
+        load_config(None, [*base, "evaluation.sanity_images=3"])
+    load_config(None, [*base, "evaluation.sanity_images=0", "evaluation.samples_per_class=1"])  # samples are padded
+    load_config(None, [f"output_dir={tmp_path}", "evaluation.met_images=1"])  # grad_cam alone: one image is fine

@@ -224,7 +224,12 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
             "last_accuracy": stat([_get(m, "test_last", "accuracy") for m in per_seed]),
             "last_macro_f1": stat([_get(m, "test_last", "macro_f1") for m in per_seed]),
             "best_epoch": stat([_get(m, "train", "best_epoch") for m in per_seed]),
+            # train time = epoch loop + distiller setup + assistant; a loaded teacher (later seeds) reports
+            # the time it took when it was trained, not 0 s (older records: None where a part is missing)
             "train_seconds": stat([_get(m, "train", "seconds") for m in per_seed]),
+            "setup_seconds": stat([_get(m, "train", "setup_seconds") for m in per_seed]),
+            "assistant_seconds": stat([_get(m, "train", "assistant_seconds") for m in per_seed]),
+            "loaded": [bool(_get(m, "train", "from_cache")) for m in per_seed],
             "params": stat([m.get("params") for m in per_seed]),
             "flops": stat([m.get("flops") for m in per_seed]),
             "explanation_quality": {ex: quality(own, ex) for ex in all_explainers if any(ex in o for o in own)},

@@ -636,6 +636,25 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:
         v = getattr(ev, key)
         if v is not None and v < (0 if key == "sanity_images" else 1):
             raise ConfigError(f"evaluation.{key} must be >= {0 if key == 'sanity_images' else 1}, got {v}")
+    _validate_min_images(ev)
+
+
+def _validate_min_images(ev: EvaluationConfig) -> None:
+    """Explainers that need several images per call (UniCAM: 4) get them: a clear error now rather
+    than after training. The report's per-class samples are padded with other test images instead."""
+    from xkd.explain.base import min_images
+
+    need = max((min_images(e.name) for e in ev.explainers), default=1)
+    if need <= 1:
+        return
+    names = ", ".join(sorted({e.name for e in ev.explainers if min_images(e.name) == need}))
+    for key in ("num_images", "met_images", "sanity_images"):
+        v = getattr(ev, key)
+        if v is not None and 0 < v < need and not (key == "sanity_images" and v == 0):
+            raise ConfigError(
+                f"evaluation.{key} = {v}, but {names} explains at least {need} images per call; set it to >= {need}"
+                + (" (or 0 to skip the check)" if key == "sanity_images" else "")
+            )
 
 
 def _is_import_path(name: str) -> bool:

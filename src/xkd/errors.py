@@ -16,6 +16,8 @@ class ImageInputError(ValueError):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from xkd.explain.base import NonFiniteAttributionError
+    from xkd.metrics.dissection import DissectionError
     from xkd.pipeline import RunExistsError
     from xkd.report.render import ReportError
 
@@ -30,6 +32,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ImageInputError,
         RunExistsError,
         ReportError,
+        DissectionError,
+        NonFiniteAttributionError,
     )
 
 

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.console import Console
 from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import Tensor
 
 from xkd.config import RunConfig, to_dict
 from xkd.data import DataBundle, make_loader
 from xkd.explain import build_explainer
-from xkd.explain.base import explainer_applies
+from xkd.explain.base import NonFiniteAttributionError, explainer_applies
 from xkd.metrics import classification, cost
 from xkd.registry import METRICS
 from xkd.report.records import atomic_write_bytes, library_versions, record, write_json
-from xkd.scoring import explain_and_score, pair_explainer, random_baseline
+from xkd.scoring import explain, explain_and_score, pair_explainer, random_baseline
 
 if TYPE_CHECKING:
     from xkd.pipeline import TrainedModel
@@ -64,13 +64,6 @@ def all_labels(dataset: Any) -> Tensor:
     if isinstance(labels, Tensor):
         return labels
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
-
-
-def explain_maps(
-    name: str, params: dict[str, Any], model: nn.Module, images: Tensor, targets: Tensor, **context: Any
-) -> Tensor:
-    with build_explainer(name, model, params, **context) as ex:
-        return ex.explain(images, targets).maps
 
 
 def evaluate_run(
@@ -116,11 +109,10 @@ def evaluate_run(
             "params": cost.parameter_count(m.model),
             "flops": fl["flops"],
             "macs": fl["macs"],
-            "train": {
+            "train": {  # seconds = loop + distiller setup + assistant (see TrainedModel)
                 "history": m.result.history,
                 "best_epoch": m.result.best_epoch,
-                "seconds": m.result.seconds,
-                "from_cache": m.from_cache,
+                **m.train_record(),
                 "checkpoint": f"checkpoints/{m.role}/best.pt",
             },
             "test": {
@@ -144,7 +136,7 @@ def evaluate_run(
                 "params": cost.parameter_count(a.model),
                 "test": {"accuracy": at["accuracy"], "macro_f1": at["macro_f1"]},
                 "posthoc": classification.posthoc_agreement(at["preds"], teacher_preds, k),
-                "train": {"best_epoch": a.result.best_epoch, "seconds": a.result.seconds},
+                "train": {"best_epoch": a.result.best_epoch, **a.train_record()},
                 "checkpoint": f"checkpoints/{a.role}/best.pt",
             }
 
@@ -155,7 +147,11 @@ def evaluate_run(
     images, labels, masks = gather(data.test, idx)
     images, labels = images.to(device), labels.to(device)
     names = [e.key for e in ev.explainers]
-    scored = explain_and_score(ev, models, images, labels, masks, data.class_names, console, random_labels)
+    try:
+        scored = explain_and_score(ev, models, images, labels, masks, data.class_names, console, random_labels)
+    except NonFiniteAttributionError as e:  # name the images as the user can find them: in the test split
+        split = [int(idx[i]) for i in e.indices if i < len(idx)]
+        raise NonFiniteAttributionError(f"{e} (test-split indices: {', '.join(map(str, split[:10]))})", split) from None
     for m in models:
         model_records[m.role]["met"] = scored["met"][m.role]
     baseline = random_baseline(ev, models, images, labels, cfg.seed, data.class_names)
@@ -197,7 +193,7 @@ def evaluate_run(
             "timing": {
                 "total_seconds": time.perf_counter() - t0,
                 "train_seconds": train_seconds,
-                "per_model_train_seconds": {m.role: m.result.seconds for m in models},
+                "per_model_train_seconds": {m.role: m.train_seconds for m in models},
                 "explain_seconds": explain_seconds,
             },
             "dataset": {
@@ -252,6 +248,9 @@ def write_samples(
     images, labels, masks = gather(data.test, idx)
     images = images.to(device)
     labels = labels.to(device)
+    # other test images, for explainers that explain several images per call (UniCAM: 4)
+    others = torch.tensor([i for i in range(min(len(data.test), len(idx) + 8)) if i not in set(idx.tolist())])
+    pad = gather(data.test, others)[:2] if len(others) else None
     tensors: dict[str, Tensor] = {"images": images.float().cpu().contiguous()}
     if masks is not None:
         tensors["masks"] = masks.to(torch.uint8).cpu().contiguous()
@@ -264,7 +263,8 @@ def write_samples(
             if (pair_explainer(e.name) and m.role == "teacher") or not explainer_applies(e.name, m.model):
                 continue
             context = {"teacher": models[0].model} if pair_explainer(e.name) else {}
-            tensors[f"maps/{m.role}/{e.key}"] = explain_maps(e.name, e.params, m.model, images, labels, **context).cpu()
+            maps = explain(e.name, e.params, m.model, images, labels, pad=pad, **context)
+            tensors[f"maps/{m.role}/{e.key}"] = maps.cpu()
         fm_params = next((e.params for e in ev.explainers if e.name == "feature_maps"), None)
         if fm_params is not None:
             with build_explainer("feature_maps", m.model, fm_params) as fm:

@@ -41,7 +41,16 @@ class RunExistsError(FileExistsError):
 
 @dataclass
 class TrainedModel:
-    """A trained network and how it came to be."""
+    """A trained network and how it came to be.
+
+    Training time has parts: ``result.seconds`` (the trainer's epoch loop), ``setup_seconds`` (the
+    distiller's setup before the loop: adapters, XDistillation's phase 1 of teacher explanations and
+    CAE training, including the time cached artefacts took when they were built,
+    ``setup_reused_seconds``) and ``assistant_seconds`` (the whole training of the teacher assistant
+    the student was distilled from). :attr:`train_seconds` is their sum, the cost compared across
+    methods. A model loaded from a checkpoint (``from_cache``; ``loaded_from`` its path) reports the
+    time recorded when it was trained, or ``None`` when there is no record.
+    """
 
     role: str
     model: nn.Module
@@ -52,6 +61,29 @@ class TrainedModel:
     from_cache: bool = False
     last_test: dict[str, float] | None = None
     assistant: TrainedModel | None = None
+    setup_seconds: float | None = None
+    setup_reused_seconds: float | None = None
+    assistant_seconds: float | None = None
+    loaded_from: str | None = None
+
+    @property
+    def train_seconds(self) -> float | None:
+        """Epoch loop + distiller setup + assistant training (None when the loop time is unknown)."""
+        if self.result.seconds is None:
+            return None
+        return self.result.seconds + (self.setup_seconds or 0.0) + (self.assistant_seconds or 0.0)
+
+    def train_record(self) -> dict[str, Any]:
+        """The timing part of the ``train`` entry in ``records/models.json``."""
+        return {
+            "seconds": self.train_seconds,
+            "loop_seconds": self.result.seconds,
+            "setup_seconds": self.setup_seconds,
+            "setup_reused_seconds": self.setup_reused_seconds,
+            "assistant_seconds": self.assistant_seconds,
+            "from_cache": self.from_cache,
+            "loaded_from": self.loaded_from,
+        }
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -81,19 +113,25 @@ def build_for(cfg: ModelConfig, data: DataBundle, seed: int) -> nn.Module:
     return build_model(cfg, data.num_classes, c, h if h == w else (h, w))
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+def check_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Raise :class:`RunExistsError` when the run directory cannot be used as asked; writes nothing."""
     run_dir = run_dir_of(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
             if not (run_dir / "config.yaml").is_file():
                 raise RunExistsError(f"{run_dir} is not empty and is not an xkd run directory; refusing to delete it")
-            if is_writer():
-                shutil.rmtree(run_dir)
         elif not resume:
             raise RunExistsError(
                 f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to start "
                 "over, or choose another name (--set name=NEW)"
             )
+    return run_dir
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = check_run_dir(cfg, resume, overwrite)
+    if run_dir.exists() and any(run_dir.iterdir()) and overwrite and is_writer():
+        shutil.rmtree(run_dir)
     D.barrier()
     if is_writer():
         for sub in ("records", "figures", "checkpoints"):
@@ -103,10 +141,82 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def preflight(cfg: RunConfig, data: DataBundle) -> None:
+    """Check every student's distiller on UNTRAINED models before anything trains or is written.
+
+    Builds the teacher, each student (and each teacher assistant) architecture and each distiller
+    without its setup, so every ``layers`` path is resolved (a wrong one raises
+    :class:`~xkd.models.hooks.LayerNotFoundError` listing the model's module paths) and runs the
+    distiller's cheap :meth:`~xkd.distill.base.Distiller.preflight` (a dry run checking feature
+    shapes). Nothing expensive runs (no XDistillation explanations or CAE training).
+    """
+    from xkd.models.hooks import LayerNotFoundError
+
+    sample = torch.zeros(2, *data.image_shape)
+    teacher = build_for(cfg.teacher.model, data, cfg.seed).eval()
+
+    def check(role: str, name: str, student: nn.Module, source: nn.Module, params: dict[str, Any]) -> None:
+        try:
+            build_distiller(name, student, source, params).preflight(sample)
+        except LayerNotFoundError as e:
+            raise LayerNotFoundError(f"student {role!r} (distiller {name!r}): {e}") from None
+        except ValueError as e:  # a layer whose output shape the method cannot use: a config mistake
+            raise ConfigError(f"student {role!r} (distiller {name!r}): {e}") from e
+
+    for s in cfg.students:
+        source = teacher
+        if getattr(DISTILLERS.get(s.distiller), "needs_assistant", False):
+            p = distiller_params(s.distiller, s.params)
+            source = build_for(p.assistant_model(), data, cfg.seed).eval()
+            check(f"{s.name}.assistant", p.assistant_distiller, source, teacher, p.assistant_params)
+        check(s.name, s.distiller, build_for(s.model or cfg.student_model, data, cfg.seed), source, s.params)
+
+
+def train_info_path(checkpoint: Path) -> Path:
+    """Where the record of how a checkpoint was trained lives: ``best.pt`` -> ``best.train.json``."""
+    return checkpoint.with_name(f"{checkpoint.stem}.train.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_train_info(checkpoint: Path, info: dict[str, Any]) -> None:
+    """Store ``info`` (training seconds, best epoch) next to ``checkpoint``, with the checkpoint's
+    SHA-256 so a record is never applied to other weights."""
+    data = dict(info, checkpoint_sha256=_sha256(checkpoint))
+    atomic_write_bytes(train_info_path(checkpoint), json.dumps(data, indent=1).encode())
+
+
+def read_train_info(checkpoint: Path) -> dict[str, Any] | None:
+    """The record :func:`write_train_info` stored for ``checkpoint``; None when it is missing,
+    unreadable or written for other weights (a checkpoint trained before records existed)."""
+    path = train_info_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("cannot read %s; the training time of %s is unknown", path, checkpoint)
+        return None
+    if not isinstance(info, dict) or info.get("checkpoint_sha256") != _sha256(checkpoint):
+        log.warning("%s does not describe %s (other weights); the training time is unknown", path, checkpoint)
+        return None
+    return info
+
+
 def train_teacher(
     cfg: RunConfig, data: DataBundle, run_dir: Path, device: torch.device, resume: bool, progress: bool
 ) -> TrainedModel:
-    """Train the teacher, or load it from ``teacher.checkpoint`` or the cache keyed by its config."""
+    """Train the teacher, or load it from ``teacher.checkpoint`` or the cache keyed by its config.
+
+    A trained teacher's time is stored next to its checkpoints (``best.train.json`` in the run's
+    ``checkpoints/teacher/`` and in the cache); a loaded teacher reports that time (not 0 s), so a
+    comparison whose later seeds reuse the first seed's teacher averages the real cost."""
     teacher = build_for(cfg.teacher.model, data, cfg.seed)
     ckpt_dir = run_dir / "checkpoints" / "teacher"
     given = cfg.teacher.checkpoint
@@ -115,12 +225,28 @@ def train_teacher(
     if source.is_file():
         state = load_checkpoint(source)
         load_weights(teacher, model_weights(state), str(source))
-        result = TrainResult(history=list(state.get("history", [])), best_epoch=int(state.get("best_epoch", 0)))
+        info = read_train_info(source)
+        seconds = info.get("seconds") if info else None
+        result = TrainResult(
+            history=list(state.get("history", [])),
+            best_epoch=int(state.get("best_epoch", 0)),
+            seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+        )
         if is_writer():
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, ckpt_dir / "best.pt")
-        log.info("teacher loaded from %s", source)
-        return TrainedModel("teacher", teacher.to(device), cfg.teacher.model.name, result=result, from_cache=True)
+            if info is not None:  # a run loading this run's teacher finds the time too
+                write_train_info(ckpt_dir / "best.pt", {k: v for k, v in info.items() if k != "checkpoint_sha256"})
+        took = "an unknown time" if result.seconds is None else f"{result.seconds:.1f} s"
+        log.info("teacher loaded from %s (it trained in %s)", source, took)
+        return TrainedModel(
+            "teacher",
+            teacher.to(device),
+            cfg.teacher.model.name,
+            result=result,
+            from_cache=True,
+            loaded_from=str(source),
+        )
     distiller = build_distiller("scratch", teacher)
     trainer = Trainer(
         distiller,
@@ -136,8 +262,11 @@ def train_teacher(
     result = trainer.fit(resume=resume)
     _load_best(distiller, ckpt_dir / "best.pt")
     if is_writer():
+        info = {"seconds": result.seconds, "best_epoch": result.best_epoch, "epochs": len(result.history)}
+        write_train_info(ckpt_dir / "best.pt", info)
         cached.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cached / "best.pt", (ckpt_dir / "best.pt").read_bytes())
+        write_train_info(cached / "best.pt", info)
     return TrainedModel("teacher", teacher, cfg.teacher.model.name, result=result)
 
 
@@ -182,8 +311,9 @@ def train_students(
             )  # fmt: skip
             source = assistant.model.eval().requires_grad_(False)
         trained = distil(cfg, data, source, s.name, model_cfg, s.distiller, s.params, run_dir, device, resume, progress)
-        if assistant is not None:
+        if assistant is not None:  # the student's cost includes the assistant it could not exist without
             trained.assistant = assistant
+            trained.assistant_seconds = assistant.train_seconds
         out.append(trained)
     return out
 
@@ -203,7 +333,8 @@ def distil(
 ) -> TrainedModel:
     """Train one student of architecture ``model_cfg`` from ``teacher`` with distiller ``distiller_name``
     under ``checkpoints/<role>``; returns it with its best checkpoint loaded, and the test scores of
-    its last epoch (``last_test``: users of other KD frameworks compare best and last)."""
+    its last epoch (``last_test``: users of other KD frameworks compare best and last). The
+    distiller's setup (XDistillation's phase 1, adapters) is timed as ``setup_seconds``."""
     student = build_for(model_cfg, data, cfg.seed)
     context = DistillContext(
         sample=torch.zeros(2, *data.image_shape),
@@ -214,7 +345,10 @@ def distil(
         seed=cfg.seed,
         progress=progress,
     )
+    t_setup = time.perf_counter()
     distiller = build_distiller(distiller_name, student, teacher, params, context)
+    reused = float(distiller.setup_reused_seconds)
+    setup_seconds = time.perf_counter() - t_setup + reused
     ckpt_dir = run_dir / "checkpoints" / role
     trainer = Trainer(
         distiller,
@@ -232,7 +366,15 @@ def distil(
     last_test = test_scores(model, data, cfg, device)
     _load_best(distiller, ckpt_dir / "best.pt")
     return TrainedModel(
-        role, model, model_cfg.name, distiller_name, to_dict(distiller.params), result, last_test=last_test
+        role,
+        model,
+        model_cfg.name,
+        distiller_name,
+        to_dict(distiller.params),
+        result,
+        last_test=last_test,
+        setup_seconds=setup_seconds,
+        setup_reused_seconds=reused,
     )
 
 
@@ -296,10 +438,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     t0 = time.perf_counter()
     device = D.resolve_device(cfg.device, info)
     console = Console(stderr=True)
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    check_run_dir(cfg, resume, overwrite)
     data = build_dataset(cfg.data)
     if data.skipped_files:
         log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])
+    preflight(cfg, data)  # wrong layer names and shapes fail here, before any training or file
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
     if progress and info.is_main:
         console.print(
             f"[bold]xkd[/bold] run {cfg.name!r}: {data.name} {tuple(data.image_shape)}, "

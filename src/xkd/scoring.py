@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from xkd.config import EvaluationConfig, from_dict
 from xkd.explain import build_explainer
-from xkd.explain.base import explainer_applies, split_name
+from xkd.explain.base import explainer_applies, map_form, min_images, split_name
 from xkd.explain.superpixel import SuperpixelParams, slic_segments
 from xkd.metrics import as_result, localisation
 from xkd.registry import EXPLAINERS, METRICS
@@ -68,11 +68,24 @@ def headline(v: Any) -> Any:
 
 
 def explain(
-    name: str, params: dict[str, Any], model: nn.Module, images: Tensor, targets: Tensor, **context: Any
+    name: str,
+    params: dict[str, Any],
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    pad: tuple[Tensor, Tensor] | None = None,
+    **context: Any,
 ) -> Tensor:
-    """Maps of ``targets`` for ``images`` by explainer ``name``."""
+    """Maps of ``targets`` for ``images`` by explainer ``name``. An explainer that needs more images
+    per call than given (UniCAM: 4) is called with the first images of ``pad`` (``(images,
+    targets)``, e.g. other test images) appended, and only the maps of ``images`` are returned."""
+    n, need = images.shape[0], min_images(name)
+    if n < need and pad is not None:
+        extra = need - n
+        images = torch.cat([images, pad[0][:extra].to(images.device)])
+        targets = torch.cat([targets, pad[1][:extra].to(targets.device)])
     with build_explainer(name, model, params, **context) as ex:
-        return ex.explain(images, targets).maps
+        return ex.explain(images, targets).maps[:n]
 
 
 def score_model(
@@ -120,7 +133,11 @@ def score_model(
             if sc.wants("top_k_dice"):
                 out["top_k_dice"] = sc("top_k_dice", maps, masks, k_values)
         if sc.wants("mask_mass"):
-            out["mask_mass"] = sc("mask_mass", maps, masks)
+            mm = sc.full("mask_mass", maps, masks)
+            out["mask_mass"] = headline(as_result("mask_mass", mm).value)
+            out["undefined"] = {"no_positive_attribution": mm["skipped_no_positive"]}
+        # images where the localisation metrics are undefined (left out of their means, never 0)
+        out.setdefault("undefined", {})["empty_mask"] = int((~masks.flatten(1).bool().any(dim=1)).sum())
         if sc.wants("region_precision"):
             res = sc.full("region_precision", maps, masks)
             out["region_precision"], out["region_recall"] = res["region_precision"], res["region_recall"]
@@ -141,9 +158,15 @@ def score_model(
 
 
 def score_agreement(
-    sc: Scorer, teacher_maps: Tensor, student_maps: Tensor, segments: Tensor | None, both_correct: Tensor
+    sc: Scorer,
+    teacher_maps: Tensor,
+    student_maps: Tensor,
+    segments: Tensor | None,
+    both_correct: Tensor,
+    form: str = "pixel",
 ) -> dict[str, Any]:
-    """Teacher-student agreement of one explainer's maps (each selected metric)."""
+    """Teacher-student agreement of one explainer's maps (each selected metric); ``form`` is the
+    explainer's :attr:`~xkd.explain.base.Explainer.map_form` (how the superpixel metrics read the maps)."""
     out: dict[str, Any] = {}
     for m in AGREEMENT_METRICS:
         if sc.wants(m):
@@ -153,9 +176,13 @@ def score_agreement(
         if sc.wants("superpixel_mse"):
             # each image's superpixel vector scaled by its largest |value| (signs kept): teacher and
             # student maps of most explainers live on different scales (set normalize: false for raw)
-            out["superpixel_mse"] = sc("superpixel_mse", teacher_maps, student_maps, segments, normalize=True)
+            out["superpixel_mse"] = sc(
+                "superpixel_mse", teacher_maps, student_maps, segments, normalize=True, form=form
+            )
         if sc.wants("superpixel_sign_agreement"):
-            res = sc.full("superpixel_sign_agreement", teacher_maps, student_maps, segments, correct=both_correct)
+            res = sc.full(
+                "superpixel_sign_agreement", teacher_maps, student_maps, segments, correct=both_correct, form=form
+            )
             out["superpixel_sign_agreement"] = headline(res["superpixel_sign_agreement"])
             out["sign_agreement_images"] = headline(res.get("evaluated"))
     return out
@@ -213,7 +240,7 @@ def explain_and_score(
             continue
         for s in students:
             both = correct["teacher"] & correct[s.role]
-            agree[s.role][e.key] = score_agreement(sc, maps["teacher"], maps[s.role], segments, both)
+            agree[s.role][e.key] = score_agreement(sc, maps["teacher"], maps[s.role], segments, both, map_form(e.name))
     transfer = {}
     if sc.wants("fss") or sc.wants("rs"):
         transfer = score_transfer(sc, teacher, students, images, labels, class_names)

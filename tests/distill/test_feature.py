@@ -294,8 +294,90 @@ def test_match_size():
 
 
 def test_non_map_layers_are_a_clear_error():
-    with pytest.raises(ValueError, match="needs \\(N, C, H, W\\) feature maps"):
+    # AT and NST need spatial maps; the message names the methods that take flat features
+    for name in ("at", "nst"):
+        with pytest.raises(ValueError, match=r"needs \(N, C, H, W\) feature maps.*fitnets, ab, vid"):
+            build_distiller(name, student_model(), teacher_model(), {"layers": [["classifier", "layer3"]]}, context())
+    # a flat student feature against a teacher map: pair like with like
+    with pytest.raises(ValueError, match=r"'classifier' outputs \(2, 3\) but teacher layer 'layer3'.*linear layer"):
         build_distiller("fitnets", student_model(), teacher_model(), {"layers": [["classifier", "layer3"]]}, context())
+    # preflight (run by the pipeline before any training) raises the same, without building adapters
+    d = build_distiller("at", student_model(), teacher_model(), {"layers": [["classifier", "layer3"]]})
+    with pytest.raises(ValueError, match=r"needs \(N, C, H, W\)"):
+        d.preflight(torch.zeros(2, 1, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------- linear layers
+
+
+def flat_models():
+    """Student ``x -> fc(x) = x`` (2 -> 2, identity) and teacher ``x -> (x1, x2, x1 + x2)`` (2 -> 3), on
+    (N, 1, 1, 2) images, each followed by ReLU and a 3-class head; layer ``"1"`` is the linear layer."""
+    student = nn.Sequential(nn.Flatten(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3))
+    with torch.no_grad():
+        student[1].weight.copy_(torch.eye(2))
+        student[1].bias.zero_()
+        teacher[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        teacher[1].bias.zero_()
+    return student, teacher
+
+
+def test_fitnets_hint_on_linear_layers_matches_hand_computation():
+    student, teacher = flat_models()
+    d = build_distiller(
+        "fitnets", student, teacher, {"layers": [["1", "1"]]}, DistillContext(sample=torch.zeros(2, 1, 1, 2))
+    )
+    (adapter,) = d.adapters[0]  # a plain linear regressor 2 -> 3 (no BN for flat features)
+    assert isinstance(adapter, nn.Linear) and (adapter.in_features, adapter.out_features) == (2, 3)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))  # r(s) = (s1, s2, 0)
+        adapter.bias.zero_()
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]]).view(2, 1, 1, 2)
+    _, terms = d(Batch(x, torch.tensor([0, 1])))
+    # r(s) - t = (0, 0, -(x1 + x2)) per sample: squares 0, 0, 9 and 0, 0, 1 -> mean 10 / 6; beta 100
+    assert terms["hint"].item() == pytest.approx(100 * 10 / 6, rel=1e-6)
+    assert hint_loss(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 2.0, 3.0]])).item() == pytest.approx(3.0)
+
+
+def test_linear_adapter_params_train_with_the_student():
+    student, teacher = flat_models()
+    d = build_distiller("fitnets", student, teacher, {"layers": [["1", "1"]]}, DistillContext(torch.zeros(2, 1, 1, 2)))
+    adapter = d.adapters[0][0]
+    trained = {id(p) for p in d.trainable_modules().parameters()}  # what the Trainer optimises and checkpoints
+    assert id(adapter.weight) in trained and id(student[1].weight) in trained
+    assert any(k.startswith("adapters.0.0.") for k in d.trainable_modules().state_dict())
+    assert all(id(p) not in trained for p in teacher.parameters())
+    w_adapter, w_student = adapter.weight.detach().clone(), student[1].weight.detach().clone()
+    opt = torch.optim.SGD(d.trainable_modules().parameters(), lr=0.01)
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0], [0.5, 0.5]]).view(3, 1, 1, 2)
+    _, terms = d(Batch(x, torch.tensor([0, 1, 2])))
+    terms["hint"].backward()
+    opt.step()
+    assert not torch.equal(adapter.weight, w_adapter) and not torch.equal(student[1].weight, w_student)
+    assert teacher[1].weight.grad is None
+
+
+def test_ab_and_vid_take_linear_layers_at_and_nst_do_not():
+    sample = DistillContext(torch.zeros(2, 1, 1, 2))
+    student, teacher = flat_models()
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]]).view(2, 1, 1, 2)
+    ab = build_distiller("ab", student, teacher, {"layers": [["1", "1"]]}, sample)
+    assert isinstance(ab.adapters[0][0], nn.Linear)
+    with torch.no_grad():  # connector r(s) = (s1, s2, 0); t = (1, 2, 3), (0, -1, -1); margin 1
+        ab.adapters[0][0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        ab.adapters[0][0].bias.zero_()
+    # sample 1, t > 0 everywhere: relu(1 - r)^2 = 0, 0, 1; sample 2: t = (0, -1, -1) <= 0:
+    # relu(1 + r)^2 = 1, 0, 1 -> per-sample sums 1 and 2, mean 1.5, times beta 1e-3
+    assert ab(Batch(x, torch.tensor([0, 1])))[1]["ab"].item() == pytest.approx(1.5e-3, rel=1e-6)
+    vid = build_distiller("vid", student, teacher, {"layers": [["1", "1"]], "mid_channels": 4}, sample)
+    assert isinstance(vid.adapters[0].regressor[0], nn.Linear) and vid.adapters[0].log_scale.shape == (3,)
+    loss = vid(Batch(x, torch.tensor([0, 1])))[1]["vid"]
+    loss.backward()
+    assert torch.isfinite(loss) and vid.adapters[0].log_scale.grad is not None
+    for name in ("at", "nst"):
+        with pytest.raises(ValueError, match=rf"{name}: student layer '1' outputs shape \(2, 2\); {name} needs"):
+            build_distiller(name, *flat_models(), {"layers": [["1", "1"]]}, sample)
 
 
 def test_conv_adapter_and_resolve_defaults():

@@ -174,8 +174,12 @@ def test_targets_cached_hit_and_other_teacher_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(X, "teacher_targets", counting)
     d1 = build_distiller("xdistill", cnn(), resnet(1), FAST, context(tmp_path, key="teacher-a"))
     assert len(calls) == 1 and d1.cache_files["targets"].is_file() and d1.cache_files["cae"].is_file()
+    assert d1.setup_reused_seconds == 0.0  # built now: its time is measured by the pipeline
     d2 = build_distiller("xdistill", cnn(), resnet(1), FAST, context(tmp_path, key="teacher-a"))
     assert len(calls) == 1  # cache hit: no explanations computed, CAE loaded
+    # the reused artefacts still cost what building them took (stored in the files' metadata)
+    built = [X._cache_seconds(d1.cache_files[k]) for k in ("targets", "cae")]
+    assert all(b > 0 for b in built) and d2.setup_reused_seconds == pytest.approx(sum(built))
     for a, b in zip(d1.student.cae.state_dict().values(), d2.student.cae.state_dict().values()):
         assert torch.equal(a, b)
     # another teacher has another file; plant teacher A's file there: detected by its stored key, rebuilt

@@ -111,6 +111,28 @@ def test_memory_does_not_grow_over_100_calls(name):
     assert all_hooks(model) == 0
 
 
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gc sees torch.distributed's deprecated reduce_op
+@pytest.mark.parametrize("name", EXPLAINERS.names())
+def test_a_reused_explainer_keeps_no_tensor_per_call(name):
+    # exact where RSS is coarse: a map, an activation or a hook kept per call would add >= 30 tensors
+    model, teacher = model_for(name, 0), tiny(1)
+    x, y = images(4), torch.tensor([0, 1, 2, 0])
+    with make(name, model, teacher) as ex:
+        for _ in range(5):
+            ex.explain(x, y)
+        before = live_tensors()
+        for _ in range(30):
+            ex.explain(x, y)
+        grown = live_tensors() - before
+    assert grown < 5, f"{name}: {grown} more live tensors after 30 calls of one explainer"
+    assert all_hooks(model) == 0 and all_hooks(teacher) == 0
+
+
 def test_superpixel_form_sums_each_superpixel():
     seg = torch.tensor([[[0, 0, 1], [0, 2, 1], [2, 2, 1]]])
     maps = torch.arange(9, dtype=torch.float32).view(1, 3, 3)

@@ -263,7 +263,7 @@ def test_batched_equals_one_image_at_a_time(cls):
     assert len(set((seg.flatten(1).amax(1) + 1).tolist())) > 1
     t = torch.tensor([0, 1, 2, 0, 1])
     params = {"n_samples": 50, "output": "logit"}
-    whole = cls(model, {**params, "batch_size": 2, "max_batch": 7}).explain(x, t).maps
+    whole = cls(model, {**params, "batch_size": 2, "internal_batch_size": 7}).explain(x, t).maps
     single = torch.cat([cls(model, params).explain(x[i : i + 1], t[i : i + 1]).maps for i in range(5)])
     torch.testing.assert_close(whole, single, rtol=1e-5, atol=1e-6)
     assert whole.abs().sum() > 0
@@ -286,7 +286,7 @@ def test_budget_is_model_evaluations_per_image(cls):
     seg = slic_segments(x)
     assert int(seg.amax()) + 1 >= 8
     model = Counter(tiny_cnn())
-    cls(model, {"n_samples": 40, "max_batch": 64}).explain(x, None, segments=seg)
+    cls(model, {"n_samples": 40, "internal_batch_size": 64}).explain(x, None, segments=seg)
     assert model.seen == 4 * 40 and model.largest == 64
     # full enumeration needs fewer: M = 6 -> 2^6 = 64 evaluations (incl. image and baseline), not 100
     if cls is KernelSHAP:
@@ -333,7 +333,7 @@ def test_baselines():
         ("lime", {"n_samples": 1}, "n_samples must be >= 2"),
         ("lime", {"baseline": "noise"}, "allowed values: 'zero', 'mean', 'blur'"),
         ("kernel_shap", {"output": "log"}, "allowed values: 'prob', 'logit'"),
-        ("kernel_shap", {"max_batch": 0}, "max_batch must be >= 1"),
+        ("kernel_shap", {"internal_batch_size": 0}, "internal_batch_size must be >= 1"),
         ("lime", {"batch_size": 0}, "batch_size must be >= 1"),
         ("lime", {"kernel_width": 0.0}, "kernel_width must be > 0"),
         ("lime", {"alpha": -1.0}, "alpha"),
@@ -353,3 +353,18 @@ def test_bad_segments_and_outputs_are_rejected():
         KernelSHAP(SegmentGame(additive)).explain(x, None, segments=grid_segments(2)[:, :4])
     with pytest.raises(ValueError, match=r"logits of shape \(N, classes\)"):
         LIME(nn.Identity()).explain(x, None, segments=grid_segments(2))
+
+
+@pytest.mark.parametrize("name", ["kernel_shap", "lime"])
+def test_superpixel_form_of_a_superpixel_explainer_changes_nothing(name):
+    # its maps already hold one value per superpixel: `+superpixel` must read it once, not sum it
+    # over the superpixel's area (which would rank large superpixels first)
+    images = shape_images(3)
+    model = tiny_cnn()
+    params = {"n_samples": 64, "seed": 0}
+    with build_explainer(name, model, params) as ex:
+        plain = ex.explain(images, torch.tensor([0, 1, 0])).maps
+    with build_explainer(name + "+superpixel", model, params) as ex:
+        formed = ex.explain(images, torch.tensor([0, 1, 0])).maps
+    torch.testing.assert_close(formed, plain, rtol=1e-5, atol=1e-7)
+    assert ex.map_form == "superpixel" and build_explainer(name, model, params).map_form == "superpixel"

@@ -183,3 +183,18 @@ def test_errors_name_the_problem_and_the_fix():
         with pytest.warns(UserWarning, match="same class"):
             maps = uc.explain(images[labels == 1], labels[labels == 1]).maps
     assert torch.count_nonzero(maps) == 0
+
+
+def test_fewer_images_than_unicam_needs_are_padded_and_only_their_maps_returned():
+    from xkd.explain import build_explainer
+    from xkd.scoring import explain
+
+    student, teacher = pair()
+    x, y = region_batch(8)
+    maps = explain("unicam", {}, student, x[:2], y[:2], pad=(x[2:], y[2:]), teacher=teacher)
+    assert maps.shape == (2, 16, 16)
+    with build_explainer("unicam", student, {}, teacher=teacher) as ex:
+        full = ex.explain(x[:4], y[:4]).maps
+    torch.testing.assert_close(maps, full[:2])  # the same as explaining them with the padding images
+    with pytest.raises(ValueError, match="at least 4 images"):
+        explain("unicam", {}, student, x[:2], y[:2], teacher=teacher)

@@ -62,3 +62,18 @@ def test_shapes_must_match():
         map_pearson(torch.rand(2, 4, 4), torch.rand(2, 4, 5))
     with pytest.raises(ValueError, match="k must be"):
         top_k_iou_maps(A, A, k=0)
+
+
+def test_top_k_agreement_sparse_maps_are_not_padded_with_zero_pixels():
+    zero = torch.zeros(2, 4, 4)
+    assert math.isnan(top_k_iou_maps(zero, zero, k=0.5))  # no evidence in either map: undefined, not 1
+    a = torch.zeros(1, 4, 4)
+    b = torch.zeros(1, 4, 4)
+    a[0, 0, 0] = 1.0
+    b[0, 3, 3] = 1.0
+    # one evidence pixel each, in different places: disjoint (the old padding with zeros gave 0.78)
+    assert top_k_iou_maps(a, b, k=0.5) == 0.0
+    assert top_k_iou_maps(a, a, k=0.5) == 1.0
+    c = a.clone()
+    c[0, 0, 1] = 0.5  # a superset: 1 shared pixel of 2
+    assert top_k_iou_maps(a, c, k=0.5) == pytest.approx(0.5)

@@ -99,3 +99,42 @@ def test_bad_inputs_are_clear_errors():
         superpixel_sign_agreement(a, a, quadrants(2), correct=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="k must be"):
         superpixel_sign_agreement(a, a, quadrants(2), k=0)
+
+
+def unequal_segments() -> torch.Tensor:
+    """4x4 image cut into a 12-pixel superpixel (label 0) and a 4-pixel one (label 1, bottom-right)."""
+    seg = torch.zeros(1, 4, 4, dtype=torch.long)
+    seg[0, 2:, 2:] = 1
+    return seg
+
+
+def test_superpixel_form_maps_are_read_once_not_weighted_by_area():
+    # KernelSHAP/LIME/+superpixel maps hold each superpixel's value at every pixel: phi = (1, 2)
+    seg = unequal_segments()
+    teacher = torch.where(seg == 0, 1.0, 2.0).float()
+    student = torch.where(seg == 0, 1.0, 1.0).float()
+    # read once: (1-1)^2 and (2-1)^2 averaged over 2 superpixels
+    assert superpixel_mse(teacher, student, seg, form="superpixel")["superpixel_mse"] == pytest.approx(0.5)
+    # summed (the pixel-attribution transform): 12*1 vs 12*1 and 4*2 vs 4*1 -> (0 + 16) / 2
+    assert superpixel_mse(teacher, student, seg)["superpixel_mse"] == pytest.approx(8.0)
+    # the ranking by importance follows the values, not value x area: top-1 of the teacher is label 1
+    flipped = torch.where(seg == 0, 1.0, -2.0).float()
+    res = superpixel_sign_agreement(teacher, flipped, seg, k=1, form="superpixel")
+    assert res["superpixel_sign_agreement"] == 0.0  # both pick label 1 (|2|), signs differ
+    res = superpixel_sign_agreement(teacher, flipped, seg, k=1)  # summed: label 0 (12) beats label 1 (8)
+    assert res["superpixel_sign_agreement"] == 1.0
+    with pytest.raises(ValueError, match="form must be"):
+        superpixel_mse(teacher, student, seg, form="area")
+
+
+def test_empty_explanations_do_not_agree():
+    seg = quadrants(2)
+    zero = torch.zeros(2, 4, 4)
+    some = torch.cat([from_values([1.0, 0.0, 0.0, 0.0]), from_values([0.0, 0.0, 0.0, -3.0])])
+    res = superpixel_sign_agreement(zero, zero, seg, k=2)
+    assert math.isnan(res["superpixel_sign_agreement"]) and res["undefined"] == 2 and res["evaluated"] == 0
+    res = superpixel_sign_agreement(some, zero, seg, k=2)
+    assert math.isnan(res["superpixel_sign_agreement"]) and res["undefined"] == 2
+    # a sparse map has fewer important superpixels: one match of k = 2 scores 1/2, not 1
+    res = superpixel_sign_agreement(some, some, seg, k=2)
+    assert res["superpixel_sign_agreement"] == pytest.approx(0.5) and res["undefined"] == 0

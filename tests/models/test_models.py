@@ -90,6 +90,49 @@ def test_hooked_features_equal_the_modules_real_outputs_and_hooks_are_removed():
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 
+def test_hooked_output_survives_a_following_inplace_relu():
+    """torchvision resnet18: ``layer4.1.bn1`` is followed by ``ReLU(inplace=True)``, which used to
+    overwrite the hooked tensor (min 0.0). The hooked output must be the BN output as computed."""
+    import copy
+
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(weights=None, num_classes=3).eval()
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), capture_features(model, ["layer4.1.bn1", "layer1.0.bn2"], detach=True) as feats:
+        model(x)
+    with torch.no_grad(), capture_features(reference, ["layer4.1.bn1", "layer1.0.bn2"], detach=True) as ref:
+        reference(x)
+    for path in ("layer4.1.bn1", "layer1.0.bn2"):
+        assert feats[path].min() < 0  # a BatchNorm output in eval mode with random weights has negatives
+        assert torch.equal(feats[path], ref[path])
+    # by hand, without hooks: the BN output of the last block from the input of that block
+    with torch.no_grad():
+        h = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        h = reference.layer4[0](reference.layer3(reference.layer2(reference.layer1(h))))
+        bn1 = reference.layer4[1].bn1(reference.layer4[1].conv1(h))
+    assert torch.allclose(feats["layer4.1.bn1"], bn1, atol=1e-6)
+
+
+def test_hooked_output_keeps_gradients_and_reduce_views_are_copied():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 0.0, 2.0]])
+    with capture_features(model, ["0"]) as feats:
+        model(x)
+    pre = model[0](x)
+    assert pre.min() < 0 and torch.equal(feats["0"], pre)
+    feats["0"].sum().backward()  # the clone is differentiable: gradients reach the hooked module
+    assert torch.allclose(model[0].bias.grad, torch.full((4,), 2.0))
+    with torch.no_grad(), capture_features(model, ["0"], reduce=lambda _p, o: o.flatten(1)) as got:
+        model(x)
+    assert torch.equal(got["0"], pre.detach())  # a view of the output is copied too
+
+
 def test_hooks_are_removed_after_an_error():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     with pytest.raises(RuntimeError), capture_features(model, ["0"]):

@@ -199,3 +199,22 @@ def test_helpers():
     m = figures.normalise_map(torch.tensor([[1.0, 3.0], [float("nan"), 2.0]]))
     assert m.min() == 0 and m.max() == 1
     assert not figures.normalise_map(torch.ones(4, 4)).any()
+
+
+def test_training_table_shows_total_time_its_parts_and_loaded_teacher(run_dir):
+    def change(d):
+        d["models"]["kd"]["train"].update(seconds=17.5, loop_seconds=4.0, setup_seconds=13.5, assistant_seconds=None)
+        d["models"]["teacher"]["train"].update(seconds=14.4, loop_seconds=14.4, loaded_from="cache/teachers/ab/best.pt")
+
+    _edit(run_dir / "records/models.json", change)
+    # the run record's per-model times are the totals (loop + setup + assistant), as the pipeline writes them
+    _edit(run_dir / "records/run.json", lambda d: d["timing"]["per_model_train_seconds"].update(kd=17.5, teacher=14.4))
+    training = _section(render_report(run_dir).read_text(), "training")
+    assert "17.5 s" in training and 'title="epoch loop 4.0 s + setup 13.5 s"' in training
+    assert "14.4 s" in training and "loaded" in training and "from cache/teachers/ab/best.pt" in training
+    # records written before these keys existed still render (no parts on hover, the old "seconds")
+    _edit(
+        run_dir / "records/models.json",
+        lambda d: [d["models"]["kd"]["train"].pop(k) for k in ("loop_seconds", "setup_seconds")],
+    )
+    assert "17.5 s" in _section(render_report(run_dir).read_text(), "training")

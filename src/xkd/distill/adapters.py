@@ -11,6 +11,9 @@ Stable API (imported by ``feature.py``, the relation methods, MED-TEX and XDisti
   when the two spatial sizes differ; the teacher's features are never changed.
 - :func:`conv_adapter`: a 1x1 convolution (optionally followed by BatchNorm) mapping student
   channels to teacher channels (the FitNets regressor, the AB connector).
+- :func:`linear_adapter`: the same for flattened features ``(N, D)`` of linear layers.
+- :func:`feature_dims`: the channels (or width) of a probed feature shape, with a clear error for a
+  shape a method cannot use.
 """
 
 from __future__ import annotations
@@ -132,11 +135,35 @@ def conv_adapter(c_in: int, c_out: int, bn: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def linear_adapter(d_in: int, d_out: int, bn: bool = False) -> nn.Sequential:
+    """A linear map ``d_in -> d_out`` for flattened ``(N, D)`` features (no bias when followed by BN),
+    optionally + BatchNorm1d: the FitNets regressor / AB connector for a linear layer. Kaiming-initialised
+    like :func:`conv_adapter`. BN is off by default: BatchNorm1d cannot train on a batch of one sample
+    (a last partial batch), while BatchNorm2d can as long as the map has more than one position."""
+    linear = nn.Linear(d_in, d_out, bias=not bn)
+    nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
+    layers: list[nn.Module] = [linear]
+    if bn:
+        layers.append(nn.BatchNorm1d(d_out))
+    return nn.Sequential(*layers)
+
+
+FLAT_FEATURE_METHODS = ("fitnets", "ab", "vid")
+"""Methods that also take flattened ``(N, D)`` features of linear layers (through a linear adapter)."""
+
+
+def feature_dims(shape: torch.Size, path: str, role: str, method: str = "this method", spatial: bool = True) -> int:
+    """Channels ``C`` of a probed ``(N, C, H, W)`` feature shape, or the width ``D`` of an ``(N, D)``
+    one when the method also takes flattened features (``spatial=False``); a clear error otherwise."""
+    if len(shape) == 4 or (len(shape) == 2 and not spatial):
+        return int(shape[1])
+    needs = "(N, C, H, W) feature maps (choose a conv layer)" if spatial else "(N, C, H, W) or (N, D) features"
+    raise ValueError(
+        f"{method}: {role} layer {path!r} outputs shape {tuple(shape)}; {method} needs {needs}. Methods that "
+        f"also take flattened (N, D) features of linear layers: {', '.join(FLAT_FEATURE_METHODS)}"
+    )
+
+
 def channels_of(shape: torch.Size, path: str, role: str) -> int:
     """The channel count of a probed ``(N, C, H, W)`` feature shape; a clear error otherwise."""
-    if len(shape) != 4:
-        raise ValueError(
-            f"{role} layer {path!r} outputs shape {tuple(shape)}; this method needs (N, C, H, W) feature maps "
-            "(choose a conv layer)"
-        )
-    return int(shape[1])
+    return feature_dims(shape, path, role)

@@ -98,6 +98,10 @@ class TeacherAssistant(Distiller):
 
     def setup(self, context: DistillContext) -> None:
         self.inner.setup(context)
+        self.setup_reused_seconds = self.inner.setup_reused_seconds
+
+    def preflight(self, sample: Tensor) -> None:
+        self.inner.preflight(sample)
 
     def trainable_modules(self) -> nn.ModuleDict:
         return self.inner.trainable_modules()

@@ -63,6 +63,10 @@ class Distiller(nn.Module):
     Params: ClassVar[type] = NoParams
     needs_teacher: ClassVar[bool] = True
     registry_name: ClassVar[str] = ""
+    setup_reused_seconds: float = 0.0
+    """Seconds that cached artefacts reused by :meth:`setup` took when they were built (e.g.
+    XDistillation's teacher explanations and CAE): part of the method's cost although this run
+    did not spend them. The pipeline adds them to the measured setup time."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: Any = None) -> None:
         super().__init__()
@@ -86,6 +90,12 @@ class Distiller(nn.Module):
         dry run on ``context.sample``, a pre-training phase). Called once by :func:`build_distiller`;
         the default does nothing. Modules created here must be returned by :meth:`trainable_modules`
         (or frozen)."""
+
+    def preflight(self, sample: Tensor) -> None:
+        """Cheap checks before anything trains (:func:`xkd.pipeline.preflight`), on untrained models:
+        layer paths are already resolved by ``__init__``; methods override this to check what a dry
+        run on ``sample`` shows (e.g. that a layer's output has the shape the method needs). Must not
+        run expensive setup (explanations, pre-training). The default does nothing."""
 
     def trainable_modules(self) -> nn.ModuleDict:
         """Modules whose parameters the optimiser updates and checkpoints hold: the student and

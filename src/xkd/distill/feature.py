@@ -13,6 +13,11 @@ regressor/variances) are built in :meth:`~xkd.distill.base.Distiller.setup` from
 ``context.sample`` and trained with the student (``trainable_modules()["adapters"]``); a method
 with adapters used without ``setup`` raises a clear error at its first forward.
 
+FitNets, AB and VID also take flattened features ``(N, D)`` of linear layers (both layers of a pair
+flat): their adapter is then linear (:func:`~xkd.distill.adapters.linear_adapter`, VID's regressor
+two linear layers). AT and NST need spatial maps ``(N, C, H, W)``; another shape is a clear error in
+:meth:`~FeatureDistiller.setup` and in the pipeline's check before training (:meth:`preflight`).
+
 Loss terms are returned by name: ``ce``, the method's term (``hint``, ``at``, ``nst``, ``ab``,
 ``vid``) and ``kd`` when ``kd_weight > 0``.
 """
@@ -31,9 +36,10 @@ from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.adapters import (
     LayerPairs,
-    channels_of,
     check_layer_pairs,
     conv_adapter,
+    feature_dims,
+    linear_adapter,
     match_size,
     model_device,
     probe_shapes,
@@ -72,6 +78,8 @@ class VIDLoss(nn.Module):
 
     ``forward(student_feat, teacher_feat)`` takes ``(N, C_s, h, w)`` and ``(N, C_t, H, W)`` maps; the
     student map is resampled to ``H x W`` first if they differ (:func:`match_size`). Returns a scalar.
+    With ``spatial=False`` it takes flattened features ``(N, D_s)`` and ``(N, D_t)`` (1x1 convs
+    become linear layers, ``sigma_d`` per feature).
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class VIDLoss(nn.Module):
         init_pred_var: float = 5.0,
         eps: float = 1e-5,
         reduction: Literal["sum", "mean"] = "sum",
+        spatial: bool = True,
     ) -> None:
         super().__init__()
         if init_pred_var <= eps:
@@ -89,11 +98,12 @@ class VIDLoss(nn.Module):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         mid = teacher_channels if mid_channels is None else mid_channels
-        self.regressor = nn.Sequential(
-            nn.Conv2d(student_channels, mid, kernel_size=1),
-            nn.ReLU(),
-            nn.Conv2d(mid, teacher_channels, kernel_size=1),
-        )
+        self.spatial = spatial
+        if spatial:
+            first, second = nn.Conv2d(student_channels, mid, 1), nn.Conv2d(mid, teacher_channels, 1)
+        else:  # flattened (N, D) features: the same network with linear layers
+            first, second = nn.Linear(student_channels, mid), nn.Linear(mid, teacher_channels)
+        self.regressor = nn.Sequential(first, nn.ReLU(), second)
         init = math.log(math.expm1(init_pred_var - eps))
         self.log_scale = nn.Parameter(torch.full((teacher_channels,), init))
         self.eps = eps
@@ -104,9 +114,9 @@ class VIDLoss(nn.Module):
         return F.softplus(self.log_scale) + self.eps
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
-        s = match_size(student_feat, teacher_feat.shape)
+        s = match_size(student_feat, teacher_feat.shape) if self.spatial else student_feat
         mu = self.regressor(s)
-        var = self.variance().view(1, -1, 1, 1)
+        var = self.variance().view(1, -1, *([1] * (teacher_feat.ndim - 2)))
         nll = 0.5 * torch.log(var) + (teacher_feat - mu) ** 2 / (2.0 * var)
         if self.reduction == "mean":
             return nll.mean()
@@ -290,13 +300,15 @@ class VIDParams(FeatureParams):
 class FeatureDistiller(Distiller):
     """Common machinery: hooks on the layer pairs, CE + beta * feature term (+ optional KD).
 
-    Subclasses set ``term`` (the loss-dict key), ``needs_setup`` (adapters to build), and implement
+    Subclasses set ``term`` (the loss-dict key), ``needs_setup`` (adapters to build), ``spatial``
+    (False: flattened ``(N, D)`` features of linear layers are accepted too) and implement
     :meth:`pair_loss` (and :meth:`build_adapter` when ``needs_setup``).
     """
 
     Params = FeatureParams
     term: ClassVar[str] = "feat"
     needs_setup: ClassVar[bool] = False
+    spatial: ClassVar[bool] = True
     feature_scale: ClassVar[float] = 1.0  # the beta/2 of AT's eq. 2
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: FeatureParams | None = None):
@@ -305,22 +317,41 @@ class FeatureDistiller(Distiller):
         self.adapters = nn.ModuleList()
         self._ready = not self.needs_setup
 
-    def setup(self, context: DistillContext) -> None:
-        """Probe the feature shapes of every pair on ``context.sample`` and build the adapters."""
+    def pair_dims(self, sample: Tensor) -> list[tuple[int, int, bool]]:
+        """``(c_s, c_t, spatial)`` per pair from a dry run on ``sample``: channels of ``(N, C, H, W)``
+        maps (``spatial`` True) or widths of ``(N, D)`` features. Raises a clear ``ValueError`` for a
+        shape the method cannot use or a pair mixing a map with a flat feature."""
         s_paths = list(dict.fromkeys(s for s, _ in self.pairs))
         t_paths = list(dict.fromkeys(t for _, t in self.pairs))
-        s_shapes = probe_shapes(self.student, s_paths, context.sample)
-        t_shapes = probe_shapes(self.teacher, t_paths, context.sample)
-        adapters = []
+        s_shapes = probe_shapes(self.student, s_paths, sample)
+        t_shapes = probe_shapes(self.teacher, t_paths, sample)
+        name = self.registry_name or type(self).__name__
+        dims = []
         for s, t in self.pairs:
-            c_s = channels_of(s_shapes[s], s, "student")
-            c_t = channels_of(t_shapes[t], t, "teacher")
-            if self.needs_setup:
-                adapters.append(self.build_adapter(c_s, c_t))
+            c_s = feature_dims(s_shapes[s], s, "student", name, self.spatial)
+            c_t = feature_dims(t_shapes[t], t, "teacher", name, self.spatial)
+            if len(s_shapes[s]) != len(t_shapes[t]):
+                raise ValueError(
+                    f"{name}: student layer {s!r} outputs {tuple(s_shapes[s])} but teacher layer {t!r} outputs "
+                    f"{tuple(t_shapes[t])}; pair a conv layer with a conv layer (N, C, H, W) or a linear layer "
+                    "with a linear layer (N, D)"
+                )
+            dims.append((c_s, c_t, len(s_shapes[s]) == 4))
+        return dims
+
+    def preflight(self, sample: Tensor) -> None:
+        """The shape checks of :meth:`setup` (a dry run of both models), without building anything."""
+        self.pair_dims(sample)
+
+    def setup(self, context: DistillContext) -> None:
+        """Probe the feature shapes of every pair on ``context.sample`` and build the adapters."""
+        dims = self.pair_dims(context.sample)
+        adapters = [self.build_adapter(c_s, c_t, spatial) for c_s, c_t, spatial in dims] if self.needs_setup else []
         self.adapters = nn.ModuleList(adapters).to(model_device(self.student))
         self._ready = True
 
-    def build_adapter(self, c_s: int, c_t: int) -> nn.Module:
+    def build_adapter(self, c_s: int, c_t: int, spatial: bool = True) -> nn.Module:
+        """The adapter of one pair: ``spatial`` for ``(N, C, H, W)`` maps, else ``(N, D)`` features."""
         raise NotImplementedError
 
     def trainable_modules(self) -> nn.ModuleDict:
@@ -358,14 +389,18 @@ class FitNets(FeatureDistiller):
     to the teacher's hint layer; term ``hint = beta * mean((r(F_s) - F_t)^2)`` (eq. 3).
 
     The paper trains in two stages (hint pre-training of the student's lower layers, then KD); xkd,
-    like RepDistiller and mdistiller, trains one stage: ``CE + beta * hint`` (beta = 100)."""
+    like RepDistiller and mdistiller, trains one stage: ``CE + beta * hint`` (beta = 100).
+
+    A pair of linear layers (flattened ``(N, D)`` features) gets a linear regressor without BN
+    (:func:`~xkd.distill.adapters.linear_adapter`): the paper's regressor is a plain linear map."""
 
     Params = FitNetsParams
     term = "hint"
     needs_setup = True
+    spatial = False
 
-    def build_adapter(self, c_s: int, c_t: int) -> nn.Module:
-        return conv_adapter(c_s, c_t, bn=True)
+    def build_adapter(self, c_s: int, c_t: int, spatial: bool = True) -> nn.Module:
+        return conv_adapter(c_s, c_t, bn=True) if spatial else linear_adapter(c_s, c_t, bn=False)
 
     def pair_loss(self, i: int, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         return hint_loss(self.adapters[i](student_feat), teacher_feat)
@@ -410,14 +445,17 @@ class ActivationBoundaries(FeatureDistiller):
     CE (or KD) without it. xkd trains one stage, ``CE + beta * ab`` from the start (beta = 1e-3 on
     the per-sample sum, i.e. RepDistiller's ``/ 1000``); set ``alpha_ce = 0`` for an AB-only phase.
     The teacher's sign is read at the hooked layer: choose a pre-ReLU layer (e.g. a BN) for the
-    paper's exact "activation boundary"; a post-ReLU layer gives ``rho = 1[T > 0]`` as well."""
+    paper's exact "activation boundary"; a post-ReLU layer gives ``rho = 1[T > 0]`` as well.
+    A pair of linear layers (``(N, D)``: the paper's neurons of a fully connected layer) gets a
+    linear connector without BN (BatchNorm1d cannot train on a batch of one sample)."""
 
     Params = ABParams
     term = "ab"
     needs_setup = True
+    spatial = False
 
-    def build_adapter(self, c_s: int, c_t: int) -> nn.Module:
-        return conv_adapter(c_s, c_t, bn=True)
+    def build_adapter(self, c_s: int, c_t: int, spatial: bool = True) -> nn.Module:
+        return conv_adapter(c_s, c_t, bn=True) if spatial else linear_adapter(c_s, c_t, bn=False)
 
     def pair_loss(self, i: int, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         return ab_loss(self.adapters[i](student_feat), teacher_feat, self.params.margin)
@@ -427,15 +465,17 @@ class ActivationBoundaries(FeatureDistiller):
 class VID(FeatureDistiller):
     """Variational information distillation (Ahn et al., CVPR 2019, eq. 5): one :class:`VIDLoss`
     (mean regressor + per-channel variance) per layer pair; ``vid = beta * sum_pairs VIDLoss``.
-    Default reduction ``"mean"`` with beta = 1 (RepDistiller)."""
+    Default reduction ``"mean"`` with beta = 1 (RepDistiller). Flattened ``(N, D)`` features of
+    linear layers work too (the regressor is then two linear layers)."""
 
     Params = VIDParams
     term = "vid"
     needs_setup = True
+    spatial = False
 
-    def build_adapter(self, c_s: int, c_t: int) -> nn.Module:
+    def build_adapter(self, c_s: int, c_t: int, spatial: bool = True) -> nn.Module:
         p: VIDParams = self.params
-        return VIDLoss(c_s, c_t, p.mid_channels, p.init_pred_var, p.eps, p.reduction)
+        return VIDLoss(c_s, c_t, p.mid_channels, p.init_pred_var, p.eps, p.reduction, spatial=spatial)
 
     def pair_loss(self, i: int, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         return self.adapters[i](student_feat, teacher_feat)

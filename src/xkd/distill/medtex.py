@@ -313,19 +313,28 @@ class MedTex(MedEx):
                 self.pairs = [(s, t) for s, t in p.layers]
         self.vid = nn.ModuleList()
 
+    def pair_channels(self, sample: Tensor) -> list[tuple[int, int]]:
+        """``(c_s, c_t)`` per layer pair from a dry run on ``sample``; a layer whose output is not an
+        ``(N, C, H, W)`` map is a clear ``ValueError``."""
+        inner = self.student.student
+        s_shapes = probe_shapes(inner, [s for s, _ in self.pairs], sample)
+        t_shapes = probe_shapes(self.teacher, [t for _, t in self.pairs], sample)
+        return [(channels_of(s_shapes[s], s, "student"), channels_of(t_shapes[t], t, "teacher")) for s, t in self.pairs]
+
+    def preflight(self, sample: Tensor) -> None:
+        if self.pairs:
+            self.pair_channels(sample)
+
     def setup(self, context: DistillContext) -> None:
         """Build one VID module per layer pair from the channels seen in a dry run on ``context.sample``."""
         if not self.pairs or len(self.vid):
             return
         p: MedTexParams = self.params
-        inner = self.student.student
-        s_shapes = probe_shapes(inner, [s for s, _ in self.pairs], context.sample)
-        t_shapes = probe_shapes(self.teacher, [t for _, t in self.pairs], context.sample)
-        for s, t in self.pairs:
+        for c_s, c_t in self.pair_channels(context.sample):
             self.vid.append(
                 VIDLoss(
-                    channels_of(s_shapes[s], s, "student"),
-                    channels_of(t_shapes[t], t, "teacher"),
+                    c_s,
+                    c_t,
                     mid_channels=p.vid_mid_channels,
                     init_pred_var=p.vid_init_pred_var,
                     eps=p.vid_eps,

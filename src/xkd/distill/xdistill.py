@@ -15,7 +15,9 @@ Phase 1 (:meth:`XDistillation.setup`, run once before the optimiser exists):
 3. The targets are cached on disk (safetensors, written atomically) under ``context.cache_dir``,
    keyed by the teacher's weights, the explainer and its parameters, the SLIC parameters and the
    selected images (their indices and a hash of their pixels and labels). The file stores its key;
-   a file whose stored key differs (e.g. written for another teacher) is ignored and rebuilt.
+   a file whose stored key differs (e.g. written for another teacher) is ignored and rebuilt. It
+   also stores how long building it took: a run reusing it counts that time as its setup time
+   (``setup_reused_seconds``), so a cached phase 1 is not free in comparisons.
 4. §III-A2, eq. 1-2 and 4, Table I: a conv auto-encoder (CAE, tanh activations) learns image -> target
    map with the L1 loss (the paper's MAE, eq. 4), Adam lr 1e-3, ``cae_epochs`` epochs; ``small``
    (2 conv + 2 max-pool, 2 transposed conv, 1,077 parameters for one channel, exactly Table I) or
@@ -44,6 +46,7 @@ import copy
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -373,13 +376,26 @@ def _read_cache(path: Path, key: str) -> dict[str, Tensor] | None:
         return None
 
 
-def _write_cache(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
+def _write_cache(path: Path, key: str, tensors: dict[str, Tensor], seconds: float | None = None) -> None:
+    """Write ``tensors`` with their ``key`` (and how many ``seconds`` building them took) as metadata."""
     from safetensors.torch import save
 
     from xkd.report.records import atomic_write_bytes
 
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"key": key})
+    meta = {"key": key} if seconds is None else {"key": key, "seconds": repr(float(seconds))}
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
     atomic_write_bytes(path, data)
+
+
+def _cache_seconds(path: Path) -> float:
+    """Seconds building cache file ``path`` took (0.0 for files written before this was stored)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return float((f.metadata() or {}).get("seconds", 0.0))
+    except Exception:  # noqa: BLE001  (the file was just read successfully; be lenient with its metadata)
+        return 0.0
 
 
 def train_cae(cae: CAE, images: Tensor, targets: Tensor, params: XDistillParams, seed: int = 0) -> list[float]:
@@ -456,9 +472,12 @@ class XDistillation(Distiller):
         if folder is not None:
             self.cache_files["targets"] = folder / f"targets-{_hash(key)}.safetensors"
             cached = _read_cache(self.cache_files["targets"], key)
+        self.setup_reused_seconds = 0.0
         if cached is not None:
             targets = cached["targets"]
+            self.setup_reused_seconds += _cache_seconds(self.cache_files["targets"])
         else:
+            t0 = time.perf_counter()
             if context.progress:
                 log.info("xdistill: %s explanations of %d training images by the teacher", p.explainer, len(idx))
             chunks = [
@@ -467,7 +486,8 @@ class XDistillation(Distiller):
             ]
             targets = torch.cat(chunks)
             if folder is not None:
-                _write_cache(self.cache_files["targets"], key, {"targets": targets, "indices": idx})
+                tensors = {"targets": targets, "indices": idx}
+                _write_cache(self.cache_files["targets"], key, tensors, time.perf_counter() - t0)
         targets = normalise_targets(targets.float(), p.target_norm)
         cae_desc = dict(desc, cae=p.cae, epochs=p.cae_epochs, lr=p.cae_lr, batch=p.cae_batch_size)
         cae_desc.update(norm=p.target_norm, seed=context.seed, in_channels=images.shape[1])
@@ -478,7 +498,9 @@ class XDistillation(Distiller):
             state = _read_cache(self.cache_files["cae"], cae_key)
         if state is not None:
             wrapper.cae.load_state_dict(state)
+            self.setup_reused_seconds += _cache_seconds(self.cache_files["cae"])
         else:
+            t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # a seeded CAE init, the global RNG untouched
                 torch.manual_seed(context.seed)
                 fresh = CAE(images.shape[1], p.cae)
@@ -486,9 +508,13 @@ class XDistillation(Distiller):
             wrapper.cae.to(device)
             self.cae_history = train_cae(wrapper.cae, images.to(device), targets.to(device), p, context.seed)
             if folder is not None:
-                _write_cache(self.cache_files["cae"], cae_key, wrapper.cae.state_dict())
+                _write_cache(self.cache_files["cae"], cae_key, wrapper.cae.state_dict(), time.perf_counter() - t0)
         wrapper.cae.requires_grad_(False)
         wrapper.cae.eval()
+
+    def preflight(self, sample: Tensor) -> None:
+        """The cheap check of :meth:`setup` (the student's CNN branch on ``sample``), no explanations."""
+        self._check_cnn(sample)
 
     def _check_cnn(self, sample: Tensor) -> None:
         wrapper: XDistillStudent = self.student

@@ -36,12 +36,17 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    """What :meth:`Trainer.fit` returns; ``history`` has one dict per epoch."""
+    """What :meth:`Trainer.fit` returns; ``history`` has one dict per epoch.
+
+    ``seconds`` is the wall time of the epoch loop (training and validation) of this call only:
+    a distiller's :meth:`~xkd.distill.base.Distiller.setup` and a teacher assistant's training are
+    added by :class:`xkd.pipeline.TrainedModel`. ``None`` when unknown (a model loaded from a
+    checkpoint without a record of how long it trained)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     best_val_accuracy: float = float("-inf")
-    seconds: float = 0.0
+    seconds: float | None = 0.0
     best_path: Path | None = None
     last_path: Path | None = None
 

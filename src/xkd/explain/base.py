@@ -39,7 +39,12 @@ class Attribution:
 
 
 class NonFiniteAttributionError(ValueError):
-    """An explainer produced NaN or inf; the message names the method and the first bad images."""
+    """An explainer produced NaN or inf; the message names the method and the first bad images
+    (``indices``: their positions in the explained batch)."""
+
+    def __init__(self, message: str, indices: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.indices = list(indices or [])
 
 
 def check_maps(maps: Tensor, image_hw: tuple[int, int] | None = None, method: str | None = None) -> None:
@@ -61,7 +66,8 @@ def check_maps(maps: Tensor, image_hw: tuple[int, int] | None = None, method: st
         who = f"explainer {method!r}" if method else "an explainer"
         raise NonFiniteAttributionError(
             f"{who} produced NaN or inf attributions for image index {shown} of the batch; check the model's "
-            "outputs on those images (NaN logits) and the explainer's baseline and parameters"
+            "outputs on those images (NaN logits) and the explainer's baseline and parameters",
+            idx,
         )
 
 
@@ -102,6 +108,12 @@ class Explainer:
 
     Params: ClassVar[type] = type("NoParams", (), {"__dataclass_fields__": {}})
     registry_name: ClassVar[str] = ""
+    #: ``"pixel"``: a value per pixel (superpixel metrics sum them per superpixel); ``"superpixel"``:
+    #: every pixel holds its SLIC superpixel's value (KernelSHAP, LIME, ``+superpixel``), so the
+    #: superpixel metrics read the value once instead of summing it over the superpixel's area.
+    map_form: ClassVar[str] = "pixel"
+    #: fewest images one call can explain (UniCAM's statistic is over a batch: 4)
+    min_images: ClassVar[int] = 1
 
     def __init__(self, model: nn.Module, params: Any = None) -> None:
         self.model = model
@@ -164,6 +176,17 @@ def explainer_params(name: str, params: dict[str, Any] | None, path: str = "para
     return SuperpixelFormParams(inner, sp_params)
 
 
+def min_images(name: str) -> int:
+    """The fewest images one call of explainer ``name`` (``+superpixel`` allowed) can explain."""
+    return EXPLAINERS.get(split_name(name)[0]).min_images
+
+
+def map_form(name: str) -> str:
+    """``"superpixel"`` if explainer ``name``'s maps hold one value per superpixel, else ``"pixel"``."""
+    base, superpixel = split_name(name)
+    return "superpixel" if superpixel else EXPLAINERS.get(base).map_form
+
+
 def explainer_applies(name: str, model: nn.Module) -> bool:
     """Whether explainer ``name`` (``+superpixel`` allowed) can explain ``model``."""
     return EXPLAINERS.get(split_name(name)[0]).applies_to(model)
@@ -201,7 +224,10 @@ class SuperpixelForm(Explainer):
     """The XDistillation superpixel form of any explainer (SEEDS.md §4): the inner explainer's pixel
     map, then every pixel takes the **sum** of the attributions in its SLIC superpixel
     (:func:`xkd.explain.superpixel.superpixel_maps`). Registered explainers get it by name:
-    ``"<name>+superpixel"``."""
+    ``"<name>+superpixel"``. An inner explainer already in superpixel form (KernelSHAP, LIME) gives
+    the **mean** of its superpixel instead: its pixels each hold the whole superpixel's value."""
+
+    map_form = "superpixel"
 
     def __init__(self, model: nn.Module, params: SuperpixelFormParams, *, base: str, **context: Any) -> None:
         self.model = model
@@ -214,7 +240,9 @@ class SuperpixelForm(Explainer):
 
         a = self.inner.explain(images, targets)
         segments = slic_segments(images, self.params.superpixel).to(a.maps.device)
-        return Attribution(superpixel_maps(a.maps, segments), method=self.registry_name, layer=a.layer, role=a.role)
+        reduce = "mean" if self.inner.map_form == "superpixel" else "sum"
+        maps = superpixel_maps(a.maps, segments, reduce=reduce)
+        return Attribution(maps, method=self.registry_name, layer=a.layer, role=a.role)
 
     def close(self) -> None:
         self.inner.close()

@@ -28,7 +28,7 @@ its superpixel's coefficient (for KernelSHAP: the Shapley value of the whole sup
 values are not divided by the superpixel's area).
 
 Speed. The perturbed inputs of ``batch_size`` images are built with ``torch.where`` on the gathered
-segment masks, ``max_batch`` at a time, and run through the model in few large no-grad forward
+segment masks, ``internal_batch_size`` at a time, and run through the model in few large no-grad forward
 passes; all the regressions of a group are solved together with one batched ``torch.linalg.solve``.
 Coalitions depend only on ``(seed, M, n_samples)``, so an image gets the same samples whether it is
 explained alone or in a batch (and they are drawn once per distinct ``M``, then cached).
@@ -98,7 +98,7 @@ class PerturbationParams:
         blur_sigma: standard deviation in pixels of the ``"blur"`` baseline.
         output: explain the target's ``"prob"`` (softmax; shap/lime's choice) or its ``"logit"``.
         batch_size: images whose perturbations are evaluated and solved together.
-        max_batch: perturbed inputs per forward pass (bounds memory).
+        internal_batch_size: perturbed inputs per forward pass (bounds memory).
         seed: seed of the coalition sampler.
     """
 
@@ -108,7 +108,7 @@ class PerturbationParams:
     blur_sigma: float = 3.0
     output: Literal["prob", "logit"] = "prob"
     batch_size: int = 32
-    max_batch: int = 256
+    internal_batch_size: int = 256
     seed: int = 0
 
     def validate(self) -> None:
@@ -124,8 +124,8 @@ class PerturbationParams:
             raise ConfigError(f"blur_sigma must be > 0 pixels, got {self.blur_sigma}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.internal_batch_size < 1:
+            raise ConfigError(f"internal_batch_size must be >= 1, got {self.internal_batch_size}")
         if isinstance(self.superpixel, dict):
             from xkd.config import from_dict
 
@@ -302,6 +302,8 @@ class SuperpixelPerturbation(Explainer):
     :meth:`solve`. ``explain(images, targets, segments=None)`` computes SLIC segments unless given.
     """
 
+    map_form = "superpixel"
+
     #: whether f(baseline) is evaluated as a separate input (KernelSHAP's empty coalition)
     needs_baseline_output: ClassVar[bool] = False
 
@@ -363,7 +365,7 @@ class SuperpixelPerturbation(Explainer):
         return logits.softmax(dim=1) if self.params.output == "prob" else logits
 
     def _forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self._scores(self.model(c)) for c in x.split(self.params.max_batch)])
+        return torch.cat([self._scores(self.model(c)) for c in x.split(self.params.internal_batch_size)])
 
     def _explain_group(self, x: Tensor, targets: Tensor | None, seg: Tensor) -> Tensor:
         b, _, h, wd = x.shape
@@ -392,7 +394,7 @@ class SuperpixelPerturbation(Explainer):
         flat = (used & ~full).flatten().nonzero()[:, 0]  # (image, row) pairs to evaluate, image-major
         y = torch.where(full, fx[:, None], torch.zeros((), device=x.device)).flatten()
         z_flat = z.view(b * n_max, m_max)
-        for idx in flat.split(p.max_batch):
+        for idx in flat.split(p.internal_batch_size):
             img = idx // n_max
             keep = z_flat.index_select(0, idx).gather(1, seg.index_select(0, img))  # (c, H*W): pixel kept?
             inputs = torch.where(keep.view(-1, 1, h, wd), x.index_select(0, img), base.index_select(0, img))

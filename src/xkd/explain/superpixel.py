@@ -102,8 +102,13 @@ def segment_sums(maps: Tensor, segments: Tensor) -> Tensor:
     return out.scatter_add_(1, seg, maps.detach().flatten(1).double())
 
 
-def superpixel_maps(maps: Tensor, segments: Tensor) -> Tensor:
-    """The superpixel form of ``maps``: every pixel takes the sum of its superpixel (float32, same shape)."""
+def superpixel_maps(maps: Tensor, segments: Tensor, reduce: str = "sum") -> Tensor:
+    """The superpixel form of ``maps``: every pixel takes the sum (``reduce="sum"``) or the mean
+    (``"mean"``, for maps that already hold a value per superpixel) of its superpixel (float32, same shape)."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     sums = segment_sums(maps, segments)
+    if reduce == "mean":
+        sums = sums / segment_sums(torch.ones_like(maps, dtype=torch.float64), segments).clamp_min(1)
     seg = segments.flatten(1).to(maps.device)
     return sums.gather(1, seg).float().view_as(maps)

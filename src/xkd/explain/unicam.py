@@ -82,6 +82,8 @@ class UniCAM(Explainer):
         ...     both = uc.explain_pair(images, labels)  # {"distilled": ..., "residual": ...}
     """
 
+    min_images = MIN_SAMPLES
+
     needs_teacher = True  # explains a (student, teacher) pair: the pipeline runs it on students only
 
     @dataclass

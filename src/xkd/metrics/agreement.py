@@ -86,14 +86,20 @@ def top_k_mask(maps: Tensor, k: float) -> Tensor:
 def top_k_iou_maps(a: Tensor, b: Tensor, k: float = 0.1, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
     """IoU of the top-``k`` fraction of pixels of the two maps of each image, averaged over images.
 
-    1 when both maps single out the same pixels, 0 when their top sets are disjoint. Both sets have
-    the same size ``max(1, round(k * H * W))``. A map with fewer than that many distinct positive
-    pixels (common for Grad-CAM after the ReLU) fills its set with zero-valued pixels in index order,
-    so prefer small ``k`` or maps without the ReLU when the maps are sparse.
+    1 when both maps single out the same pixels, 0 when their top sets are disjoint. A top set is
+    the ``max(1, round(k * H * W))`` largest pixels of the map **above its minimum**: pixels at the
+    minimum (the zeros of a Grad-CAM after the ReLU) carry no evidence and are never taken, so a
+    sparse map has a smaller top set (it is not padded with arbitrary zero pixels, which would make
+    two empty maps agree perfectly). An image whose map is constant in ``a`` or ``b`` has no top
+    set: it scores ``nan`` and is left out of the mean, as for the correlations.
     """
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
-    _flat_pair(a, b)
-    ta, tb = top_k_mask(a, k), top_k_mask(b, k)
-    iou = (ta & tb).sum(dim=1).double() / (ta | tb).sum(dim=1).double()
+    fa, fb = _flat_pair(a, b)
+    n = max(1, round(k * fa.shape[1]))
+    ta = top_n_mask(fa, n) & (fa > fa.amin(dim=1, keepdim=True))
+    tb = top_n_mask(fb, n) & (fb > fb.amin(dim=1, keepdim=True))
+    union = (ta | tb).sum(dim=1).double()
+    iou = (ta & tb).sum(dim=1).double() / union
+    iou[~ta.any(dim=1) | ~tb.any(dim=1)] = float("nan")
     return _reduce(iou.cpu(), reduction)

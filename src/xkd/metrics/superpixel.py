@@ -27,9 +27,19 @@ from torch import Tensor
 from xkd.explain.superpixel import segment_sums
 from xkd.metrics.base import metric
 
+Form = Literal["pixel", "superpixel"]
 
-def _superpixel_values(a: Tensor, b: Tensor, segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(N, S_max)`` sums of ``a`` and ``b`` per superpixel and the ``(N, S_max)`` mask of real superpixels."""
+
+def _superpixel_values(a: Tensor, b: Tensor, segments: Tensor, form: Form = "pixel") -> tuple[Tensor, Tensor, Tensor]:
+    """``(N, S_max)`` values of ``a`` and ``b`` per superpixel and the ``(N, S_max)`` mask of real superpixels.
+
+    ``form="pixel"``: the maps are pixel attributions and a superpixel's value is their **sum** (the
+    paper's transform). ``form="superpixel"``: the maps are already in superpixel form -- every pixel
+    holds its superpixel's value (KernelSHAP, LIME, any ``<name>+superpixel``) -- and the value is the
+    **mean** over the superpixel, which is that value when the map was made with the same segmentation
+    (summing it again would weight each superpixel by its area)."""
+    if form not in ("pixel", "superpixel"):
+        raise ValueError(f"form must be 'pixel' or 'superpixel', got {form!r}")
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"maps must both be (N, H, W) of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if segments.shape != a.shape:
@@ -45,6 +55,9 @@ def _superpixel_values(a: Tensor, b: Tensor, segments: Tensor) -> tuple[Tensor, 
     sa, sb = segment_sums(a.detach().cpu(), seg), segment_sums(b.detach().cpu(), seg)
     # labels present in each image (robust to gaps in the labels and to padding up to S_max)
     real = torch.zeros(sa.shape, dtype=torch.bool).scatter_(1, seg.flatten(1), True)
+    if form == "superpixel":
+        area = segment_sums(torch.ones(seg.shape, dtype=torch.float64), seg)
+        sa, sb = sa / area.clamp_min(1), sb / area.clamp_min(1)
     return sa, sb, real
 
 
@@ -72,6 +85,7 @@ def superpixel_mse(
     segments: Tensor,
     normalize: bool = False,
     correct: Tensor | None = None,
+    form: Form = "pixel",
 ) -> dict[str, Any]:
     """MSE between the teacher's and the student's superpixel explanations (XDistillation, Table IV).
 
@@ -84,13 +98,14 @@ def superpixel_mse(
     their difference is meaningful. Maps without a common scale -- Grad-CAM magnitudes follow each
     model's activations -- should use ``normalize=True``: each image's superpixel vector is divided
     by its largest ``|value|`` (the sign, which :func:`superpixel_sign_agreement` reads, is kept;
-    min-max scaling would move the zero). A vector of zeros stays zero.
+    min-max scaling would move the zero). A vector of zeros stays zero. ``form="superpixel"`` for
+    maps already in superpixel form (see :func:`_superpixel_values`).
 
     Returns:
         ``{"superpixel_mse", "per_image" (N,) float64 (nan for unselected images), "evaluated",
         "skipped"}``.
     """
-    sa, sb, real = _superpixel_values(a, b, segments)
+    sa, sb, real = _superpixel_values(a, b, segments, form)
     sel = _selection(correct, a.shape[0])
     if normalize:
         sa = sa / sa.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
@@ -106,11 +121,13 @@ def superpixel_mse(
 
 
 def _top_k(values: Tensor, real: Tensor, k: int) -> Tensor:
-    """Boolean mask of each row's ``k`` largest ``|values|`` among its real superpixels (ties by index)."""
-    score = values.abs().masked_fill(~real, -1.0)  # padded entries rank last
+    """Boolean mask of each row's ``k`` largest ``|values|`` among its real, non-zero superpixels (ties
+    by index): a superpixel with no attribution is not important, so a sparse row has fewer."""
+    live = real & (values != 0)
+    score = values.abs().masked_fill(~live, -1.0)  # padded and zero entries rank last
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
     top = torch.zeros_like(real).scatter_(1, order, True)
-    return top & real
+    return top & live
 
 
 @metric(
@@ -126,6 +143,7 @@ def superpixel_sign_agreement(
     k: int = 2,
     correct: Tensor | None = None,
     select: Literal["each", "teacher"] = "each",
+    form: Form = "pixel",
 ) -> dict[str, Any]:
     """Top-k superpixel sign agreement of teacher ``a`` and student ``b`` (XDistillation, Table V).
 
@@ -143,7 +161,10 @@ def superpixel_sign_agreement(
     so it is 1 only when both models single out the same superpixels with the same signs.
     ``select="teacher"`` is the looser reading: the teacher's top ``k`` superpixels and the share whose
     student sign matches. ``k`` defaults to 2, the paper's Fig. 11. ``sign(0) = 0``: a zero matches
-    only a zero. Ties in importance go to the lower superpixel label.
+    only a zero, but a zero superpixel is never among the important ones: an image where either
+    model's superpixel values are all zero has no important superpixel and is **undefined** (``nan``,
+    counted in ``undefined``, left out of the mean) -- two empty explanations do not "agree". Ties
+    in importance go to the lower superpixel label.
 
     Args:
         a, b: teacher and student maps ``(N, H, W)``.
@@ -152,27 +173,33 @@ def superpixel_sign_agreement(
         correct: boolean ``(N,)``, True where both models classify the image correctly (None: all
             images; the caller decides).
         select: ``"each"`` or ``"teacher"`` (see above).
+        form: ``"pixel"`` (sum per superpixel) or ``"superpixel"`` for maps already in superpixel
+            form (mean per superpixel; see :func:`_superpixel_values`).
 
     Returns:
         ``{"superpixel_sign_agreement": mean over the selected images (nan when none qualifies),
-        "per_image" (N,) float64 with nans, "evaluated", "skipped", "k"}``.
+        "per_image" (N,) float64 with nans, "evaluated" (images scored), "skipped" (not selected),
+        "undefined" (selected, but no important superpixel in one of the maps), "k"}``.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if select not in ("each", "teacher"):
         raise ValueError(f"select must be 'each' or 'teacher', got {select!r}")
-    sa, sb, real = _superpixel_values(a, b, segments)
+    sa, sb, real = _superpixel_values(a, b, segments, form)
     sel = _selection(correct, a.shape[0])
     same_sign = torch.sign(sa) == torch.sign(sb)
-    top_t = _top_k(sa, real, k)
-    chosen = top_t & _top_k(sb, real, k) if select == "each" else top_t
+    top_t, top_s = _top_k(sa, real, k), _top_k(sb, real, k)
+    chosen = top_t & top_s if select == "each" else top_t
     k_i = real.sum(dim=1).clamp(max=k).clamp_min(1)
     per_image = (chosen & same_sign).sum(dim=1).double() / k_i
-    per_image[~sel] = float("nan")
+    undefined = sel & (~top_t.any(dim=1) | ~top_s.any(dim=1))
+    per_image[~sel | undefined] = float("nan")
+    scored = sel & ~undefined
     return {
-        "superpixel_sign_agreement": float(per_image[sel].mean()) if sel.any() else float("nan"),
+        "superpixel_sign_agreement": float(per_image[scored].mean()) if scored.any() else float("nan"),
         "per_image": per_image,
-        "evaluated": int(sel.sum()),
+        "evaluated": int(scored.sum()),
         "skipped": int((~sel).sum()),
+        "undefined": int(undefined.sum()),
         "k": k,
     }

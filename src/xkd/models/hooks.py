@@ -60,6 +60,24 @@ def default_layer(model: nn.Module) -> str:
     return convs[-1]
 
 
+def _own_copy(kept: object, output: object) -> object:
+    """``kept`` itself when it cannot change after the hook returns, else a clone of it.
+
+    A tensor sharing storage with the module's output (the output itself, or a view of it such as
+    ``output.flatten(1)``) is cloned: the model may modify the output in place after the hook ran.
+    Cost, measured on one CPU FitNets training step (4 threads, batch 128, 32x32, ``cifar_resnet``
+    depth 20 student, depth 56 teacher; best of 3 x 15 steps): hooking ``layer3`` on both models,
+    0.882 s with the clone vs 0.890 s without (no measurable difference); hooking all three stages
+    on both models, 0.940 s vs 0.915 s (+2.7 %). Memory: one extra copy of each hooked output
+    until the next forward pass.
+    """
+    if not isinstance(kept, Tensor) or not isinstance(output, Tensor):
+        return kept
+    if kept.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+        return kept.clone()
+    return kept
+
+
 @contextmanager
 def capture_features(
     model: nn.Module,
@@ -79,6 +97,12 @@ def capture_features(
 
     Yields:
         A dict filled on each forward pass, ``path -> output`` (the last call wins).
+
+    Each stored tensor is the module's output **as it was when the module ran**: a later in-place
+    operation (torchvision's ``ReLU(inplace=True)`` right after a BatchNorm) would otherwise
+    overwrite the stored tensor, since a hook only keeps a reference. So the output is cloned
+    (``clone()`` is differentiable: gradients still reach the module), unless ``reduce`` already
+    returned a tensor with its own storage.
     """
     modules = [(p, get_module(model, p)) for p in paths]
     feats: dict[str, Tensor] = {}
@@ -87,7 +111,8 @@ def capture_features(
     def make_hook(name: str):
         def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
             out = output.detach() if detach else output
-            feats[name] = reduce(name, out) if reduce is not None else out
+            kept = reduce(name, out) if reduce is not None else out
+            feats[name] = _own_copy(kept, out)
 
         return hook
 

@@ -89,22 +89,42 @@ def _main_table(cmp: dict[str, Any]) -> dict:
     m = [methods[r] for r in roles]
     h = cmp["headline"]
     better = "high" if h.get("higher_is_better", True) else "low"
+    loaded = [str(s) for s, flag in zip(cmp["seeds"], (methods.get("teacher") or {}).get("loaded") or []) if flag]
+    teacher_note = (
+        f" The teacher was loaded from a checkpoint by seed{'s' if len(loaded) > 1 else ''} {', '.join(loaded)}; "
+        "its train time there is the time it took when it was trained."
+        if loaded
+        else ""
+    )
     return stat_table(
         "Accuracy, agreement and cost, mean ± std over seeds (hover a cell for the per-seed values). "
         "Best = the checkpoint with the best validation accuracy (the one evaluated everywhere else); "
-        "last = the final epoch's weights. Post-hoc scores a student against the teacher's predictions.",
+        "last = the final epoch's weights. Post-hoc scores a student against the teacher's predictions. "
+        "Train time includes the distiller's setup and a teacher assistant's training." + teacher_note,
         [_label(r, x) for r, x in zip(roles, m)],
         [
             StatCol("Acc. (best)", [x.get("accuracy") for x in m], better="high"),
             StatCol("Acc. (last)", [x.get("last_accuracy") for x in m], better="high"),
             StatCol("F1 (best)", [x.get("macro_f1") for x in m], better="high"),
             StatCol("F1 (last)", [x.get("last_macro_f1") for x in m], better="high"),
+            StatCol(
+                "Best epoch",
+                [x.get("best_epoch") for x in m],
+                ",.1f",
+                title="the epoch with the best validation accuracy (its checkpoint is the one evaluated)",
+            ),
             StatCol("Post-hoc acc.", [x.get("posthoc_accuracy") for x in m], better="high"),
             StatCol("Post-hoc F1", [x.get("posthoc_macro_f1") for x in m], better="high"),
             StatCol(_headline_name(h), [x.get("headline_agreement") for x in m], better=better),
             StatCol("Parameters", [x.get("params") for x in m], ",.0f", "low"),
             StatCol("FLOPs (M)", [x.get("flops") for x in m], ",.2f", "low", 1e-6, "per image"),
-            StatCol("Train time", [x.get("train_seconds") for x in m], lambda s: fmt_seconds((s or {}).get("mean"))),
+            StatCol(
+                "Train time",
+                [x.get("train_seconds") for x in m],
+                lambda s: fmt_seconds((s or {}).get("mean")),
+                title="epoch loop + the distiller's setup (e.g. XDistillation's explanations and CAE) + a teacher "
+                "assistant's training; a teacher loaded from a checkpoint counts the time it took when it was trained",
+            ),
         ],
     )
 

@@ -240,7 +240,10 @@ def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_na
     secs = (run.get("timing") or {}).get("per_model_train_seconds") or {}
     labels = [model_label(r, models[r]) for r in roles]
     table = make_table(
-        "Training per model (best epoch = the checkpoint that is evaluated).",
+        "Training per model (best epoch = the checkpoint that is evaluated). Train time = the epoch loop "
+        "+ the distiller's setup before it (e.g. XDistillation's teacher explanations and CAE, counted "
+        "also when read from the cache) + the training of a teacher assistant; a loaded teacher shows the "
+        "time it took when it was trained.",
         labels,
         [
             Col("Epochs", [len(hist[r]) for r in roles], ",.0f"),
@@ -249,12 +252,30 @@ def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_na
             Col("Train time", [secs.get(r, trains[r].get("seconds")) for r in roles], fmt_seconds),
         ],
     )
+    for row, r in zip(table["rows"], roles):  # the parts of the train time, on hover
+        row[-1]["title"] = _time_parts(trains[r])
     table["head"].append(head("Checkpoint", False))
     for row, r in zip(table["rows"], roles):
-        source = "from cache" if trains[r].get("from_cache") else "trained"
-        row.append(cell(source, num=False, sub=trains[r].get("checkpoint")))
+        source = "loaded" if trains[r].get("from_cache") else "trained"
+        where = trains[r].get("loaded_from")
+        sub = trains[r].get("checkpoint") if not where else f"from {where}"
+        row.append(cell(source, num=False, sub=sub))
     confusion = "figures/confusion_matrices.png" if cms else None
     return {"table": table, "curves": "figures/training_curves.png", "confusion": confusion}
+
+
+def _time_parts(train: dict) -> str | None:
+    """``epoch loop 3.1 s + setup 9.0 s + assistant 5.2 s`` from a ``train`` record (None for old records)."""
+    parts = [
+        (label, train.get(key))
+        for label, key in (
+            ("epoch loop", "loop_seconds"),
+            ("setup", "setup_seconds"),
+            ("assistant", "assistant_seconds"),
+        )
+    ]
+    shown = [f"{label} {fmt_seconds(v)}" for label, v in parts if ok(v)]
+    return " + ".join(shown) if len(shown) > 1 else None
 
 
 # --- entry point --------------------------------------------------------------------------------------

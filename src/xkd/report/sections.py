@@ -89,7 +89,16 @@ def explainer_tables(roles: list[str], models: dict, expl: dict, ex: str) -> lis
         if any(ok(v) for v in vals):
             (pair if c.agreement else own).append(Col(c.head, vals, better=c.better, title=c.title))
     name = explainer_name(ex)
-    tables = [make_table(f"{name}: faithfulness, localisation and cost of each model's maps.", labels, own)]
+    caption = f"{name}: faithfulness, localisation and cost of each model's maps."
+    undefined = [(per[i].get("undefined") or {}) for i in shown]
+    empty = max((u.get("empty_mask") or 0 for u in undefined), default=0)
+    no_pos = {roles[i]: u.get("no_positive_attribution") for i, u in zip(shown, undefined)}
+    if empty:
+        caption += f" {empty} image(s) with an empty mask: localisation undefined there, left out of the means."
+    if any(no_pos.values()):
+        parts = ", ".join(f"{r} {n}" for r, n in no_pos.items() if n)
+        caption += f" Mask mass undefined (no positive attribution) for {parts} image(s)."
+    tables = [make_table(caption, labels, own)]
     verdicts = [sanity_verdict(per[i]) for i in shown]
     if any(v != DASH for v in verdicts):
         tables[0]["head"].append(head("Sanity", False, "model-parameter randomisation test"))
@@ -107,24 +116,44 @@ def sample_cards(
     run_dir: Path, roles: list[str], samples: dict, tensors: dict, class_names: list[str], ex: str
 ) -> list[dict]:
     """One figure per class: the test images and each model's map of them (teacher first)."""
+    return _cards(run_dir, samples, tensors, class_names, [(r, r, ex) for r in roles], slug(ex))
+
+
+def _cards(
+    run_dir: Path, samples: dict, tensors: dict, class_names: list[str], series: list[tuple[str, str, str]], name: str
+) -> list[dict]:
+    """One figure per class with a row per ``(row label, role, explainer key)`` of ``series`` that has maps."""
     labels, preds = samples.get("labels", []), samples.get("predictions", {})
     indices = samples.get("indices", list(range(len(labels))))
     masks = tensors.get("masks") if samples.get("has_masks") else None
-    shown = [r for r in roles if f"maps/{r}/{ex}" in tensors]
+    shown = [(row, r, ex) for row, r, ex in series if f"maps/{r}/{ex}" in tensors]
     cards = []
-    for k, name in enumerate(class_names) if shown else []:
+    for k, cname in enumerate(class_names) if shown else []:
         idx = [i for i, y in enumerate(labels) if y == k]
         if not idx:
             continue
-        maps = {r: tensors[f"maps/{r}/{ex}"][idx] for r in shown}
-        pred = {r: [p[i] for i in idx] for r in shown if len(p := preds.get(r) or []) == len(labels)}
-        src = f"figures/samples_{slug(ex)}_{k:03d}.png"
+        maps = {row: tensors[f"maps/{r}/{ex}"][idx] for row, r, ex in shown}
+        pred = {row: [p[i] for i in idx] for row, r, _ in shown if len(p := preds.get(r) or []) == len(labels)}
+        src = f"figures/samples_{name}_{k:03d}.png"
         args = (tensors["images"][idx], maps, [labels[i] for i in idx], pred, class_names)
         m = None if masks is None else masks[idx]
         figures.save_class_grid(run_dir / src, *args, indices=[indices[i] for i in idx], masks=m)
-        wrong = sum(q != k for p in pred.values() for q in p)
-        cards.append({"name": name, "src": src, "wrong": wrong})
+        roles = {r for _, r, _ in shown if len(preds.get(r) or []) == len(labels)}
+        wrong = sum(preds[r][i] != k for r in roles for i in idx)  # each model once, however many rows
+        cards.append({"name": cname, "src": src, "wrong": wrong})
     return cards
+
+
+def unicam_kinds(samples: dict, keys: list[str]) -> dict[str, str]:
+    """Explainer key -> UniCAM map kind (``distilled``/``residual``) for the UniCAM entries among ``keys``."""
+    entries = ((samples.get("config") or {}).get("explainers")) or []
+    out = {}
+    for e in entries:
+        if e.get("name") == "unicam":
+            key = e.get("label") or e.get("name")
+            if key in keys:
+                out[key] = (e.get("params") or {}).get("kind", "distilled")
+    return out
 
 
 def explainer_sections(
@@ -141,6 +170,13 @@ def explainer_sections(
             continue
         anchor = f"explainer-{slug(ex)}"
         out.append({"key": ex, "anchor": anchor, "title": explainer_name(ex), "tables": tables, "cards": cards})
+    kinds = unicam_kinds(samples, keys)
+    if len(set(kinds.values())) > 1:  # distilled and residual maps of each student side by side
+        series = [(f"{r} · {kind}", r, ex) for r in roles for ex, kind in kinds.items()]
+        cards = _cards(run_dir, samples, tensors, class_names, series, "unicam_pair")
+        if cards:
+            out.append({"key": "unicam_pair", "anchor": "explainer-unicam-pair",
+                        "title": "UniCAM: distilled vs residual", "tables": [], "cards": cards})  # fmt: skip
     return out
 
 

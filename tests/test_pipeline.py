@@ -1,0 +1,134 @@
+"""Pipeline bookkeeping: what a student's train time counts, a loaded teacher's recorded time, and
+wrong layer names failing before anything trains."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from xkd import pipeline as P
+from xkd.config import ConfigError, load_config
+from xkd.data import build_dataset
+from xkd.distill.feature import FitNets
+from xkd.engine.trainer import Trainer, TrainResult
+from xkd.models.hooks import LayerNotFoundError
+
+ONE = "students=[{name: kd, distiller: hinton_kd}]"
+TA = (
+    "students=[{name: ta, distiller: teacher_assistant, params: {assistant: {name: kdfmv_cnn, params: "
+    "{widths: [4, 8, 8]}}, assistant_distiller: hinton_kd, distiller: fitnets}}]"
+)
+
+
+def test_train_seconds_is_loop_plus_setup_plus_assistant():
+    m = P.TrainedModel("s", torch.nn.Linear(1, 1), "x", result=TrainResult(seconds=2.0), setup_seconds=0.5)
+    m.assistant_seconds = 3.25
+    assert m.train_seconds == 5.75
+    rec = m.train_record()
+    assert (rec["seconds"], rec["loop_seconds"], rec["setup_seconds"], rec["assistant_seconds"]) == (
+        5.75,
+        2.0,
+        0.5,
+        3.25,
+    )
+    unknown = P.TrainedModel("teacher", torch.nn.Linear(1, 1), "x", result=TrainResult(seconds=None), from_cache=True)
+    assert unknown.train_seconds is None and unknown.train_record()["seconds"] is None
+
+
+def test_student_time_counts_its_setup_and_its_assistant(tmp_path, make_tiny_args, monkeypatch):
+    cfg = load_config(None, make_tiny_args(tmp_path, TA))
+    data = build_dataset(cfg.data)
+    run_dir = P.prepare_run_dir(cfg, False, False)
+    real_setup = FitNets.setup
+
+    def slow_setup(self, context):  # a setup that takes a known time, like XDistillation's phase 1
+        time.sleep(0.3)
+        real_setup(self, context)
+
+    monkeypatch.setattr(FitNets, "setup", slow_setup)
+    teacher = P.train_teacher(cfg, data, run_dir, torch.device("cpu"), False, False)
+    (ta,) = P.train_students(cfg, data, teacher.model.eval(), run_dir, torch.device("cpu"), False, False)
+    assert ta.setup_seconds >= 0.3  # the student's FitNets setup (its assistant's hinton_kd has none)
+    assert ta.assistant_seconds == pytest.approx(ta.assistant.train_seconds) and ta.assistant_seconds > 0
+    assert ta.train_seconds == pytest.approx(ta.result.seconds + ta.setup_seconds + ta.assistant_seconds)
+    assert ta.train_seconds > ta.result.seconds + 0.3
+
+
+def test_loaded_teacher_reports_the_time_it_took_to_train(tmp_path, make_tiny_args):
+    cfg = load_config(None, make_tiny_args(tmp_path, ONE))
+    data = build_dataset(cfg.data)
+    cpu = torch.device("cpu")
+    first = P.train_teacher(cfg, data, P.prepare_run_dir(cfg, False, False), cpu, False, False)
+    assert not first.from_cache and first.result.seconds > 0
+    ckpt = P.run_dir_of(cfg) / "checkpoints" / "teacher" / "best.pt"
+    assert P.read_train_info(ckpt)["seconds"] == pytest.approx(first.result.seconds)
+
+    # same config, another run: loaded from the cache, with the time it took when it was trained
+    again = load_config(None, make_tiny_args(tmp_path, ONE, "name=again"))
+    loaded = P.train_teacher(again, data, P.prepare_run_dir(again, False, False), cpu, False, False)
+    assert loaded.from_cache and loaded.loaded_from.endswith("best.pt")
+    assert loaded.result.seconds == pytest.approx(first.result.seconds)
+    assert loaded.train_record()["seconds"] == pytest.approx(first.result.seconds)
+
+    # `xkd compare`'s later seeds: teacher.checkpoint = the first run's checkpoint (the record is beside it)
+    given = load_config(None, make_tiny_args(tmp_path, ONE, "name=given", "seed=5", f"teacher.checkpoint={ckpt}"))
+    chained = P.train_teacher(given, data, P.prepare_run_dir(given, False, False), cpu, False, False)
+    assert chained.from_cache and chained.loaded_from == str(ckpt)
+    assert chained.result.seconds == pytest.approx(first.result.seconds)
+
+    # a checkpoint without a record (trained by an older xkd) or with another's record: unknown, not 0 s
+    P.train_info_path(ckpt).unlink()
+    old = load_config(None, make_tiny_args(tmp_path, ONE, "name=old", "seed=6", f"teacher.checkpoint={ckpt}"))
+    assert P.train_teacher(old, data, P.prepare_run_dir(old, False, False), cpu, False, False).result.seconds is None
+    other = tmp_path / "other.pt"
+    other.write_bytes(ckpt.read_bytes() + b"x")
+    P.write_train_info(other, {"seconds": 1.0})
+    P.train_info_path(other).rename(P.train_info_path(ckpt))
+    assert P.read_train_info(ckpt) is None
+
+
+@pytest.mark.parametrize(
+    "student, match",
+    [
+        ("{name: fit, distiller: fitnets, params: {layers: [[nope, layer3]]}}", r"'fit'.*'nope' not found.*blocks\.0"),
+        ("{name: at, distiller: at, params: {layers: [[blocks.2, layer9]]}}", r"'at'.*'layer9' not found.*layer3"),
+        ("{name: vid, distiller: vid, params: {layers: [[blocks.2, nope]]}}", r"'vid'.*'nope' not found"),
+        ("{name: mt, distiller: medtex, params: {layers: [[blocks.9, layer3]]}}", r"'mt'.*'blocks\.9' not found"),
+        (
+            "{name: ta, distiller: teacher_assistant, params: {assistant: {name: kdfmv_cnn, params: {widths: [4, 8]}}, "
+            "distiller: fitnets, params: {layers: [[blocks.2, layer3]]}}}",
+            r"'ta'.*'layer3' not found in KDFMVStudent",  # the teacher has a layer3, the ASSISTANT does not
+        ),
+    ],
+)
+def test_wrong_layer_fails_before_anything_trains_or_is_written(tmp_path, make_tiny_args, monkeypatch, student, match):
+    def no_training(self, resume=False):
+        pytest.fail(f"{self.role} started training before the layer names were checked")
+
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    cfg = load_config(None, make_tiny_args(tmp_path, f"students=[{{name: kd, distiller: hinton_kd}}, {student}]"))
+    with pytest.raises(LayerNotFoundError, match=match):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()  # no run directory, checkpoint or cached teacher
+
+
+def test_wrong_layer_shape_fails_before_training(tmp_path, make_tiny_args, monkeypatch):
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("trained"))
+    cfg = load_config(
+        None, make_tiny_args(tmp_path, "students=[{name: at, distiller: at, params: {layers: [[classifier, layer3]]}}]")
+    )
+    with pytest.raises(ConfigError, match=r"student 'at' \(distiller 'at'\).*'classifier' outputs shape"):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_preflight_runs_no_expensive_setup(tmp_path, make_tiny_args, monkeypatch):
+    from xkd.distill.xdistill import XDistillation
+
+    monkeypatch.setattr(XDistillation, "setup", lambda self, context: pytest.fail("phase 1 ran in the preflight"))
+    cfg = load_config(
+        None, make_tiny_args(tmp_path, "students=[{name: x, distiller: xdistill}, {name: f, distiller: fitnets}]")
+    )
+    P.preflight(cfg, build_dataset(cfg.data))
