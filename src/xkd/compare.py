@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd.config import RunConfig, from_dict, save_config, to_dict, validate_for_compare
+from xkd.config import COMPARE_METRICS, RunConfig, from_dict, save_config, to_dict, validate_for_compare
 from xkd.pipeline import RunExistsError, cache_dir_of, run
 from xkd.registry import METRICS
 from xkd.report.records import is_writer, read_json, record, write_json
@@ -40,7 +40,7 @@ QUALITY_KEYS = (
     "region_precision",
     "region_recall",
 )
-AGREEMENT_KEYS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
+AGREEMENT_KEYS = COMPARE_METRICS  # the teacher-student agreement metrics a comparison aggregates
 
 
 @dataclass
