@@ -36,6 +36,10 @@ def test_teachers_are_ordered_by_size_and_need_three(tiny_args):
     few = load_config(None, [*tiny_args, "study.teachers=[{name: cifar_resnet}]"])
     with pytest.raises(ConfigError, match="at least 3 teachers"):
         teacher_sizes(few)
+    twins = load_config(None, [*tiny_args, *STUDY, "study.teachers.1={name: cifar_resnet, params: {depth: 8, width: 8}}",
+                               "study.teachers.2={name: cifar_resnet, params: {depth: 8, width: 8}}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="teachers of equal size"):
+        teacher_sizes(twins)
 
 
 @pytest.mark.slow

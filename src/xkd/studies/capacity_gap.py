@@ -43,8 +43,14 @@ def teacher_sizes(cfg: RunConfig) -> list[tuple[int, Any]]:
     if st.assistant is None:
         raise ConfigError("study.assistant: name the assistant model of the teacher -> assistant -> student chain")
     data = build_dataset(cfg.data)
-    sized = [(parameter_count(build_for(t, data, cfg.seed)), t) for t in st.teachers]
-    return sorted(sized, key=lambda p: p[0])
+    sized = sorted(((parameter_count(build_for(t, data, cfg.seed)), t) for t in st.teachers), key=lambda p: p[0])
+    same = [f"{t.name} ({n:,})" for (n, t), (m, _) in zip(sized[1:], sized[:-1]) if n == m]
+    if same:
+        raise ConfigError(
+            f"study.teachers: teachers of equal size ({', '.join(same)} parameters, like the one before): the study "
+            "compares teachers of growing capacity; make each teacher larger than the last"
+        )
+    return sized
 
 
 def _prepare(out: Path, resume: bool, overwrite: bool) -> None:
