@@ -95,7 +95,7 @@ def test_backends_agree(window, stride, baseline):
     model, x = small_cnn(), torch.rand(6, 3, 12, 14)
     t = torch.randint(0, 5, (6,))
     params = {"window": window, "stride": stride, "baseline": baseline, "sigma": 1.5, "batch_size": 4}
-    own = Occlusion(model, {**params, "backend": "xkd", "forward_batch_size": 37}).explain(x, t).maps
+    own = Occlusion(model, {**params, "backend": "xkd", "internal_batch_size": 37}).explain(x, t).maps
     ref = Occlusion(model, {**params, "backend": "captum"}).explain(x, t).maps
     assert ref.abs().max() > 0
     assert (own - ref).abs().max() <= 1e-5 * ref.abs().max()
