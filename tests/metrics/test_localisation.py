@@ -133,3 +133,14 @@ def test_region_precision_and_recall_by_hand():
     assert math.isnan(empty["region_precision"]) and empty["skipped_empty"] == 2
     with pytest.raises(ValueError, match="fraction must be in"):
         region_precision_recall(maps, masks, fraction=0.0)
+
+
+def test_pointing_game_ties_score_the_share_of_tied_pixels_inside_the_mask():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, 2:, 2:] = True  # 4 of 16 pixels
+    superpixel = torch.zeros(2, 4, 4)
+    superpixel[0, 1:, 1:] = 1.0  # the top superpixel: 9 pixels, 4 in the mask (row-major first is outside)
+    out = pointing_game(superpixel[:1], masks[:1])
+    assert out["pointing_game"] == pytest.approx(4 / 9)
+    constant = torch.ones(1, 4, 4)  # no evidence anywhere: chance, the mask's area share
+    assert pointing_game(constant, masks[:1])["pointing_game"] == pytest.approx(4 / 16)

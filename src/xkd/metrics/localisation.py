@@ -50,14 +50,19 @@ def pointing_game(maps: Tensor, masks: Tensor) -> dict[str, Any]:
     """Pointing game: the fraction of images whose map maximum lies inside the mask.
 
     Strict: no tolerance margin around the mask (Zhang et al. allow 15 px at ImageNet size; small
-    images have no room for one). If several pixels share the maximum, the first in row-major order
-    is the one pointed at, so a constant map points at the top-left pixel.
+    images have no room for one). If several pixels share the maximum -- every pixel of the top
+    superpixel of a KernelSHAP/LIME map, a flat plateau, a constant map -- the image scores the
+    share of them inside the mask (the expected hit of pointing at one of them at random): picking
+    the first in row-major order instead scored superpixel maps 0 on small lesions, and a constant
+    map scores the mask's area share, as chance does.
 
     Returns:
-        ``{"pointing_game": hits / evaluated, "hits", "evaluated", "skipped_empty"}``.
+        ``{"pointing_game": hits / evaluated, "hits" (fractional with ties), "evaluated", "skipped_empty"}``.
     """
     flat, m, valid = _flat(maps, masks)
-    hits = int(m.gather(1, flat.argmax(dim=1, keepdim=True)).sum())
+    tied = flat == flat.amax(dim=1, keepdim=True)
+    share = (tied & m).sum(dim=1).double() / tied.sum(dim=1).clamp_min(1).double()
+    hits = float(share.sum())
     n = int(valid.sum())
     return {
         "pointing_game": hits / n if n else float("nan"),
