@@ -499,169 +499,30 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def validate_config(cfg: RunConfig) -> None:
-    """Check registry names, method parameters and ranges that types alone cannot express."""
-    import xkd.data  # noqa: F401  (registers builders)
-    import xkd.models  # noqa: F401
-    from xkd import registry as R
-    from xkd.distill.base import distiller_params
-    from xkd.explain.base import explainer_params, split_name
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from xkd.report.records import atomic_write_text
 
-    def check_name(reg: R.Registry, name: str, path: str) -> None:
-        if name not in reg:
-            raise ConfigError(f"{path}: unknown {reg.kind} {name!r}; registered: {', '.join(reg.names())}")
-
-    check_name(R.DATASETS, cfg.data.name, "data.name")
-    for path, m in [("teacher.model", cfg.teacher.model), ("student_model", cfg.student_model)] + [
-        (f"students[{i}].model", s.model) for i, s in enumerate(cfg.students) if s.model is not None
-    ]:
-        if not _is_import_path(m.name):
-            check_name(R.MODELS, m.name, f"{path}.name")
-    if not cfg.students:
-        raise ConfigError("students: at least one student is required")
-    names = [s.name for s in cfg.students]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise ConfigError(f"students: names must be unique, {sorted(dup)} repeated")
-    if "teacher" in names:
-        raise ConfigError("students: 'teacher' is reserved for the teacher; rename that student")
-    for i, s in enumerate(cfg.students):
-        check_name(R.DISTILLERS, s.distiller, f"students[{i}].distiller")
-        distiller_params(s.distiller, s.params, f"students[{i}].params")
-    for i, e in enumerate(cfg.evaluation.explainers):
-        check_name(R.EXPLAINERS, split_name(e.name)[0], f"evaluation.explainers[{i}].name")
-        explainer_params(e.name, e.params, f"evaluation.explainers[{i}].params")
-    keys = [e.key for e in cfg.evaluation.explainers]
-    if len(set(keys)) < len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise ConfigError(f"evaluation.explainers: {dup} listed twice; give each entry a distinct `label`")
-    for path, t in [("train", cfg.train), ("teacher.train", cfg.teacher.train)]:
-        if t.epochs < 1:
-            raise ConfigError(f"{path}.epochs must be >= 1, got {t.epochs}")
-        if t.batch_size < 1:
-            raise ConfigError(f"{path}.batch_size must be >= 1, got {t.batch_size}")
-        if t.optimizer.lr <= 0:
-            raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
-    ev = cfg.evaluation
-    _validate_metrics(ev, check_name, R)
-    for key in ("fidelity_keep", "agreement_top_k"):
-        v = getattr(ev, key)
-        if not 0.0 < v <= 1.0:
-            raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
-    _validate_compare(cfg)
-    _validate_study(cfg, check_name, R)
-
-
-def _validate_study(cfg: RunConfig, check_name: Any, R: Any) -> None:
-    from xkd.distill.base import distiller_params
-    from xkd.explain.base import explainer_params, split_name
-
-    st = cfg.study
-    for path, name, params in [
-        ("study.explainer", st.explainer, st.explainer_params),
-        ("study.diffroar.explainer", st.diffroar.explainer, st.diffroar.explainer_params),
-    ]:
-        check_name(R.EXPLAINERS, split_name(name)[0], path)
-        explainer_params(name, params, path.replace("explainer", "explainer_params"))
-    check_name(R.DISTILLERS, st.distiller, "study.distiller")
-    distiller_params(st.distiller, st.params, "study.params")
-    models = [(f"study.teachers[{i}]", m) for i, m in enumerate(st.teachers)]
-    models += [("study.assistant", st.assistant), ("study.diffroar.model", st.diffroar.model)]
-    for path, m in models:
-        if m is not None and not _is_import_path(m.name):
-            check_name(R.MODELS, m.name, f"{path}.name")
-    if st.concepts is not None:
-        check_name(R.DATASETS, st.concepts.name, "study.concepts.name")
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 STUDY_ONLY_METRICS = {
     "concept_detectors": "network dissection runs in `xkd study kd-vs-ls` (its layer and concept data are under "
     "`study:`), or call xkd.metrics.dissection.concept_detectors on a model",
 }
+
 COMPARE_METRICS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
 
 
-def _validate_compare(cfg: RunConfig) -> None:
-    c = cfg.compare
-    if c.seeds < 1:
-        raise ConfigError(f"compare.seeds must be >= 1, got {c.seeds}")
-    if c.agreement_metric not in COMPARE_METRICS:
-        raise ConfigError(
-            f"compare.agreement_metric: {c.agreement_metric!r} is not a teacher-student agreement metric; "
-            f"allowed: {', '.join(COMPARE_METRICS)}"
-        )
-    keys = [e.key for e in cfg.evaluation.explainers]
-    if c.agreement_explainer is not None and c.agreement_explainer not in keys:
-        raise ConfigError(
-            f"compare.agreement_explainer {c.agreement_explainer!r} is not among evaluation.explainers "
-            f"({', '.join(keys)}); use an explainer's label"
-        )
+def validate_config(cfg: RunConfig) -> None:
+    """Check registry names, method parameters and ranges that types alone cannot express
+    (:func:`xkd.validation.validate_config`)."""
+    from xkd.validation import validate_config as validate
+
+    validate(cfg)
 
 
 def validate_for_compare(cfg: RunConfig) -> None:
-    """What ``xkd compare`` needs beyond a valid run config: its headline agreement is computed."""
-    c = cfg.compare
-    if c.agreement_metric not in cfg.evaluation.metrics:
-        raise ConfigError(
-            f"compare.agreement_metric {c.agreement_metric!r} is not computed by this config: add it to "
-            f"evaluation.metrics or choose one of the selected metrics "
-            f"({', '.join(m for m in cfg.evaluation.metrics if m in COMPARE_METRICS) or 'none selected'})"
-        )
+    """What ``xkd compare`` needs beyond a valid run config (:func:`xkd.validation.validate_for_compare`)."""
+    from xkd.validation import validate_for_compare as validate
 
-
-def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:
-    import inspect
-
-    import xkd.metrics  # noqa: F401  (registers metrics)
-    from xkd.explain.superpixel import SuperpixelParams
-
-    for i, name in enumerate(ev.metrics):
-        check_name(R.METRICS, name, f"evaluation.metrics[{i}]")
-        if name in STUDY_ONLY_METRICS:
-            raise ConfigError(f"evaluation.metrics[{i}]: {name!r} is not computed by a run: {STUDY_ONLY_METRICS[name]}")
-    for name, kwargs in ev.metric_params.items():
-        check_name(R.METRICS, name, f"evaluation.metric_params.{name}")
-        if not isinstance(kwargs, Mapping):
-            raise ConfigError(f"evaluation.metric_params.{name} must be a mapping of keyword arguments")
-        sig = inspect.signature(R.METRICS.get(name).fn).parameters
-        for key in kwargs:
-            if key not in sig:
-                allowed = ", ".join(p for p in sig)
-                raise ConfigError(f"evaluation.metric_params.{name}.{key}: unknown argument; arguments: {allowed}")
-    from_dict(SuperpixelParams, ev.superpixel, "evaluation.superpixel").validate()
-    for key in ev.transfer_layers:
-        if key not in ("teacher", "student"):
-            raise ConfigError(f"evaluation.transfer_layers.{key}: unknown key; allowed keys: teacher, student")
-    for key in ("num_images", "met_images", "sanity_images", "samples_per_class", "batch_size"):
-        v = getattr(ev, key)
-        if v is not None and v < (0 if key == "sanity_images" else 1):
-            raise ConfigError(f"evaluation.{key} must be >= {0 if key == 'sanity_images' else 1}, got {v}")
-    _validate_min_images(ev)
-
-
-def _validate_min_images(ev: EvaluationConfig) -> None:
-    """Explainers that need several images per call (UniCAM: 4) get them: a clear error now rather
-    than after training. The report's per-class samples are padded with other test images instead."""
-    from xkd.explain.base import min_images
-
-    need = max((min_images(e.name) for e in ev.explainers), default=1)
-    if need <= 1:
-        return
-    names = ", ".join(sorted({e.name for e in ev.explainers if min_images(e.name) == need}))
-    for key in ("num_images", "met_images", "sanity_images"):
-        v = getattr(ev, key)
-        if v is not None and 0 < v < need and not (key == "sanity_images" and v == 0):
-            raise ConfigError(
-                f"evaluation.{key} = {v}, but {names} explains at least {need} images per call; set it to >= {need}"
-                + (" (or 0 to skip the check)" if key == "sanity_images" else "")
-            )
-
-
-def _is_import_path(name: str) -> bool:
-    return ":" in name or "." in name
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from xkd.report.records import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    validate(cfg)
