@@ -191,21 +191,17 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
         models = read_json(r.run_dir / "records" / "models.json")
         expl = read_json(r.run_dir / "records" / "explanations.json")
         recs.append((r, models, expl))
+    run_recs = [read_json(r.run_dir / "records" / "run.json") for r in runs]
     first_models = recs[0][1]
     roles = list(first_models["roles"])
     students = roles[1:]
     explainer = headline_explainer(cfg, recs[0][2].get("agreement") or {})
     metric = cfg.compare.agreement_metric
+    order = [e.key for e in cfg.evaluation.explainers]
     explainers = sorted(
         {ex for _, _, e in recs for per_role in (e.get("agreement") or {}).values() for ex in (per_role or {})},
-        key=lambda ex: (
-            [e.key for e in cfg.evaluation.explainers].index(ex)
-            if ex in [e.key for e in cfg.evaluation.explainers]
-            else 99
-        ),
+        key=lambda ex: order.index(ex) if ex in order else len(order),
     )
-
-    order = [e.key for e in cfg.evaluation.explainers]
     all_explainers = [
         ex for ex in order if any(ex in per for _, _, e in recs for per in (e.get("per_model") or {}).values())
     ]
@@ -275,11 +271,8 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
         "headline": {"explainer": explainer, "metric": metric, "higher_is_better": higher},
         "methods": methods,
         "ranking": ranking,
-        "dataset": read_json(runs[0].run_dir / "records" / "run.json").get("dataset"),
-        "seed_run_seconds": sum(
-            float((read_json(r.run_dir / "records" / "run.json").get("timing") or {}).get("total_seconds") or 0.0)
-            for r in runs
-        ),
+        "dataset": run_recs[0].get("dataset"),
+        "seed_run_seconds": sum(float((rr.get("timing") or {}).get("total_seconds") or 0.0) for rr in run_recs),
     }
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from xkd.config import RunConfig, to_dict
 from xkd.data import DataBundle, make_loader
 from xkd.explain import build_explainer
-from xkd.explain.base import NonFiniteAttributionError, explainer_applies
+from xkd.explain.base import NonFiniteAttributionError, explainer_applies, min_images
 from xkd.metrics import classification, cost
 from xkd.registry import METRICS
 from xkd.report.records import atomic_write_bytes, library_versions, record, write_json
@@ -248,13 +248,16 @@ def write_samples(
     images, labels, masks = gather(data.test, idx)
     images = images.to(device)
     labels = labels.to(device)
-    # other test images, for explainers that explain several images per call (UniCAM: 4)
-    others = torch.tensor([i for i in range(min(len(data.test), len(idx) + 8)) if i not in set(idx.tolist())])
-    pad = gather(data.test, others)[:2] if len(others) else None
     tensors: dict[str, Tensor] = {"images": images.float().cpu().contiguous()}
     if masks is not None:
         tensors["masks"] = masks.to(torch.uint8).cpu().contiguous()
     shown = [e for e in ev.explainers if e.name != "feature_maps"]
+    # other test images, for explainers that explain more images per call than there are samples (UniCAM: 4)
+    need, pad = max((min_images(e.name) for e in shown), default=1) - len(idx), None
+    if need > 0:
+        taken = set(idx.tolist())
+        others = [i for i in range(len(data.test)) if i not in taken][:need]
+        pad = gather(data.test, torch.tensor(others))[:2] if others else None
     preds, layers = {}, {}
     for m in models:
         with torch.no_grad():

@@ -132,12 +132,13 @@ def score_model(
                 out["top_k_iou"] = sc("top_k_iou", maps, masks, k_values)
             if sc.wants("top_k_dice"):
                 out["top_k_dice"] = sc("top_k_dice", maps, masks, k_values)
+        # images where the localisation metrics are undefined (left out of their means, never 0)
+        undefined = {"empty_mask": int((~masks.flatten(1).bool().any(dim=1)).sum())}
         if sc.wants("mask_mass"):
             mm = sc.full("mask_mass", maps, masks)
             out["mask_mass"] = headline(as_result("mask_mass", mm).value)
-            out["undefined"] = {"no_positive_attribution": mm["skipped_no_positive"]}
-        # images where the localisation metrics are undefined (left out of their means, never 0)
-        out.setdefault("undefined", {})["empty_mask"] = int((~masks.flatten(1).bool().any(dim=1)).sum())
+            undefined["no_positive_attribution"] = mm["skipped_no_positive"]
+        out["undefined"] = undefined
         if sc.wants("region_precision"):
             res = sc.full("region_precision", maps, masks)
             out["region_precision"], out["region_recall"] = res["region_precision"], res["region_recall"]

@@ -288,12 +288,13 @@ class XDistillParams:
     def uses_superpixel_features(self) -> bool:
         """Whether the explainer's features are the SLIC superpixels themselves (kernel_shap, lime)."""
         import xkd.explain  # noqa: F401  (registers explainers)
+        from xkd.explain.base import map_form
 
         if self.explainer not in EXPLAINERS:
             raise ConfigError(
                 f"explainer {self.explainer!r} is not registered; registered explainers: {', '.join(EXPLAINERS.names())}"
             )
-        return "superpixel" in getattr(EXPLAINERS.get(self.explainer).Params, "__dataclass_fields__", {})
+        return map_form(self.explainer) == "superpixel"
 
     def resolved_explainer_params(self) -> Any:
         """The explainer's validated ``Params`` (defaults above, SLIC options from ``superpixel``)."""

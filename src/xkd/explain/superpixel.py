@@ -102,13 +102,18 @@ def segment_sums(maps: Tensor, segments: Tensor) -> Tensor:
     return out.scatter_add_(1, seg, maps.detach().flatten(1).double())
 
 
+def segment_means(maps: Tensor, segments: Tensor) -> Tensor:
+    """Mean of ``maps`` ``(N, H, W)`` over each superpixel, ``(N, S_max)`` float64 (0 past an image's
+    own count): the value of a map that already holds one value per superpixel."""
+    area = segment_sums(torch.ones_like(maps, dtype=torch.float64), segments)
+    return segment_sums(maps, segments) / area.clamp_min(1)
+
+
 def superpixel_maps(maps: Tensor, segments: Tensor, reduce: str = "sum") -> Tensor:
     """The superpixel form of ``maps``: every pixel takes the sum (``reduce="sum"``) or the mean
     (``"mean"``, for maps that already hold a value per superpixel) of its superpixel (float32, same shape)."""
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
-    sums = segment_sums(maps, segments)
-    if reduce == "mean":
-        sums = sums / segment_sums(torch.ones_like(maps, dtype=torch.float64), segments).clamp_min(1)
+    values = segment_sums(maps, segments) if reduce == "sum" else segment_means(maps, segments)
     seg = segments.flatten(1).to(maps.device)
-    return sums.gather(1, seg).float().view_as(maps)
+    return values.gather(1, seg).float().view_as(maps)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from xkd.explain.superpixel import segment_sums
+from xkd.explain.superpixel import segment_means, segment_sums
 from xkd.metrics.base import metric
 
 Form = Literal["pixel", "superpixel"]
@@ -52,12 +52,10 @@ def _superpixel_values(a: Tensor, b: Tensor, segments: Tensor, form: Form = "pix
     seg = segments.detach().cpu().long()
     if seg.numel() and int(seg.min()) < 0:
         raise ValueError("segments must hold labels 0..S-1 (got negative labels)")
-    sa, sb = segment_sums(a.detach().cpu(), seg), segment_sums(b.detach().cpu(), seg)
+    values = segment_sums if form == "pixel" else segment_means
+    sa, sb = values(a.detach().cpu(), seg), values(b.detach().cpu(), seg)
     # labels present in each image (robust to gaps in the labels and to padding up to S_max)
     real = torch.zeros(sa.shape, dtype=torch.bool).scatter_(1, seg.flatten(1), True)
-    if form == "superpixel":
-        area = segment_sums(torch.ones(seg.shape, dtype=torch.float64), seg)
-        sa, sb = sa / area.clamp_min(1), sb / area.clamp_min(1)
     return sa, sb, real
 
 

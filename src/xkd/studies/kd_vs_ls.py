@@ -66,7 +66,8 @@ def preflight(cfg: RunConfig) -> None:
                 f"architecture; remove students[{i}].model so every student uses student_model"
             )
     data = build_dataset(cfg.data)
-    _region_masks(cfg, data)
+    if not data.has_masks:
+        raise _no_masks(cfg)
     check_concept_data(data.test if cfg.study.concepts is None else build_dataset(cfg.study.concepts).test)
     teacher = build_for(cfg.teacher.model, data, cfg.seed)
     if cfg.study.teacher_layer is not None:
@@ -77,16 +78,20 @@ def preflight(cfg: RunConfig) -> None:
             get_module(student.student, cfg.study.layer)
 
 
+def _no_masks(cfg: RunConfig) -> ConfigError:
+    return ConfigError(
+        f"the study's data {cfg.data.name!r} has no masks: the precision/recall of attributions needs the known "
+        "discriminative region (use `concepts` or `lesions`, or an imagefolder with masks)"
+    )
+
+
 def _region_masks(cfg: RunConfig, data: Any) -> Any:
     """The test split's images, labels and masks; a clear error if the data has no masks."""
     from xkd.evaluate import gather
 
     images, labels, masks = gather(data.test, torch.arange(len(data.test)))
     if masks is None:
-        raise ConfigError(
-            f"the study's data {cfg.data.name!r} has no masks: the precision/recall of attributions needs the known "
-            "discriminative region (use `concepts` or `lesions`, or an imagefolder with masks)"
-        )
+        raise _no_masks(cfg)
     return images, labels, masks
 
 
