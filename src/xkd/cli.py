@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--explainer", default="grad_cam", help="registered explainer (default grad_cam)")
     e.add_argument("--out", help="output folder (default RUN/explanations)")
 
-    rep = sub.add_parser("report", help="re-render RUN_DIR/report.html from its records (a run or a comparison)")
+    rep = sub.add_parser(
+        "report", help="re-render the report of RUN_DIR from its records (a run, a comparison or a study)"
+    )
     rep.add_argument("run_dir")
 
     sub.add_parser("list", help="registered datasets, models, distillers, explainers and metrics")
