@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from xkd.config import DataConfig, load_config
+from xkd.config import DataConfig
 from xkd.data import build_dataset
 from xkd.data.concepts import ConceptDataset
+from xkd.files import library_versions, write_json
 from xkd.metrics.dissection import concept_detectors
 from xkd.models import build_model, default_layer
-from xkd.report.records import library_versions, write_json
+from xkd.plan import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "dissection.json"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from xkd.config import load_config
 from xkd.data import build_dataset
 from xkd.evaluate import all_labels, gather
 from xkd.explain import build_explainer
+from xkd.files import library_versions, write_json
 from xkd.models import build_model
-from xkd.report.records import library_versions, write_json
+from xkd.plan import load_config
 from xkd.scoring import pair_explainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,8 +43,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from xkd.config import ModelConfig
 from xkd.explain.base import normalize_maps
 from xkd.explain.gradcam import GradCAM, GradCAMPlusPlus, LayerCAM
+from xkd.files import library_versions, write_json
 from xkd.models import build_model, default_layer, get_module
-from xkd.report.records import library_versions, write_json
 
 OUT = Path(__file__).parent / "results" / "gradcam.json"
 

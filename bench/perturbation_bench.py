@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from xkd.config import ModelConfig
 from xkd.explain.perturbation import LIME, KernelSHAP, lime_design
 from xkd.explain.superpixel import slic_segments
+from xkd.files import library_versions, write_json
 from xkd.models import build_model
-from xkd.report.records import library_versions, write_json
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # lime_image's per-sample progress bar
 OUT = Path(__file__).parent / "results" / "perturbation.json"

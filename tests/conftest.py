@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny seeded configs that run in seconds on a CPU."""
+"""Shared fixtures: tiny seeded configs, models and data that run in seconds on a CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor, nn
 
-from xkd.config import load_config
+from xkd.config import ModelConfig
+from xkd.data.base import TensorImageDataset
+from xkd.models import build_model
+from xkd.plan import load_config
 
 TINY = [
     "name=tiny",
@@ -55,3 +59,85 @@ def tiny_config(tmp_path):
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+
+TINY_MODELS = {
+    "student": ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}),  # ~1.3 k parameters
+    "teacher": ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}),  # ~5 k parameters
+}
+
+
+def build_tiny_model(
+    role: str = "student",
+    seed: int | None = None,
+    *,
+    num_classes: int = 3,
+    channels: int = 1,
+    size: int = 16,
+    **params,
+) -> nn.Module:
+    """A tiny xkd model: ``role`` ``"student"`` (kdfmv_cnn, widths [4, 8, 8]) or ``"teacher"``
+    (cifar_resnet, depth 8, width 4); ``params`` override the architecture's parameters. With
+    ``seed`` the global RNG is seeded first (else the initialisation continues the current stream)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = TINY_MODELS[role]
+    return build_model(ModelConfig(cfg.name, params={**cfg.params, **params}), num_classes, channels, size)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(role="student", seed=None, *, num_classes=3, channels=1, size=16, **params)``:
+    the tiny student (kdfmv_cnn) or teacher (cifar_resnet) every distiller test builds."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_pair(tiny_model):
+    """A tiny ``(student, teacher)`` for 3 classes of 1x16x16 images, seeded 0 and 1."""
+    return tiny_model("student", 0), tiny_model("teacher", 1)
+
+
+class FixedLogits(nn.Module):
+    """Returns fixed ``logits`` (a learnable parameter) whatever the input: a loss then depends on
+    those numbers only, so it can be checked by hand."""
+
+    def __init__(self, logits: list[list[float]]) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits))
+        self.num_classes = len(logits[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits[: x.shape[0]]
+
+
+@pytest.fixture(scope="session")
+def fixed_logits():
+    """``fixed_logits([[z_1, ..., z_K], ...])``: a model returning these logits for any input."""
+    return FixedLogits
+
+
+def tiny_images(n: int = 12, size: int = 16, channels: int = 1, num_classes: int = 3) -> TensorImageDataset:
+    """``n`` seeded random images in [0, 1], labels ``0, 1, 2, 0, ...``; class 1 has a brighter top half."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, channels, size, size, generator=g)
+    labels = torch.arange(n) % num_classes
+    images[labels == 1, :, : size // 2] += 1.0  # some label signal
+    return TensorImageDataset(images.clamp(0, 1), labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """``tiny_data(n=12, size=16, channels=1, num_classes=3)``: a small seeded image dataset."""
+    return tiny_images
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from xkd.cli import main
-from xkd.report.records import read_json
+from xkd.files import read_json
 
 
 def cli(*argv: str, overrides: list[str] = ()) -> int:

@@ -9,8 +9,9 @@ import yaml
 
 from xkd.cli import main
 from xkd.compare import _ranks, rank, stat
-from xkd.config import ConfigError, load_config, validate_for_compare
-from xkd.report.records import read_json
+from xkd.config import ConfigError
+from xkd.files import read_json
+from xkd.plan import load_config, validate_for_compare
 
 STUDENTS = "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}, {name: at, distiller: at}]"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from xkd.config import ConfigError, RunConfig, apply_override, load_config, to_dict
+from xkd.config import ConfigError, RunConfig, apply_override, to_dict
+from xkd.plan import load_config
 
 
 def write(tmp_path, data) -> str:
@@ -120,7 +121,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_study_only_metric_is_not_accepted_by_a_run():
-    with pytest.raises(ConfigError, match="'concept_detectors' is not computed by a run: network dissection runs in"):
+    with pytest.raises(ConfigError, match="'concept_detectors' is not computed by a run: a study computes it"):
         load_config(None, ["evaluation.metrics=[fidelity, concept_detectors]"])
 
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from xkd import pipeline as P
-from xkd.config import ConfigError, load_config
+from xkd.config import ConfigError
 from xkd.data import build_dataset
 from xkd.distill.feature import FitNets
+from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
 from xkd.models.hooks import LayerNotFoundError
+from xkd.plan import load_config, resolve
+from xkd.rundir import RunDir, read_train_info, train_info_path, write_train_info
 
 ONE = "students=[{name: kd, distiller: hinton_kd}]"
 TA = (
@@ -22,8 +25,14 @@ TA = (
 )
 
 
+def prepared(cfg):
+    run_dir = RunDir.of(cfg)
+    P.prepare_run_dir(run_dir, cfg, False, False)
+    return run_dir
+
+
 def test_train_seconds_is_loop_plus_setup_plus_assistant():
-    m = P.TrainedModel("s", torch.nn.Linear(1, 1), "x", result=TrainResult(seconds=2.0), setup_seconds=0.5)
+    m = TrainedModel("s", torch.nn.Linear(1, 1), "x", result=TrainResult(seconds=2.0), setup_seconds=0.5)
     m.assistant_seconds = 3.25
     assert m.train_seconds == 5.75
     rec = m.train_record()
@@ -33,14 +42,14 @@ def test_train_seconds_is_loop_plus_setup_plus_assistant():
         0.5,
         3.25,
     )
-    unknown = P.TrainedModel("teacher", torch.nn.Linear(1, 1), "x", result=TrainResult(seconds=None), from_cache=True)
+    unknown = TrainedModel("teacher", torch.nn.Linear(1, 1), "x", result=TrainResult(seconds=None), from_cache=True)
     assert unknown.train_seconds is None and unknown.train_record()["seconds"] is None
 
 
 def test_student_time_counts_its_setup_and_its_assistant(tmp_path, make_tiny_args, monkeypatch):
     cfg = load_config(None, make_tiny_args(tmp_path, TA))
     data = build_dataset(cfg.data)
-    run_dir = P.prepare_run_dir(cfg, False, False)
+    run_dir = prepared(cfg)
     real_setup = FitNets.setup
 
     def slow_setup(self, context):  # a setup that takes a known time, like XDistillation's phase 1
@@ -49,7 +58,7 @@ def test_student_time_counts_its_setup_and_its_assistant(tmp_path, make_tiny_arg
 
     monkeypatch.setattr(FitNets, "setup", slow_setup)
     teacher = P.train_teacher(cfg, data, run_dir, torch.device("cpu"), False, False)
-    (ta,) = P.train_students(cfg, data, teacher.model.eval(), run_dir, torch.device("cpu"), False, False)
+    (ta,) = P.train_students(resolve(cfg), data, teacher.model.eval(), run_dir, torch.device("cpu"), False, False)
     assert ta.setup_seconds >= 0.3  # the student's FitNets setup (its assistant's hinton_kd has none)
     assert ta.assistant_seconds == pytest.approx(ta.assistant.train_seconds) and ta.assistant_seconds > 0
     assert ta.train_seconds == pytest.approx(ta.result.seconds + ta.setup_seconds + ta.assistant_seconds)
@@ -60,33 +69,33 @@ def test_loaded_teacher_reports_the_time_it_took_to_train(tmp_path, make_tiny_ar
     cfg = load_config(None, make_tiny_args(tmp_path, ONE))
     data = build_dataset(cfg.data)
     cpu = torch.device("cpu")
-    first = P.train_teacher(cfg, data, P.prepare_run_dir(cfg, False, False), cpu, False, False)
+    first = P.train_teacher(cfg, data, prepared(cfg), cpu, False, False)
     assert not first.from_cache and first.result.seconds > 0
-    ckpt = P.run_dir_of(cfg) / "checkpoints" / "teacher" / "best.pt"
-    assert P.read_train_info(ckpt)["seconds"] == pytest.approx(first.result.seconds)
+    ckpt = RunDir.of(cfg).checkpoint("teacher")
+    assert read_train_info(ckpt)["seconds"] == pytest.approx(first.result.seconds)
 
     # same config, another run: loaded from the cache, with the time it took when it was trained
     again = load_config(None, make_tiny_args(tmp_path, ONE, "name=again"))
-    loaded = P.train_teacher(again, data, P.prepare_run_dir(again, False, False), cpu, False, False)
+    loaded = P.train_teacher(again, data, prepared(again), cpu, False, False)
     assert loaded.from_cache and loaded.loaded_from.endswith("best.pt")
     assert loaded.result.seconds == pytest.approx(first.result.seconds)
     assert loaded.train_record()["seconds"] == pytest.approx(first.result.seconds)
 
     # `xkd compare`'s later seeds: teacher.checkpoint = the first run's checkpoint (the record is beside it)
     given = load_config(None, make_tiny_args(tmp_path, ONE, "name=given", "seed=5", f"teacher.checkpoint={ckpt}"))
-    chained = P.train_teacher(given, data, P.prepare_run_dir(given, False, False), cpu, False, False)
+    chained = P.train_teacher(given, data, prepared(given), cpu, False, False)
     assert chained.from_cache and chained.loaded_from == str(ckpt)
     assert chained.result.seconds == pytest.approx(first.result.seconds)
 
     # a checkpoint without a record (trained by an older xkd) or with another's record: unknown, not 0 s
-    P.train_info_path(ckpt).unlink()
+    train_info_path(ckpt).unlink()
     old = load_config(None, make_tiny_args(tmp_path, ONE, "name=old", "seed=6", f"teacher.checkpoint={ckpt}"))
-    assert P.train_teacher(old, data, P.prepare_run_dir(old, False, False), cpu, False, False).result.seconds is None
+    assert P.train_teacher(old, data, prepared(old), cpu, False, False).result.seconds is None
     other = tmp_path / "other.pt"
     other.write_bytes(ckpt.read_bytes() + b"x")
-    P.write_train_info(other, {"seconds": 1.0})
-    P.train_info_path(other).rename(P.train_info_path(ckpt))
-    assert P.read_train_info(ckpt) is None
+    write_train_info(other, {"seconds": 1.0})
+    train_info_path(other).rename(train_info_path(ckpt))
+    assert read_train_info(ckpt) is None
 
 
 @pytest.mark.parametrize(
@@ -131,4 +140,4 @@ def test_preflight_runs_no_expensive_setup(tmp_path, make_tiny_args, monkeypatch
     cfg = load_config(
         None, make_tiny_args(tmp_path, "students=[{name: x, distiller: xdistill}, {name: f, distiller: fitnets}]")
     )
-    P.preflight(cfg, build_dataset(cfg.data))
+    P.preflight(resolve(cfg), build_dataset(cfg.data))

@@ -9,7 +9,7 @@ from torch import nn
 
 from xkd.config import EvaluationConfig
 from xkd.report.sections import explainer_tables
-from xkd.scoring import Scorer, score_agreement, score_model
+from xkd.scoring import Scorer, run_inputs, score_maps
 
 
 def test_empty_masks_and_maps_without_positive_mass_are_counted_as_undefined():
@@ -20,8 +20,9 @@ def test_empty_masks_and_maps_without_positive_mass_are_counted_as_undefined():
     masks = torch.zeros(3, 4, 4, dtype=torch.bool)
     masks[0, :2, :2] = True
     masks[1, :2, :2] = True
-    out = score_model(Scorer(ev), "grad_cam", nn.Identity(), torch.zeros(3, 1, 4, 4), torch.zeros(3).long(),
-                      maps, masks, ["a"], lambda m: None)  # fmt: skip
+    sc = Scorer(ev)
+    values = run_inputs(sc, torch.zeros(3, 1, 4, 4), torch.zeros(3).long(), masks, ["a"])
+    out = score_maps(sc, {**values, "model": nn.Identity(), "maps": maps})
     assert out["undefined"] == {"empty_mask": 1, "no_positive_attribution": 1}
     assert out["mask_mass"] == pytest.approx(1.0)  # the mean over the one defined image, not (1 + 0 + 0) / 3
     tables = explainer_tables(["teacher"], {"teacher": {}}, {"per_model": {"teacher": {"grad_cam": out}}}, "grad_cam")
@@ -36,8 +37,10 @@ def test_superpixel_form_explainers_are_scored_per_superpixel_value():
     teacher = torch.where(seg == 0, 1.0, 2.0).float()
     student = torch.where(seg == 0, 1.0, -2.0).float()
     both = torch.ones(1, dtype=torch.bool)
-    pixel = score_agreement(Scorer(ev), teacher, student, seg, both)["superpixel_mse"]
-    read_once = score_agreement(Scorer(ev), teacher, student, seg, both, form="superpixel")["superpixel_mse"]
+    sc = Scorer(ev)
+    values = {"teacher_maps": teacher, "student_maps": student, "segments": seg, "both_correct": both}
+    pixel = sc.score(sc.of("agreement"), {**values, "map_form": "pixel"})["superpixel_mse"]
+    read_once = sc.score(sc.of("agreement"), {**values, "map_form": "superpixel"})["superpixel_mse"]
     # normalised by the largest |value|: pixel form sums (12, 8) vs (12, -8) -> (1, 2/3) vs (1, -2/3)
     assert pixel == pytest.approx(((4 / 3) ** 2) / 2)
     # superpixel form reads (1, 2) vs (1, -2) -> (1/2, 1) vs (1/2, -1)
@@ -47,7 +50,7 @@ def test_superpixel_form_explainers_are_scored_per_superpixel_value():
 def test_nan_attributions_in_a_run_name_the_test_split_images(tiny_config, monkeypatch):
     import xkd.evaluate
     from xkd.explain.base import NonFiniteAttributionError, check_maps
-    from xkd.pipeline import run
+    from xkd.runner import run
 
     def nan_for_images_1_and_3(*args, **kwargs):
         maps = torch.zeros(5, 4, 4)

@@ -9,18 +9,30 @@ Example:
     >>> xkd.Trainer(xkd.build_distiller("scratch", teacher), data.train, data.val, TrainConfig(epochs=1)).fit()
 """
 
+import xkd.studies  # noqa: F401  (registers the studies)
 from xkd.compare import compare
-from xkd.config import RunConfig, load_config
+from xkd.config import RunConfig
 from xkd.data import DataBundle, build_dataset, make_loader
 from xkd.distill import Distiller, build_distiller
 from xkd.engine import Trainer
 from xkd.explain import Attribution, build_explainer, normalize_maps
+from xkd.explain_images import explain_images
 from xkd.metrics import agreement as explanation_agreement
 from xkd.metrics import classification, cost, faithfulness, localisation
+from xkd.metrics.base import MetricInfo
 from xkd.models import build_model, capture_features
-from xkd.pipeline import run
+from xkd.plan import load_config, resolve
+from xkd.registry import ALL_REGISTRIES, STUDIES
+from xkd.report import render_dir
+from xkd.runner import run
 
 __all__ = [
+    "ALL_REGISTRIES",
+    "STUDIES",
+    "MetricInfo",
+    "explain_images",
+    "render_dir",
+    "resolve",
     "Attribution",
     "DataBundle",
     "Distiller",

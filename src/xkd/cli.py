@@ -1,4 +1,4 @@
-"""The ``xkd`` command: thin argument parsing over :mod:`xkd.pipeline` (no logic of its own)."""
+"""The ``xkd`` command: thin argument parsing over :mod:`xkd.api` (no logic of its own)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+
+from xkd.errors import ConfigError, XkdError
 
 err = Console(stderr=True)
 
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     st = sub.add_parser("study", help="re-measure a source's claim over several seeds: kd-vs-ls or capacity-gap")
-    st.add_argument("study", choices=["kd-vs-ls", "capacity-gap"], help="which study")
+    st.add_argument("study", help="a registered study (`xkd list`): kd-vs-ls or capacity-gap")
     st.add_argument("--config", "-c", required=True, help="YAML run config with a `study:` section")
     st.add_argument("--seeds", type=int, help="number of seeds (default: the config's compare.seeds, 3)")
     st.add_argument(
@@ -77,16 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_list() -> None:
-    import xkd.api  # noqa: F401  (registers everything)
-    from xkd.metrics.base import MetricInfo
-    from xkd.registry import ALL_REGISTRIES
-
-    for kind, reg in ALL_REGISTRIES.items():
+def cmd_list(api: Any) -> None:
+    for kind, reg in api.ALL_REGISTRIES.items():
         print(f"{kind}:")
         for name in reg.names():
             entry = reg.get(name)
-            if isinstance(entry, MetricInfo):
+            if isinstance(entry, api.MetricInfo):
                 arrow = {True: "higher is better", False: "lower is better", None: "no direction"}
                 needs = ", ".join(entry.needs) or "-"
                 print(f"  {name:<28} {entry.category:<17} {arrow[entry.higher_is_better]:<17} needs: {needs}")
@@ -103,53 +102,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
     )
-    from xkd.errors import USER_ERRORS
-
     try:
+        # torch and every registry load here, not at import: `xkd --help` answers at once
+        import xkd.api as api
+
+        if args.command in ("compare", "study") and args.seeds is not None and args.seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
         if args.command == "list":
-            cmd_list()
+            cmd_list(api)
         elif args.command == "run":
-            from xkd.config import load_config
-            from xkd.pipeline import run
-
-            cfg = load_config(args.config, args.overrides)
-            run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+            cfg = api.load_config(args.config, args.overrides)
+            api.run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         elif args.command == "compare":
-            from xkd.compare import compare
-            from xkd.config import ConfigError, load_config
-
-            if args.seeds is not None and args.seeds < 1:
-                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-            cfg = load_config(args.config, args.overrides)
-            compare(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+            cfg = api.load_config(args.config, args.overrides)
+            api.compare(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         elif args.command == "study":
-            from xkd.config import ConfigError, load_config
-            from xkd.studies import study_runner
-
-            if args.seeds is not None and args.seeds < 1:
-                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-            cfg = load_config(args.config, args.overrides)
-            study_runner(args.study)(
-                cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
-            )
+            run_study = api.STUDIES.get(args.study)
+            cfg = api.load_config(args.config, args.overrides)
+            run_study(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         elif args.command == "report":  # a run, a comparison, a study, or a study over a comparison
-            from xkd.report.compare import render_compare_report
-            from xkd.report.render import render_report
-            from xkd.report.study import render_study_report
-
-            records = Path(args.run_dir) / "records"
-            if (records / "study.json").is_file():
-                print(render_study_report(args.run_dir))
-            if (records / "compare.json").is_file():
-                print(render_compare_report(args.run_dir))
-            elif not (records / "study.json").is_file():
-                print(render_report(args.run_dir))
+            for page in api.render_dir(args.run_dir):
+                print(page)
         elif args.command == "explain":
-            from xkd.explain_images import explain_images
-
-            out = explain_images(args.run, [Path(p) for p in args.images], args.explainer, args.out)
-            print(out)
-    except USER_ERRORS as e:
+            print(api.explain_images(args.run, [Path(p) for p in args.images], args.explainer, args.out))
+    except XkdError as e:
         # plain print: no line wrapping, and no markup parsing of "[0]" in key paths
         print(f"xkd: error: {e}", file=sys.stderr)
         return 2

@@ -14,33 +14,32 @@ rendered from that record (:func:`xkd.report.compare.render_compare_report`).
 from __future__ import annotations
 
 import math
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
-from xkd.config import COMPARE_METRICS, RunConfig, from_dict, save_config, to_dict, validate_for_compare
-from xkd.pipeline import RunExistsError, cache_dir_of, run
+from xkd.config import RunConfig, save_config
+from xkd.errors import RunExistsError
+from xkd.files import is_writer
+from xkd.metrics.base import declared
+from xkd.plan import agreement_metrics, validate_for_compare
 from xkd.registry import METRICS
-from xkd.report.records import is_writer, read_json, record, write_json
+from xkd.report.compare import render_compare_report
+from xkd.rundir import RunDir, cache_root
+from xkd.runner import run
+from xkd.schema import from_dict, to_dict
 
-QUALITY_KEYS = (
-    "fidelity",
-    "deletion_auc",
-    "insertion_auc",
-    "road",
-    "pointing_game",
-    "top_k_iou",
-    "top_k_dice",
-    "mask_mass",
-    "region_precision",
-    "region_recall",
-)
-AGREEMENT_KEYS = COMPARE_METRICS  # the teacher-student agreement metrics a comparison aggregates
+
+def quality_columns() -> list[dict[str, Any]]:
+    """The numbers of one model's explanation metrics a comparison aggregates: the declared columns
+    of every metric of scope ``model`` that has a direction (sanity checks have their own section)."""
+    cols = [c for m in declared("model") for c in m.info()["columns"]]
+    return [c for c in cols if c["higher_is_better"] is not None]
 
 
 @dataclass
@@ -50,54 +49,43 @@ class SeedRun:
     reused: bool
 
 
-def compare_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.name
-
-
 def seed_config(cfg: RunConfig, compare_dir: Path, seed: int, teacher_checkpoint: str | None) -> RunConfig:
     """``cfg`` for one seed: its own run folder under ``compare_dir/seeds``, the comparison's cache,
     and (after the first seed) the first seed's teacher."""
     c = from_dict(RunConfig, to_dict(cfg))
     c.seed = seed
     c.name = f"seed_{seed}"
-    c.output_dir = str(compare_dir / "seeds")
-    c.cache_dir = str(cache_dir_of(cfg))
+    c.output_dir = str(RunDir(compare_dir).seeds)
+    c.cache_dir = str(cache_root(cfg))
     if teacher_checkpoint is not None:
         c.teacher.checkpoint = teacher_checkpoint
     return c
 
 
-def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
+def _same_config(run_dir: RunDir, cfg: RunConfig) -> bool:
     """Whether ``run_dir`` was written by ``cfg`` (its saved ``config.yaml`` equals ``cfg``)."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    return path.is_file() and yaml.safe_load(path.read_text()) == to_dict(cfg)
+    return run_dir.config.is_file() and yaml.safe_load(run_dir.config.read_text()) == to_dict(cfg)
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").is_file() and (run_dir / "records" / "models.json").is_file()
-
-
-def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    out = compare_dir_of(cfg)
-    if out.exists() and any(out.iterdir()):
-        is_compare = (out / "seeds").is_dir() or (out / "records" / "compare.json").is_file()
+def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunDir:
+    out = RunDir.of(cfg)
+    if not out.is_empty():
+        is_compare = out.seeds.is_dir() or out.has_record("compare")
         if overwrite:
             if not is_compare:
-                raise RunExistsError(f"{out} is not empty and is not an xkd comparison; refusing to delete it")
+                raise RunExistsError(f"{out.path} is not empty and is not an xkd comparison; refusing to delete it")
             if is_writer():
-                shutil.rmtree(out)
+                out.clear()
         elif not resume:
             raise RunExistsError(
-                f"comparison directory {out} already exists; pass --resume to continue it (finished seeds are "
+                f"comparison directory {out.path} already exists; pass --resume to continue it (finished seeds are "
                 "kept), --overwrite to start over, or choose another name (--set name=NEW)"
             )
         elif not is_compare:
-            raise RunExistsError(f"{out} holds something other than an xkd comparison; choose another name")
+            raise RunExistsError(f"{out.path} holds something other than an xkd comparison; choose another name")
     if is_writer():
-        (out / "records").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        out.records.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out.config)
     return out
 
 
@@ -114,8 +102,6 @@ def compare(
     Returns the comparison directory (holding ``report.html``). With ``resume``, finished seed runs
     are reused as they are and an interrupted one continues from its last checkpoints.
     """
-    from xkd.report.compare import render_compare_report
-
     if seeds is not None:
         cfg.compare.seeds = seeds
     validate_for_compare(cfg)
@@ -126,27 +112,27 @@ def compare(
     runs: list[SeedRun] = []
     teacher_ckpt = cfg.teacher.checkpoint
     for i, s in enumerate(seed_list):
-        c = seed_config(cfg, out, s, teacher_ckpt)
-        run_dir = Path(c.output_dir) / c.name
+        c = seed_config(cfg, out.path, s, teacher_ckpt)
+        run_dir = RunDir.of(c)
         console.print(f"[bold]xkd compare[/bold] {cfg.name!r}: seed {s} ({i + 1} of {len(seed_list)})")
         same = _same_config(run_dir, c)
-        if resume and same and _finished(run_dir):
-            console.print(f"seed {s}: finished run found in {run_dir}, reused")
-            runs.append(SeedRun(s, run_dir, True))
+        if resume and same and run_dir.is_finished():
+            console.print(f"seed {s}: finished run found in {run_dir.path}, reused")
+            runs.append(SeedRun(s, run_dir.path, True))
         else:
-            if resume and run_dir.exists() and not same:  # its checkpoints belong to another config
-                console.print(f"seed {s}: the config changed since {run_dir} was written; it is run again")
-            fresh = resume and run_dir.exists() and not same
+            if resume and run_dir.path.exists() and not same:  # its checkpoints belong to another config
+                console.print(f"seed {s}: the config changed since {run_dir.path} was written; it is run again")
+            fresh = resume and run_dir.path.exists() and not same
             runs.append(SeedRun(s, run(c, resume=resume and not fresh, overwrite=fresh, progress=progress), False))
         if teacher_ckpt is None:  # every later seed distils from this seed's teacher
-            teacher_ckpt = str(run_dir / "checkpoints" / "teacher" / "best.pt")
+            teacher_ckpt = str(run_dir.checkpoint("teacher"))
     if is_writer():
         summary = aggregate(cfg, runs)
         summary["seconds"] = time.perf_counter() - t0
-        write_json(out / "records" / "compare.json", record("compare", summary))
-        html = render_compare_report(out)
+        out.write_record("compare", summary)
+        html = render_compare_report(out.path)
         console.print(f"comparison report: {html}  ({time.perf_counter() - t0:.0f} s)")
-    return out
+    return out.path
 
 
 # --- aggregation ------------------------------------------------------------------------------------
@@ -188,10 +174,9 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
     """Mean ± std over seeds of every per-model number, read from each seed run's records."""
     recs = []
     for r in runs:
-        models = read_json(r.run_dir / "records" / "models.json")
-        expl = read_json(r.run_dir / "records" / "explanations.json")
-        recs.append((r, models, expl))
-    run_recs = [read_json(r.run_dir / "records" / "run.json") for r in runs]
+        rd = RunDir(r.run_dir)
+        recs.append((r, rd.read_record("models"), rd.read_record("explanations")))
+    run_recs = [RunDir(r.run_dir).read_record("run") for r in runs]
     first_models = recs[0][1]
     roles = list(first_models["roles"])
     students = roles[1:]
@@ -236,7 +221,7 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
             entry["explanation_agreement"] = {
                 ex: {
                     k: stat([_get(a, ex, k) for a in agr])
-                    for k in AGREEMENT_KEYS
+                    for k in agreement_metrics()
                     if any(_get(a, ex, k) is not None for a in agr)
                 }
                 for ex in explainers
@@ -269,6 +254,7 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
         "students": students,
         "explainers": explainers,
         "headline": {"explainer": explainer, "metric": metric, "higher_is_better": higher},
+        "quality_columns": quality_columns(),
         "methods": methods,
         "ranking": ranking,
         "dataset": run_recs[0].get("dataset"),
@@ -276,20 +262,20 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
     }
 
 
-def _scalar(entry: dict[str, Any], key: str) -> Any:
-    v = entry.get(key)
-    if isinstance(v, dict):  # fidelity and ROAD records keep their headline under "mean" / "road"
-        v = v.get("mean", v.get(key))
+def _value(entry: dict[str, Any], column: dict[str, Any]) -> Any:
+    v = entry.get(column["key"])
+    if column.get("sub") is not None:  # fidelity and ROAD records keep their headline under "mean" / "road"
+        return v.get(column["sub"]) if isinstance(v, dict) else None
     return v
 
 
 def quality(own: list[dict[str, Any]], ex: str) -> dict[str, Any]:
-    """One explainer's own metrics for one model over seeds: each scalar metric, and top-K IoU/Dice per K."""
+    """One explainer's own metrics for one model over seeds: each declared column, and top-K IoU/Dice per K."""
     entries = [o.get(ex) or {} for o in own]
     out: dict[str, Any] = {
-        k: stat([_scalar(e, k) for e in entries])
-        for k in QUALITY_KEYS
-        if any(_scalar(e, k) is not None for e in entries)
+        c["key"]: stat([_value(e, c) for e in entries])
+        for c in quality_columns()
+        if any(_value(e, c) is not None for e in entries)
     }
     ks = sorted({k for e in entries for k in (e.get("top_k") or {})}, key=float)
     if ks:

@@ -6,22 +6,16 @@ live next to their method as small dataclasses and are validated with :func:`fro
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal
 
 import yaml
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value that is missing, unknown or of the wrong type/range."""
-
+from xkd.errors import ConfigError
+from xkd.files import atomic_write_text
+from xkd.schema import from_dict, to_dict
 
 # ----------------------------------------------------------------------------------------------
 # schema
@@ -123,27 +117,6 @@ class ExplainerConfig:
         return self.label or self.name
 
 
-DEFAULT_METRICS = [
-    "fidelity",
-    "deletion_auc",
-    "insertion_auc",
-    "road",
-    "pointing_game",
-    "top_k_iou",
-    "top_k_dice",
-    "mask_mass",
-    "map_pearson",
-    "rank_correlation",
-    "top_k_agreement",
-    "superpixel_mse",
-    "superpixel_sign_agreement",
-    "fss",
-    "rs",
-    "randomisation_sanity",
-    "met",
-]
-
-
 @dataclass
 class EvaluationConfig:
     """What is explained and scored after training.
@@ -151,8 +124,9 @@ class EvaluationConfig:
     Attributes:
         explainers: registered explainers to run on teacher and every student (``name+superpixel``
             gives any explainer's XDistillation superpixel form; ``unicam`` runs on students only).
-        metrics: registered metrics to compute (``xkd list``); those that need masks are skipped on
-            data without masks, and classification/cost metrics always run.
+        metrics: registered metrics to compute (``xkd list``); None: every metric declared on by
+            default (the plan writes the list out). Those that need masks are skipped on data
+            without masks, and the test-split metrics (accuracy, cost) always run.
         metric_params: keyword arguments per metric, e.g. ``{road: {percentages: [0.2, 0.5]}}``.
         superpixel: SLIC options of the superpixel metrics (``n_segments`` = XDistillation's k, 19).
         num_images: test images explained for the explanation metrics (None = whole test set).
@@ -172,7 +146,7 @@ class EvaluationConfig:
     explainers: list[ExplainerConfig] = field(
         default_factory=lambda: [ExplainerConfig("grad_cam"), ExplainerConfig("feature_maps")]
     )
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    metrics: list[str] | None = None
     metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     superpixel: dict[str, Any] = field(default_factory=dict)
     num_images: int | None = 256
@@ -312,134 +286,6 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# generic dict -> dataclass conversion
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{path}: a value is required ({_type_name(tp)})")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {path}")
-
-
-def from_dict(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
-
-    Raises:
-        ConfigError: naming the key path, the problem and the allowed keys or values.
-    """
-    where = path or "config"
-    if data is None:
-        data = {}
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise ConfigError(f"unknown key {key!r}; allowed keys here: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain-data (YAML/JSON-able) form of a config dataclass."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------
 # overrides, loading, semantic validation
 
 
@@ -476,9 +322,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
                 node = node[part]
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a YAML run config (or the defaults when ``path`` is None), apply ``--set`` overrides,
-    and validate types and registry names."""
+def read_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None), apply ``--set`` overrides,
+    and check its types. Registry names and method parameters are checked by
+    :func:`xkd.plan.load_config`, which calls this."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -494,35 +341,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raw = to_dict(RunConfig())
     for o in overrides:
         apply_override(raw, o)
-    cfg = from_dict(RunConfig, raw)
-    validate_config(cfg)
-    return cfg
+    return from_dict(RunConfig, raw)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from xkd.report.records import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-STUDY_ONLY_METRICS = {
-    "concept_detectors": "network dissection runs in `xkd study kd-vs-ls` (its layer and concept data are under "
-    "`study:`), or call xkd.metrics.dissection.concept_detectors on a model",
-}
-
-COMPARE_METRICS = ("rank_correlation", "top_k_agreement", "map_pearson", "superpixel_mse", "superpixel_sign_agreement")
-
-
-def validate_config(cfg: RunConfig) -> None:
-    """Check registry names, method parameters and ranges that types alone cannot express
-    (:func:`xkd.validation.validate_config`)."""
-    from xkd.validation import validate_config as validate
-
-    validate(cfg)
-
-
-def validate_for_compare(cfg: RunConfig) -> None:
-    """What ``xkd compare`` needs beyond a valid run config (:func:`xkd.validation.validate_for_compare`)."""
-    from xkd.validation import validate_for_compare as validate
-
-    validate(cfg)

@@ -1,40 +1,81 @@
-"""The errors xkd reports to a user as one clear message (no traceback) from the CLI."""
+"""Every error xkd reports to a user: one hierarchy under :class:`XkdError`.
+
+A leaf of the package: it imports nothing of xkd, so every layer can raise these. The CLI catches
+:class:`XkdError` and prints its one-line message (exit code 2); anything else is a bug and keeps
+its traceback. Each class also derives from the built-in exception a caller would expect (a bad
+value is a ``ValueError``, a missing record a ``FileNotFoundError``), so ``except ValueError`` in
+user code keeps working.
+"""
 
 from __future__ import annotations
 
-from xkd.config import ConfigError
-from xkd.data.base import DataError
-from xkd.engine.checkpoint import CheckpointError
-from xkd.engine.trainer import NonFiniteLossError
-from xkd.models.hooks import LayerNotFoundError
-from xkd.models.zoo import PretrainedUnavailableError
-from xkd.registry import UnknownNameError
+
+class XkdError(Exception):
+    """A problem the user can fix; the message names the problem and the fix."""
 
 
-class ImageInputError(ValueError):
+class ConfigError(XkdError, ValueError):
+    """A config value that is missing, unknown or of the wrong type/range."""
+
+
+class UnknownNameError(XkdError, KeyError):
+    """A name that is not in a registry. The message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly.
+        return str(self.args[0])
+
+
+class DataError(XkdError, ValueError):
+    """A dataset that cannot be built as configured. The message names the problem and the fix."""
+
+
+class ImageInputError(XkdError, ValueError):
     """An image given to ``xkd explain`` that cannot be used (unreadable, wrong channel count)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from xkd.explain.base import NonFiniteAttributionError
-    from xkd.metrics.dissection import DissectionError
-    from xkd.pipeline import RunExistsError
-    from xkd.report.render import ReportError
+class LayerNotFoundError(XkdError, KeyError):
+    """A module path that does not exist in a model. The message lists candidate paths."""
 
-    return (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        NonFiniteLossError,
-        LayerNotFoundError,
-        PretrainedUnavailableError,
-        UnknownNameError,
-        ImageInputError,
-        RunExistsError,
-        ReportError,
-        DissectionError,
-        NonFiniteAttributionError,
-    )
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-USER_ERRORS = _user_errors()
+class PretrainedUnavailableError(XkdError, RuntimeError):
+    """Pretrained weights were asked for and could not be obtained."""
+
+
+class CheckpointError(XkdError, RuntimeError):
+    """A checkpoint that cannot be used (missing, unreadable, or from another architecture)."""
+
+
+class NonFiniteLossError(XkdError, FloatingPointError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NonFiniteAttributionError(XkdError, ValueError):
+    """An explainer produced NaN or inf; the message names the method and the first bad images
+    (``indices``: their positions in the explained batch)."""
+
+    def __init__(self, message: str, indices: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.indices = list(indices or [])
+
+
+class ThetaUnavailableError(XkdError, ValueError):
+    """The model has no importance map Θ (it was not trained by MED-TEX or MED-EX)."""
+
+
+class DissectionError(XkdError, ValueError):
+    """Data or parameters network dissection cannot work with. The message names the fix."""
+
+
+class RunExistsError(XkdError, FileExistsError):
+    """The run directory already holds a run."""
+
+
+class ReportError(XkdError, FileNotFoundError):
+    """A record the report needs is missing: the run is incomplete (``xkd run --resume``)."""
+
+
+class ReportSchemaError(ReportError, ValueError):
+    """A record has another schema version or kind than this xkd reads."""

@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from rich.console import Console
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from xkd.config import RunConfig, to_dict
 from xkd.data import DataBundle, make_loader
-from xkd.explain import build_explainer
-from xkd.explain.base import NonFiniteAttributionError, explainer_applies, min_images
+from xkd.data.base import Batch, collate
+from xkd.engine.trained import TrainedModel
+from xkd.errors import NonFiniteAttributionError
+from xkd.files import atomic_write_bytes, library_versions
 from xkd.metrics import classification, cost
-from xkd.registry import METRICS
-from xkd.report.records import atomic_write_bytes, library_versions, record, write_json
-from xkd.scoring import explain, explain_and_score, pair_explainer, random_baseline
-
-if TYPE_CHECKING:
-    from xkd.pipeline import TrainedModel
+from xkd.metrics.base import metric_info
+from xkd.plan import RunPlan
+from xkd.rundir import RunDir
+from xkd.schema import to_dict
+from xkd.scoring import explain, explain_and_score, random_baseline
 
 
 def select_indices(labels: Tensor, num: int | None, seed: int) -> Tensor:
@@ -51,12 +50,9 @@ def sample_indices(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def gather(dataset: Any, index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    items = [dataset[int(i)] for i in index]
-    images = torch.stack([it[0] for it in items])
-    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-    masks = torch.stack([it[2] for it in items]) if items and items[0][2] is not None else None
-    return images, labels, masks
+def gather(dataset: Any, index: Tensor) -> Batch:
+    """The items ``index`` of ``dataset`` as one batch."""
+    return collate([dataset[int(i)] for i in index])
 
 
 def all_labels(dataset: Any) -> Tensor:
@@ -67,11 +63,11 @@ def all_labels(dataset: Any) -> Tensor:
 
 
 def evaluate_run(
-    cfg: RunConfig,
+    plan: RunPlan,
     data: DataBundle,
     teacher: TrainedModel,
     students: list[TrainedModel],
-    run_dir: Path,
+    run_dir: RunDir,
     device: torch.device,
     *,
     started: dt.datetime,
@@ -86,7 +82,7 @@ def evaluate_run(
     ``random_labels`` is the student architecture trained on permuted labels, for the data-label
     randomisation check (``data_randomisation_sanity``)."""
     console = Console(stderr=True, quiet=not progress)
-    ev = cfg.evaluation
+    cfg, ev = plan.cfg, plan.cfg.evaluation
     models = [teacher, *students]
     for m in models:
         m.model.to(device).eval()
@@ -113,7 +109,7 @@ def evaluate_run(
                 "history": m.result.history,
                 "best_epoch": m.result.best_epoch,
                 **m.train_record(),
-                "checkpoint": f"checkpoints/{m.role}/best.pt",
+                "checkpoint": run_dir.relative(run_dir.checkpoint(m.role)),
             },
             "test": {
                 "accuracy": t["accuracy"],
@@ -137,18 +133,18 @@ def evaluate_run(
                 "test": {"accuracy": at["accuracy"], "macro_f1": at["macro_f1"]},
                 "posthoc": classification.posthoc_agreement(at["preds"], teacher_preds, k),
                 "train": {"best_epoch": a.result.best_epoch, **a.train_record()},
-                "checkpoint": f"checkpoints/{a.role}/best.pt",
+                "checkpoint": run_dir.relative(run_dir.checkpoint(a.role)),
             }
 
     # -- explanations on a seeded subset of the test split ------------------------------------
     t_explain = time.perf_counter()
     test_labels = all_labels(data.test)
     idx = select_indices(test_labels, ev.num_images, cfg.seed)
-    images, labels, masks = gather(data.test, idx)
-    images, labels = images.to(device), labels.to(device)
-    names = [e.key for e in ev.explainers]
+    batch = gather(data.test, idx)
+    images, labels, masks = batch.images.to(device), batch.labels.to(device), batch.masks
+    names = [e.key for e in plan.explainers]
     try:
-        scored = explain_and_score(ev, models, images, labels, masks, data.class_names, console, random_labels)
+        scored = explain_and_score(plan, models, images, labels, masks, data.class_names, console, random_labels)
     except NonFiniteAttributionError as e:  # name the images as the user can find them: in the test split
         split = [int(idx[i]) for i in e.indices if i < len(idx)]
         raise NonFiniteAttributionError(f"{e} (test-split indices: {', '.join(map(str, split[:10]))})", split) from None
@@ -157,30 +153,26 @@ def evaluate_run(
     baseline = random_baseline(ev, models, images, labels, cfg.seed, data.class_names)
     explain_seconds = time.perf_counter() - t_explain
 
-    records = run_dir / "records"
-    write_json(records / "models.json", record("models", {"roles": [m.role for m in models], "models": model_records}))
-    write_json(
-        records / "explanations.json",
-        record(
-            "explanations",
-            {
-                "explainers": names,
-                "num_images": len(idx),
-                "fidelity_keep": ev.fidelity_keep,
-                "agreement_top_k": ev.agreement_top_k,
-                "class_names": data.class_names,
-                "metrics": list(ev.metrics),
-                "metric_info": metric_info(ev.metrics),
-                "per_model": scored["per_model"],
-                "agreement": scored["agreement"],
-                "transfer": scored["transfer"],
-                "correct": scored["predictions_correct"],
-                "random_baseline": baseline,
-            },
-        ),
+    run_dir.write_record("models", {"roles": [m.role for m in models], "models": model_records})
+    run_dir.write_record(
+        "explanations",
+        {
+            "explainers": names,
+            "num_images": len(idx),
+            "fidelity_keep": ev.fidelity_keep,
+            "agreement_top_k": ev.agreement_top_k,
+            "class_names": data.class_names,
+            "metrics": list(ev.metrics),
+            "metric_info": metric_info(ev.metrics),
+            "per_model": scored["per_model"],
+            "agreement": scored["agreement"],
+            "transfer": scored["transfer"],
+            "correct": scored["predictions_correct"],
+            "random_baseline": baseline,
+        },
     )
-    write_samples(cfg, data, models, records, device)
-    run_record = record(
+    write_samples(plan, data, models, run_dir, device)
+    run_dir.write_record(
         "run",
         {
             "name": cfg.name,
@@ -206,19 +198,9 @@ def evaluate_run(
             },
         },
     )
-    write_json(records / "run.json", run_record)
     summary = summarise(model_records, scored["per_model"], scored["agreement"])
-    write_json(run_dir / "metrics.json", record("metrics", {"name": cfg.name, "seed": cfg.seed, "models": summary}))
+    run_dir.write_metrics({"name": cfg.name, "seed": cfg.seed, "models": summary})
     return summary
-
-
-def metric_info(names: list[str]) -> dict[str, Any]:
-    """Direction, category and one-line description of each selected metric (for the report)."""
-    out = {}
-    for n in names:
-        info = METRICS.get(n)
-        out[n] = {"higher_is_better": info.higher_is_better, "category": info.category, "description": info.description}
-    return out
 
 
 def summarise(model_records: dict[str, Any], per_model: dict[str, Any], agree: dict[str, Any]) -> dict[str, Any]:
@@ -240,57 +222,53 @@ def summarise(model_records: dict[str, Any], per_model: dict[str, Any], agree: d
 
 
 def write_samples(
-    cfg: RunConfig, data: DataBundle, models: list[TrainedModel], records: Path, device: torch.device
+    plan: RunPlan, data: DataBundle, models: list[TrainedModel], run_dir: RunDir, device: torch.device
 ) -> None:
     """Maps of a few test images per class, and per-layer average feature maps, for the report."""
-    ev = cfg.evaluation
+    ev = plan.cfg.evaluation
     idx = sample_indices(all_labels(data.test), ev.samples_per_class, data.num_classes)
-    images, labels, masks = gather(data.test, idx)
-    images = images.to(device)
-    labels = labels.to(device)
+    batch = gather(data.test, idx)
+    images, labels, masks = batch.images.to(device), batch.labels.to(device), batch.masks
     tensors: dict[str, Tensor] = {"images": images.float().cpu().contiguous()}
     if masks is not None:
         tensors["masks"] = masks.to(torch.uint8).cpu().contiguous()
-    shown = [e for e in ev.explainers if e.name != "feature_maps"]
+    shown = [e for e in plan.explainers if e.name != "feature_maps"]
     # other test images, for explainers that explain more images per call than there are samples (UniCAM: 4)
-    need, pad = max((min_images(e.name) for e in shown), default=1) - len(idx), None
+    need, pad = max((e.min_images for e in shown), default=1) - len(idx), None
     if need > 0:
         taken = set(idx.tolist())
         others = [i for i in range(len(data.test)) if i not in taken][:need]
-        pad = gather(data.test, torch.tensor(others))[:2] if others else None
+        if others:
+            extra = gather(data.test, torch.tensor(others))
+            pad = (extra.images, extra.labels)
     preds, layers = {}, {}
     for m in models:
         with torch.no_grad():
             preds[m.role] = m.model(images).argmax(1).cpu().tolist()
         for e in shown:
-            if (pair_explainer(e.name) and m.role == "teacher") or not explainer_applies(e.name, m.model):
+            if (e.pair and m.role == "teacher") or not e.applies(m.model):
                 continue
-            context = {"teacher": models[0].model} if pair_explainer(e.name) else {}
-            maps = explain(e.name, e.params, m.model, images, labels, pad=pad, **context)
+            context = {"teacher": models[0].model} if e.pair else {}
+            maps = explain(e, m.model, images, labels, pad=pad, **context)
             tensors[f"maps/{m.role}/{e.key}"] = maps.cpu()
-        fm_params = next((e.params for e in ev.explainers if e.name == "feature_maps"), None)
-        if fm_params is not None:
-            with build_explainer("feature_maps", m.model, fm_params) as fm:
+        fm_spec = next((e for e in plan.explainers if e.name == "feature_maps"), None)
+        if fm_spec is not None:
+            with fm_spec.build(m.model) as fm:
                 per_layer = fm.explain_layers(images)
             layers[m.role] = [a.layer for a in per_layer]
             for i, a in enumerate(per_layer):
                 tensors[f"feature_maps/{m.role}/{i}"] = a.maps.cpu().contiguous()
-    atomic_write_bytes(
-        records / "samples.safetensors", save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-    )
-    write_json(
-        records / "samples.json",
-        record(
-            "samples",
-            {
-                "indices": idx.tolist(),
-                "labels": labels.cpu().tolist(),
-                "class_names": data.class_names,
-                "predictions": preds,
-                "explainers": [e.key for e in shown],
-                "feature_layers": layers,
-                "has_masks": masks is not None,
-                "config": to_dict(ev),
-            },
-        ),
+    atomic_write_bytes(run_dir.samples_tensors, save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
+    run_dir.write_record(
+        "samples",
+        {
+            "indices": idx.tolist(),
+            "labels": labels.cpu().tolist(),
+            "class_names": data.class_names,
+            "predictions": preds,
+            "explainers": [e.key for e in shown],
+            "feature_layers": layers,
+            "has_masks": masks is not None,
+            "config": to_dict(ev),
+        },
     )

@@ -12,7 +12,7 @@ from torch import Tensor
 from xkd.data.imagefolder import GRAY_MODES
 from xkd.data.imagefolder import load_image as decode_image
 from xkd.errors import ImageInputError
-from xkd.report.records import atomic_write_bytes, record, write_json
+from xkd.files import atomic_write_bytes, record, write_json
 
 
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
@@ -54,7 +54,7 @@ def explain_images(
     from xkd.pipeline import load_run_models
     from xkd.report.figures import save_overlay_figure
 
-    cfg, _, models, run_record = load_run_models(run_dir)
+    cfg, models, run_record = load_run_models(run_dir)
     params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
     c, h, w = run_record["dataset"]["image_shape"]
     class_names = run_record["dataset"]["class_names"]

@@ -1,4 +1,4 @@
-"""The one registry type (DESIGN.md rule 1).
+"""The one registry type.
 
 Every dataset, model, distiller, explainer and metric is registered exactly once with a decorator;
 the CLI, ``xkd list`` and config validation take their choices from these registries.
@@ -9,14 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from xkd.errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """A name that is not in a registry. The message lists the registered names."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly.
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -29,8 +24,9 @@ class Registry(Generic[T]):
         >>> MODELS.get("tiny")
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or f"{kind}s"
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -55,8 +51,12 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; registered {self.plural}: {', '.join(self.names())}"
             ) from None
+
+    def entries(self) -> list[T]:
+        """The registered entries in registration order."""
+        return list(self._entries.values())
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -76,6 +76,7 @@ MODELS: Registry = Registry("model")
 DISTILLERS: Registry = Registry("distiller")
 EXPLAINERS: Registry = Registry("explainer")
 METRICS: Registry = Registry("metric")
+STUDIES: Registry = Registry("study", "studies")
 
 ALL_REGISTRIES: dict[str, Registry] = {
     "datasets": DATASETS,
@@ -83,4 +84,5 @@ ALL_REGISTRIES: dict[str, Registry] = {
     "distillers": DISTILLERS,
     "explainers": EXPLAINERS,
     "metrics": METRICS,
+    "studies": STUDIES,
 }

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, load_config
+from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill import TeacherAssistant, build_distiller
-from xkd.pipeline import run
-from xkd.report.records import read_json
+from xkd.files import read_json
+from xkd.plan import load_config
+from xkd.runner import run
 
 
 def net(seed: int, width: int = 8) -> nn.Module:

@@ -6,33 +6,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.base import build_distiller
 from xkd.distill.logits import DKD, dkd_terms, kd_loss
-from xkd.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Fixed(nn.Module):
-    """Returns fixed logits whatever the input."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = nn.Parameter(torch.tensor(logits))
-        self.num_classes = len(logits[0])
-
-    def forward(self, x):
-        return self.logits[: x.shape[0]]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logs(ps):
@@ -98,8 +78,10 @@ def test_dkd_terms_survive_extreme_logits():
     assert torch.isfinite(tckd) and torch.isfinite(nckd) and torch.isfinite(zs.grad).all()
 
 
-def test_dkd_distiller_weights_its_terms():
-    d = build_distiller("dkd", Fixed([logs(P_S)]), Fixed([logs(P_T)]), {"alpha": 2.0, "beta": 3.0, "temperature": 1.0})
+def test_dkd_distiller_weights_its_terms(fixed_logits):
+    d = build_distiller(
+        "dkd", fixed_logits([logs(P_S)]), fixed_logits([logs(P_T)]), {"alpha": 2.0, "beta": 3.0, "temperature": 1.0}
+    )
     _, terms = d(Batch(torch.zeros(1, 1, 4, 4), torch.tensor([0])))
     assert set(terms) == {"ce", "tckd", "nckd"}
     assert float(terms["ce"].detach()) == pytest.approx(-math.log(0.5), rel=1e-6)
@@ -108,8 +90,10 @@ def test_dkd_distiller_weights_its_terms():
     assert set(d.trainable_modules()) == {"student"}  # no warm-up: nothing else is trained or saved
 
 
-def test_warmup_ramps_per_training_step_and_is_checkpointed():
-    d = build_distiller("dkd", Fixed([logs(P_S)]), Fixed([logs(P_T)]), {"warmup_steps": 4, "temperature": 1.0})
+def test_warmup_ramps_per_training_step_and_is_checkpointed(fixed_logits):
+    d = build_distiller(
+        "dkd", fixed_logits([logs(P_S)]), fixed_logits([logs(P_T)]), {"warmup_steps": 4, "temperature": 1.0}
+    )
     batch = Batch(torch.zeros(1, 1, 4, 4), torch.tensor([0]))
     full = dkd_terms(torch.tensor([logs(P_S)]), torch.tensor([logs(P_T)]), torch.tensor([0]), 1.0)[1] * 8.0
     d.train()
@@ -121,15 +105,13 @@ def test_warmup_ramps_per_training_step_and_is_checkpointed():
     assert int(d.counter.step) == 6
     modules = d.trainable_modules()
     assert set(modules) == {"student", "dkd_state"}
-    fresh = build_distiller("dkd", Fixed([logs(P_S)]), Fixed([logs(P_T)]), {"warmup_steps": 4})
+    fresh = build_distiller("dkd", fixed_logits([logs(P_S)]), fixed_logits([logs(P_T)]), {"warmup_steps": 4})
     fresh.trainable_modules().load_state_dict(modules.state_dict())
     assert int(fresh.counter.step) == 6 and fresh.ramp() == 1.0
 
 
-def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen():
-    torch.manual_seed(0)
-    student = build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, 16)
-    teacher = build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16)
+def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen(tiny_pair):
+    student, teacher = tiny_pair
     teacher.train()
     d = build_distiller("dkd", student, teacher)
     assert isinstance(d, DKD)
@@ -163,6 +145,6 @@ def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen():
         ({"gamma": 1.0}, "unknown key 'params.gamma'"),
     ],
 )
-def test_bad_dkd_parameters_are_rejected(params, match):
+def test_bad_dkd_parameters_are_rejected(params, match, fixed_logits):
     with pytest.raises(ConfigError, match=match):
-        build_distiller("dkd", Fixed([[0.0, 1.0]]), Fixed([[0.0, 1.0]]), params)
+        build_distiller("dkd", fixed_logits([[0.0, 1.0]]), fixed_logits([[0.0, 1.0]]), params)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.adapters import conv_adapter, match_size, probe_shapes, resolve_layer_pairs
 from xkd.distill.base import DistillContext, build_distiller
@@ -23,7 +23,6 @@ from xkd.distill.feature import (
     nst_loss,
 )
 from xkd.distill.logits import kd_loss
-from xkd.models import build_model
 from xkd.models.hooks import LayerNotFoundError
 
 METHODS = ["fitnets", "at", "nst", "ab", "vid"]
@@ -31,22 +30,7 @@ TERMS = {"fitnets": "hint", "at": "at", "nst": "nst", "ab": "ab", "vid": "vid"}
 WITH_ADAPTERS = ["fitnets", "ab", "vid"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def student_model():
-    torch.manual_seed(0)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, 16)
-
-
-def teacher_model():
-    torch.manual_seed(1)
-    return build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def context():
@@ -136,8 +120,8 @@ def test_hint_loss_is_mean_squared_error():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_method_trains_teacher_frozen_and_loss_decreases(name):
-    student, teacher = student_model(), teacher_model()
+def test_method_trains_teacher_frozen_and_loss_decreases(name, tiny_pair):
+    student, teacher = tiny_pair
     teacher.train()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     d = build_distiller(name, student, teacher, None, context())
@@ -167,13 +151,13 @@ def test_method_trains_teacher_frozen_and_loss_decreases(name):
         assert all(not sub._forward_hooks for sub in m.modules())
 
 
-def test_default_layers_are_each_models_default_layer():
-    d = build_distiller("at", student_model(), teacher_model())
+def test_default_layers_are_each_models_default_layer(tiny_pair):
+    d = build_distiller("at", *tiny_pair)
     assert d.pairs == [("blocks.2.1", "layer3")]
 
 
-def test_hooked_features_are_the_real_layer_outputs():
-    student, teacher = student_model(), teacher_model()
+def test_hooked_features_are_the_real_layer_outputs(tiny_pair):
+    student, teacher = tiny_pair
     d = build_distiller("at", student, teacher, {"layers": [["blocks.1.0", "layer2"]]})
     seen = {}
 
@@ -195,8 +179,8 @@ def test_hooked_features_are_the_real_layer_outputs():
     assert torch.equal(seen["t"], outs["t"])
 
 
-def test_probe_shapes_restores_modes_and_leaves_bn_statistics():
-    teacher = teacher_model().train()
+def test_probe_shapes_restores_modes_and_leaves_bn_statistics(tiny_pair):
+    teacher = tiny_pair[1].train()
     stats = teacher.bn1.running_mean.clone()
     shapes = probe_shapes(teacher, ["layer1", "layer3"], torch.rand(2, 1, 16, 16))
     assert shapes == {"layer1": torch.Size([2, 4, 16, 16]), "layer3": torch.Size([2, 16, 4, 4])}
@@ -205,8 +189,8 @@ def test_probe_shapes_restores_modes_and_leaves_bn_statistics():
     assert all(not m._forward_hooks for m in teacher.modules())
 
 
-def test_at_term_is_half_beta_times_sum_over_pairs_and_optional_kd():
-    student, teacher = student_model(), teacher_model()
+def test_at_term_is_half_beta_times_sum_over_pairs_and_optional_kd(tiny_pair):
+    student, teacher = tiny_pair
     layers = [["blocks.1.1", "layer2"], ["blocks.2.1", "layer3"]]
     d = build_distiller("at", student, teacher, {"layers": layers, "beta": 10.0, "kd_weight": 0.5, "temperature": 2})
     batch = fixed_batch()
@@ -231,8 +215,8 @@ def test_at_term_is_half_beta_times_sum_over_pairs_and_optional_kd():
     assert terms["ce"].item() == pytest.approx(F.cross_entropy(logits, batch.labels).item(), rel=1e-6)
 
 
-def test_adapters_are_sized_from_probed_shapes_and_trained():
-    student, teacher = student_model(), teacher_model()
+def test_adapters_are_sized_from_probed_shapes_and_trained(tiny_pair):
+    student, teacher = tiny_pair
     d = build_distiller("fitnets", student, teacher, None, context())
     conv = d.adapters[0][0]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (8, 16, (1, 1))
@@ -247,15 +231,15 @@ def test_adapters_are_sized_from_probed_shapes_and_trained():
 
 
 @pytest.mark.parametrize("name", WITH_ADAPTERS)
-def test_forward_without_setup_is_a_clear_error(name):
-    d = build_distiller(name, student_model(), teacher_model())
+def test_forward_without_setup_is_a_clear_error(name, tiny_pair):
+    d = build_distiller(name, *tiny_pair)
     with pytest.raises(RuntimeError, match=r"setup\(context\) was not run"):
         d(fixed_batch())
 
 
 @pytest.mark.parametrize("name", ["at", "nst"])
-def test_methods_without_adapters_need_no_setup(name):
-    d = build_distiller(name, student_model(), teacher_model())
+def test_methods_without_adapters_need_no_setup(name, tiny_pair):
+    d = build_distiller(name, *tiny_pair)
     _, terms = d(fixed_batch())
     assert torch.isfinite(terms[name])
 
@@ -264,19 +248,19 @@ def test_methods_without_adapters_need_no_setup(name):
 
 
 @pytest.mark.parametrize("layers,model", [([["blocks.9", "layer3"]], "KDFMVStudent"), ([["blocks.2.1", "nope"]], "")])
-def test_unknown_layer_lists_module_paths(layers, model):
+def test_unknown_layer_lists_module_paths(layers, model, tiny_pair):
     with pytest.raises(LayerNotFoundError, match="module paths") as e:
-        build_distiller("fitnets", student_model(), teacher_model(), {"layers": layers})
+        build_distiller("fitnets", *tiny_pair, {"layers": layers})
     text = str(e.value)
     assert ("blocks.0.0" in text) if model else ("layer3.0.conv1" in text)
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_different_spatial_sizes_resample_the_student_map(name):
+def test_different_spatial_sizes_resample_the_student_map(name, tiny_model):
     """Student layer 8x8 vs teacher 4x4, and student 4x4 vs teacher 8x8: the student map is
     resampled (bilinear) to the teacher's size; training runs."""
     for layers in ([["blocks.1.1", "layer3"]], [["blocks.2.1", "layer2"]]):
-        d = build_distiller(name, student_model(), teacher_model(), {"layers": layers}, context())
+        d = build_distiller(name, tiny_model("student", 0), tiny_model("teacher", 1), {"layers": layers}, context())
         _, terms = d(fixed_batch())
         loss = sum(terms.values())
         loss.backward()
@@ -293,16 +277,22 @@ def test_match_size():
         match_size(torch.zeros(2, 10), (3, 3))
 
 
-def test_non_map_layers_are_a_clear_error():
+def test_non_map_layers_are_a_clear_error(tiny_model, tiny_pair):
     # AT and NST need spatial maps; the message names the methods that take flat features
     for name in ("at", "nst"):
         with pytest.raises(ValueError, match=r"needs \(N, C, H, W\) feature maps.*fitnets, ab, vid"):
-            build_distiller(name, student_model(), teacher_model(), {"layers": [["classifier", "layer3"]]}, context())
+            build_distiller(
+                name,
+                tiny_model("student", 0),
+                tiny_model("teacher", 1),
+                {"layers": [["classifier", "layer3"]]},
+                context(),
+            )
     # a flat student feature against a teacher map: pair like with like
     with pytest.raises(ValueError, match=r"'classifier' outputs \(2, 3\) but teacher layer 'layer3'.*linear layer"):
-        build_distiller("fitnets", student_model(), teacher_model(), {"layers": [["classifier", "layer3"]]}, context())
+        build_distiller("fitnets", *tiny_pair, {"layers": [["classifier", "layer3"]]}, context())
     # preflight (run by the pipeline before any training) raises the same, without building adapters
-    d = build_distiller("at", student_model(), teacher_model(), {"layers": [["classifier", "layer3"]]})
+    d = build_distiller("at", *tiny_pair, {"layers": [["classifier", "layer3"]]})
     with pytest.raises(ValueError, match=r"needs \(N, C, H, W\)"):
         d.preflight(torch.zeros(2, 1, 16, 16))
 
@@ -380,11 +370,11 @@ def test_ab_and_vid_take_linear_layers_at_and_nst_do_not():
             build_distiller(name, *flat_models(), {"layers": [["1", "1"]]}, sample)
 
 
-def test_conv_adapter_and_resolve_defaults():
+def test_conv_adapter_and_resolve_defaults(tiny_pair):
     a = conv_adapter(3, 5, bn=False)
     assert len(a) == 1 and a[0].bias is not None and a(torch.zeros(1, 3, 2, 2)).shape == (1, 5, 2, 2)
     assert isinstance(conv_adapter(3, 5)[1], nn.BatchNorm2d)
-    assert resolve_layer_pairs(None, student_model(), teacher_model()) == [("blocks.2.1", "layer3")]
+    assert resolve_layer_pairs(None, *tiny_pair) == [("blocks.2.1", "layer3")]
 
 
 @pytest.mark.parametrize(
@@ -406,6 +396,6 @@ def test_conv_adapter_and_resolve_defaults():
         ("at", {"margin": 1.0}, "unknown key 'params.margin'"),
     ],
 )
-def test_bad_parameters_are_rejected(name, params, match):
+def test_bad_parameters_are_rejected(name, params, match, tiny_pair):
     with pytest.raises(ConfigError, match=match):
-        build_distiller(name, student_model(), teacher_model(), params)
+        build_distiller(name, *tiny_pair, params)

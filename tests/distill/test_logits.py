@@ -20,18 +20,6 @@ def softmax(xs):
     return [v / s for v in e]
 
 
-class Fixed(nn.Module):
-    """Returns fixed logits whatever the input (the loss then depends on those numbers only)."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = nn.Parameter(torch.tensor(logits))
-        self.num_classes = len(logits[0])
-
-    def forward(self, x):
-        return self.logits[: x.shape[0]]
-
-
 def test_kd_loss_matches_hand_computation():
     zs, zt, t = [1.0, 2.0, 3.0], [3.0, 2.0, 1.0], 2.0
     ps = softmax([v / t for v in zs])
@@ -54,9 +42,9 @@ def test_kd_loss_is_zero_for_identical_logits_and_averages_over_batch():
     assert two == pytest.approx(one)
 
 
-def test_hinton_kd_terms_match_hand_computation():
+def test_hinton_kd_terms_match_hand_computation(fixed_logits):
     zs, zt, alpha, t = [1.0, 2.0, 3.0], [3.0, 2.0, 1.0], 0.7, 2.0
-    student, teacher = Fixed([zs]), Fixed([zt])
+    student, teacher = fixed_logits([zs]), fixed_logits([zt])
     d = build_distiller("hinton_kd", student, teacher, {"alpha": alpha, "temperature": t})
     logits, terms = d(Batch(torch.zeros(1, 1, 4, 4), torch.tensor([0])))
     ce = -math.log(softmax(zs)[0])
@@ -68,9 +56,9 @@ def test_hinton_kd_terms_match_hand_computation():
     assert torch.equal(logits, student.logits)
 
 
-def test_label_smoothing_matches_hand_computation():
+def test_label_smoothing_matches_hand_computation(fixed_logits):
     zs, eps = [1.0, 2.0, 3.0], 0.1
-    d = build_distiller("label_smoothing", Fixed([zs]), None, {"epsilon": eps})
+    d = build_distiller("label_smoothing", fixed_logits([zs]), None, {"epsilon": eps})
     _, terms = d(Batch(torch.zeros(1, 1, 4, 4), torch.tensor([1])))
     p = softmax(zs)
     target = [eps / 3 + (1 - eps) * (i == 1) for i in range(3)]
@@ -78,9 +66,9 @@ def test_label_smoothing_matches_hand_computation():
     assert float(terms["ce_smooth"].detach()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_scratch_is_plain_cross_entropy():
+def test_scratch_is_plain_cross_entropy(fixed_logits):
     zs = [0.5, -0.5]
-    d = build_distiller("scratch", Fixed([zs]))
+    d = build_distiller("scratch", fixed_logits([zs]))
     _, terms = d(Batch(torch.zeros(1, 1, 2, 2), torch.tensor([1])))
     assert float(terms["ce"].detach()) == pytest.approx(-math.log(softmax(zs)[1]), rel=1e-6)
 
@@ -115,16 +103,16 @@ def test_teacher_frozen_and_in_eval_mode_while_training():
         ("label_smoothing", {"epsilon": 1.0}, "epsilon"),
     ],
 )
-def test_bad_parameters_are_rejected(name, params, match):
+def test_bad_parameters_are_rejected(name, params, match, fixed_logits):
     with pytest.raises(ConfigError, match=match):
-        build_distiller(name, Fixed([[0.0, 1.0]]), Fixed([[0.0, 1.0]]), params)
+        build_distiller(name, fixed_logits([[0.0, 1.0]]), fixed_logits([[0.0, 1.0]]), params)
 
 
-def test_class_count_mismatch_is_a_clear_error():
+def test_class_count_mismatch_is_a_clear_error(fixed_logits):
     with pytest.raises(ConfigError, match="teacher predicts 3 classes but the student predicts 2"):
-        build_distiller("hinton_kd", Fixed([[0.0, 1.0]]), Fixed([[0.0, 1.0, 2.0]]))
+        build_distiller("hinton_kd", fixed_logits([[0.0, 1.0]]), fixed_logits([[0.0, 1.0, 2.0]]))
 
 
-def test_unknown_distiller_lists_registered_names():
+def test_unknown_distiller_lists_registered_names(fixed_logits):
     with pytest.raises(KeyError, match=r"unknown distiller 'fitnet'; registered distillers: .*fitnets, hinton_kd"):
-        build_distiller("fitnet", Fixed([[0.0]]))
+        build_distiller("fitnet", fixed_logits([[0.0]]))

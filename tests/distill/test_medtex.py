@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.base import DistillContext, build_distiller
 from xkd.distill.medtex import (
@@ -23,29 +23,22 @@ from xkd.distill.medtex import (
 from xkd.engine.checkpoint import load_checkpoint, load_weights, model_weights, save_checkpoint
 from xkd.explain import build_explainer
 from xkd.explain.theta import MedTexTheta, ThetaUnavailableError
-from xkd.models import build_model
-from xkd.models.hooks import LayerNotFoundError, default_layer
+from xkd.models.hooks import LayerNotFoundError, capture_features, default_layer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture
+def medtex(tiny_model):
+    """``medtex(name="medtex", params=None, channels=1, size=16)``: the distiller after setup, on the tiny models."""
 
+    def make(name: str = "medtex", params: dict | None = None, channels: int = 1, size: int = 16):
+        ctx = DistillContext(sample=torch.zeros(2, channels, size, size))
+        student = tiny_model("student", channels=channels, size=size)
+        teacher = tiny_model("teacher", channels=channels, size=size)
+        return build_distiller(name, student, teacher, params, ctx)
 
-def student(channels: int = 1, size: int = 16) -> nn.Module:
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, channels, size)
-
-
-def teacher(channels: int = 1, size: int = 16) -> nn.Module:
-    return build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, channels, size)
-
-
-def medtex(name: str = "medtex", params: dict | None = None, channels: int = 1, size: int = 16):
-    ctx = DistillContext(sample=torch.zeros(2, channels, size, size))
-    return build_distiller(name, student(channels, size), teacher(channels, size), params, ctx)
+    return make
 
 
 def batch(n: int = 8, channels: int = 1, size: int = 16) -> Batch:
@@ -65,7 +58,7 @@ def test_theta_in_unit_interval_with_the_shape_of_x(shape):
     assert float(theta.detach().min()) >= 0.0 and float(theta.detach().max()) <= 1.0
 
 
-def test_student_sees_theta_times_x_and_hooked_features_are_the_real_ones():
+def test_student_sees_theta_times_x_and_hooked_features_are_the_real_ones(medtex):
     d = medtex()
     wrapper, inner = d.student, d.student.student
     x = batch().images
@@ -82,8 +75,6 @@ def test_student_sees_theta_times_x_and_hooked_features_are_the_real_ones():
     with torch.no_grad():
         assert torch.allclose(wrapper(x), inner(x_prime))
     # the VID hooks saw the inner student's real block outputs on X' and are gone afterwards
-    from xkd.models.hooks import capture_features
-
     with torch.no_grad(), capture_features(inner, ["blocks.0"]) as feats:
         wrapper(x)
         assert torch.allclose(feats["blocks.0"], inner.blocks[0](x_prime))
@@ -91,7 +82,7 @@ def test_student_sees_theta_times_x_and_hooked_features_are_the_real_ones():
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
-def test_wrapper_exposes_classes_and_default_layer_for_grad_cam():
+def test_wrapper_exposes_classes_and_default_layer_for_grad_cam(medtex):
     d = medtex()
     assert d.student.num_classes == 3
     assert default_layer(d.student) == "student.blocks.2.1"
@@ -162,7 +153,7 @@ def test_teacher_cross_entropy_is_eq2_and_scales_with_temperature():
 
 
 @pytest.mark.parametrize("name", ["medtex", "medex"])
-def test_joint_training_decreases_loss_and_keeps_teacher_frozen(name):
+def test_joint_training_decreases_loss_and_keeps_teacher_frozen(name, medtex):
     d = medtex(name)
     d.teacher.train()
     before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
@@ -190,7 +181,7 @@ def test_joint_training_decreases_loss_and_keeps_teacher_frozen(name):
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
 
 
-def test_medex_has_no_intermediate_losses():
+def test_medex_has_no_intermediate_losses(medtex):
     d = medtex("medex")
     _, terms = d(batch(4))
     assert set(terms) == {"ce_teacher"}
@@ -202,7 +193,7 @@ def test_medex_has_no_intermediate_losses():
     assert set(terms) == {"ce_teacher"}
 
 
-def test_wrapper_state_dict_round_trip_through_a_checkpoint(tmp_path):
+def test_wrapper_state_dict_round_trip_through_a_checkpoint(tmp_path, medtex, tiny_model):
     d = medtex()
     opt = torch.optim.Adam(d.trainable_modules().parameters(), lr=1e-2)
     _, terms = d(batch())
@@ -210,7 +201,7 @@ def test_wrapper_state_dict_round_trip_through_a_checkpoint(tmp_path):
     opt.step()
     save_checkpoint(tmp_path / "best.pt", {"model": d.trainable_modules().state_dict(), "epoch": 1})
     torch.manual_seed(123)  # a differently initialised rebuild, without setup (as pipeline.load_run_models)
-    fresh = build_distiller("medtex", student(), teacher()).student
+    fresh = build_distiller("medtex", tiny_model("student"), tiny_model("teacher")).student
     load_weights(fresh, model_weights(load_checkpoint(tmp_path / "best.pt")), "best.pt")
     x = batch(4).images
     d.eval()
@@ -224,11 +215,11 @@ def test_wrapper_state_dict_round_trip_through_a_checkpoint(tmp_path):
 # -- layers ---------------------------------------------------------------------------------------------
 
 
-def test_default_pairs_are_conv_blocks_matched_by_depth():
-    assert conv_blocks(student()) == ["blocks.0", "blocks.1", "blocks.2"]
-    assert conv_blocks(teacher()) == ["layer1", "layer2", "layer3"]  # the stem conv1 is left out
-    five = build_model(ModelConfig("kdfmv_cnn", params={"widths": [2, 2, 2, 2, 2]}), 3, 1, 16)
-    assert default_layer_pairs(five, teacher()) == [
+def test_default_pairs_are_conv_blocks_matched_by_depth(medtex, tiny_model):
+    assert conv_blocks(tiny_model("student")) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert conv_blocks(tiny_model("teacher")) == ["layer1", "layer2", "layer3"]  # the stem conv1 is left out
+    five = tiny_model("student", widths=[2, 2, 2, 2, 2])
+    assert default_layer_pairs(five, tiny_model("teacher")) == [
         ("blocks.0", "layer1"),
         ("blocks.2", "layer2"),
         ("blocks.4", "layer3"),
@@ -236,14 +227,14 @@ def test_default_pairs_are_conv_blocks_matched_by_depth():
     assert medtex().pairs == [("blocks.0", "layer1"), ("blocks.1", "layer2"), ("blocks.2", "layer3")]
 
 
-def test_unknown_layer_lists_module_paths():
+def test_unknown_layer_lists_module_paths(medtex):
     with pytest.raises(LayerNotFoundError, match=r"'blocks\.9' not found.*blocks\.0\.0"):
         medtex(params={"layers": [["blocks.9", "layer3"]]})
     with pytest.raises(LayerNotFoundError, match=r"'nope' not found.*layer1"):
         medtex(params={"layers": [["blocks.2", "nope"]]})
 
 
-def test_spatial_mismatch_resamples_the_student_map_and_non_maps_are_an_error():
+def test_spatial_mismatch_resamples_the_student_map_and_non_maps_are_an_error(medtex):
     # blocks.0 gives 8x8 maps, the teacher's layer1 16x16: the student map is resampled bilinearly
     d = medtex(params={"layers": [["blocks.0", "layer1"], ["blocks.2", "layer1"]]})
     _, terms = d(batch(4))
@@ -252,8 +243,8 @@ def test_spatial_mismatch_resamples_the_student_map_and_non_maps_are_an_error():
         medtex(params={"layers": [["classifier", "layer3"]]})
 
 
-def test_forward_without_setup_is_a_clear_error():
-    d = build_distiller("medtex", student(), teacher())
+def test_forward_without_setup_is_a_clear_error(tiny_model):
+    d = build_distiller("medtex", tiny_model("student"), tiny_model("teacher"))
     with pytest.raises(RuntimeError, match="setup"):
         d(batch(2))
 
@@ -270,12 +261,12 @@ def test_forward_without_setup_is_a_clear_error():
         ({"vid_reduction": "max"}, "not allowed"),
     ],
 )
-def test_bad_parameters_are_rejected(params, match):
+def test_bad_parameters_are_rejected(params, match, tiny_model):
     with pytest.raises(ConfigError, match=match):
-        build_distiller("medtex", student(), teacher(), params)
+        build_distiller("medtex", tiny_model("student"), tiny_model("teacher"), params)
 
 
-def test_works_for_rgb_odd_sized_images():
+def test_works_for_rgb_odd_sized_images(medtex):
     d = medtex(channels=3, size=15)
     logits, terms = d(batch(2, channels=3, size=15))
     assert logits.shape == (2, 3) and all(torch.isfinite(v) for v in terms.values())
@@ -284,8 +275,8 @@ def test_works_for_rgb_odd_sized_images():
 # -- the medtex_theta explainer ---------------------------------------------------------------------------
 
 
-def test_theta_explainer_returns_channel_mean_of_theta():
-    wrapper = MaskedStudent(ExplainerNet(3, [4, 8]), student(3))
+def test_theta_explainer_returns_channel_mean_of_theta(tiny_model):
+    wrapper = MaskedStudent(ExplainerNet(3, [4, 8]), tiny_model("student", channels=3))
     x = batch(5, channels=3).images
     with build_explainer("medtex_theta", wrapper, {"batch_size": 2}) as ex:
         assert isinstance(ex, MedTexTheta)
@@ -298,8 +289,8 @@ def test_theta_explainer_returns_channel_mean_of_theta():
     assert a.method == "medtex_theta" and a.layer is None
 
 
-def test_theta_explainer_refuses_models_without_theta():
+def test_theta_explainer_refuses_models_without_theta(medtex, tiny_model):
     with pytest.raises(ThetaUnavailableError, match="'medtex' or 'medex'"):
-        build_explainer("medtex_theta", teacher())
+        build_explainer("medtex_theta", tiny_model("teacher"))
     with pytest.raises(ConfigError, match="batch_size"):
         build_explainer("medtex_theta", medtex().student, {"batch_size": 0})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.base import build_distiller
 from xkd.distill.relation import (
@@ -22,23 +22,9 @@ from xkd.distill.relation import (
     rkd_distance_loss,
     sp_loss,
 )
-from xkd.models import build_model
 from xkd.models.hooks import LayerNotFoundError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_pair(seed: int = 0):
-    torch.manual_seed(seed)
-    student = build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, 16)
-    teacher = build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16)
-    return student, teacher
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BATCH = Batch(
@@ -142,8 +128,8 @@ def test_embed_pools_maps_and_flattens_the_rest():
 # distillers
 
 
-def test_default_layers_hooks_and_terms():
-    student, teacher = tiny_pair()
+def test_default_layers_hooks_and_terms(tiny_pair):
+    student, teacher = tiny_pair
     d = build_distiller("rkd", student, teacher)
     assert isinstance(d, RKD) and d.pairs == [("blocks.2.1", "layer3")]
     d.eval()
@@ -174,8 +160,8 @@ def test_default_layers_hooks_and_terms():
 @pytest.mark.parametrize(
     "name,cls,term,fn,weight", [("sp", SP, "sp", sp_loss, 3000.0), ("pkt", PKT, "pkt", pkt_loss, 3e4)]
 )
-def test_sp_and_pkt_terms_use_the_hooked_features(name, cls, term, fn, weight):
-    student, teacher = tiny_pair()
+def test_sp_and_pkt_terms_use_the_hooked_features(name, cls, term, fn, weight, tiny_pair):
+    student, teacher = tiny_pair
     d = build_distiller(name, student, teacher, {"ce_weight": 0.5})
     assert isinstance(d, cls)
     d.eval()
@@ -190,8 +176,8 @@ def test_sp_and_pkt_terms_use_the_hooked_features(name, cls, term, fn, weight):
     assert float(terms["ce"].detach()) == pytest.approx(0.5 * float(ce.detach()), rel=1e-6)
 
 
-def test_several_layer_pairs_add_up():
-    student, teacher = tiny_pair()
+def test_several_layer_pairs_add_up(tiny_pair):
+    student, teacher = tiny_pair
     pairs = [["blocks.1.1", "layer2"], ["blocks.2.1", "layer3"]]
     d = build_distiller("sp", student, teacher, {"layers": pairs})
     one = [build_distiller("sp", student, teacher, {"layers": [p]}) for p in pairs]
@@ -202,8 +188,8 @@ def test_several_layer_pairs_add_up():
 
 
 @pytest.mark.parametrize("name", ["sp", "rkd", "pkt"])
-def test_training_lowers_the_loss_and_keeps_the_teacher_frozen(name):
-    student, teacher = tiny_pair()
+def test_training_lowers_the_loss_and_keeps_the_teacher_frozen(name, tiny_pair):
+    student, teacher = tiny_pair
     teacher.train()
     d = build_distiller(name, student, teacher)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -227,9 +213,9 @@ def test_training_lowers_the_loss_and_keeps_the_teacher_frozen(name):
 
 
 @pytest.mark.parametrize("name", ["sp", "rkd", "pkt"])
-def test_layers_of_different_spatial_size_need_no_adapter(name):
+def test_layers_of_different_spatial_size_need_no_adapter(name, tiny_pair):
     # student 16x16x4 map vs teacher 4x4x16 map: relations are b x b, so they are compared as is
-    student, teacher = tiny_pair()
+    student, teacher = tiny_pair
     d = build_distiller(name, student, teacher, {"layers": [["blocks.0.1", "layer3"]]})
     assert set(d.trainable_modules()) == {"student"}
     _, terms = d(BATCH)
@@ -240,8 +226,8 @@ def test_layers_of_different_spatial_size_need_no_adapter(name):
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
-def test_unknown_layer_lists_module_paths(role):
-    student, teacher = tiny_pair()
+def test_unknown_layer_lists_module_paths(role, tiny_pair):
+    student, teacher = tiny_pair
     pair = ["blocks.9", "layer3"] if role == "student" else ["blocks.2.1", "layer9"]
     with pytest.raises(LayerNotFoundError, match="module paths") as e:
         build_distiller("pkt", student, teacher, {"layers": [pair]})
@@ -261,13 +247,13 @@ def test_unknown_layer_lists_module_paths(role):
         ("rkd", {"temperature": 4.0}, "unknown key 'params.temperature'"),
     ],
 )
-def test_bad_parameters_are_rejected(name, params, match):
-    student, teacher = tiny_pair()
+def test_bad_parameters_are_rejected(name, params, match, tiny_pair):
+    student, teacher = tiny_pair
     with pytest.raises(ConfigError, match=match):
         build_distiller(name, student, teacher, params)
 
 
-def test_relation_methods_need_a_teacher():
-    student, _ = tiny_pair()
+def test_relation_methods_need_a_teacher(tiny_pair):
+    student, _ = tiny_pair
     with pytest.raises(ConfigError, match="needs a teacher"):
         SP(student, None)

@@ -7,55 +7,60 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig, from_dict
-from xkd.data.base import Batch, TensorImageDataset
+from xkd.cache import Cache
+from xkd.config import ConfigError, from_dict
+from xkd.data.base import Batch
 from xkd.distill import build_distiller
 from xkd.distill import xdistill as X
 from xkd.distill.base import DistillContext
-from xkd.distill.xdistill import CAE, XDistillParams, XDistillStudent, normalise_targets, superpixel_targets
+from xkd.distill.cae import CAE
+from xkd.distill.xdistill import XDistillParams, XDistillStudent, normalise_targets, superpixel_targets
 from xkd.explain.base import build_explainer
-from xkd.models import build_model
 from xkd.models.hooks import LayerNotFoundError, capture_features, default_layer
 
 FAST = {"explainer": "grad_cam", "cae_epochs": 2, "cae_batch_size": 4, "cae_grid": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def cnn(seed=0, size=16):
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, size)
+@pytest.fixture
+def cnn(tiny_model):
+    """``cnn(seed=0)``: the tiny student (kdfmv_cnn)."""
+    return lambda seed=0: tiny_model("student", seed)
 
 
-def resnet(seed=1, size=16):
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, size)
+@pytest.fixture
+def resnet(tiny_model):
+    """``resnet(seed=1)``: the tiny teacher (cifar_resnet)."""
+    return lambda seed=1: tiny_model("teacher", seed)
 
 
-def dataset(n=12, size=16):
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 1, size, size, generator=g)
-    labels = torch.arange(n) % 3
-    images[labels == 1, :, : size // 2] += 1.0  # some label signal
-    return TensorImageDataset(images.clamp(0, 1), labels)
+@pytest.fixture
+def context(tmp_path, tiny_data):
+    """``context(data=None, key="teacher-a", seed=0)``: a setup context caching under ``tmp_path``."""
+
+    def make(data=None, key="teacher-a", seed=0):
+        data = data if data is not None else tiny_data()
+        return DistillContext(
+            sample=torch.zeros(2, 1, 16, 16), train=data, cache_dir=tmp_path, teacher_key=key, seed=seed
+        )
+
+    return make
 
 
-def context(tmp_path, data=None, key="teacher-a", seed=0):
-    data = data if data is not None else dataset()
-    return DistillContext(sample=torch.zeros(2, 1, 16, 16), train=data, cache_dir=tmp_path, teacher_key=key, seed=seed)
+@pytest.fixture
+def fixed_batch(tiny_data):
+    """``fixed_batch(n=6)``: the first ``n`` tiny images as one batch."""
 
+    def make(n=6):
+        data = tiny_data(n)
+        return Batch(data.images, data.labels)
 
-def fixed_batch(n=6):
-    data = dataset(n)
-    return Batch(data.images, data.labels)
+    return make
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -72,8 +77,8 @@ def test_superpixel_targets_are_sums_per_superpixel_by_hand(monkeypatch):
     assert torch.equal(got, expected)
 
 
-def test_superpixel_targets_match_a_loop_over_real_slic_segments():
-    images = dataset(2).images
+def test_superpixel_targets_match_a_loop_over_real_slic_segments(tiny_data):
+    images = tiny_data(2).images
     maps = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(3))
     got = superpixel_targets(maps, images, X.SuperpixelParams(n_segments=5))
     seg = X.slic_segments(images, X.SuperpixelParams(n_segments=5))
@@ -83,8 +88,8 @@ def test_superpixel_targets_match_a_loop_over_real_slic_segments():
             assert torch.allclose(got[i][inside], maps[i][inside].sum().expand(int(inside.sum())), atol=1e-5)
 
 
-def test_kernel_shap_targets_are_its_superpixel_values_not_area_weighted():
-    teacher, images, labels = resnet(), dataset(3).images, torch.tensor([0, 1, 2])
+def test_kernel_shap_targets_are_its_superpixel_values_not_area_weighted(resnet, tiny_data):
+    teacher, images, labels = resnet(), tiny_data(3).images, torch.tensor([0, 1, 2])
     p = from_dict(XDistillParams, {"explainer": "kernel_shap", "explainer_params": {"n_samples": 20},
                                      "superpixel": {"n_segments": 4}})  # fmt: skip
     got = X.teacher_targets(teacher, images, labels, p)
@@ -114,7 +119,7 @@ def test_cae_sizes_and_any_image_size():
         assert out.abs().max() <= 1  # tanh
 
 
-def test_wrapper_replaces_the_classifier_and_keeps_the_student_intact():
+def test_wrapper_replaces_the_classifier_and_keeps_the_student_intact(cnn, resnet):
     student = cnn()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     d = build_distiller("xdistill", student, resnet(), {"cae_grid": 7})
@@ -127,7 +132,7 @@ def test_wrapper_replaces_the_classifier_and_keeps_the_student_intact():
     assert default_layer(w) == "cnn." + default_layer(student)
 
 
-def test_grad_cam_and_hooks_work_on_the_wrapper():
+def test_grad_cam_and_hooks_work_on_the_wrapper(cnn, resnet):
     w = build_distiller("xdistill", cnn(), resnet(), {"cae_grid": 16}).student
     x = torch.rand(3, 1, 16, 16)
     layer = default_layer(w)
@@ -144,7 +149,7 @@ def test_grad_cam_and_hooks_work_on_the_wrapper():
             pass
 
 
-def test_student_whose_last_linear_is_not_final_is_a_clear_error(tmp_path):
+def test_student_whose_last_linear_is_not_final_is_a_clear_error(resnet, context):
     class Sliced(nn.Module):  # its last Linear is followed by a slice: not the final layer
         def __init__(self):
             super().__init__()
@@ -155,7 +160,7 @@ def test_student_whose_last_linear_is_not_final_is_a_clear_error(tmp_path):
 
     d = build_distiller("xdistill", Sliced(), resnet(), {**FAST, "cae_grid": 4})
     with pytest.raises(ConfigError, match="last nn.Linear must be its final layer"):
-        d.setup(context(tmp_path))
+        d.setup(context())
     with pytest.raises(ConfigError, match="has no nn.Linear"):
         build_distiller("xdistill", nn.Sequential(nn.Conv2d(1, 3, 3)), resnet())
 
@@ -163,7 +168,7 @@ def test_student_whose_last_linear_is_not_final_is_a_clear_error(tmp_path):
 # -- phase 1: cache -------------------------------------------------------------------------------
 
 
-def test_targets_cached_hit_and_other_teacher_rebuilt(tmp_path, monkeypatch):
+def test_targets_cached_hit_and_other_teacher_rebuilt(monkeypatch, cnn, resnet, context, tiny_data):
     calls = []
     real = X.teacher_targets
 
@@ -172,43 +177,41 @@ def test_targets_cached_hit_and_other_teacher_rebuilt(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(X, "teacher_targets", counting)
-    d1 = build_distiller("xdistill", cnn(), resnet(1), FAST, context(tmp_path, key="teacher-a"))
+    d1 = build_distiller("xdistill", cnn(), resnet(1), FAST, context(key="teacher-a"))
     assert len(calls) == 1 and d1.cache_files["targets"].is_file() and d1.cache_files["cae"].is_file()
     assert d1.setup_reused_seconds == 0.0  # built now: its time is measured by the pipeline
-    d2 = build_distiller("xdistill", cnn(), resnet(1), FAST, context(tmp_path, key="teacher-a"))
+    d2 = build_distiller("xdistill", cnn(), resnet(1), FAST, context(key="teacher-a"))
     assert len(calls) == 1  # cache hit: no explanations computed, CAE loaded
     # the reused artefacts still cost what building them took (stored in the files' metadata)
-    built = [X._cache_seconds(d1.cache_files[k]) for k in ("targets", "cae")]
+    built = [Cache.seconds(d1.cache_files[k]) for k in ("targets", "cae")]
     assert all(b > 0 for b in built) and d2.setup_reused_seconds == pytest.approx(sum(built))
     for a, b in zip(d1.student.cae.state_dict().values(), d2.student.cae.state_dict().values()):
         assert torch.equal(a, b)
     # another teacher has another file; plant teacher A's file there: detected by its stored key, rebuilt
-    d3 = build_distiller("xdistill", cnn(), resnet(2), FAST, context(tmp_path, key="teacher-b"))
+    d3 = build_distiller("xdistill", cnn(), resnet(2), FAST, context(key="teacher-b"))
     assert len(calls) == 2 and d3.cache_files["targets"] != d1.cache_files["targets"]
     shutil.copyfile(d1.cache_files["targets"], d3.cache_files["targets"])
     shutil.copyfile(d1.cache_files["cae"], d3.cache_files["cae"])
-    d4 = build_distiller("xdistill", cnn(), resnet(2), FAST, context(tmp_path, key="teacher-b"))
+    d4 = build_distiller("xdistill", cnn(), resnet(2), FAST, context(key="teacher-b"))
     assert len(calls) == 3
-    stored = X._read_cache(d4.cache_files["targets"], json_key(d4, tmp_path))
+    stored = Cache.read(d4.cache_files["targets"], json_key(d4))
     assert stored is not None  # rewritten with teacher B's key
-    expected = real(resnet(2), dataset().images, dataset().labels, from_dict(XDistillParams, FAST))
+    expected = real(resnet(2), tiny_data().images, tiny_data().labels, from_dict(XDistillParams, FAST))
     assert torch.allclose(stored["targets"], expected)
 
 
-def json_key(d, tmp_path):
-    from safetensors import safe_open
-
+def json_key(d):
     with safe_open(str(d.cache_files["targets"]), framework="pt") as f:
         key = f.metadata()["key"]
     assert '"teacher": "teacher-b"' in key
     return key
 
 
-def test_max_images_selects_a_fixed_subset(tmp_path, monkeypatch):
+def test_max_images_selects_a_fixed_subset(monkeypatch, cnn, resnet, context):
     seen = []
     real = X.teacher_targets
     monkeypatch.setattr(X, "teacher_targets", lambda t, im, lab, p: seen.append(len(im)) or real(t, im, lab, p))
-    build_distiller("xdistill", cnn(), resnet(), {**FAST, "max_images": 5}, context(tmp_path))
+    build_distiller("xdistill", cnn(), resnet(), {**FAST, "max_images": 5}, context())
     assert seen == [5]
     assert torch.equal(X.select_indices(12, 5), X.select_indices(12, 5)) and len(X.select_indices(3, 5)) == 3
 
@@ -216,15 +219,21 @@ def test_max_images_selects_a_fixed_subset(tmp_path, monkeypatch):
 # -- phase 2: training --------------------------------------------------------------------------------
 
 
-def trained(tmp_path, params=None, student=None):
-    teacher = resnet()
-    teacher.train()
-    d = build_distiller("xdistill", student or cnn(), teacher, {**FAST, **(params or {})}, context(tmp_path))
-    return d, teacher
+@pytest.fixture
+def trained(cnn, resnet, context):
+    """``trained(params=None, student=None)``: xdistill after setup, and its teacher (built in train mode)."""
+
+    def make(params=None, student=None):
+        teacher = resnet()
+        teacher.train()
+        d = build_distiller("xdistill", student or cnn(), teacher, {**FAST, **(params or {})}, context())
+        return d, teacher
+
+    return make
 
 
-def test_cae_frozen_teacher_frozen_and_loss_decreases(tmp_path):
-    d, teacher = trained(tmp_path, {"lam": 1e-3})
+def test_cae_frozen_teacher_frozen_and_loss_decreases(fixed_batch, trained):
+    d, teacher = trained({"lam": 1e-3})
     cae_before = {k: v.clone() for k, v in d.student.cae.state_dict().items()}
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     opt = torch.optim.Adam([p for p in d.trainable_modules().parameters() if p.requires_grad], lr=1e-2)
@@ -247,8 +256,8 @@ def test_cae_frozen_teacher_frozen_and_loss_decreases(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_cifar_resnet_student_trains_one_step(tmp_path):
-    d, _ = trained(tmp_path, student=resnet(5))
+def test_cifar_resnet_student_trains_one_step(resnet, fixed_batch, trained):
+    d, _ = trained(student=resnet(5))
     opt = torch.optim.SGD([p for p in d.trainable_modules().parameters() if p.requires_grad], lr=0.05)
     _, terms = d(fixed_batch())
     sum(terms.values()).backward()
@@ -256,8 +265,8 @@ def test_cifar_resnet_student_trains_one_step(tmp_path):
     assert d.student.cnn_features == 16
 
 
-def test_lambda_changes_only_the_cnn_branch_weight_penalty(tmp_path):
-    d0, _ = trained(tmp_path, {"lam": 0.0})
+def test_lambda_changes_only_the_cnn_branch_weight_penalty(cnn, resnet, fixed_batch, trained):
+    d0, _ = trained({"lam": 0.0})
     lam = 0.05
     d1 = build_distiller("xdistill", cnn(), resnet(), {**FAST, "lam": lam})
     d1.student.load_state_dict(d0.student.state_dict())
@@ -284,8 +293,8 @@ def test_lambda_changes_only_the_cnn_branch_weight_penalty(tmp_path):
             assert torch.equal(diff, torch.zeros_like(diff)), name
 
 
-def test_loss_terms_match_hand_computation(tmp_path):
-    d, _ = trained(tmp_path, {"alpha": 0.6, "temperature": 2.0, "lam": 0.1})
+def test_loss_terms_match_hand_computation(fixed_batch, trained):
+    d, _ = trained({"alpha": 0.6, "temperature": 2.0, "lam": 0.1})
     batch = fixed_batch(2)
     logits, terms = d(batch)
     zs, zt, y = logits.detach().tolist(), d.teacher(batch.images).tolist(), batch.labels.tolist()
@@ -305,8 +314,8 @@ def test_loss_terms_match_hand_computation(tmp_path):
     assert float(terms["fr"].detach()) == pytest.approx(0.1 * sum(v * v for v in c), rel=1e-5)
 
 
-def test_wrapper_state_dict_round_trip_without_setup(tmp_path):
-    d, _ = trained(tmp_path)
+def test_wrapper_state_dict_round_trip_without_setup(cnn, resnet, trained):
+    d, _ = trained()
     rebuilt = build_distiller("xdistill", cnn(7), resnet(), FAST).student  # as pipeline.load_run_models does
     assert set(rebuilt.state_dict()) == set(d.student.state_dict())
     assert any(k.startswith("cae.") for k in rebuilt.state_dict())
@@ -330,12 +339,12 @@ def test_wrapper_state_dict_round_trip_without_setup(tmp_path):
         ({"superpixel": {"n_segments": 0}}, "n_segments"),
     ],
 )
-def test_bad_parameters_are_rejected(params, match):
+def test_bad_parameters_are_rejected(params, match, cnn, resnet):
     with pytest.raises(ConfigError, match=match):
         build_distiller("xdistill", cnn(), resnet(), params)
 
 
-def test_setup_needs_training_data(tmp_path):
+def test_setup_needs_training_data(cnn, resnet):
     d = build_distiller("xdistill", cnn(), resnet(), FAST)
     with pytest.raises(ConfigError, match="training split"):
         d.setup(DistillContext(sample=torch.zeros(2, 1, 16, 16)))

@@ -12,24 +12,24 @@ from pathlib import Path
 
 import torch
 
-import xkd.pipeline as pipeline
-from xkd.config import load_config
+from xkd.engine.trainer import Trainer
+from xkd.plan import load_config
+from xkd.runner import run
 
 out = Path(sys.argv[1])
 overrides = sys.argv[2:]
 rank = int(os.environ["RANK"])
 trained: dict[str, dict[str, torch.Tensor]] = {}
 
-original_load_best = pipeline._load_best
+original_restore = Trainer.restore
 
 
-def capture_then_load(distiller, path):
-    role = path.parent.name
-    trained[role] = {k: v.detach().clone() for k, v in distiller.trainable_modules().state_dict().items()}
-    original_load_best(distiller, path)
+def capture_then_restore(self, which="best.pt"):
+    trained[self.role] = {k: v.detach().clone() for k, v in self.distiller.trainable_modules().state_dict().items()}
+    original_restore(self, which)
 
 
-pipeline._load_best = capture_then_load
+Trainer.restore = capture_then_restore
 
 if rank != 0:
 
@@ -38,5 +38,5 @@ if rank != 0:
 
     os.replace = refuse
 
-run_dir = pipeline.run(load_config(None, overrides), progress=False)
+run_dir = run(load_config(None, overrides), progress=False)
 torch.save(trained, out / f"rank{rank}.pt")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+from xkd.config import ConfigError, OptimizerConfig, SchedulerConfig, TrainConfig
 from xkd.data.base import TensorImageDataset
 from xkd.distill import build_distiller
 from xkd.distill.base import Distiller
 from xkd.engine import CheckpointError, NonFiniteLossError, Trainer, load_checkpoint, load_weights, save_checkpoint
-from xkd.models import build_model
 
 
 def blobs(n=96, seed=0) -> TensorImageDataset:
@@ -25,23 +27,37 @@ def blobs(n=96, seed=0) -> TensorImageDataset:
     return TensorImageDataset(x, labels)
 
 
-def student(seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8]}), 4, 1, 8)
+@pytest.fixture
+def student(tiny_model):
+    """``student(seed=0)``: the tiny kdfmv_cnn (widths [4, 8]) for the 4 classes of 8x8 :func:`blobs`."""
+    return lambda seed=0: tiny_model("student", seed, num_classes=4, size=8, widths=[4, 8])
 
 
-def fit(tmp_path, epochs=2, resume=False, model=None, **kw):
-    model = model or student()
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"), **kw
-    )
-    tr = Trainer(
-        build_distiller("scratch", model), blobs(), blobs(32, 1), cfg, checkpoint_dir=tmp_path, seed=0, progress=False
-    )
-    return tr.fit(resume=resume), model
+@pytest.fixture
+def fit(student):
+    """``fit(folder, epochs=2, resume=False, model=None, **train)``: scratch training on :func:`blobs`;
+    returns the result and the trained model."""
+
+    def run(tmp_path, epochs=2, resume=False, model=None, **kw):
+        model = model or student()
+        cfg = TrainConfig(
+            epochs=epochs, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"), **kw
+        )
+        tr = Trainer(
+            build_distiller("scratch", model),
+            blobs(),
+            blobs(32, 1),
+            cfg,
+            checkpoint_dir=tmp_path,
+            seed=0,
+            progress=False,
+        )
+        return tr.fit(resume=resume), model
+
+    return run
 
 
-def test_training_learns_and_writes_best_and_last(tmp_path):
+def test_training_learns_and_writes_best_and_last(tmp_path, fit):
     result, model = fit(tmp_path, epochs=3)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -52,7 +68,7 @@ def test_training_learns_and_writes_best_and_last(tmp_path):
     assert set(last["history"][0]) >= {"train_loss", "val_accuracy", "terms", "lr"}
 
 
-def test_same_seed_same_weights(tmp_path):
+def test_same_seed_same_weights(tmp_path, fit):
     _, a = fit(tmp_path / "a")
     _, b = fit(tmp_path / "b")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -79,7 +95,7 @@ class FailAfter(Distiller):
         return logits, {"ce": loss * float("nan") if failing else loss}
 
 
-def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, student, fit):
     _, straight = fit(tmp_path / "straight", epochs=3)
     cfg = TrainConfig(epochs=3, batch_size=16, optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig("cosine"))
     interrupted = Trainer(
@@ -100,7 +116,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
         assert torch.allclose(va, vb, atol=1e-6), k
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, student):
     model = student()
     steps_per_epoch = 96 // 16
     tr = Trainer(
@@ -121,9 +137,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, fit, tiny_model):
     fit(tmp_path, epochs=1)
-    other = build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 16]}), 4, 1, 8)
+    other = tiny_model("student", num_classes=4, size=8, widths=[4, 16])
     state = load_checkpoint(tmp_path / "best.pt")
     weights = {k.removeprefix("student."): v for k, v in state["model"].items()}
     with pytest.raises(CheckpointError, match="different architecture .* shape mismatch"):
@@ -147,9 +163,6 @@ def test_save_is_atomic_and_round_trips(tmp_path):
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
-    import os
-    import stat
-
     path = save_checkpoint(tmp_path / "c.pt", {"model": {}})
     umask = os.umask(0)
     os.umask(umask)

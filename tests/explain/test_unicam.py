@@ -9,11 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from xkd.config import ConfigError, ModelConfig
+from xkd.explain import build_explainer
+from xkd.explain.base import resolve_explainer
 from xkd.explain.unicam import UniCAM, chunk_bounds
-from xkd.metrics.transfer import distance_matrix, u_centered, u_correlation, u_residual
 from xkd.models import LayerNotFoundError, build_model
 from xkd.models.hooks import default_layer
 from xkd.registry import EXPLAINERS
+from xkd.scoring import explain
+from xkd.stats import distance_matrix, u_centered, u_correlation, u_residual
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -186,15 +189,13 @@ def test_errors_name_the_problem_and_the_fix():
 
 
 def test_fewer_images_than_unicam_needs_are_padded_and_only_their_maps_returned():
-    from xkd.explain import build_explainer
-    from xkd.scoring import explain
-
     student, teacher = pair()
     x, y = region_batch(8)
-    maps = explain("unicam", {}, student, x[:2], y[:2], pad=(x[2:], y[2:]), teacher=teacher)
+    spec = resolve_explainer("unicam")
+    maps = explain(spec, student, x[:2], y[:2], pad=(x[2:], y[2:]), teacher=teacher)
     assert maps.shape == (2, 16, 16)
     with build_explainer("unicam", student, {}, teacher=teacher) as ex:
         full = ex.explain(x[:4], y[:4]).maps
     torch.testing.assert_close(maps, full[:2])  # the same as explaining them with the padding images
     with pytest.raises(ValueError, match="at least 4 images"):
-        explain("unicam", {}, student, x[:2], y[:2], teacher=teacher)
+        explain(spec, student, x[:2], y[:2], teacher=teacher)

@@ -7,20 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from xkd.config import DataConfig
+from xkd.data import build_dataset
 from xkd.data.base import TensorImageDataset
 from xkd.data.concepts import CONCEPT_CLASSES, CONCEPT_NAMES, ConceptDataset, generate_concepts
 from xkd.metrics import as_result
-from xkd.metrics.dissection import (
-    DissectionError,
-    StreamingTopQuantile,
-    concept_detectors,
-    plot_top_units,
-)
+from xkd.metrics.dissection import DissectionError, concept_detectors, top_unit_panels
+from xkd.metrics.quantile import StreamingTopQuantile
 from xkd.models.hooks import LayerNotFoundError
 from xkd.registry import METRICS
+from xkd.report.figures import plot_top_units
 
 
 class Lookup(nn.Module):
@@ -213,7 +213,8 @@ def test_model_that_rejects_channels_last_inputs_still_works():
 def test_registered_with_metadata_and_headline(dissected):
     info = METRICS.get("concept_detectors")
     assert info.fn is concept_detectors and info.higher_is_better is True
-    assert info.category == "interpretability" and "concept_masks" in info.needs and info.description
+    assert info.category == "interpretability" and "concept_data" in info.needs and info.description
+    assert info.scope == "study"  # a run cannot select it: a study computes it
     _, res = dissected
     r = as_result("concept_detectors", res)
     assert r.value == res.n_detectors == 19 and r.details["per_category"]["colour"] == 9
@@ -222,17 +223,12 @@ def test_registered_with_metadata_and_headline(dissected):
 
 def test_figure_of_top_units(tmp_path, concepts, dissected):
     model, res = dissected
-    path = plot_top_units(res, model, concepts, tmp_path / "units.png", n_units=3, n_images=2)
+    path = plot_top_units(top_unit_panels(res, model, concepts, n_units=3, n_images=2), tmp_path / "units.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_imagefolder_with_a_mask_tree_per_concept_is_dissected_per_concept(tmp_path):
     # concepts/<category>/<concept>/<class>/<stem>.png; an image without a file lacks that concept
-    from PIL import Image
-
-    from xkd.config import DataConfig
-    from xkd.data import build_dataset
-
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         for i in range(12):

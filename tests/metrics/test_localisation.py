@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xkd.metrics import medtex_k_values, pointing_game, top_k_iou
+from xkd.metrics.localisation import region_precision_recall
 
 
 def square_masks(n: int = 3) -> torch.Tensor:
@@ -113,8 +114,6 @@ def test_maps_and_masks_of_different_sizes_are_one_clear_error(fn):
 
 
 def test_region_precision_and_recall_by_hand():
-    from xkd.metrics.localisation import region_precision_recall
-
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[0, 0, :] = True  # 4-pixel region
     masks[1, :2, :2] = True  # 4-pixel region

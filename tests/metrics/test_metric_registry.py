@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import xkd.explain  # noqa: F401
 import xkd.metrics  # noqa: F401
 import xkd.metrics.sanity  # noqa: F401  (until xkd.metrics imports them)
 import xkd.metrics.superpixel  # noqa: F401
 from xkd.metrics import as_result, flops
+from xkd.metrics.agreement import map_spearman
 from xkd.metrics.base import MetricInfo
 from xkd.registry import EXPLAINERS, METRICS
 
@@ -62,17 +64,15 @@ def test_metric_is_registered_with_metadata(name):
 
 def test_needs_name_what_a_metric_consumes():
     assert set(METRICS.get("pointing_game").needs) == {"maps", "masks"}
-    assert "second_model" in METRICS.get("top_k_agreement").needs
-    assert "second_model" in METRICS.get("posthoc_agreement").needs
+    assert METRICS.get("top_k_agreement").needs == ("teacher_maps", "student_maps", "agreement_top_k")
+    assert "teacher_predictions" in METRICS.get("posthoc_agreement").needs
     assert set(METRICS.get("mask_mass").needs) == {"maps", "masks"}
-    assert {"maps", "second_model", "segments"} <= set(METRICS.get("superpixel_mse").needs)
-    assert "correct" in METRICS.get("superpixel_sign_agreement").needs
-    assert "explainer" in METRICS.get("randomisation_sanity").needs
+    assert {"teacher_maps", "student_maps", "segments"} <= set(METRICS.get("superpixel_mse").needs)
+    assert "both_correct" in METRICS.get("superpixel_sign_agreement").needs
+    assert "make_explainer" in METRICS.get("randomisation_sanity").needs
 
 
 def test_map_spearman_is_registered_as_rank_correlation():
-    from xkd.metrics.agreement import map_spearman
-
     assert METRICS.get("rank_correlation").fn is map_spearman
     assert "map_spearman" not in METRICS.names()
 
@@ -82,8 +82,6 @@ def test_explainers_registered():
 
 
 def test_as_result_takes_the_headline_value():
-    import torch
-
     r = as_result("flops", flops(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 5)), (1, 1, 10)))
     assert (r.name, r.value, r.higher_is_better, r.details["macs"]) == ("flops", 100, False, 50)
     assert as_result("accuracy", 0.5).value == 0.5

@@ -11,24 +11,20 @@ import torch
 from torch import nn
 
 from xkd.config import ModelConfig
-from xkd.metrics.transfer import (
+from xkd.metrics.transfer import fss, model_features, pair_features, rs, transfer_scores
+from xkd.models import LayerNotFoundError, build_model
+from xkd.registry import METRICS
+from xkd.stats import (
     class_target,
     dcor_u,
     dcor_v,
     distance_matrix,
-    fss,
-    model_features,
-    pair_features,
     partial_dcor,
     residual_dcor,
-    rs,
-    transfer_scores,
     u_centered,
     u_correlation,
     u_residual,
 )
-from xkd.models import LayerNotFoundError, build_model
-from xkd.registry import METRICS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,7 +161,7 @@ def test_bad_inputs_are_named():
 def test_metrics_are_registered():
     info = METRICS.get("fss")
     assert info.higher_is_better is True and info.category == "transfer" and info.fn is fss
-    assert info.needs == ("model", "second_model", "images")
+    assert info.needs == ("student_features", "teacher_features") and info.scope == "transfer"
     assert METRICS.get("rs").fn is rs and METRICS.get("rs").higher_is_better is True
 
 

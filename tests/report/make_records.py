@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from xkd.report.records import atomic_write_bytes, atomic_write_text, record, write_json
+from xkd.files import atomic_write_bytes, atomic_write_text, record, write_json
 
 CLASSES = ("circle", "square", "triangle")
 ROLES = ("teacher", "scratch", "kd")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from xkd.cli import main
-from xkd.config import ConfigError, load_config
-from xkd.report.records import read_json
+from xkd.config import ConfigError
+from xkd.files import read_json
+from xkd.plan import load_config
 from xkd.studies.capacity_gap import teacher_sizes
 from xkd.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 
 from xkd.cli import main
-from xkd.config import ConfigError, load_config
+from xkd.config import ConfigError
+from xkd.files import read_json
 from xkd.metrics.dissection import DissectionError
 from xkd.models.hooks import LayerNotFoundError
-from xkd.report.records import read_json
+from xkd.plan import load_config
 from xkd.studies.kd_vs_ls import roles_by_distiller, run_study
 from xkd.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD
 

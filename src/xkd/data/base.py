@@ -14,9 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-
-class DataError(ValueError):
-    """A dataset that cannot be built as configured. The message names the problem and the fix."""
+from xkd.errors import DataError
 
 
 @dataclass

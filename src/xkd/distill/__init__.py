@@ -8,11 +8,12 @@ Importing this package registers the built-in distillers: ``scratch``, ``hinton_
 
 from xkd.distill.assistant import TeacherAssistant
 from xkd.distill.base import DistillContext, Distiller, build_distiller, distiller_params
+from xkd.distill.cae import CAE
 from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
 from xkd.distill.logits import DKD, HintonKD, LabelSmoothing, Scratch, dkd_terms, kd_loss
 from xkd.distill.medtex import ExplainerNet, MaskedStudent, MedEx, MedTex, teacher_cross_entropy
 from xkd.distill.relation import PKT, RKD, SP
-from xkd.distill.xdistill import CAE, XDistillation, XDistillParams, XDistillStudent
+from xkd.distill.xdistill import XDistillation, XDistillParams, XDistillStudent
 
 __all__ = [
     "CAE",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 from xkd.models.hooks import capture_features, default_layer, get_module
 
 LayerPairs = list[list[str]]

@@ -1,7 +1,8 @@
 """Teacher assistant: teacher -> assistant -> student as a chain of runs in one config.
 
-Source: Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant", AAAI 2020; used by
-UniCAM (``shared/seeds/004_unicam.txt``, SEEDS.md §5) to test whether an intermediate-size model
+Source: Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant", AAAI 2020 (TAKD); used
+by UniCAM (Adhane, Dehshibi, Vetter, Masip & Roig, "On Explaining Knowledge Distillation: Measuring and
+Visualising the Knowledge Transfer Process", WACV 2025) to test whether an intermediate-size model
 bridges a large teacher-student capacity gap.
 
 A ``teacher_assistant`` student names an **assistant** architecture. The pipeline
@@ -30,10 +31,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from xkd.config import ConfigError, ModelConfig, from_dict
+import xkd.models  # noqa: F401  (registers the models assistant.name is checked against)
+from xkd.config import ModelConfig
 from xkd.data.base import Batch
 from xkd.distill.base import DistillContext, Distiller, build_distiller, distiller_params
-from xkd.registry import DISTILLERS
+from xkd.errors import ConfigError
+from xkd.registry import DISTILLERS, MODELS
+from xkd.schema import from_dict
 
 
 @dataclass
@@ -58,9 +62,6 @@ class TeacherAssistantParams:
                 "assistant: the assistant's model is required, e.g. assistant: {name: cifar_resnet, params: {depth: 8}}"
             )
         model = self.assistant_model()
-        import xkd.models  # noqa: F401  (registers models)
-        from xkd.registry import MODELS
-
         if ":" not in model.name and "." not in model.name and model.name not in MODELS:
             raise ConfigError(f"assistant.name: unknown model {model.name!r}; registered: {', '.join(MODELS.names())}")
         for key in ("assistant_distiller", "distiller"):

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
 from xkd.data.base import Batch
+from xkd.errors import ConfigError
 from xkd.registry import DISTILLERS
+from xkd.schema import from_dict
 
 
 @dataclass
@@ -108,10 +109,10 @@ class Distiller(nn.Module):
 
 
 def distiller_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:
-    """Validate ``params`` for distiller ``name`` (types, unknown keys and ranges)."""
-    import xkd.distill  # noqa: F401  (registers distillers)
-    from xkd.config import from_dict
+    """Validate ``params`` for distiller ``name`` (types, unknown keys and ranges).
 
+    The built-in distillers are registered by then: importing this module runs ``xkd/distill/__init__.py``,
+    which imports every distiller module."""
     return from_dict(DISTILLERS.get(name).Params, params or {}, path)
 
 

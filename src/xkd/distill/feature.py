@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.adapters import (
     LayerPairs,
@@ -47,6 +46,7 @@ from xkd.distill.adapters import (
 )
 from xkd.distill.base import DistillContext, Distiller
 from xkd.distill.logits import kd_loss
+from xkd.errors import ConfigError
 from xkd.models.hooks import capture_features
 from xkd.registry import DISTILLERS
 
@@ -56,7 +56,7 @@ from xkd.registry import DISTILLERS
 
 class VIDLoss(nn.Module):
     """Variational information distillation for one layer pair (Ahn et al., CVPR 2019, eq. 2-5;
-    MED-TEX eq. 6-7, SEEDS.md §2).
+    Nguyen-Duc et al., MED-TEX, IEEE ISBI 2022, eq. 6-7).
 
     The teacher feature ``t`` is modelled as a Gaussian with mean ``mu(s)`` (a small 1x1-conv net
     on the student feature: conv 1x1 -> ReLU -> conv 1x1) and a learned per-channel variance

@@ -1,7 +1,9 @@
 """Logit-based distillation: scratch, Hinton KD, label smoothing and decoupled KD.
 
-Sources: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015); KD-FMV
-(``shared/seeds/000_kd-fmv.txt``, SEEDS.md §1); Han et al., ICML 2023 (SEEDS.md §3) for label
+Sources: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep
+Learning Workshop (arXiv:1503.02531, 2015); KD-FMV (Jiang, Zhao, Wu & Chaddad, "A Knowledge
+Distillation-Based Approach to Enhance Transparency of Classifier Models", arXiv 2025); Han, Kim, Choi &
+Yoon, "On the Impact of Knowledge Distillation for Model Interpretability", ICML 2023, for label
 smoothing ``y_LS = (1 - eps) y + eps / K``; Zhao et al., "Decoupled Knowledge Distillation",
 CVPR 2022 (DKD, as in mdistiller).
 """
@@ -14,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.base import Distiller, NoParams
+from xkd.errors import ConfigError
 from xkd.registry import DISTILLERS
 
 
@@ -24,8 +26,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, mean over the batch.
 
     The ``T^2`` factor keeps the soft term's gradient scale independent of ``T`` (Hinton 2015, §2).
-    Both distributions are computed from **logits** (SEEDS.md §1: the KD-FMV seed code applies the
-    temperature to probabilities, which we do not copy).
+    Both distributions are computed from **logits** (the code published with KD-FMV, Jiang et al.
+    2025, applies the temperature to probabilities, which we do not copy).
     """
     t = temperature
     log_p_s = F.log_softmax(student_logits / t, dim=1)
@@ -66,7 +68,7 @@ class HintonKDParams:
 
 @DISTILLERS.register("hinton_kd")
 class HintonKD(Distiller):
-    """Hinton KD on logits (KD-FMV eq. for L_distill, SEEDS.md §1)::
+    """Hinton KD on logits (the L_distill equation of KD-FMV, Jiang et al. 2025)::
 
         L = alpha * CE(y, softmax(z_s)) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))
 

@@ -1,7 +1,7 @@
 """MED-TEX and its ablation MED-EX: an explainer masks the input, the student learns from the masked input.
 
-Source: Nguyen-Duc et al., "MED-TEX: Transfer and Explain Knowledge with Less Data from Pretrained
-Medical Imaging Models" (``shared/seeds/001_med-tex.txt``, SEEDS.md §2).
+Source: Nguyen-Duc, Zhao, Cai & Phung, "MED-TEX: Transfer and Explain Knowledge with Less Data from
+Pretrained Medical Imaging Models", IEEE ISBI 2022 (equation numbers below are the paper's).
 
 An explainer ``E`` (an under-complete U-Net-like auto-encoder with skip connections whose last layer
 is a 1x1 convolution + sigmoid) maps an image ``X`` to an importance map ``Θ = E(X) ∈ [0, 1]^{C×H×W}``;
@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.adapters import LayerPairs, channels_of, check_layer_pairs, match_size, probe_shapes
 from xkd.distill.base import DistillContext, Distiller, num_classes_of
 from xkd.distill.feature import VIDLoss
+from xkd.errors import ConfigError
 from xkd.models.hooks import LayerNotFoundError, capture_features, default_layer, get_module
 from xkd.registry import DISTILLERS
 

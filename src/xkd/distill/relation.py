@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill.adapters import LayerPairs, check_layer_pairs, resolve_layer_pairs
 from xkd.distill.base import Distiller
+from xkd.errors import ConfigError
 from xkd.models.hooks import capture_features
 from xkd.registry import DISTILLERS
 

@@ -1,7 +1,7 @@
 """XDistillation: teacher explanations -> superpixel sums -> a frozen conv auto-encoder fused into the student.
 
 Source: Alharbi, Vu & Thai, "Learning Interpretation with Explainable Knowledge Distillation", IEEE
-BigData 2021 (``shared/seeds/003_xdistillation.txt``; SEEDS.md §4).
+BigData 2021 (section and equation numbers below are the paper's).
 
 Phase 1 (:meth:`XDistillation.setup`, run once before the optimiser exists):
 
@@ -12,18 +12,18 @@ Phase 1 (:meth:`XDistillation.setup`, run once before the optimiser exists):
    already use those very superpixels as features: their map holds each superpixel's coefficient,
    i.e. the total effect of the superpixel, which is used as it is (summing it again would multiply
    it by the superpixel's area).
-3. The targets are cached on disk (safetensors, written atomically) under ``context.cache_dir``,
-   keyed by the teacher's weights, the explainer and its parameters, the SLIC parameters and the
-   selected images (their indices and a hash of their pixels and labels). The file stores its key;
-   a file whose stored key differs (e.g. written for another teacher) is ignored and rebuilt. It
-   also stores how long building it took: a run reusing it counts that time as its setup time
-   (``setup_reused_seconds``), so a cached phase 1 is not free in comparisons.
+3. The targets are cached on disk (:class:`xkd.cache.Cache`: safetensors, written atomically) under
+   ``context.cache_dir``, keyed by the teacher's weights, the explainer and its parameters, the SLIC
+   parameters and the selected images (their indices and a hash of their pixels and labels). The
+   file stores its key; a file whose stored key differs (e.g. written for another teacher) is
+   ignored and rebuilt. It also stores how long building it took: a run reusing it counts that time
+   as its setup time (``setup_reused_seconds``), so a cached phase 1 is not free in comparisons.
 4. §III-A2, eq. 1-2 and 4, Table I: a conv auto-encoder (CAE, tanh activations) learns image -> target
    map with the L1 loss (the paper's MAE, eq. 4), Adam lr 1e-3, ``cae_epochs`` epochs; ``small``
    (2 conv + 2 max-pool, 2 transposed conv, 1,077 parameters for one channel, exactly Table I) or
    ``large`` (4 conv stride 2, 4 transposed conv stride 2, ~0.2 M parameters for RGB). Then it is
    FROZEN (``requires_grad=False``, kept in eval mode). Its weights are cached with the same key plus
-   the CAE's options and the seed.
+   the CAE's options and the seed. The CAE and its training live in :mod:`xkd.distill.cae`.
 
 Phase 2 (training, eq. 3, 5, 6): the evaluated model is :class:`XDistillStudent`: the student network
 with its last ``nn.Linear`` replaced by ``nn.Identity`` (the CNN branch: the features its classifier
@@ -43,7 +43,6 @@ constant: same gradients). Defaults alpha = 0.9, tau = 1, lambda = 5e-4 (§IV-A)
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -55,69 +54,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError, to_dict
+from xkd.cache import Cache
 from xkd.data.base import Batch
 from xkd.distill.base import DistillContext, Distiller
+from xkd.distill.cae import CAE, train_cae
 from xkd.distill.logits import kd_loss
+from xkd.errors import ConfigError
+from xkd.explain.base import build_explainer, explainer_params, map_form
 from xkd.explain.superpixel import SuperpixelParams, slic_segments, superpixel_maps
 from xkd.models.hooks import default_layer
 from xkd.models.state import model_device
 from xkd.registry import DISTILLERS, EXPLAINERS
+from xkd.schema import to_dict
 
 log = logging.getLogger("xkd")
 
 CACHE_VERSION = 1
-
-# ----------------------------------------------------------------------------------------------
-# the conv auto-encoders (Table I)
-
-
-class CAE(nn.Module):
-    """A conv auto-encoder mapping an image ``(N, C, H, W)`` to one map ``(N, 1, H, W)`` in [-1, 1]
-    (tanh after every layer, eq. 1-2). The input is zero-padded at the bottom/right to a multiple of
-    the total down-sampling ``factor`` and the output cropped back, so any image size works.
-
-    ``small`` (Table I, "Small_CAE"): conv3x3 C->16, tanh, max-pool 2, conv3x3 16->4, tanh, max-pool 2,
-    transposed conv 2x2/2 4->16, tanh, transposed conv 2x2/2 16->1, tanh: 1,077 parameters for C = 1.
-
-    ``large`` (Table I, "Large_CAE"): four conv 4x4/2 (padding 1) C->16->32->64->64 and four transposed
-    conv 4x4/2 (padding 1) 64->64->32->16->1, tanh after each: 214 k parameters for C = 3 (the paper's
-    channel widths are not given; its count is 198,796).
-    """
-
-    def __init__(self, in_channels: int, size: Literal["small", "large"] = "small") -> None:
-        super().__init__()
-        act = nn.Tanh
-        if size == "small":
-            self.factor = 4
-            self.encoder = nn.Sequential(
-                nn.Conv2d(in_channels, 16, 3, padding=1), act(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 4, 3, padding=1), act(), nn.MaxPool2d(2),
-            )  # fmt: skip
-            self.decoder = nn.Sequential(
-                nn.ConvTranspose2d(4, 16, 2, stride=2), act(), nn.ConvTranspose2d(16, 1, 2, stride=2), act()
-            )
-        elif size == "large":
-            self.factor = 16
-            widths = [in_channels, 16, 32, 64, 64]
-            enc: list[nn.Module] = []
-            for a, b in zip(widths[:-1], widths[1:]):
-                enc += [nn.Conv2d(a, b, 4, stride=2, padding=1), act()]
-            dec: list[nn.Module] = []
-            back = widths[::-1][:-1] + [1]
-            for a, b in zip(back[:-1], back[1:]):
-                dec += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1), act()]
-            self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
-        else:
-            raise ConfigError(f"cae {size!r} is not allowed; allowed values: 'small', 'large'")
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.factor, (-w) % self.factor
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return self.decoder(self.encoder(x))[..., :h, :w]
-
 
 # ----------------------------------------------------------------------------------------------
 # the evaluated model
@@ -219,7 +171,7 @@ class XDistillStudent(nn.Module):
 
 @dataclass
 class XDistillParams:
-    """XDistillation options (SEEDS.md §4 defaults).
+    """XDistillation options (defaults: the paper's, §IV-A and Table I).
 
     Attributes:
         alpha: eq. 6 weighs the KD term by ``1 - alpha`` (CE is unweighted), in [0, 1]. Paper: 0.9.
@@ -287,9 +239,6 @@ class XDistillParams:
 
     def uses_superpixel_features(self) -> bool:
         """Whether the explainer's features are the SLIC superpixels themselves (kernel_shap, lime)."""
-        import xkd.explain  # noqa: F401  (registers explainers)
-        from xkd.explain.base import map_form
-
         if self.explainer not in EXPLAINERS:
             raise ConfigError(
                 f"explainer {self.explainer!r} is not registered; registered explainers: {', '.join(EXPLAINERS.names())}"
@@ -298,8 +247,6 @@ class XDistillParams:
 
     def resolved_explainer_params(self) -> Any:
         """The explainer's validated ``Params`` (defaults above, SLIC options from ``superpixel``)."""
-        from xkd.explain.base import explainer_params
-
         raw = dict(self.explainer_params)
         if self.explainer == "kernel_shap":
             raw = {"n_samples": 100, "batch_size": 64, **raw}
@@ -309,7 +256,7 @@ class XDistillParams:
 
 
 # ----------------------------------------------------------------------------------------------
-# phase 1: targets, cache, CAE
+# phase 1: targets (the CAE is in xkd.distill.cae, the cache in xkd.cache)
 
 
 def superpixel_targets(maps: Tensor, images: Tensor, superpixel: SuperpixelParams) -> Tensor:
@@ -320,8 +267,6 @@ def superpixel_targets(maps: Tensor, images: Tensor, superpixel: SuperpixelParam
 def teacher_targets(teacher: nn.Module, images: Tensor, labels: Tensor, params: XDistillParams) -> Tensor:
     """The CAE's targets ``(N, H, W)``: the teacher's explanations of ``labels`` in superpixel-sum form
     (raw, not normalised). Maps of SLIC-feature explainers (kernel_shap, lime) are already per superpixel."""
-    from xkd.explain.base import build_explainer
-
     explainer_args = to_dict(params.resolved_explainer_params())
     with build_explainer(params.explainer, teacher, explainer_args) as ex:
         maps = ex.explain(images, labels).maps
@@ -344,83 +289,6 @@ def select_indices(n: int, max_images: int) -> Tensor:
     if n <= max_images:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images].sort().values
-
-
-def _hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, Tensor):
-            h.update(str(tuple(p.shape)).encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _read_cache(path: Path, key: str) -> dict[str, Tensor] | None:
-    """The tensors of cache file ``path`` if it exists and its stored key is ``key`` (else ``None``)."""
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get("key")
-            if stored != key:
-                log.warning(
-                    "xdistill: cache %s was written for another key (other teacher or options); rebuilding", path
-                )
-                return None
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001  (a damaged file is rebuilt)
-        log.warning("xdistill: cannot read cache %s (%s); rebuilding", path, e)
-        return None
-
-
-def _write_cache(path: Path, key: str, tensors: dict[str, Tensor], seconds: float | None = None) -> None:
-    """Write ``tensors`` with their ``key`` (and how many ``seconds`` building them took) as metadata."""
-    from safetensors.torch import save
-
-    from xkd.report.records import atomic_write_bytes
-
-    meta = {"key": key} if seconds is None else {"key": key, "seconds": repr(float(seconds))}
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
-    atomic_write_bytes(path, data)
-
-
-def _cache_seconds(path: Path) -> float:
-    """Seconds building cache file ``path`` took (0.0 for files written before this was stored)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return float((f.metadata() or {}).get("seconds", 0.0))
-    except Exception:  # noqa: BLE001  (the file was just read successfully; be lenient with its metadata)
-        return 0.0
-
-
-def train_cae(cae: CAE, images: Tensor, targets: Tensor, params: XDistillParams, seed: int = 0) -> list[float]:
-    """Fit ``cae`` image -> target map with the L1 loss (eq. 4) and Adam; returns the mean loss per epoch."""
-    cae.requires_grad_(True)
-    cae.train()
-    opt = torch.optim.Adam(cae.parameters(), lr=params.cae_lr)
-    g = torch.Generator().manual_seed(seed)
-    history = []
-    for _ in range(params.cae_epochs):
-        order = torch.randperm(len(images), generator=g)
-        total = 0.0
-        for idx in order.split(params.cae_batch_size):
-            idx = idx.to(images.device)
-            loss = F.l1_loss(cae(images[idx])[:, 0], targets[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / len(images))
-    opt.zero_grad(set_to_none=True)
-    cae.requires_grad_(False)
-    cae.eval()
-    return history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,26 +325,26 @@ class XDistillation(Distiller):
         items = [context.train[int(i)] for i in idx]
         images = torch.stack([it[0] for it in items]).float()
         labels = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
-        teacher_key = context.teacher_key or _hash(*self.teacher.state_dict().values())
+        teacher_key = context.teacher_key or Cache.key(*self.teacher.state_dict().values())
         desc = {
             "version": CACHE_VERSION,
             "teacher": teacher_key,
             "explainer": p.explainer,
             "explainer_params": to_dict(p.resolved_explainer_params()),
             "superpixel": to_dict(p.superpixel),
-            "images": {"indices": _hash(idx), "pixels": _hash(images, labels), "n": len(idx)},
+            "images": {"indices": Cache.key(idx), "pixels": Cache.key(images, labels), "n": len(idx)},
         }
         key = json.dumps(desc, sort_keys=True)
         use_cache = p.cache and context.cache_dir is not None
-        folder = Path(context.cache_dir) / "xdistill" if use_cache else None
+        cache = Cache(context.cache_dir) if use_cache else None
         cached = None
-        if folder is not None:
-            self.cache_files["targets"] = folder / f"targets-{_hash(key)}.safetensors"
-            cached = _read_cache(self.cache_files["targets"], key)
+        if cache is not None:
+            self.cache_files["targets"] = cache.file("xdistill", "targets", Cache.key(key))
+            cached = Cache.read(self.cache_files["targets"], key)
         self.setup_reused_seconds = 0.0
         if cached is not None:
             targets = cached["targets"]
-            self.setup_reused_seconds += _cache_seconds(self.cache_files["targets"])
+            self.setup_reused_seconds += Cache.seconds(self.cache_files["targets"])
         else:
             t0 = time.perf_counter()
             if context.progress:
@@ -486,20 +354,20 @@ class XDistillation(Distiller):
                 for s in range(0, len(idx), 256)
             ]
             targets = torch.cat(chunks)
-            if folder is not None:
+            if cache is not None:
                 tensors = {"targets": targets, "indices": idx}
-                _write_cache(self.cache_files["targets"], key, tensors, time.perf_counter() - t0)
+                Cache.write(self.cache_files["targets"], key, tensors, time.perf_counter() - t0)
         targets = normalise_targets(targets.float(), p.target_norm)
         cae_desc = dict(desc, cae=p.cae, epochs=p.cae_epochs, lr=p.cae_lr, batch=p.cae_batch_size)
         cae_desc.update(norm=p.target_norm, seed=context.seed, in_channels=images.shape[1])
         cae_key = json.dumps(cae_desc, sort_keys=True)
         state = None
-        if folder is not None:
-            self.cache_files["cae"] = folder / f"cae-{_hash(cae_key)}.safetensors"
-            state = _read_cache(self.cache_files["cae"], cae_key)
+        if cache is not None:
+            self.cache_files["cae"] = cache.file("xdistill", "cae", Cache.key(cae_key))
+            state = Cache.read(self.cache_files["cae"], cae_key)
         if state is not None:
             wrapper.cae.load_state_dict(state)
-            self.setup_reused_seconds += _cache_seconds(self.cache_files["cae"])
+            self.setup_reused_seconds += Cache.seconds(self.cache_files["cae"])
         else:
             t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # a seeded CAE init, the global RNG untouched
@@ -507,9 +375,12 @@ class XDistillation(Distiller):
                 fresh = CAE(images.shape[1], p.cae)
             wrapper.cae.load_state_dict(fresh.state_dict())
             wrapper.cae.to(device)
-            self.cae_history = train_cae(wrapper.cae, images.to(device), targets.to(device), p, context.seed)
-            if folder is not None:
-                _write_cache(self.cache_files["cae"], cae_key, wrapper.cae.state_dict(), time.perf_counter() - t0)
+            self.cae_history = train_cae(
+                wrapper.cae, images.to(device), targets.to(device),
+                epochs=p.cae_epochs, lr=p.cae_lr, batch_size=p.cae_batch_size, seed=context.seed,
+            )  # fmt: skip
+            if cache is not None:
+                Cache.write(self.cache_files["cae"], cae_key, wrapper.cae.state_dict(), time.perf_counter() - t0)
         wrapper.cae.requires_grad_(False)
         wrapper.cae.eval()
 

@@ -15,13 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from xkd.report.records import atomic_write_bytes
+from xkd.errors import CheckpointError
+from xkd.files import atomic_write_bytes
 
 FORMAT = "xkd-checkpoint-v1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, unreadable, or from another architecture)."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -65,7 +65,7 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     info = info or current()
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from xkd.config import ConfigError
+            from xkd.errors import ConfigError
 
             raise ConfigError("device: 'cuda' requested but no GPU is available; use 'auto' or 'cpu'")
         return torch.device("cuda", info.local_rank)

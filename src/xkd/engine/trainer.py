@@ -25,13 +25,11 @@ from xkd.data.base import collate
 from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from xkd.errors import NonFiniteLossError
 from xkd.metrics.classification import evaluate_model
+from xkd.rundir import BEST, LAST
 
 log = logging.getLogger("xkd")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -159,9 +157,9 @@ class Trainer:
 
     def _resume(self, result: TrainResult) -> int:
         """Restore from ``last.pt``; returns the next epoch to run (1 when there is nothing to resume)."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "last.pt").is_file():
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / LAST).is_file():
             return 1
-        path = self.checkpoint_dir / "last.pt"
+        path = self.checkpoint_dir / LAST
         state = load_checkpoint(path)
         if state.get("format") == "state_dict":
             raise CheckpointError(f"{path} holds bare weights, not a resumable xkd checkpoint")
@@ -180,7 +178,7 @@ class Trainer:
         """Train for ``cfg.epochs`` epochs (continuing from ``last.pt`` when ``resume``)."""
         result = TrainResult()
         if self.checkpoint_dir is not None:
-            result.best_path, result.last_path = self.checkpoint_dir / "best.pt", self.checkpoint_dir / "last.pt"
+            result.best_path, result.last_path = self.checkpoint_dir / BEST, self.checkpoint_dir / LAST
         start = self._resume(result) if resume else 1
         self.distiller.to(self.device)
         model: nn.Module = self.distiller
@@ -220,11 +218,27 @@ class Trainer:
                 if self.checkpoint_dir is not None and self.dist.is_main:
                     state = self._state(epoch, result)
                     if improved:
-                        save_checkpoint(self.checkpoint_dir / "best.pt", state)
-                    save_checkpoint(self.checkpoint_dir / "last.pt", state)
+                        save_checkpoint(self.checkpoint_dir / BEST, state)
+                    save_checkpoint(self.checkpoint_dir / LAST, state)
         result.seconds = time.perf_counter() - t0
         D.barrier()
         return result
+
+    def fit_and_restore(self, resume: bool = False, restore: str = BEST) -> TrainResult:
+        """:meth:`fit`, then load the weights of checkpoint ``restore`` (``best.pt``: the best
+        validation epoch; ``last.pt``: the last epoch) into the distiller's trainable modules."""
+        result = self.fit(resume=resume)
+        self.restore(restore)
+        return result
+
+    def restore(self, which: str = BEST) -> None:
+        """Load the weights of checkpoint ``which`` (``best.pt`` or ``last.pt``) of this trainer's
+        ``checkpoint_dir`` into the distiller's trainable modules (every rank, after rank 0 wrote it)."""
+        if self.checkpoint_dir is None:
+            raise ValueError("restore needs a checkpoint_dir to restore from")
+        D.barrier()
+        path = self.checkpoint_dir / which
+        load_weights(self.distiller.trainable_modules(), load_checkpoint(path)["model"], str(path))
 
     def _sync_buffers(self) -> None:
         """Copy rank 0's buffers (BatchNorm statistics) to every rank after an epoch.
@@ -274,7 +288,7 @@ class Trainer:
     def _non_finite(self, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         kept = "no checkpoint was written yet"
-        if self.checkpoint_dir is not None and (self.checkpoint_dir / "last.pt").is_file():
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / LAST).is_file():
             kept = f"the last good checkpoint is kept at {self.checkpoint_dir / 'last.pt'} (epoch {epoch - 1})"
         raise NonFiniteLossError(
             f"{self.role}: the loss became {float(loss.detach())} at epoch {epoch}, step {step} ({detail}); training "

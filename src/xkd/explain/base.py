@@ -1,4 +1,4 @@
-"""The explainer contract (DESIGN.md rule 4).
+"""The explainer contract.
 
 An explainer maps ``(model, images, targets)`` to an :class:`Attribution`: float32 maps of shape
 ``(N, H, W)`` at input resolution, finite. Normalisation is a separate, explicit step
@@ -7,6 +7,7 @@ An explainer maps ``(model, images, targets)`` to an :class:`Attribution`: float
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,8 +15,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xkd.config import from_dict
+from xkd.errors import NonFiniteAttributionError
+from xkd.explain.superpixel import SuperpixelParams, slic_segments, superpixel_maps
 from xkd.registry import EXPLAINERS
+from xkd.schema import from_dict
 
 
 @dataclass
@@ -36,15 +39,6 @@ class Attribution:
 
     def __post_init__(self) -> None:
         check_maps(self.maps, method=self.method)
-
-
-class NonFiniteAttributionError(ValueError):
-    """An explainer produced NaN or inf; the message names the method and the first bad images
-    (``indices``: their positions in the explained batch)."""
-
-    def __init__(self, message: str, indices: list[int] | None = None) -> None:
-        super().__init__(message)
-        self.indices = list(indices or [])
 
 
 def check_maps(maps: Tensor, image_hw: tuple[int, int] | None = None, method: str | None = None) -> None:
@@ -152,15 +146,64 @@ def split_name(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def explainer_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:
-    """Validate ``params`` against explainer ``name``'s ``Params`` dataclass.
+@dataclass(frozen=True)
+class ExplainerSpec:
+    """One explainer resolved once from its configured name and parameters: the registered class,
+    the validated ``Params``, and what the evaluation needs to know of it. Build explainers from the
+    spec (:meth:`build`); nothing downstream looks the name up again.
 
-    ``name`` may carry the ``+superpixel`` suffix (the XDistillation superpixel form of any explainer,
-    :class:`SuperpixelForm`); its SLIC options are the ``superpixel`` entry of ``params``.
+    Attributes:
+        key: the label it is recorded and shown under (the configured ``label``, else ``name``).
+        name: the configured name, with ``+superpixel`` for the superpixel form.
+        cls: the registered explainer class (the inner one for the superpixel form).
+        params: the validated parameters (:class:`SuperpixelFormParams` for the superpixel form).
+        superpixel: whether this is the superpixel form of ``cls``.
     """
-    import xkd.explain  # noqa: F401  (registers explainers)
-    from xkd.explain.superpixel import SuperpixelParams
 
+    key: str
+    name: str
+    cls: type
+    params: Any
+    superpixel: bool = False
+
+    @property
+    def base(self) -> str:
+        """The registered name without ``+superpixel``."""
+        return split_name(self.name)[0]
+
+    @property
+    def min_images(self) -> int:
+        """The fewest images one call can explain (UniCAM's statistic is over a batch: 4)."""
+        return int(self.cls.min_images)
+
+    @property
+    def map_form(self) -> str:
+        """``"superpixel"`` if the maps hold one value per superpixel, else ``"pixel"``."""
+        return "superpixel" if self.superpixel else self.cls.map_form
+
+    @property
+    def pair(self) -> bool:
+        """True for explainers of a (student, teacher) pair (UniCAM): they explain students only."""
+        return bool(getattr(self.cls, "needs_teacher", False))
+
+    def applies(self, model: nn.Module) -> bool:
+        """Whether this explainer can explain ``model`` at all."""
+        return self.cls.applies_to(model)
+
+    def build(self, model: nn.Module, **context: Any) -> Explainer:
+        """The explainer for ``model``; ``context`` passes objects some explainers need (``teacher=``
+        for UniCAM); explainers that do not take them ignore them."""
+        if self.superpixel:
+            return SuperpixelForm(model, self.params, base=self.base, **context)
+        return _construct(self.cls, model, self.params, context)
+
+
+def resolve_explainer(
+    name: str, params: dict[str, Any] | None = None, label: str | None = None, path: str = "params"
+) -> ExplainerSpec:
+    """Resolve registered explainer ``name`` (``+superpixel`` allowed) and validate ``params``
+    against its ``Params`` dataclass; for the superpixel form the SLIC options are the
+    ``superpixel`` entry of ``params``. Errors name ``path``."""
     base, superpixel = split_name(name)
     cls = EXPLAINERS.get(base)
     params = dict(params or {})
@@ -169,43 +212,31 @@ def explainer_params(name: str, params: dict[str, Any] | None, path: str = "para
     validate = getattr(inner, "validate", None)
     if callable(validate):
         validate()
-    if not superpixel:
-        return inner
-    sp_params = from_dict(SuperpixelParams, sp or {}, f"{path}.superpixel")
-    sp_params.validate()
-    return SuperpixelFormParams(inner, sp_params)
+    if superpixel:
+        sp_params = from_dict(SuperpixelParams, sp or {}, f"{path}.superpixel")
+        sp_params.validate()
+        inner = SuperpixelFormParams(inner, sp_params)
+    return ExplainerSpec(label or name, name, cls, inner, superpixel)
 
 
-def min_images(name: str) -> int:
-    """The fewest images one call of explainer ``name`` (``+superpixel`` allowed) can explain."""
-    return EXPLAINERS.get(split_name(name)[0]).min_images
+def explainer_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:
+    """The validated parameters of explainer ``name`` (see :func:`resolve_explainer`)."""
+    return resolve_explainer(name, params, path=path).params
 
 
 def map_form(name: str) -> str:
     """``"superpixel"`` if explainer ``name``'s maps hold one value per superpixel, else ``"pixel"``."""
-    base, superpixel = split_name(name)
-    return "superpixel" if superpixel else EXPLAINERS.get(base).map_form
-
-
-def explainer_applies(name: str, model: nn.Module) -> bool:
-    """Whether explainer ``name`` (``+superpixel`` allowed) can explain ``model``."""
-    return EXPLAINERS.get(split_name(name)[0]).applies_to(model)
+    return resolve_explainer(name).map_form
 
 
 def build_explainer(name: str, model: nn.Module, params: dict[str, Any] | None = None, **context: Any) -> Explainer:
     """Build registered explainer ``name`` (optionally ``name+superpixel``) for ``model`` with
     validated ``params``. ``context`` passes extra objects some explainers need (``teacher=`` for
     ``unicam``); explainers that do not take them ignore them."""
-    validated = explainer_params(name, params)
-    base, superpixel = split_name(name)
-    if superpixel:
-        return SuperpixelForm(model, validated, base=base, **context)
-    return _construct(EXPLAINERS.get(base), model, validated, context)
+    return resolve_explainer(name, params).build(model, **context)
 
 
 def _construct(cls: type, model: nn.Module, params: Any, context: dict[str, Any]) -> Explainer:
-    import inspect
-
     accepted = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     kwargs = {k: v for k, v in context.items() if takes_any or k in accepted}
@@ -236,8 +267,6 @@ class SuperpixelForm(Explainer):
         self.inner = _construct(EXPLAINERS.get(base), model, params.inner, context)
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
-        from xkd.explain.superpixel import slic_segments, superpixel_maps
-
         a = self.inner.explain(images, targets)
         segments = slic_segments(images, self.params.superpixel).to(a.maps.device)
         reduce = "mean" if self.inner.map_form == "superpixel" else "sum"

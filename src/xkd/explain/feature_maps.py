@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 from xkd.explain.base import Attribution, Explainer, check_inputs
 from xkd.models.hooks import LayerNotFoundError, capture_features, conv_layer_paths, default_layer, get_module
 from xkd.models.state import eval_mode, model_device

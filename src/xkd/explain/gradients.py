@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 from xkd.explain.base import Attribution, Explainer, check_inputs
 from xkd.models.state import eval_mode, model_device
 from xkd.registry import EXPLAINERS

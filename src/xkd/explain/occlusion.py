@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 from xkd.explain.base import Attribution, Explainer, check_inputs
 from xkd.explain.gradients import BASELINES, make_baselines
 from xkd.models.state import eval_mode, model_device

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 from xkd.explain.base import Attribution, Explainer, check_inputs
 from xkd.explain.superpixel import SuperpixelParams, slic_segments
 from xkd.models.state import eval_mode, model_device

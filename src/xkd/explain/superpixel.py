@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 
 
 @dataclass

@@ -19,16 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError, ThetaUnavailableError
 from xkd.explain.base import Attribution, Explainer, check_inputs
 from xkd.models.state import eval_mode, model_device
 from xkd.registry import EXPLAINERS
 
 THETA_DISTILLERS = ("medtex", "medex")
-
-
-class ThetaUnavailableError(ValueError):
-    """The model has no importance map Θ (it was not trained by MED-TEX or MED-EX)."""
 
 
 @EXPLAINERS.register("medtex_theta")

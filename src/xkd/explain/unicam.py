@@ -1,11 +1,11 @@
 """UniCAM (Adhane et al., "On Explaining Knowledge Distillation: Measuring and Visualising the Knowledge
-Transfer Process"): Grad-CAM maps of the *distilled* and *residual* features of a model paired with a
+Transfer Process", 2024): Grad-CAM maps of the *distilled* and *residual* features of a model paired with a
 reference model, from the gradient of a (partial) distance correlation.
 
 For a batch of n >= 4 images, ``S`` = the explained model's features (the output of ``feature_layer``,
 by default the explained ``layer`` itself, flattened per image), ``T`` = the reference model's features
-at ``teacher_layer``, ``Y`` = a class-semantic target of the images (:func:`xkd.metrics.transfer.class_target`).
-With U-centred distance matrices and the statistics of :mod:`xkd.metrics.transfer`:
+at ``teacher_layer``, ``Y`` = a class-semantic target of the images (:func:`xkd.stats.class_target`).
+With U-centred distance matrices and the statistics of :mod:`xkd.stats`:
 
 * ``kind="distilled"``: ``f = R*(S, T)``, the bias-corrected dCor^2 of the two models' features (= FSS on
   the batch): which of the model's features carry the reference model's knowledge.
@@ -19,9 +19,9 @@ Map (Grad-CAM, Selvaraju et al. 2017, eq. 1-2, with ``f`` in place of the class 
 
 Choices the paper's text leaves open (documented, not the authors' code):
 
-* The roles. The seed text calls *distilled* the features "learned with the Teacher's guidance" and
-  *residual* those "irrelevant to the task and ignored by the Student", and compares a KD student with
-  its base model (same architecture trained without KD). Both readings are covered by the pair
+* The roles. Adhane et al. (2024, abstract) call *distilled* the features "learned with the Teacher's
+  guidance" and *residual* those "irrelevant to the task and ignored by the Student", and compare a KD
+  student with its base model (same architecture trained without KD). Both readings are covered by the pair
   ``(model, teacher)``: with the teacher as reference, ``distilled`` shows what the student shares with
   the teacher and ``residual`` what it has on its own that is class-relevant. For the base-model reading,
   ``UniCAM(kd_student, {"kind": "residual"}, teacher=base)`` maps ``S | Base`` (what KD added) and
@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.config import ConfigError
+from xkd.errors import ConfigError
 from xkd.explain.base import Attribution, Explainer, check_inputs
-from xkd.metrics.transfer import MIN_SAMPLES, class_target, distance_matrix, u_centered, u_correlation, u_residual
 from xkd.models.hooks import capture_features, default_layer, get_module
 from xkd.models.state import eval_mode, model_device
 from xkd.registry import EXPLAINERS
+from xkd.stats import MIN_SAMPLES, class_target, distance_matrix, u_centered, u_correlation, u_residual
 
 KINDS = ("distilled", "residual")
 

@@ -24,16 +24,10 @@ from xkd.metrics.classification import (
 )
 from xkd.metrics.cost import flops, mean_explain_time, parameter_count
 from xkd.metrics.dissection import concept_detectors  # noqa: F401  (registers the metric)
-from xkd.metrics.faithfulness import (
-    deletion_auc,
-    fidelity,
-    insertion_auc,
-    linear_imputation,
-    perturbation_curves,
-    road,
-    saliency_ranks,
-)
+from xkd.metrics.faithfulness import deletion_auc, fidelity, insertion_auc, perturbation_curves
 from xkd.metrics.localisation import mask_mass, medtex_k_values, pointing_game, top_k_dice, top_k_iou
+from xkd.metrics.ranking import saliency_ranks
+from xkd.metrics.road import linear_imputation, road
 from xkd.metrics.sanity import data_randomisation_sanity, randomisation_sanity
 from xkd.metrics.superpixel import superpixel_mse, superpixel_sign_agreement
 from xkd.metrics.transfer import fss, pair_features, rs, transfer_scores

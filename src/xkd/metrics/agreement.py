@@ -45,7 +45,16 @@ def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
     return torch.where(const, torch.full_like(r, float("nan")), r.clamp(-1.0, 1.0))
 
 
-@metric("map_pearson", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+@metric(
+    "map_pearson",
+    scope="agreement",
+    inputs=("teacher_maps", "student_maps"),
+    higher_is_better=True,
+    category="agreement",
+    label="Pearson",
+    description="Pearson correlation with the teacher's maps",
+    default=True,
+)
 def map_pearson(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
     """Pearson correlation of the two maps of each image (flattened), averaged over images.
 
@@ -54,7 +63,16 @@ def map_pearson(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean
     return _reduce(_pearson_rows(*_flat_pair(a, b)), reduction)
 
 
-@metric("rank_correlation", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+@metric(
+    "rank_correlation",
+    scope="agreement",
+    inputs=("teacher_maps", "student_maps"),
+    higher_is_better=True,
+    category="agreement",
+    label="Rank corr.",
+    description="Spearman rank correlation with the teacher's maps",
+    default=True,
+)
 def map_spearman(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
     """Spearman rank correlation of the two maps of each image, averaged over images: the Pearson
     correlation of the pixel ranks, ties given their average rank (as ``scipy.stats.spearmanr``).
@@ -82,7 +100,16 @@ def top_k_mask(maps: Tensor, k: float) -> Tensor:
     return top_n_mask(flat, max(1, round(k * flat.shape[1])))
 
 
-@metric("top_k_agreement", higher_is_better=True, needs=("maps", "second_model"), category="agreement")
+@metric(
+    "top_k_agreement",
+    scope="agreement",
+    inputs=("teacher_maps", "student_maps", "k=agreement_top_k"),
+    higher_is_better=True,
+    category="agreement",
+    label="Top-k% IoU",
+    description="IoU of the top pixels shared with the teacher",
+    default=True,
+)
 def top_k_iou_maps(a: Tensor, b: Tensor, k: float = 0.1, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
     """IoU of the top-``k`` fraction of pixels of the two maps of each image, averaged over images.
 

@@ -29,14 +29,21 @@ def _pair(preds: Any, labels: Any) -> tuple[Tensor, Tensor]:
     return p, y
 
 
-@metric("accuracy", higher_is_better=True, needs=("labels",), category="classification")
+@metric("accuracy", scope="test", inputs=("predictions", "labels"), higher_is_better=True, category="classification")
 def accuracy(preds: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy: the fraction of predictions equal to the label (nan for no images)."""
     p, y = _pair(preds, labels)
     return float((p == y).float().mean()) if len(y) else float("nan")
 
 
-@metric("macro_f1", higher_is_better=True, needs=("labels",), category="classification")
+@metric(
+    "macro_f1",
+    scope="test",
+    inputs=("predictions", "labels", "num_classes"),
+    higher_is_better=True,
+    category="classification",
+    label="Macro-F1",
+)
 def macro_f1(preds: Tensor, labels: Tensor, num_classes: int) -> float:
     """Macro-averaged F1 over classes ``0..num_classes-1`` (unweighted mean of per-class F1).
 
@@ -47,7 +54,13 @@ def macro_f1(preds: Tensor, labels: Tensor, num_classes: int) -> float:
     return float(f1_score(y.numpy(), p.numpy(), average="macro", labels=list(range(num_classes)), zero_division=0))
 
 
-@metric("confusion_matrix", higher_is_better=None, needs=("labels",), category="classification")
+@metric(
+    "confusion_matrix",
+    scope="test",
+    inputs=("predictions", "labels", "num_classes"),
+    higher_is_better=None,
+    category="classification",
+)
 def confusion(preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """Confusion matrix ``(K, K)`` of counts (int64): rows are true classes, columns predictions."""
     p, y = _pair(preds, labels)
@@ -56,13 +69,20 @@ def confusion(preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(y * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
-@metric("loss", higher_is_better=False, needs=("labels", "logits"), category="classification")
+@metric("loss", scope="test", inputs=("logits", "labels"), higher_is_better=False, category="classification")
 def mean_cross_entropy(logits: Tensor, labels: Tensor) -> float:
     """Mean cross-entropy of ``logits`` ``(N, K)`` against integer labels."""
     return float(F.cross_entropy(torch.as_tensor(logits).float().cpu(), torch.as_tensor(labels).long().cpu()))
 
 
-@metric("posthoc_agreement", higher_is_better=True, needs=("second_model",), category="classification")
+@metric(
+    "posthoc_agreement",
+    scope="test",
+    inputs=("predictions", "teacher_predictions", "num_classes"),
+    higher_is_better=True,
+    category="classification",
+    label="Post-hoc accuracy",
+)
 def posthoc_agreement(student_preds: Tensor, teacher_preds: Tensor, num_classes: int) -> dict[str, float]:
     """MED-TEX's post-hoc accuracy and F1: the student scored with the teacher's predictions as labels.
 

@@ -15,13 +15,13 @@ from xkd.metrics.base import metric
 from xkd.models.state import eval_mode, model_device
 
 
-@metric("params", higher_is_better=False, needs=("model",), category="cost")
+@metric("params", scope="test", inputs=("model",), higher_is_better=False, category="cost", label="Parameters")
 def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of ``model`` (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-@metric("flops", higher_is_better=False, needs=("model", "image_shape"), category="cost")
+@metric("flops", scope="test", inputs=("model", "image_shape"), higher_is_better=False, category="cost", label="FLOPs")
 def flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     """Floating-point operations of one forward pass on one image of shape ``(C, H, W)``.
 
@@ -54,7 +54,16 @@ def _sync(images: Tensor) -> None:
         torch.cuda.synchronize(images.device)
 
 
-@metric("met", higher_is_better=False, needs=("explainer", "images"), category="cost")
+@metric(
+    "met",
+    scope="timing",
+    inputs=("explainer", "images", "labels"),
+    higher_is_better=False,
+    category="cost",
+    label="MET",
+    default=True,
+    subset="met_images",
+)
 def mean_explain_time(
     explainer: Callable[[Tensor, Tensor], Any],
     images: Tensor,

@@ -1,8 +1,8 @@
 """Network dissection: how many units of a layer are detectors of a human-readable concept.
 
 Bau, Zhou, Khosla, Oliva, Torralba, "Network Dissection: Quantifying Interpretability of Deep Visual
-Representations", CVPR 2017, §3.1, as used by Han et al. (ICML 2023; SEEDS.md §3) to measure the
-interpretability of distilled students. For unit ``k`` of the layer and concept ``c``:
+Representations", CVPR 2017, §3.1, as used by Han et al., "On the Impact of Knowledge Distillation
+for Model Interpretability", ICML 2023, to measure the interpretability of distilled students. For unit ``k`` of the layer and concept ``c``:
 
 1. ``T_k`` = the ``quantile`` (0.995: the top 0.5 %) of unit k's activations over every spatial
    position of every image of the data set (raw activations, before upsampling);
@@ -16,19 +16,20 @@ interpretability of distilled students. For unit ``k`` of the layer and concept 
 
 Decisions:
 
-* **Ties at the threshold.** Bau et al.'s code (NetDissect) binarises with ``A > T``; the seed's
-  description (002) with ``A >= T``. They differ only when activations tie at ``T_k``: a unit that is 0 on more than
-  99.5 % of the pixels (a sparse ReLU unit) has ``T_k = 0``, and ``A >= 0`` would mark every pixel;
-  a unit with binary outputs has ``T_k`` = its maximum, and ``A > T`` would mark nothing. xkd uses
-  ``A >= T_k`` except when ``T_k`` equals the unit's smallest activation, where it uses ``A > T_k``
-  (recorded per unit as ``rule``), so the binarised region is never "everything".
+* **Ties at the threshold.** Bau et al.'s code (NetDissect) binarises with ``A > T``;
+  re-implementations of Han et al.'s (ICML 2023) procedure with ``A >= T``. They differ only when
+  activations tie at ``T_k``: a unit that is 0 on more than 99.5 % of the pixels (a sparse ReLU
+  unit) has ``T_k = 0``, and ``A >= 0`` would mark every pixel; a unit with binary outputs has
+  ``T_k`` = its maximum, and ``A > T`` would mark nothing. xkd uses ``A >= T_k`` except when ``T_k``
+  equals the unit's smallest activation, where it uses ``A > T_k`` (recorded per unit as ``rule``),
+  so the binarised region is never "everything".
 * **Streaming, exact quantile.** ``T_k`` is an order statistic of the top tail, so
-  :class:`StreamingTopQuantile` keeps only the ``N - floor(q (N - 1))`` largest activations of each
-  unit (``N`` = images x positions), merged batch by batch with ``topk``: exact, in one pass, and
-  holding ``units x ((1 - q) N + 1)`` values, 0.5 % of the activations at the default instead of
-  all of them; ``max_buffer`` caps that (a quantile that would need more is refused with the fix).
-  The interpolation is torch.quantile's ``linear`` rule, the rank computed in float64 (torch
-  computes it in the input's dtype).
+  :class:`xkd.metrics.quantile.StreamingTopQuantile` keeps only the ``N - floor(q (N - 1))`` largest
+  activations of each unit (``N`` = images x positions), merged batch by batch with ``topk``: exact,
+  in one pass, and holding ``units x ((1 - q) N + 1)`` values, 0.5 % of the activations at the
+  default instead of all of them; ``max_buffer`` caps that (a quantile that would need more is
+  refused with the fix). The interpolation is torch.quantile's ``linear`` rule, the rank computed in
+  float64 (torch computes it in the input's dtype).
 * **Empty concepts.** A concept without a positive pixel in the data has no IoU (0/0 at best): it
   is listed in ``empty_concepts``, its IoUs are ``None`` and it is never a unit's best concept.
 * **Two passes** over the data run the model up to the layer only (the forward stops there):
@@ -52,25 +53,25 @@ to float32).
 from __future__ import annotations
 
 import copy
-import io
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from xkd.errors import DissectionError
 from xkd.metrics.base import metric
+from xkd.metrics.quantile import MAX_BUFFER, StreamingTopQuantile
 from xkd.models.hooks import default_layer, get_module
 from xkd.models.state import eval_mode, model_device
 
 MASK_CONCEPT = "mask"
-MAX_BUFFER = 2**26  # values held by the streaming quantile (256 MiB of float32)
 _UPSAMPLE_BUDGET = 2**24  # upsampled activations handled at once (64 MiB of float32)
 _NO_MASKS_FIX = (
     "network dissection needs pixel masks of concepts; use a dataset that has them: `concepts` (object, part, "
@@ -78,10 +79,6 @@ _NO_MASKS_FIX = (
     "with a masks/ folder (one concept: the mask) or a concepts/<category>/<concept>/<class>/ mask tree (one "
     "concept per folder)"
 )
-
-
-class DissectionError(ValueError):
-    """Data or parameters network dissection cannot work with. The message names the fix."""
 
 
 class DissectionResult(dict):
@@ -107,67 +104,6 @@ class DissectionResult(dict):
     def detectors(self) -> list[dict[str, Any]]:
         """The units that are detectors, best IoU first."""
         return sorted((u for u in self["units"] if u["detector"]), key=lambda u: -u["iou"])
-
-
-# ----------------------------------------------------------------------------------------------
-# streaming quantile
-
-
-class StreamingTopQuantile:
-    """Exact per-row quantile ``q`` of ``total`` values per row that arrive in chunks.
-
-    Keeps the ``k = total - floor(q (total - 1))`` largest values of each row (all that the order
-    statistics at ranks ``floor`` and ``ceil`` of ``q (total - 1)`` depend on), so memory is
-    ``rows x k`` however many chunks arrive. :meth:`result` interpolates linearly between the two
-    order statistics, as ``torch.quantile(..., interpolation="linear")`` does.
-
-    Args:
-        rows: number of rows (units).
-        total: values per row that will be given, in all.
-        q: the quantile, in ``[0, 1]``.
-        max_elements: refuse a buffer larger than this (``rows x k`` values).
-    """
-
-    def __init__(self, rows: int, total: int, q: float, max_elements: int = MAX_BUFFER) -> None:
-        if not 0.0 <= q <= 1.0:
-            raise DissectionError(f"quantile must be in [0, 1], got {q}")
-        if total < 1:
-            raise DissectionError("no values: the quantile of an empty set is undefined")
-        self.rows, self.total, self.q = rows, total, q
-        self.pos = q * (total - 1)  # float64: exact rank (torch computes it in the data's dtype)
-        self.lo = math.floor(self.pos)
-        self.k = total - self.lo
-        if rows * self.k > max_elements:
-            raise DissectionError(
-                f"quantile {q} of {total} values per unit needs the top {self.k} values of each of {rows} units "
-                f"({rows * self.k} > max_buffer={max_elements}); use a higher quantile (dissection uses 0.99-0.999), "
-                "fewer images, or raise max_buffer"
-            )
-        self.seen = 0
-        self.top: Tensor | None = None
-        self.min: Tensor | None = None
-
-    def update(self, values: Tensor) -> None:
-        """Add a chunk ``(rows, n)``."""
-        if values.ndim != 2 or values.shape[0] != self.rows:
-            raise ValueError(f"expected a chunk of shape ({self.rows}, n), got {tuple(values.shape)}")
-        self.seen += values.shape[1]
-        if self.seen > self.total:
-            raise ValueError(f"got {self.seen} values per row, more than the announced total {self.total}")
-        lo = values.amin(dim=1)
-        self.min = lo if self.min is None else torch.minimum(self.min, lo)
-        pool = values if self.top is None else torch.cat([self.top, values], dim=1)
-        self.top = pool if pool.shape[1] <= self.k else pool.topk(self.k, dim=1, sorted=False).values
-
-    def result(self) -> Tensor:
-        """The ``(rows,)`` quantiles, in the values' dtype."""
-        if self.seen != self.total or self.top is None:
-            raise ValueError(f"got {self.seen} values per row, expected {self.total}")
-        top = self.top.sort(dim=1, descending=True).values  # top[:, j] = order statistic total-1-j
-        hi = min(self.lo + 1, self.total - 1)
-        below, above = top[:, self.k - 1], top[:, self.total - 1 - hi]
-        weight = torch.tensor(self.pos - self.lo, dtype=top.dtype, device=top.device)
-        return torch.lerp(below, above, weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,9 +219,6 @@ def _binarise(up: Tensor, thresholds: Tensor, strict: Tensor) -> Tensor:
 
 
 def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
 
@@ -296,9 +229,11 @@ def _progress(enabled: bool) -> Any:
 
 @metric(
     "concept_detectors",
+    scope="study",
+    inputs=("model", "concept_data"),
     higher_is_better=True,
-    needs=("model", "concept_masks"),
     category="interpretability",
+    label="Concept detectors",
     description="Network dissection: units of a layer whose top activations match a concept (IoU > 0.05)",
 )
 def concept_detectors(
@@ -324,7 +259,7 @@ def concept_detectors(
         iou_threshold: a unit is a detector when its best IoU is above this.
         batch_size: images per forward pass (a DataLoader's own batch size wins).
         top_images: how many most-activating images (by the unit's maximum) to record per unit,
-            for :func:`plot_top_units`.
+            for :func:`top_unit_panels` and :func:`xkd.report.figures.plot_top_units`.
         progress: show a progress bar (rich) on stderr.
         max_buffer: largest number of activations the streaming quantile may hold.
 
@@ -472,30 +407,28 @@ def _summarise(
 
 
 # ----------------------------------------------------------------------------------------------
-# figure
+# the data of the top-units figure (drawn by xkd.report.figures.plot_top_units)
 
 
-def plot_top_units(
+def top_unit_panels(
     result: dict[str, Any],
     model: nn.Module,
     data: Dataset | DataLoader,
-    path: str | Path,
     n_units: int = 8,
     n_images: int = 5,
     batch_size: int = 64,
-) -> Path:
-    """Figure of the best units of a dissection: one row per unit (detectors first, best IoU first),
-    its most activating images with the binarised region ``A_k >= T_k`` outlined, titled with the
-    unit index, its best concept and the IoU. Writes a PNG (matplotlib, Agg) and returns its path.
+) -> dict[str, Any]:
+    """The panels of the figure of a dissection's best units (:func:`xkd.report.figures.plot_top_units`):
+    one row per unit (detectors first, best IoU first), its most activating images and on each the
+    binarised region ``A_k >= T_k`` (the unit's ``rule``) at the image's resolution.
 
     ``model`` and ``data`` must be the ones dissected (the result holds thresholds and image
     indices, not activations).
+
+    Returns:
+        ``{"layer", "quantile", "cols" (images per row), "rows": [{"unit": the unit's record,
+        "cells": [(image (C, H, W), region bool ndarray (H, W)), ...]}]}``.
     """
-    from matplotlib.figure import Figure
-
-    from xkd.report.figures import display_image, mask_outline
-    from xkd.report.records import atomic_write_bytes
-
     _, _, _, _, load = _concept_source(data, batch_size)
     ranked = sorted(result["units"], key=lambda u: (not u["detector"], -(u["iou"] if u["iou"] is not None else -1)))
     rows = [u for u in ranked if result["top_images"][u["unit"]]][:n_units]
@@ -510,29 +443,14 @@ def plot_top_units(
         acts = torch.cat([reader(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).cpu()
     pos = {i: j for j, i in enumerate(wanted)}
     h, w = images.shape[-2:]
-    fig = Figure(figsize=(1.6 * cols, 1.75 * len(rows)))
-    for r, unit in enumerate(rows):
+    panels = []
+    for unit in rows:
         u = unit["unit"]
-        for c, i in enumerate(result["top_images"][u][:cols]):
-            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
-            ax.set_axis_off()
+        cells = []
+        for i in result["top_images"][u][:cols]:
             j = pos[i]
             up = F.interpolate(acts[j : j + 1, u : u + 1], size=(h, w), mode="bilinear", align_corners=False)
             t = torch.tensor([unit["threshold"]])
-            region = _binarise(up, t, torch.tensor([unit["rule"] == ">"]))[0, 0].numpy()
-            base, cmap = display_image(images[j])
-            ax.imshow(base, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-            for line in mask_outline(region):
-                ax.plot(line[:, 0], line[:, 1], color="black", linewidth=2.2)
-                ax.plot(line[:, 0], line[:, 1], color="yellow", linewidth=1.0)
-            if c == 0:
-                iou = "-" if unit["iou"] is None else f"{unit['iou']:.2f}"
-                flag = "" if unit["detector"] else " (no detector)"
-                ax.set_title(f"unit {u}: {unit['concept']}  IoU {iou}{flag}", loc="left", fontsize=8)
-    fig.suptitle(
-        f"{result['layer']}: top units (top {100 * (1 - result['quantile']):.2g}% region outlined)", fontsize=9
-    )
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, facecolor="white")
-    return atomic_write_bytes(path, buf.getvalue())
+            cells.append((images[j], _binarise(up, t, torch.tensor([unit["rule"] == ">"]))[0, 0].numpy()))
+        panels.append({"unit": unit, "cells": cells})
+    return {"layer": result["layer"], "quantile": result["quantile"], "cols": cols, "rows": panels}

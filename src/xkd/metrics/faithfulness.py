@@ -1,14 +1,16 @@
 """Faithfulness of explanation maps: does the model's decision follow the pixels a map calls salient?
 
-- :func:`fidelity` -- KD-FMV reports fidelity per class without a formula; xkd's definition is in
-  SEEDS.md §1 and below.
+- :func:`fidelity` -- KD-FMV (Jiang, Zhao, Wu & Chaddad, "A Knowledge Distillation-Based Approach to
+  Enhance Transparency of Classifier Models") reports fidelity per class without a formula; xkd's
+  definition is below.
 - :func:`deletion_auc`, :func:`insertion_auc` -- Petsiuk et al., "RISE", BMVC 2018, §4.1.
-- ROAD (Rong et al., ICML 2022) lives in :mod:`xkd.metrics.road` and is re-exported here.
+- ROAD (Rong et al., ICML 2022) lives in :mod:`xkd.metrics.road`.
 
-Pixels are ranked by decreasing saliency; equal saliency is broken by pixel index (row-major, the
-lower index first), so results are deterministic. Perturbed pixels take the ``baseline`` value (a
-number, or a tensor broadcastable to ``(C, H, W)`` such as a per-channel mean) in every channel.
-Models run in eval mode without gradients; their train/eval flags are restored.
+Pixels are ranked by :func:`xkd.metrics.ranking.saliency_ranks`: decreasing saliency, equal saliency
+broken by pixel index (row-major, the lower index first), so results are deterministic. Perturbed
+pixels take the ``baseline`` value (a number, or a tensor broadcastable to ``(C, H, W)`` such as a
+per-channel mean) in every channel. Models run in eval mode without gradients; their train/eval
+flags are restored.
 """
 
 from __future__ import annotations
@@ -19,29 +21,63 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xkd.metrics.base import metric
+from xkd.metrics.base import Column, metric
+from xkd.metrics.ranking import check_maps, saliency_ranks
 from xkd.models.state import eval_mode, model_device
-
-
-def saliency_ranks(maps: Tensor) -> Tensor:
-    """Rank ``(N, H*W)`` of every pixel in decreasing saliency (0 = most salient; ties by index)."""
-    flat = maps.flatten(1)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
-    return ranks
-
-
-def _check(images: Tensor, maps: Tensor) -> None:
-    if images.ndim != 4 or maps.shape != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"maps {tuple(maps.shape)} must be (N, H, W) for images {tuple(images.shape)}")
 
 
 def _probs(model: nn.Module, x: Tensor) -> Tensor:
     return model(x).float().softmax(dim=1)
 
 
-@metric("fidelity", higher_is_better=True, needs=("model", "images", "labels", "maps"), category="faithfulness")
+def fidelity_record(fid: dict[str, Any]) -> dict[str, Any]:
+    """The fidelity result in the record's terms.
+
+    ``retained_probability`` is the mean of ``p_masked(c) / p_orig(c)``, not clipped (a ratio above
+    1 means the removed pixels were evidence against ``c``); ``retained_clipped`` clips it at 1.
+    """
+
+    def one(v: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "fidelity": v["fidelity"],
+            "retained_probability": v["retained"],
+            "retained_clipped": v["retained_clipped"],
+            "n": v["n"],
+        }
+
+    top = one(fid)
+    return {
+        "mean": top.pop("fidelity"),
+        **top,
+        "keep": fid["keep"],
+        "per_class": {name: one(v) for name, v in fid["per_class"].items()},
+    }
+
+
+@metric(
+    "fidelity",
+    scope="model",
+    inputs=(
+        "model",
+        "images",
+        "labels",
+        "maps",
+        "keep=fidelity_keep",
+        "batch_size=batch_size",
+        "class_names=class_names",
+    ),
+    higher_is_better=True,
+    category="faithfulness",
+    label="Fidelity",
+    description="share of images whose prediction survives keeping the top pixels",
+    default=True,
+    record=lambda fid: {"fidelity": fidelity_record(fid)},
+    chance=True,
+    chance_record=lambda fid: {"fidelity": fid["fidelity"], "retained_probability": fid["retained"]},
+    columns=(
+        Column("fidelity", "Fidelity", "share of images whose prediction survives keeping the top pixels", "mean"),
+    ),
+)
 def fidelity(
     model: nn.Module,
     images: Tensor,
@@ -72,7 +108,7 @@ def fidelity(
         ``{"fidelity", "retained", "retained_clipped", "keep", "n", "per_class": {name: {"fidelity",
         "retained", "retained_clipped", "n"}}}``; classes without images have ``n = 0`` and nan values.
     """
-    _check(images, maps)
+    check_maps(images, maps)
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     n_pix = images.shape[2] * images.shape[3]
@@ -133,7 +169,7 @@ def perturbation_curves(
     Returns:
         ``(curves (N, steps + 1), fractions (steps + 1,))`` on the CPU, float64.
     """
-    _check(images, maps)
+    check_maps(images, maps)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
@@ -171,7 +207,17 @@ def _auc_result(name: str, curve: Tensor, fractions: Tensor) -> dict[str, Any]:
     }
 
 
-@metric("deletion_auc", higher_is_better=False, needs=("model", "images", "maps"), category="faithfulness")
+@metric(
+    "deletion_auc",
+    scope="model",
+    inputs=("model", "images", "maps", "batch_size=batch_size", "targets=labels"),
+    higher_is_better=False,
+    category="faithfulness",
+    label="Deletion AUC",
+    description="RISE deletion, true class",
+    default=True,
+    chance=True,
+)
 def deletion_auc(
     model: nn.Module,
     images: Tensor,
@@ -193,7 +239,17 @@ def deletion_auc(
     return _auc_result("deletion_auc", curve, fractions)
 
 
-@metric("insertion_auc", higher_is_better=True, needs=("model", "images", "maps"), category="faithfulness")
+@metric(
+    "insertion_auc",
+    scope="model",
+    inputs=("model", "images", "maps", "batch_size=batch_size", "targets=labels"),
+    higher_is_better=True,
+    category="faithfulness",
+    label="Insertion AUC",
+    description="RISE insertion, true class",
+    default=True,
+    chance=True,
+)
 def insertion_auc(
     model: nn.Module,
     images: Tensor,
@@ -215,15 +271,4 @@ def insertion_auc(
     return _auc_result("insertion_auc", curve, fractions)
 
 
-from xkd.metrics.road import ROAD_PERCENTAGES, linear_imputation, road  # noqa: E402  (re-export)
-
-__all__ = [
-    "ROAD_PERCENTAGES",
-    "deletion_auc",
-    "fidelity",
-    "insertion_auc",
-    "linear_imputation",
-    "perturbation_curves",
-    "road",
-    "saliency_ranks",
-]
+__all__ = ["deletion_auc", "fidelity", "insertion_auc", "perturbation_curves"]

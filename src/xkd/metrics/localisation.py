@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from xkd.metrics.agreement import top_n_mask
-from xkd.metrics.base import metric
+from xkd.metrics.base import Column, headline, metric
 
 MEDTEX_SIDE = 224
 
@@ -45,7 +45,21 @@ def medtex_k_values(h: int, w: int) -> list[int]:
     return [min(h * w, max(1, round(k * 1024 * h * w / (MEDTEX_SIDE * MEDTEX_SIDE)))) for k in range(1, 7)]
 
 
-@metric("pointing_game", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+def _per_k(result: dict[str, Any]) -> dict[str, Any]:
+    """Top-K IoU and Dice per K, keyed by K as text (the record's ``top_k``)."""
+    return {str(k): v for k, v in (result.get("per_k") or {}).items()}
+
+
+@metric(
+    "pointing_game",
+    scope="model",
+    inputs=("maps", "masks"),
+    higher_is_better=True,
+    category="localisation",
+    label="Pointing game",
+    description="map maximum inside the mask",
+    default=True,
+)
 def pointing_game(maps: Tensor, masks: Tensor) -> dict[str, Any]:
     """Pointing game: the fraction of images whose map maximum lies inside the mask.
 
@@ -80,7 +94,17 @@ def _iou_dice(flat: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return iou, dice
 
 
-@metric("top_k_iou", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+@metric(
+    "top_k_iou",
+    scope="model",
+    inputs=("maps", "masks", "k_values"),
+    higher_is_better=True,
+    category="localisation",
+    label="Top-K IoU",
+    description="mean over MED-TEX's K values",
+    default=True,
+    record=lambda r: {"top_k_iou": headline(r, "top_k_iou"), "top_k": _per_k(r)},
+)
 def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None) -> dict[str, Any]:
     """IoU (and Dice) between each map's ``K`` most salient pixels ``A`` and the mask ``B``.
 
@@ -121,7 +145,17 @@ def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None 
     return out
 
 
-@metric("top_k_dice", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+@metric(
+    "top_k_dice",
+    scope="model",
+    inputs=("maps", "masks", "k_values"),
+    higher_is_better=True,
+    category="localisation",
+    label="Top-K Dice",
+    description="mean over MED-TEX's K values",
+    default=True,
+    record=lambda r: {"top_k_dice": headline(r, "top_k_dice"), "top_k": _per_k(r)},
+)
 def top_k_dice(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None) -> dict[str, Any]:
     """Dice ``2 |A ∩ B| / (|A| + |B|)`` between each map's ``K`` most salient pixels ``A`` and the mask
     ``B`` (MED-TEX eq. 14 as written); the same computation as :func:`top_k_iou`, whose arguments it takes.
@@ -134,7 +168,20 @@ def top_k_dice(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None
     return {"top_k_dice": out.pop("dice"), **out}
 
 
-@metric("mask_mass", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+@metric(
+    "mask_mass",
+    scope="model",
+    inputs=("maps", "masks"),
+    higher_is_better=True,
+    category="localisation",
+    label="Mask mass",
+    description="share of positive attribution inside the mask",
+    default=True,
+    record=lambda r: {
+        "mask_mass": headline(r, "mask_mass"),
+        "undefined": {"no_positive_attribution": r["skipped_no_positive"]},
+    },
+)
 def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
     """Share of the positive attribution that falls inside the mask (energy-based pointing game,
     Wang et al., "Score-CAM", CVPR-W 2020, localisation evaluation)::
@@ -168,7 +215,19 @@ def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
     }
 
 
-@metric("region_precision", higher_is_better=True, needs=("maps", "masks"), category="localisation")
+@metric(
+    "region_precision",
+    scope="model",
+    inputs=("maps", "masks"),
+    higher_is_better=True,
+    category="localisation",
+    label="Region precision",
+    record=lambda r: {"region_precision": r["region_precision"], "region_recall": r["region_recall"]},
+    columns=(
+        Column("region_precision", "Region precision", "share of the top pixels inside the evidence region"),
+        Column("region_recall", "Region recall", "share of the evidence region among the top pixels"),
+    ),
+)
 def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1) -> dict[str, Any]:
     """Precision and recall of each map's top ``fraction`` of pixels against the known discriminative
     region (the synthetic ground-truth experiment of Han et al., ICML 2023, SEEDS.md §3).

@@ -2,7 +2,7 @@
 (Remove And Debias), ICML 2022: removed pixels are filled by noisy linear imputation
 (:func:`linear_imputation`) instead of a constant, so the perturbed images stay close to the data
 and the score measures the attribution rather than the model's reaction to out-of-distribution
-holes. Pixels are ranked as in :mod:`xkd.metrics.faithfulness` (ties by pixel index).
+holes. Pixels are ranked by :func:`xkd.metrics.ranking.saliency_ranks` (ties by pixel index).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
-from xkd.metrics.base import metric
-from xkd.metrics.faithfulness import _check, saliency_ranks
+from xkd.metrics.base import Column, headline, metric
+from xkd.metrics.ranking import check_maps, saliency_ranks
 from xkd.models.state import eval_mode, model_device
 
 # ROAD's neighbour weights (Rong et al. 2022, §4.2; the reference code's ``NoisyLinearImputer``):
@@ -129,9 +131,6 @@ def linear_imputation(
 
 def _impute_scipy(x: Tensor, removed: Tensor, neighbours: int) -> Tensor:
     """Exact solve of :func:`linear_imputation`'s system, all images as one block-diagonal sparse matrix."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.linalg import spsolve
-
     n, c, h, w = x.shape
     xn, r = x.numpy(), removed.numpy()
     flat_r = r.reshape(-1)
@@ -263,7 +262,19 @@ def _impute_torch(x: Tensor, removed: Tensor, neighbours: int, tol: float, max_i
 ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-@metric("road", higher_is_better=True, needs=("model", "images", "maps"), category="faithfulness")
+@metric(
+    "road",
+    scope="model",
+    inputs=("model", "images", "maps", "targets=labels", "batch_size=batch_size"),
+    higher_is_better=True,
+    category="faithfulness",
+    label="ROAD",
+    description="ROAD: LeRF minus MoRF probability, noisy linear imputation",
+    default=True,
+    record=lambda r: {"road": {k: headline(v) for k, v in r.items() if k != "per_image"}},
+    chance=True,
+    columns=(Column("road", "ROAD", "ROAD: LeRF minus MoRF probability, noisy linear imputation", "road"),),
+)
 def road(
     model: nn.Module,
     images: Tensor,
@@ -315,7 +326,7 @@ def road(
         ``{"road", "morf", "lerf" (mean curves (P,)), "percentages", "per_image" (N,),
         "morf_per_image", "lerf_per_image" (N, P), "original" (N,), "measure"}``; tensors float64 on CPU.
     """
-    _check(images, maps)
+    check_maps(images, maps)
     ps = [float(p) for p in percentages]
     if not ps or any(not 0.0 <= p < 1.0 for p in ps):
         raise ValueError(

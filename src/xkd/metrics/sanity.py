@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from xkd.explain.base import normalize_maps
 from xkd.metrics.agreement import map_spearman
-from xkd.metrics.base import metric
+from xkd.metrics.base import headline, metric
 from xkd.models.state import eval_mode, model_device
 
 MakeExplainer = Callable[[nn.Module], Any]
@@ -130,11 +130,42 @@ def _check(images: Tensor, threshold: float) -> None:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
 
 
+def sanity_record(res: dict[str, Any]) -> dict[str, Any]:
+    """The weight-randomisation check in the record's terms."""
+    return {
+        "verdict": res["verdict"],
+        "final_rank_correlation": headline(res["randomisation_sanity"]),
+        "threshold": res["threshold"],
+        "layers": res["layers"],
+        "compared_after": res["compared_after"],
+        "rank_correlation": headline(res["rank_correlation"]),
+        "ssim": headline(res["ssim"]),
+        "n_images": res["n_images"],
+    }
+
+
+def label_sanity_record(res: dict[str, Any]) -> dict[str, Any]:
+    """The data-label randomisation check in the record's terms."""
+    return {
+        "verdict": res["verdict"],
+        "rank_correlation": headline(res["data_randomisation_sanity"]),
+        "ssim": headline(res["ssim"]),
+        "threshold": res["threshold"],
+        "n_images": res["n_images"],
+    }
+
+
 @metric(
     "randomisation_sanity",
+    scope="model",
+    inputs=("model", "images", "make_explainer", "targets=labels"),
     higher_is_better=False,
-    needs=("model", "images", "explainer"),
     category="sanity",
+    label="Weight randomisation",
+    default=True,
+    subset="sanity_images",
+    record=lambda r: {"sanity": sanity_record(r)},
+    columns=(),  # shown by the report's sanity section
 )
 def randomisation_sanity(
     model: nn.Module,
@@ -211,9 +242,14 @@ def randomisation_sanity(
 
 @metric(
     "data_randomisation_sanity",
+    scope="model",
+    inputs=("model", "random_label_model", "images", "make_explainer", "targets=labels"),
     higher_is_better=False,
-    needs=("model", "images", "explainer", "random_label_model"),
     category="sanity",
+    label="Label randomisation",
+    subset="sanity_images",
+    record=lambda r: {"label_sanity": label_sanity_record(r)},
+    columns=(),  # shown by the report's sanity section
 )
 def data_randomisation_sanity(
     model: nn.Module,

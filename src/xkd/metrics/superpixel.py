@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from xkd.explain.superpixel import segment_means, segment_sums
-from xkd.metrics.base import metric
+from xkd.metrics.base import headline, metric
 
 Form = Literal["pixel", "superpixel"]
 
@@ -73,9 +73,16 @@ def _selection(correct: Tensor | None, n: int) -> Tensor:
 
 @metric(
     "superpixel_mse",
+    scope="agreement",
+    inputs=("teacher_maps", "student_maps", "segments", "form=map_form"),
     higher_is_better=False,
-    needs=("maps", "second_model", "segments"),
     category="agreement",
+    label="SP MSE",
+    description="superpixel sums vs the teacher's",
+    default=True,
+    # each image's superpixel vector scaled by its largest |value| (signs kept): teacher and student
+    # maps of most explainers live on different scales (metric_params normalize: false for raw)
+    kwargs={"normalize": True},
 )
 def superpixel_mse(
     a: Tensor,
@@ -130,9 +137,17 @@ def _top_k(values: Tensor, real: Tensor, k: int) -> Tensor:
 
 @metric(
     "superpixel_sign_agreement",
+    scope="agreement",
+    inputs=("teacher_maps", "student_maps", "segments", "correct=both_correct", "form=map_form"),
     higher_is_better=True,
-    needs=("maps", "second_model", "segments", "correct"),
     category="agreement",
+    label="SP sign agr.",
+    description="top superpixels' signs",
+    default=True,
+    record=lambda r: {
+        "superpixel_sign_agreement": headline(r, "superpixel_sign_agreement"),
+        "sign_agreement_images": headline(r.get("evaluated")),
+    },
 )
 def superpixel_sign_agreement(
     a: Tensor,

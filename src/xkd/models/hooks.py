@@ -11,12 +11,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-
-class LayerNotFoundError(KeyError):
-    """A module path that does not exist in a model. The message lists candidate paths."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+from xkd.errors import LayerNotFoundError
 
 
 def module_paths(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None = None) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from xkd.config import ConfigError, ModelConfig
+from xkd.errors import PretrainedUnavailableError
 from xkd.registry import MODELS
 
 SMALL_IMAGE = 64
@@ -29,10 +30,6 @@ ImageSize = int | tuple[int, int]
 def _hw(image_size: ImageSize) -> tuple[int, int]:
     """``(H, W)`` of an ``image_size`` given as one side or as ``(H, W)``."""
     return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
-
-
-class PretrainedUnavailableError(RuntimeError):
-    """Pretrained weights were asked for and could not be obtained."""
 
 
 def _load_pretrained(builder: Callable[..., nn.Module], weights: Any, name: str) -> nn.Module:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xkd.metrics  # noqa: F401  (registers the metrics: columns of comparisons recorded without them)
+from xkd.files import atomic_write_text
+from xkd.metrics.base import declared
 from xkd.report import figures
-from xkd.report.records import atomic_write_text
 from xkd.report.render import _ENV, load_record
 from xkd.report.tables import DASH, best_rows, cell, explainer_name, fmt, fmt_seconds, head, ok
 
@@ -155,49 +157,35 @@ def _agreement_table(cmp: dict[str, Any]) -> dict | None:
     )
 
 
-QUALITY_NAMES = {
-    "fidelity": "Fidelity",
-    "deletion_auc": "Deletion AUC",
-    "insertion_auc": "Insertion AUC",
-    "road": "ROAD",
-    "pointing_game": "Pointing game",
-    "top_k_iou": "Top-K IoU",
-    "top_k_dice": "Top-K Dice",
-    "mask_mass": "Mask mass",
-    "region_precision": "Region precision",
-    "region_recall": "Region recall",
-}
+def _better(higher_is_better: bool | None) -> str | None:
+    return None if higher_is_better is None else ("high" if higher_is_better else "low")
 
 
-def _direction(metric: str) -> str | None:
-    from xkd.registry import METRICS
-
-    if metric == "region_recall":
-        return "high"
-
-    if metric not in METRICS:
-        return None
-    hi = METRICS.get(metric).higher_is_better
-    return None if hi is None else ("high" if hi else "low")
+def _quality_columns(cmp: dict[str, Any]) -> list[dict[str, Any]]:
+    """The aggregated columns as the comparison recorded them; older records: today's declarations."""
+    if "quality_columns" in cmp:
+        return cmp["quality_columns"]
+    return [c for m in declared("model") for c in m.info()["columns"] if c["higher_is_better"] is not None]
 
 
 def _quality_tables(cmp: dict[str, Any]) -> list[dict]:
     """Per explainer: its own metrics (faithfulness, localisation) for every model, and top-K IoU and
     Dice per K where the data has masks."""
-    import xkd.metrics  # noqa: F401  (registers metrics: their directions)
-
     roles, methods = cmp["roles"], cmp["methods"]
     tables = []
     for ex in cmp.get("explainers_scored", []):
         q = {r: (methods[r].get("explanation_quality") or {}).get(ex) or {} for r in roles}
         shown = [r for r in roles if q[r]]
-        keys = [k for k in QUALITY_NAMES if any(k in q[r] for r in shown)]
-        if keys:
+        cols = [c for c in _quality_columns(cmp) if any(c["key"] in q[r] for r in shown)]
+        if cols:
             tables.append(
                 stat_table(
                     f"{explainer_name(ex)}: its own metrics per model, mean ± std over seeds.",
                     [_label(r, methods[r]) for r in shown],
-                    [StatCol(QUALITY_NAMES[k], [q[r].get(k) for r in shown], better=_direction(k)) for k in keys],
+                    [
+                        StatCol(c["label"], [q[r].get(c["key"]) for r in shown], better=_better(c["higher_is_better"]))
+                        for c in cols
+                    ],
                 )
             )
         ks = sorted({k for r in shown for k in (q[r].get("per_k") or {})}, key=float)

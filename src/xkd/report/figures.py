@@ -22,7 +22,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from xkd.report.records import atomic_write_bytes  # noqa: E402
+from xkd.files import atomic_write_bytes  # noqa: E402
 
 DPI = 100
 WRONG_COLOR = "#c62828"
@@ -447,3 +447,33 @@ def save_lines_vs_size(
     if handles:
         axes[0].legend(handles, labels, fontsize=7, frameon=True)
     return _save(fig, path)
+
+
+def plot_top_units(panels: Mapping[str, Any], path: str | Path) -> Path:
+    """Figure of the best units of a network dissection, from
+    :func:`xkd.metrics.dissection.top_unit_panels`: one row per unit, its most activating images with
+    the binarised region ``A_k >= T_k`` outlined, the first titled with the unit index, its best
+    concept and the IoU. Writes a PNG and returns its path."""
+    rows, cols = panels["rows"], panels["cols"]
+    fig = Figure(figsize=(1.6 * cols, 1.75 * len(rows)))
+    for r, row in enumerate(rows):
+        unit = row["unit"]
+        for c, (image, region) in enumerate(row["cells"]):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+            ax.set_axis_off()
+            base, cmap = display_image(image)
+            ax.imshow(base, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            for line in mask_outline(region):
+                ax.plot(line[:, 0], line[:, 1], color="black", linewidth=2.2)
+                ax.plot(line[:, 0], line[:, 1], color="yellow", linewidth=1.0)
+            if c == 0:
+                iou = "-" if unit["iou"] is None else f"{unit['iou']:.2f}"
+                flag = "" if unit["detector"] else " (no detector)"
+                ax.set_title(f"unit {unit['unit']}: {unit['concept']}  IoU {iou}{flag}", loc="left", fontsize=8)
+    fig.suptitle(
+        f"{panels['layer']}: top units (top {100 * (1 - panels['quantile']):.2g}% region outlined)", fontsize=9
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")  # default PNG metadata and compression, unlike _save
+    return atomic_write_bytes(path, buf.getvalue())

@@ -13,8 +13,9 @@ from typing import Any
 
 import jinja2
 
+from xkd.errors import ReportError, ReportSchemaError
+from xkd.files import SCHEMA_VERSION, atomic_write_text, read_json
 from xkd.report import figures
-from xkd.report.records import SCHEMA_VERSION, atomic_write_text, read_json
 from xkd.report.sections import explainer_sections, sanity_table, transfer_table
 from xkd.report.tables import (
     Col,
@@ -45,15 +46,6 @@ SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
     ("records", "Records", None),
 ]
 RECORD_KINDS = ("run", "models", "explanations", "samples")  # records/<kind>.json
-
-
-class ReportError(FileNotFoundError):
-    """A record the report needs is missing: the run is incomplete (``xkd run --resume``)."""
-
-
-class ReportSchemaError(ReportError, ValueError):
-    """A record has another schema version or kind than this xkd reads (a ``ValueError``; also a
-    ``ReportError`` so the CLI reports it as one clear message)."""
 
 
 # --- loading ----------------------------------------------------------------------------------------

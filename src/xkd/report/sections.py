@@ -4,67 +4,56 @@ student, the sanity verdict, and the models' maps of the same images side by sid
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xkd.metrics  # noqa: F401  (registers the metrics: columns of runs recorded without them)
+from xkd.registry import METRICS
 from xkd.report import figures
 from xkd.report.tables import DASH, Col, cell, explainer_name, fmt, head, make_table, model_label, ok, slug
 
 
 @dataclass(frozen=True)
 class MetricCol:
-    """A column of the per-explainer table: where the value lives in the records and how it reads."""
+    """A column of the per-explainer tables, from a metric's declared column."""
 
     head: str
-    get: Callable[[dict, dict, dict], Any]  # (per_model entry, agreement entry, model record) -> value
+    key: str
+    sub: str | None
     better: str | None
     title: str
-    agreement: bool = False  # a student-vs-teacher score
+    agreement: bool  # a student-vs-teacher score
+
+    def get(self, own: dict, agreement: dict) -> Any:
+        v = (agreement if self.agreement else own).get(self.key)
+        if self.sub is not None:
+            return v.get(self.sub) if isinstance(v, dict) else None
+        return v
 
 
-def _sub(key: str, sub: str) -> Callable[[dict, dict, dict], Any]:
-    return lambda p, a, m: (p.get(key) or {}).get(sub) if isinstance(p.get(key), dict) else None
-
-
-COLUMNS = [
-    MetricCol(
-        "Fidelity", _sub("fidelity", "mean"), "high", "share of images whose prediction survives keeping the top pixels"
-    ),
-    MetricCol("Deletion AUC ↓", lambda p, a, m: p.get("deletion_auc"), "low", "RISE deletion, true class"),
-    MetricCol("Insertion AUC ↑", lambda p, a, m: p.get("insertion_auc"), "high", "RISE insertion, true class"),
-    MetricCol("ROAD ↑", _sub("road", "road"), "high", "ROAD: LeRF minus MoRF probability, noisy linear imputation"),
-    MetricCol("Pointing game", lambda p, a, m: p.get("pointing_game"), "high", "map maximum inside the mask"),
-    MetricCol("Top-K IoU", lambda p, a, m: p.get("top_k_iou"), "high", "mean over MED-TEX's K values"),
-    MetricCol("Top-K Dice", lambda p, a, m: p.get("top_k_dice"), "high", "mean over MED-TEX's K values"),
-    MetricCol("Mask mass", lambda p, a, m: p.get("mask_mass"), "high", "share of positive attribution inside the mask"),
-    MetricCol("Pearson", lambda p, a, m: a.get("map_pearson"), "high", "with the teacher's maps", agreement=True),
-    MetricCol(
-        "Rank corr.",
-        lambda p, a, m: a.get("rank_correlation"),
-        "high",
-        "Spearman with the teacher's maps",
-        agreement=True,
-    ),
-    MetricCol(
-        "Top-k% IoU",
-        lambda p, a, m: a.get("top_k_agreement"),
-        "high",
-        "top pixels shared with the teacher",
-        agreement=True,
-    ),
-    MetricCol(
-        "SP MSE ↓", lambda p, a, m: a.get("superpixel_mse"), "low", "superpixel sums vs the teacher's", agreement=True
-    ),
-    MetricCol(
-        "SP sign agr.",
-        lambda p, a, m: a.get("superpixel_sign_agreement"),
-        "high",
-        "top superpixels' signs",
-        agreement=True,
-    ),
-]
+def metric_columns(expl: dict) -> list[MetricCol]:
+    """The columns of the run's metrics, as the records declare them (``metric_info``); a run
+    written before the records held the declarations takes them from today's registry."""
+    out = []
+    names = expl.get("metrics")
+    if names is None:  # records without the list of metrics: every registered one that has a value
+        names = [m.name for m in METRICS.entries()]
+    for name in names:
+        info = (expl.get("metric_info") or {}).get(name) or {}
+        if "columns" not in info:
+            if name not in METRICS:
+                continue
+            info = METRICS.get(name).info()
+        if info.get("scope") not in ("model", "agreement"):
+            continue
+        for c in info["columns"]:
+            hi = c.get("higher_is_better")
+            arrow = "" if hi is None else (" ↑" if hi else " ↓")
+            better = None if hi is None else ("high" if hi else "low")
+            agreement = info["scope"] == "agreement"
+            out.append(MetricCol(c["label"] + arrow, c["key"], c.get("sub"), better, c.get("title") or "", agreement))
+    return out
 
 
 def sanity_verdict(entry: dict) -> str:
@@ -84,8 +73,8 @@ def explainer_tables(roles: list[str], models: dict, expl: dict, ex: str) -> lis
     met = [((models[roles[i]].get("met") or {}).get(ex)) for i in shown]
     own = [Col("MET (ms)", met, ",.2f", "low", "mean execution time per image", 1e3)] if any(map(ok, met)) else []
     pair = []
-    for c in COLUMNS:
-        vals = [c.get(per[i], agr[i], models[roles[i]]) for i in shown]
+    for c in metric_columns(expl):
+        vals = [c.get(per[i], agr[i]) for i in shown]
         if any(ok(v) for v in vals):
             (pair if c.agreement else own).append(Col(c.head, vals, better=c.better, title=c.title))
     name = explainer_name(ex)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from xkd.files import atomic_write_text
 from xkd.report import figures
 from xkd.report.compare import StatCol, fmt_stat, stat_table
-from xkd.report.records import atomic_write_text
 from xkd.report.render import _ENV, load_record
 from xkd.report.tables import cell, fmt, fmt_seconds
 

@@ -2,32 +2,13 @@
 
 - ``kd-vs-ls`` (:mod:`xkd.studies.kd_vs_ls`): KD vs label smoothing vs scratch (Han et al., ICML 2023).
 - ``capacity-gap`` (:mod:`xkd.studies.capacity_gap`): teachers of growing size and a teacher assistant
-  (UniCAM; Mirzadeh et al.).
+  (UniCAM, Adhane et al. 2024; Mirzadeh et al., AAAI 2020).
 
-Both are built on :func:`xkd.compare.compare` (multi-seed runs of one config) and write
-``records/study.json`` and ``study.html`` next to it.
+Each registers its ``run_study(cfg, seeds, *, resume, overwrite, progress) -> Path`` in
+:data:`xkd.registry.STUDIES`. Both are built on :func:`xkd.compare.compare` (multi-seed runs of one
+config) and write ``records/study.json`` and ``study.html`` next to it.
 """
 
-from __future__ import annotations
+from xkd.studies import capacity_gap, kd_vs_ls
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-STUDIES = ("kd-vs-ls", "capacity-gap")
-
-
-def study_runner(name: str) -> Callable[..., Path]:
-    """The ``run_study`` function of study ``name``."""
-    if name == "kd-vs-ls":
-        from xkd.studies.kd_vs_ls import run_study
-    elif name == "capacity-gap":
-        from xkd.studies.capacity_gap import run_study
-    else:
-        from xkd.config import ConfigError
-
-        raise ConfigError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
-    return run_study
-
-
-__all__: list[Any] = ["STUDIES", "study_runner"]
+__all__ = ["capacity_gap", "kd_vs_ls"]

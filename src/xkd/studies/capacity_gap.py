@@ -13,7 +13,6 @@ predictions, FSS and RS at matched layers, and the headline explanation agreemen
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,15 @@ from rich.console import Console
 
 from xkd.compare import compare, stat
 from xkd.config import ConfigError, RunConfig, StudentConfig, from_dict, to_dict
-from xkd.pipeline import RunExistsError, cache_dir_of
-from xkd.report.records import is_writer, read_json, record, write_json
+from xkd.data import build_dataset
+from xkd.errors import RunExistsError
+from xkd.files import is_writer
+from xkd.metrics.cost import parameter_count
+from xkd.pipeline import build_for
+from xkd.plan import validate_config
+from xkd.registry import STUDIES
+from xkd.report.study import render_study_report
+from xkd.rundir import RunDir, cache_root
 from xkd.studies.verdict import judge
 
 DIRECT, VIA_ASSISTANT = "direct", "via_assistant"
@@ -31,9 +37,6 @@ DIRECT, VIA_ASSISTANT = "direct", "via_assistant"
 
 def teacher_sizes(cfg: RunConfig) -> list[tuple[int, Any]]:
     """``(parameters, model config)`` of each configured teacher for the data's shape, smallest first."""
-    from xkd.data import build_dataset
-    from xkd.metrics.cost import parameter_count
-    from xkd.pipeline import build_for
 
     st = cfg.study
     if len(st.teachers) < 3:
@@ -53,12 +56,13 @@ def teacher_sizes(cfg: RunConfig) -> list[tuple[int, Any]]:
     return sized
 
 
-def _prepare(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        ours = (out / "teachers").is_dir() or (out / "records" / "study.json").is_file()
+def _prepare(study: RunDir, resume: bool, overwrite: bool) -> None:
+    out = study.path
+    if not study.is_empty():
+        ours = (out / "teachers").is_dir() or study.has_record("study")
         if overwrite and ours:
             if is_writer():
-                shutil.rmtree(out)
+                study.clear()
         elif overwrite or (resume and not ours):
             raise RunExistsError(f"{out} holds something other than an xkd capacity-gap study; choose another name")
         elif not resume:
@@ -66,7 +70,7 @@ def _prepare(out: Path, resume: bool, overwrite: bool) -> None:
                 f"study directory {out} already exists; pass --resume to continue it (finished runs are kept), "
                 "--overwrite to start over, or choose another name (--set name=NEW)"
             )
-    (out / "records").mkdir(parents=True, exist_ok=True)
+    study.records.mkdir(parents=True, exist_ok=True)
 
 
 def teacher_config(cfg: RunConfig, out: Path, i: int, model: Any, largest: bool) -> RunConfig:
@@ -76,7 +80,7 @@ def teacher_config(cfg: RunConfig, out: Path, i: int, model: Any, largest: bool)
     c.teacher.checkpoint = None
     c.name = f"{i}_{model.name}"
     c.output_dir = str(out / "teachers")
-    c.cache_dir = str(cache_dir_of(cfg))
+    c.cache_dir = str(cache_root(cfg))
     c.students = [StudentConfig(DIRECT, st.distiller, dict(st.params))]
     if largest:
         chain = {
@@ -90,18 +94,18 @@ def teacher_config(cfg: RunConfig, out: Path, i: int, model: Any, largest: bool)
     return c
 
 
+@STUDIES.register("capacity-gap")
 def run_study(
     cfg: RunConfig, seeds: int | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> Path:
     """Run the study and return its folder (``study.html``, ``records/study.json``, one comparison per teacher)."""
-    from xkd.config import validate_config
-    from xkd.report.study import render_study_report
 
     t0 = time.perf_counter()
     console = Console(stderr=True, quiet=not progress)
     sized = teacher_sizes(cfg)
-    out = Path(cfg.output_dir) / cfg.name
-    _prepare(out, resume, overwrite)
+    study = RunDir.of(cfg)
+    out = study.path
+    _prepare(study, resume, overwrite)
     rows = []
     for i, (params, model) in enumerate(sized):
         c = teacher_config(cfg, out, i, model, largest=i == len(sized) - 1)
@@ -110,10 +114,10 @@ def run_study(
             f"[bold]capacity gap[/bold]: teacher {i + 1} of {len(sized)}: {model.name} ({params:,} parameters)"
         )
         cmp_dir = compare(c, seeds, resume=resume, overwrite=False, progress=progress)
-        rows.append((i, params, model, cmp_dir, read_json(cmp_dir / "records" / "compare.json")))
+        rows.append((i, params, model, cmp_dir, RunDir(cmp_dir).read_record("compare")))
     body = summarise(cfg, out, rows)
     body["seconds"] = time.perf_counter() - t0
-    write_json(out / "records" / "study.json", record("study", body))
+    study.write_record("study", body)
     html = render_study_report(out)
     console.print(f"study report: {html}  ({time.perf_counter() - t0:.0f} s)")
     return out

@@ -24,8 +24,6 @@ architecture and its budget, and the seed. Re-running a study only retrains what
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xkd.config import DiffROARConfig, ModelConfig, TrainConfig, to_dict
+from xkd.cache import Cache
+from xkd.config import DiffROARConfig, ModelConfig, OptimizerConfig, TrainConfig
+from xkd.data import make_loader
 from xkd.data.base import TensorImageDataset
+from xkd.distill import build_distiller
+from xkd.engine.trainer import Trainer
+from xkd.explain import build_explainer
+from xkd.files import read_json, write_json
 from xkd.metrics.agreement import top_n_mask
-from xkd.report.records import read_json, write_json
+from xkd.metrics.classification import evaluate_model
+from xkd.models import build_model
+from xkd.schema import to_dict
 
 log = logging.getLogger("xkd")
 
@@ -61,10 +67,6 @@ def float_images(ds: TensorImageDataset) -> TensorImageDataset:
     return ds
 
 
-def cache_key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def retrain_accuracy(
     model_cfg: ModelConfig,
     num_classes: int,
@@ -78,14 +80,6 @@ def retrain_accuracy(
 ) -> dict[str, Any]:
     """Train a fresh ``model_cfg`` from scratch on ``train`` (best validation epoch kept) and return
     its test accuracy."""
-    from xkd.config import OptimizerConfig
-    from xkd.data import make_loader
-    from xkd.distill import build_distiller
-    from xkd.engine.checkpoint import load_checkpoint, load_weights, model_weights
-    from xkd.engine.trainer import Trainer
-    from xkd.metrics.classification import evaluate_model
-    from xkd.models import build_model
-
     torch.manual_seed(seed)
     c, h, w = train.images.shape[1:]
     model = build_model(model_cfg, num_classes, c, h if h == w else (h, w))
@@ -94,8 +88,7 @@ def retrain_accuracy(
         build_distiller("scratch", model), train, val, budget, checkpoint_dir=out_dir, seed=seed, device=device,
         role="diffroar", progress=False,
     )  # fmt: skip
-    trainer.fit()
-    load_weights(model, model_weights(load_checkpoint(out_dir / "best.pt")), str(out_dir / "best.pt"))
+    trainer.fit_and_restore()
     loader = make_loader(test, batch_size=256, shuffle=False, seed=seed)
     return {"accuracy": evaluate_model(model, loader, num_classes, device)["accuracy"]}
 
@@ -124,8 +117,6 @@ def diffroar(
         ``{"fractions", "keep_top", "keep_bottom", "diffroar", "cached"}`` (lists aligned with
         ``fractions``; accuracies of the retrained models).
     """
-    from xkd.explain import build_explainer
-
     splits = {name: float_images(ds) for name, ds in splits.items()}
     fill = splits["train"].images.float().mean(dim=(0, 2, 3))
     maps: dict[str, Tensor] = {}
@@ -139,12 +130,13 @@ def diffroar(
     for fraction in cfg.fractions:
         accs = {}
         for side in ("top", "bottom"):
-            key = cache_key(
+            what = dict(
                 model=model_key, explainer=cfg.explainer, explainer_params=cfg.explainer_params, fraction=fraction,
                 side=side, data=data_key, retrain=to_dict(retrain_model), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
             )  # fmt: skip
-            folder = cache_dir / "diffroar" / key
+            key = Cache.key(what)
+            folder = Cache(cache_dir).folder("diffroar", key)
             result_path = folder / "result.json"
             if result_path.is_file():
                 accs[side] = read_json(result_path)["accuracy"]

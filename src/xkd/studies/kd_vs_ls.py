@@ -27,8 +27,22 @@ import torch
 from rich.console import Console
 
 from xkd.compare import compare, stat
-from xkd.config import ConfigError, RunConfig, to_dict
-from xkd.report.records import read_json, record, write_json
+from xkd.config import RunConfig
+from xkd.data import build_dataset
+from xkd.data.base import TensorImageDataset, collate
+from xkd.distill import build_distiller
+from xkd.errors import ConfigError
+from xkd.explain import build_explainer
+from xkd.metrics.dissection import check_concept_data, concept_detectors, top_unit_panels
+from xkd.metrics.localisation import region_precision_recall
+from xkd.models.hooks import default_layer, get_module
+from xkd.pipeline import build_for, load_run_models, weights_key
+from xkd.registry import STUDIES
+from xkd.report.figures import plot_top_units
+from xkd.report.study import render_study_report
+from xkd.rundir import RunDir, cache_root
+from xkd.schema import to_dict
+from xkd.studies.diffroar import diffroar, float_images
 from xkd.studies.verdict import judge
 
 REQUIRED = {"scratch": "scratch", "label_smoothing": "label smoothing", "hinton_kd": "KD"}
@@ -52,12 +66,6 @@ def preflight(cfg: RunConfig) -> None:
     """Check everything the measurements need before any training: one student architecture, masks on
     the study's data (the discriminative region) and concept masks on the concept data, and the
     dissected layers in the teacher and every student. Raises the error a late failure would."""
-    from xkd.data import build_dataset
-    from xkd.distill import build_distiller
-    from xkd.metrics.dissection import check_concept_data
-    from xkd.models.hooks import get_module
-    from xkd.pipeline import build_for
-
     arch = to_dict(cfg.student_model)
     for i, s in enumerate(cfg.students):
         if s.model is not None and to_dict(s.model) != arch:
@@ -87,31 +95,31 @@ def _no_masks(cfg: RunConfig) -> ConfigError:
 
 def _region_masks(cfg: RunConfig, data: Any) -> Any:
     """The test split's images, labels and masks; a clear error if the data has no masks."""
-    from xkd.evaluate import gather
 
-    images, labels, masks = gather(data.test, torch.arange(len(data.test)))
-    if masks is None:
+    batch = collate([data.test[i] for i in range(len(data.test))])
+    if batch.masks is None:
         raise _no_masks(cfg)
-    return images, labels, masks
+    return batch.images, batch.labels, batch.masks
 
 
+@STUDIES.register("kd-vs-ls")
 def run_study(
     cfg: RunConfig, seeds: int | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> Path:
     """Run the study and return its folder (``study.html``, ``records/study.json``, the comparison)."""
-    from xkd.report.study import render_study_report
 
     roles = roles_by_distiller(cfg)
     preflight(cfg)
     t0 = time.perf_counter()
     out = compare(cfg, seeds, resume=resume, overwrite=overwrite, progress=progress)
     console = Console(stderr=True, quiet=not progress)
-    cmp = read_json(out / "records" / "compare.json")
+    study = RunDir(out)
+    cmp = study.read_record("compare")
     measured, empty = measure(cfg, out, cmp, console)
     body = summarise(cfg, cmp, measured, roles)
     body["empty_concepts"] = empty
     body["seconds"] = time.perf_counter() - t0
-    write_json(out / "records" / "study.json", record("study", body))
+    study.write_record("study", body)
     html = render_study_report(out)
     console.print(f"study report: {html}  ({time.perf_counter() - t0:.0f} s)")
     return out
@@ -122,13 +130,6 @@ def measure(
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Per role, one dict per seed (the teacher, shared by every seed, once): dissection counts, region
     precision/recall, DiffROAR; and the concepts with no positive pixel in the concept data."""
-    from xkd.data import build_dataset
-    from xkd.explain import build_explainer
-    from xkd.metrics.dissection import concept_detectors, plot_top_units
-    from xkd.metrics.localisation import region_precision_recall
-    from xkd.models.hooks import default_layer
-    from xkd.pipeline import cache_dir_of, load_run_models, weights_key
-    from xkd.studies.diffroar import diffroar, float_images
 
     st = cfg.study
     data = build_dataset(cfg.data)
@@ -140,8 +141,8 @@ def measure(
     per_role: dict[str, list[dict[str, Any]]] = {r: [] for r in cmp["roles"]}
     empty: list[str] = []
     for s in cmp["seeds"]:
-        run_dir = out / cmp["runs"][str(s)]["dir"]
-        _, _, models, _ = load_run_models(run_dir)
+        run_dir = RunDir(out / cmp["runs"][str(s)]["dir"])
+        _, models, _ = load_run_models(run_dir)
         for role, model in models.items():
             if role == "teacher" and per_role[role]:  # one teacher for every seed: measured once (n = 1)
                 continue
@@ -151,7 +152,8 @@ def measure(
                 model, concepts.test, layer=layer, quantile=st.quantile, iou_threshold=st.iou_threshold
             )
             if s == cmp["seeds"][0]:  # the top units of every model of the first seed, for the page
-                plot_top_units(result, model, concepts.test, out / "figures" / f"top_units_{role}.png")
+                panels = top_unit_panels(result, model, concepts.test)
+                plot_top_units(panels, RunDir(out).figures / f"top_units_{role}.png")
             det = {k: v for k, v in result.to_record().items() if k not in ("iou", "top_images", "thresholds")}
             with build_explainer(st.explainer, model, st.explainer_params) as ex:
                 maps = torch.cat(
@@ -166,7 +168,7 @@ def measure(
             if role != "teacher":
                 entry["diffroar"] = diffroar(
                     model, weights_key(model), splits, data.num_classes, st.diffroar, retrain,
-                    to_dict(cfg.data), s, device, cache_dir_of(cfg),
+                    to_dict(cfg.data), s, device, cache_root(cfg),
                 )  # fmt: skip
             per_role[role].append(entry)
             for c in result["empty_concepts"]:
@@ -179,13 +181,11 @@ def measure(
 
 
 def _tensor_split(ds: Any) -> Any:
-    from xkd.data.base import TensorImageDataset
-    from xkd.evaluate import gather
 
     if isinstance(ds, TensorImageDataset):
         return ds
-    images, labels, masks = gather(ds, torch.arange(len(ds)))
-    return TensorImageDataset(images, labels, masks)
+    batch = collate([ds[i] for i in range(len(ds))])
+    return TensorImageDataset(batch.images, batch.labels, batch.masks)
 
 
 def summarise(

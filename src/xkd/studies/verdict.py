@@ -20,6 +20,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from scipy import stats
+
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive at this N"
 
 
@@ -65,8 +67,6 @@ def judge(
     spec: str = ".3f",
 ) -> Verdict:
     """Judge "``a``'s ``quantity`` is higher (``higher=True``) or lower than ``b``'s" on per-seed values."""
-    from scipy import stats
-
     va, vb = _clean(values_a), _clean(values_b)
     (ma, sa), (mb, sb) = _ms(va), _ms(vb)
     diff = None if ma is None or mb is None else ma - mb

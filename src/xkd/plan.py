@@ -1,23 +1,94 @@
-"""Validation of a run config beyond its types: registry names, method parameters, ranges, and what
-a comparison or a study needs (DESIGN.md rule 2). :func:`xkd.config.load_config` calls
-:func:`validate_config`; the names are re-exported by :mod:`xkd.config`.
+"""A run resolved once: ``load_config`` reads and validates a config, :func:`resolve` turns it into a
+:class:`RunPlan` of typed specs (each student's distiller parameters, each explainer's class and
+parameters) that the pipeline, the scoring loop and the studies use without looking a name up again.
+
+Validation goes beyond types: registry names, method parameters, ranges, and what a comparison or
+a study needs. Every error names the key path and the allowed values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from xkd.config import COMPARE_METRICS, STUDY_ONLY_METRICS, ConfigError, EvaluationConfig, RunConfig, from_dict
+import xkd.data  # noqa: F401  (registers the datasets)
+import xkd.distill  # noqa: F401  (registers the distillers)
+import xkd.explain  # noqa: F401  (registers the explainers)
+import xkd.metrics  # noqa: F401  (registers the metrics)
+import xkd.models  # noqa: F401  (registers the models)
+from xkd import registry as R
+from xkd.config import EvaluationConfig, ModelConfig, RunConfig, read_config
+from xkd.distill.base import distiller_params
+from xkd.errors import ConfigError
+from xkd.explain.base import ExplainerSpec, resolve_explainer, split_name
+from xkd.explain.superpixel import SuperpixelParams
+from xkd.metrics.base import declared, default_metrics
+from xkd.schema import from_dict
+
+
+def agreement_metrics() -> list[str]:
+    """The teacher-student agreement metrics (what ``compare.agreement_metric`` may name)."""
+    return [m.name for m in declared("agreement")]
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One model to distil, resolved: its role, architecture, distiller and typed parameters, and the
+    teacher assistant it learns from (``teacher_assistant``: a spec of its own, role
+    ``<name>.assistant``, distilled from the teacher first)."""
+
+    name: str
+    model: ModelConfig
+    distiller: str
+    params: Any
+    assistant: StudentSpec | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated config and its resolved specs."""
+
+    cfg: RunConfig
+    students: list[StudentSpec]
+    explainers: list[ExplainerSpec]
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML run config (or the defaults when ``path`` is None), apply ``--set`` overrides,
+    and validate types, registry names and method parameters."""
+    cfg = read_config(path, overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def resolve(cfg: RunConfig) -> RunPlan:
+    """Validate ``cfg`` and resolve every name once into typed specs."""
+    validate_config(cfg)
+    students = []
+    for i, s in enumerate(cfg.students):
+        params = distiller_params(s.distiller, s.params, f"students[{i}].params")
+        assistant = None
+        if getattr(R.DISTILLERS.get(s.distiller), "needs_assistant", False):
+            a_params = distiller_params(params.assistant_distiller, params.assistant_params)
+            assistant = StudentSpec(
+                f"{s.name}.assistant", params.assistant_model(), params.assistant_distiller, a_params
+            )
+        students.append(StudentSpec(s.name, s.model or cfg.student_model, s.distiller, params, assistant))
+    explainers = [
+        resolve_explainer(e.name, e.params, e.label, f"evaluation.explainers[{i}].params")
+        for i, e in enumerate(cfg.evaluation.explainers)
+    ]
+    return RunPlan(cfg, students, explainers)
 
 
 def validate_config(cfg: RunConfig) -> None:
     """Check registry names, method parameters and ranges that types alone cannot express."""
-    import xkd.data  # noqa: F401  (registers builders)
-    import xkd.models  # noqa: F401
-    from xkd import registry as R
-    from xkd.distill.base import distiller_params
-    from xkd.explain.base import explainer_params, split_name
+
+    if cfg.evaluation.metrics is None:
+        cfg.evaluation.metrics = default_metrics()
 
     def check_name(reg: R.Registry, name: str, path: str) -> None:
         if name not in reg:
@@ -42,7 +113,7 @@ def validate_config(cfg: RunConfig) -> None:
         distiller_params(s.distiller, s.params, f"students[{i}].params")
     for i, e in enumerate(cfg.evaluation.explainers):
         check_name(R.EXPLAINERS, split_name(e.name)[0], f"evaluation.explainers[{i}].name")
-        explainer_params(e.name, e.params, f"evaluation.explainers[{i}].params")
+        resolve_explainer(e.name, e.params, path=f"evaluation.explainers[{i}].params")
     keys = [e.key for e in cfg.evaluation.explainers]
     if len(set(keys)) < len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -55,26 +126,23 @@ def validate_config(cfg: RunConfig) -> None:
         if t.optimizer.lr <= 0:
             raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
     ev = cfg.evaluation
-    _validate_metrics(ev, check_name, R)
+    _validate_metrics(ev, check_name)
     for key in ("fidelity_keep", "agreement_top_k"):
         v = getattr(ev, key)
         if not 0.0 < v <= 1.0:
             raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
     _validate_compare(cfg)
-    _validate_study(cfg, check_name, R)
+    _validate_study(cfg, check_name)
 
 
-def _validate_study(cfg: RunConfig, check_name: Any, R: Any) -> None:
-    from xkd.distill.base import distiller_params
-    from xkd.explain.base import explainer_params, split_name
-
+def _validate_study(cfg: RunConfig, check_name: Any) -> None:
     st = cfg.study
     for path, name, params in [
         ("study.explainer", st.explainer, st.explainer_params),
         ("study.diffroar.explainer", st.diffroar.explainer, st.diffroar.explainer_params),
     ]:
         check_name(R.EXPLAINERS, split_name(name)[0], path)
-        explainer_params(name, params, path.replace("explainer", "explainer_params"))
+        resolve_explainer(name, params, path=path.replace("explainer", "explainer_params"))
     check_name(R.DISTILLERS, st.distiller, "study.distiller")
     distiller_params(st.distiller, st.params, "study.params")
     models = [(f"study.teachers[{i}]", m) for i, m in enumerate(st.teachers)]
@@ -90,10 +158,10 @@ def _validate_compare(cfg: RunConfig) -> None:
     c = cfg.compare
     if c.seeds < 1:
         raise ConfigError(f"compare.seeds must be >= 1, got {c.seeds}")
-    if c.agreement_metric not in COMPARE_METRICS:
+    if c.agreement_metric not in agreement_metrics():
         raise ConfigError(
             f"compare.agreement_metric: {c.agreement_metric!r} is not a teacher-student agreement metric; "
-            f"allowed: {', '.join(COMPARE_METRICS)}"
+            f"allowed: {', '.join(agreement_metrics())}"
         )
     keys = [e.key for e in cfg.evaluation.explainers]
     if c.agreement_explainer is not None and c.agreement_explainer not in keys:
@@ -110,20 +178,19 @@ def validate_for_compare(cfg: RunConfig) -> None:
         raise ConfigError(
             f"compare.agreement_metric {c.agreement_metric!r} is not computed by this config: add it to "
             f"evaluation.metrics or choose one of the selected metrics "
-            f"({', '.join(m for m in cfg.evaluation.metrics if m in COMPARE_METRICS) or 'none selected'})"
+            f"({', '.join(m for m in cfg.evaluation.metrics if m in agreement_metrics()) or 'none selected'})"
         )
 
 
-def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:
-    import inspect
-
-    import xkd.metrics  # noqa: F401  (registers metrics)
-    from xkd.explain.superpixel import SuperpixelParams
-
+def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
     for i, name in enumerate(ev.metrics):
         check_name(R.METRICS, name, f"evaluation.metrics[{i}]")
-        if name in STUDY_ONLY_METRICS:
-            raise ConfigError(f"evaluation.metrics[{i}]: {name!r} is not computed by a run: {STUDY_ONLY_METRICS[name]}")
+        if R.METRICS.get(name).scope == "study":
+            raise ConfigError(
+                f"evaluation.metrics[{i}]: {name!r} is not computed by a run: a study computes it (network "
+                "dissection runs in `xkd study kd-vs-ls`, its layer and concept data are under `study:`), or call "
+                "its function on a model"
+            )
     for name, kwargs in ev.metric_params.items():
         check_name(R.METRICS, name, f"evaluation.metric_params.{name}")
         if not isinstance(kwargs, Mapping):
@@ -147,12 +214,11 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any, R: Any) -> None:
 def _validate_min_images(ev: EvaluationConfig) -> None:
     """Explainers that need several images per call (UniCAM: 4) get them: a clear error now rather
     than after training. The report's per-class samples are padded with other test images instead."""
-    from xkd.explain.base import min_images
-
-    need = max((min_images(e.name) for e in ev.explainers), default=1)
+    need_of = {e.name: resolve_explainer(e.name, e.params).min_images for e in ev.explainers}
+    need = max(need_of.values(), default=1)
     if need <= 1:
         return
-    names = ", ".join(sorted({e.name for e in ev.explainers if min_images(e.name) == need}))
+    names = ", ".join(sorted(n for n, k in need_of.items() if k == need))
     for key in ("num_images", "met_images", "sanity_images"):
         v = getattr(ev, key)
         if v is not None and 0 < v < need and not (key == "sanity_images" and v == 0):

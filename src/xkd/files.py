@@ -1,4 +1,6 @@
-"""Frozen, versioned records written atomically (DESIGN.md rule 7).
+"""File I/O of the package: frozen, versioned records written atomically.
+
+A leaf: it imports nothing of xkd.
 
 Every file xkd writes goes through :func:`atomic_write_bytes`: the data lands in a temporary file in
 the same folder and is moved into place with :func:`os.replace`, so a crash never leaves a half
@@ -15,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: explanations.json keys metrics by registry name (issue 3)
+SCHEMA_VERSION = 2  # 2: explanations.json keys metrics by registry name
 
 
 def is_writer() -> bool:
