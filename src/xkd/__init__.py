@@ -7,6 +7,7 @@ explaining each. The public API is re-exported here lazily (``xkd.build_dataset`
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -14,8 +15,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import xkd` stays fast and the CLI's `--help` does not import torch.
-    import importlib
-
     api = importlib.import_module("xkd.api")
     if name in api.__all__:
         return getattr(api, name)

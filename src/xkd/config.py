@@ -1,4 +1,4 @@
-"""Typed run configuration: YAML -> dataclasses, validated (DESIGN.md rule 2).
+"""Typed run configuration: YAML -> dataclasses (validated by :mod:`xkd.plan`).
 
 Errors name the key path (``students[1].params.alpha``) and the allowed values. Method parameters
 live next to their method as small dataclasses and are validated with :func:`from_dict` too.

@@ -1,6 +1,6 @@
 """Score a trained teacher and its students, explain both, and write the run's records.
 
-Everything the report shows is computed here once and frozen in ``records/`` (DESIGN.md rule 7):
+Everything the report shows is computed here once and frozen in ``records/`` (the report reads only these):
 classification metrics on the test split, post-hoc agreement of each student with the teacher's
 predictions, parameters and FLOPs, mean explanation time, fidelity, deletion/insertion AUC,
 teacher-student explanation agreement and, where the data has masks, localisation.

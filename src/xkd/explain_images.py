@@ -12,7 +12,10 @@ from torch import Tensor
 from xkd.data.imagefolder import GRAY_MODES
 from xkd.data.imagefolder import load_image as decode_image
 from xkd.errors import ImageInputError
+from xkd.explain import build_explainer
 from xkd.files import atomic_write_bytes, record, write_json
+from xkd.pipeline import load_run_models
+from xkd.report.figures import save_overlay_figure
 
 
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
@@ -50,10 +53,6 @@ def explain_images(
     Returns:
         The path of the figure (``explanations.png``).
     """
-    from xkd.explain import build_explainer
-    from xkd.pipeline import load_run_models
-    from xkd.report.figures import save_overlay_figure
-
     cfg, models, run_record = load_run_models(run_dir)
     params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
     c, h, w = run_record["dataset"]["image_shape"]

@@ -9,6 +9,7 @@ file. Under ``torchrun`` only rank 0 writes (``is_writer()``).
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import math
 import os
@@ -78,8 +79,6 @@ def read_json(path: str | Path) -> Any:
 
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries that shape results, for the run record."""
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("xkd", "torch", "torchvision", "captum", "numpy", "scikit-learn", "scikit-image"):
         try:

@@ -1,7 +1,7 @@
 """``concepts``: a generated RGB dataset with pixel masks of every visual concept, for network dissection.
 
-Broden (Bau et al., "Network Dissection", CVPR 2017), the data set of Han et al. (ICML 2023,
-SEEDS.md §3), cannot be downloaded here, so xkd generates a small offline stand-in with the same kind
+Broden (Bau et al., "Network Dissection", CVPR 2017), the data set of Han et al. (ICML 2023), cannot
+be downloaded here, so xkd generates a small offline stand-in with the same kind
 of labels: every pixel carries up to one concept of each of four categories.
 
 ========  ===============================================  ========================================

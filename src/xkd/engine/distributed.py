@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from xkd.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -65,8 +67,6 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     info = info or current()
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from xkd.errors import ConfigError
-
             raise ConfigError("device: 'cuda' requested but no GPU is available; use 'auto' or 'cpu'")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")

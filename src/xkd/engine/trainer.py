@@ -38,7 +38,7 @@ class TrainResult:
 
     ``seconds`` is the wall time of the epoch loop (training and validation) of this call only:
     a distiller's :meth:`~xkd.distill.base.Distiller.setup` and a teacher assistant's training are
-    added by :class:`xkd.pipeline.TrainedModel`. ``None`` when unknown (a model loaded from a
+    added by :class:`xkd.engine.trained.TrainedModel`. ``None`` when unknown (a model loaded from a
     checkpoint without a record of how long it trained)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)

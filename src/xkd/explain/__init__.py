@@ -1,4 +1,5 @@
-"""Explainers: (model, images, targets) -> :class:`Attribution` (DESIGN.md rule 4).
+"""Explainers: (model, images, targets) -> :class:`Attribution` (float32 maps (N, H, W) at input
+resolution, finite; normalisation is a separate step).
 
 Importing this package registers the built-in explainers: ``grad_cam``, ``grad_cam_pp``, ``layer_cam``,
 ``feature_maps``, ``integrated_gradients``, ``gradient_shap``, ``deep_shap``, ``occlusion``,

@@ -252,7 +252,7 @@ class SuperpixelFormParams:
 
 
 class SuperpixelForm(Explainer):
-    """The XDistillation superpixel form of any explainer (SEEDS.md §4): the inner explainer's pixel
+    """The XDistillation superpixel form of any explainer (Alharbi et al. 2021, §III-A1): the inner explainer's pixel
     map, then every pixel takes the **sum** of the attributions in its SLIC superpixel
     (:func:`xkd.explain.superpixel.superpixel_maps`). Registered explainers get it by name:
     ``"<name>+superpixel"``. An inner explainer already in superpixel form (KernelSHAP, LIME) gives

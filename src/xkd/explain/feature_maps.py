@@ -1,4 +1,4 @@
-"""Average feature maps per layer (KD-FMV, SEEDS.md §1).
+"""Average feature maps per layer (KD-FMV: Jiang, Zhao, Wu & Chaddad, arXiv 2025).
 
 For a layer with feature maps ``F_k`` (k = 1..K channels) the average feature map is::
 

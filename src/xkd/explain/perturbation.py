@@ -81,6 +81,7 @@ from xkd.explain.base import Attribution, Explainer, check_inputs
 from xkd.explain.superpixel import SuperpixelParams, slic_segments
 from xkd.models.state import eval_mode, model_device
 from xkd.registry import EXPLAINERS
+from xkd.schema import from_dict
 
 BASELINES = ("zero", "mean", "blur")
 
@@ -127,8 +128,6 @@ class PerturbationParams:
         if self.internal_batch_size < 1:
             raise ConfigError(f"internal_batch_size must be >= 1, got {self.internal_batch_size}")
         if isinstance(self.superpixel, dict):
-            from xkd.config import from_dict
-
             self.superpixel = from_dict(SuperpixelParams, self.superpixel, "superpixel")
         self.superpixel.validate()
 

@@ -1,4 +1,5 @@
-"""The XDistillation superpixel representation (SEEDS.md §4, seeds/003 §III-A1).
+"""The XDistillation superpixel representation (Alharbi, Vu & Thai, IEEE BigData 2021,
+§III-A1).
 
 Any pixel attribution becomes a superpixel attribution: the image is cut into about ``k`` SLIC
 superpixels (Achanta et al., TPAMI 2012, via :func:`skimage.segmentation.slic`; XDistillation uses

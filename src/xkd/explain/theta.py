@@ -1,6 +1,7 @@
 """MED-TEX's importance map Θ as an explanation (registry ``medtex_theta``).
 
-Source: Nguyen-Duc et al., MED-TEX (``shared/seeds/001_med-tex.txt``, SEEDS.md §2), eq. 3: the
+Source: Nguyen-Duc, Zhao, Cai & Phung, "MED-TEX: Transfer and Explain Knowledge with Less Data from
+Pretrained Medical Imaging Models", IEEE ISBI 2022, eq. 3: the
 explainer ``E`` gives every pixel and channel an importance score ``Θ = E(X) ∈ [0, 1]^{C×H×W}`` and
 the student sees ``Θ ⊙ X``. The paper ranks these scores to select the top-K pixels it compares with
 lesion masks (eq. 14, top-K IoU/Dice in :mod:`xkd.metrics.localisation`).

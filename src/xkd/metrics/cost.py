@@ -1,5 +1,6 @@
-"""Cost of a model and of explaining it (KD-FMV, SEEDS.md §1): parameters, FLOPs per image, and the
-mean execution time (MET) per image of an explainer."""
+"""Cost of a model and of explaining it: parameters, FLOPs per image, and the mean execution time
+(MET) per image of an explainer (KD-FMV: Jiang, Zhao, Wu & Chaddad, "A Knowledge Distillation-Based
+Approach to Enhance Transparency of Classifier Models", arXiv 2025)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 - :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop",
   ECCV 2016 / IJCV 2018, §5.1, here without the 15-pixel tolerance.
-- :func:`top_k_iou` -- MED-TEX (SEEDS.md §2, eq. 14): overlap of the map's K most salient pixels
+- :func:`top_k_iou` -- MED-TEX (Nguyen-Duc et al., IEEE ISBI 2022, eq. 14): overlap of the map's K most salient pixels
   with the mask. The paper's eq. 14, ``2|A ∩ B| / (|A| + |B|)``, is the Dice coefficient, not IoU;
   both are reported under their right names; :func:`top_k_dice` registers the Dice on its own.
 - :func:`mask_mass` -- the share of positive attribution inside the mask: the "energy-based pointing
@@ -230,7 +230,7 @@ def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
 )
 def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1) -> dict[str, Any]:
     """Precision and recall of each map's top ``fraction`` of pixels against the known discriminative
-    region (the synthetic ground-truth experiment of Han et al., ICML 2023, SEEDS.md §3).
+    region (the synthetic ground-truth experiment of Han et al., ICML 2023).
 
     With ``A`` the ``max(1, round(fraction * H * W))`` most salient pixels and ``B`` the mask:
     precision ``|A ∩ B| / |A|`` (how much of what the map points at is evidence), recall

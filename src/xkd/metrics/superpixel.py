@@ -1,4 +1,5 @@
-"""XDistillation's explanation-consistency metrics (seeds/003, §IV-B "Explanation consistency").
+"""XDistillation's explanation-consistency metrics (Alharbi, Vu & Thai, "Learning Interpretation with Explainable Knowledge Distillation", IEEE
+BigData 2021, §IV-B "Explanation consistency").
 
 Teacher and student maps ``a`` and ``b`` ``(N, H, W)`` of the same images are turned into superpixel
 explanations with one shared segmentation ``segments`` ``(N, H, W)`` (integer labels per image,

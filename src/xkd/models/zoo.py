@@ -168,7 +168,7 @@ def cifar_resnet(
 
 
 class KDFMVStudent(nn.Module):
-    """The KD-FMV student (SEEDS.md §1): five blocks of 3x3 conv -> ReLU -> 2x2 max-pool with
+    """The KD-FMV student (Jiang et al., arXiv 2025): five blocks of 3x3 conv -> ReLU -> 2x2 max-pool with
     ``widths`` filters (paper: 32, 64, 128, 256, 512), flatten, linear.
 
     Pools use ``ceil_mode`` so inputs smaller than 32 px (28x28 -> 14, 7, 4, 2, 1) still work.

@@ -2,7 +2,7 @@
 
 Every function takes tensors or arrays (read from records, or from ``xkd explain``), draws one
 ``Figure`` (never pyplot, so no global state leaks), and writes one PNG atomically. Maps are
-normalised per map to [0, 1] for display only (DESIGN.md rule 4: normalisation is an explicit step).
+normalised per map to [0, 1] for display only (normalisation is an explicit step, never part of an explainer).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from safetensors.torch import load_file
 
 from xkd.errors import ReportError, ReportSchemaError
 from xkd.files import SCHEMA_VERSION, atomic_write_text, read_json
@@ -83,8 +84,6 @@ def load_records(run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in RECORD_KINDS:
         out[kind] = load_record(run_dir / "records" / f"{kind}.json", kind, INCOMPLETE_RUN)
-    from safetensors.torch import load_file
-
     out["tensors"] = load_file(str(_need(run_dir / "records" / "samples.safetensors")))
     return out
 

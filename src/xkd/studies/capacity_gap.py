@@ -1,5 +1,7 @@
 """``xkd study capacity-gap``: how does the teacher-student capacity gap shape what is transferred,
-and does a teacher assistant help? (UniCAM, SEEDS.md §5; Mirzadeh et al., AAAI 2020)
+and does a teacher assistant help? (UniCAM: Adhane, Dehshibi, Vetter, Masip & Roig, "On Explaining
+Knowledge Distillation: Measuring and Visualising the Knowledge Transfer Process"; Mirzadeh et al.,
+AAAI 2020)
 
 Teachers of growing capacity (``study.teachers``, at least 3, ordered here by parameter count) are
 each distilled into the same small student (``student_model``) with ``study.distiller``; for the

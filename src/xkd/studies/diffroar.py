@@ -1,7 +1,7 @@
 """DiffROAR: do a model's attributions highlight the features that discriminate the classes?
 
 Source: Shah, Jain & Netrapalli, "Do Input Gradients Highlight Discriminative Features?", NeurIPS
-2021, §3 (built on ROAR, Hooker et al., NeurIPS 2019); used by Han et al., ICML 2023 (SEEDS.md §3)
+2021, §3 (built on ROAR, Hooker et al., NeurIPS 2019); used by Han et al., ICML 2023
 to compare KD, label smoothing and scratch students.
 
 For a fraction ``k`` of pixels, every train, validation and test image is reduced to the ``k``

@@ -1,5 +1,6 @@
 """``xkd study kd-vs-ls``: does knowledge distillation make a student more interpretable than
-training from scratch, and label smoothing less? (Han et al., ICML 2023; SEEDS.md §3)
+training from scratch, and label smoothing less? (Han, Kim, Choi & Yoon, "On the Impact of Knowledge Distillation for Model
+Interpretability", ICML 2023)
 
 Built on :func:`xkd.compare.compare`: the config's students (at least one ``scratch``, one
 ``label_smoothing`` and one ``hinton_kd``; any other registered distiller may be added) are trained
