@@ -65,28 +65,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def resolve(cfg: RunConfig) -> RunPlan:
-    """Validate ``cfg`` and resolve every name once into typed specs."""
-    validate_config(cfg)
-    students = []
-    for i, s in enumerate(cfg.students):
-        params = distiller_params(s.distiller, s.params, f"students[{i}].params")
-        assistant = None
-        if getattr(R.DISTILLERS.get(s.distiller), "needs_assistant", False):
-            a_params = distiller_params(params.assistant_distiller, params.assistant_params)
-            assistant = StudentSpec(
-                f"{s.name}.assistant", params.assistant_model(), params.assistant_distiller, a_params
-            )
-        students.append(StudentSpec(s.name, s.model or cfg.student_model, s.distiller, params, assistant))
-    explainers = [
-        resolve_explainer(e.name, e.params, e.label, f"evaluation.explainers[{i}].params")
-        for i, e in enumerate(cfg.evaluation.explainers)
-    ]
-    return RunPlan(cfg, students, explainers)
-
-
-def validate_config(cfg: RunConfig) -> None:
-    """Check registry names, method parameters and ranges that types alone cannot express."""
-
+    """Validate ``cfg`` beyond its types (registry names, method parameters, ranges) and resolve
+    every name once into typed specs. An unset ``evaluation.metrics`` becomes the default list."""
     if cfg.evaluation.metrics is None:
         cfg.evaluation.metrics = default_metrics()
 
@@ -108,12 +88,11 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"students: names must be unique, {sorted(dup)} repeated")
     if "teacher" in names:
         raise ConfigError("students: 'teacher' is reserved for the teacher; rename that student")
-    for i, s in enumerate(cfg.students):
-        check_name(R.DISTILLERS, s.distiller, f"students[{i}].distiller")
-        distiller_params(s.distiller, s.params, f"students[{i}].params")
+    students = [_student(cfg, i, check_name) for i in range(len(cfg.students))]
+    explainers = []
     for i, e in enumerate(cfg.evaluation.explainers):
         check_name(R.EXPLAINERS, split_name(e.name)[0], f"evaluation.explainers[{i}].name")
-        resolve_explainer(e.name, e.params, path=f"evaluation.explainers[{i}].params")
+        explainers.append(resolve_explainer(e.name, e.params, e.label, f"evaluation.explainers[{i}].params"))
     keys = [e.key for e in cfg.evaluation.explainers]
     if len(set(keys)) < len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -133,6 +112,25 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
     _validate_compare(cfg)
     _validate_study(cfg, check_name)
+    return RunPlan(cfg, students, explainers)
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Check ``cfg`` as :func:`resolve` does, keeping nothing."""
+    resolve(cfg)
+
+
+def _student(cfg: RunConfig, i: int, check_name: Any) -> StudentSpec:
+    """Student ``i`` resolved: its typed distiller parameters and, for ``teacher_assistant``, the
+    assistant it learns from (a spec of its own)."""
+    s = cfg.students[i]
+    check_name(R.DISTILLERS, s.distiller, f"students[{i}].distiller")
+    params = distiller_params(s.distiller, s.params, f"students[{i}].params")
+    assistant = None
+    if getattr(R.DISTILLERS.get(s.distiller), "needs_assistant", False):
+        a_params = distiller_params(params.assistant_distiller, params.assistant_params, f"students[{i}].params")
+        assistant = StudentSpec(f"{s.name}.assistant", params.assistant_model(), params.assistant_distiller, a_params)
+    return StudentSpec(s.name, s.model or cfg.student_model, s.distiller, params, assistant)
 
 
 def _validate_study(cfg: RunConfig, check_name: Any) -> None:

@@ -10,10 +10,10 @@ from pytorch_grad_cam import LayerCAM as PGCLayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.explain.base import Attribution, build_explainer, check_maps, normalize_maps
 from xkd.explain.gradcam import GradCAMPlusPlus, LayerCAM
-from xkd.models import LayerNotFoundError, build_model
+from xkd.models import LayerNotFoundError
 
 CAMS = [GradCAMPlusPlus, LayerCAM]
 
@@ -60,16 +60,6 @@ def two_object_images(n: int = 4, width: int = 18) -> torch.Tensor:
     x[:, :, R1[0], R1[1]] = 1.0
     x[:, :, R2[0], R2[1]] = -1.0
     return x
-
-
-def tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, 16)
-
-
-def tiny_resnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16)
 
 
 def all_hooks(model: nn.Module) -> int:
@@ -180,8 +170,8 @@ def test_map_points_at_the_known_evidence_region(cls):
 
 
 @pytest.mark.parametrize("cls", CAMS)
-def test_batched_equals_one_by_one(cls):
-    model, x = tiny_resnet(), torch.rand(5, 1, 16, 16)
+def test_batched_equals_one_by_one(cls, tiny_model):
+    model, x = tiny_model("teacher", 0), torch.rand(5, 1, 16, 16)
     t = torch.randint(0, 3, (5,))
     batched = cls(model, {"batch_size": 2, "relu": False}).explain(x, t).maps
     single = torch.cat([cls(model, {"relu": False}).explain(x[i : i + 1], t[i : i + 1]).maps for i in range(5)])
@@ -190,8 +180,8 @@ def test_batched_equals_one_by_one(cls):
 
 
 @pytest.mark.parametrize("name", ["grad_cam_pp", "layer_cam"])
-def test_contract_mode_grads_hooks_and_predicted_class(name):
-    model = tiny_resnet()
+def test_contract_mode_grads_hooks_and_predicted_class(name, tiny_model):
+    model = tiny_model("teacher", 0)
     model.train()
     model.layer1.eval()
     flags = [m.training for m in model.modules()]
@@ -209,9 +199,9 @@ def test_contract_mode_grads_hooks_and_predicted_class(name):
 
 
 @pytest.mark.parametrize("cls", CAMS)
-def test_unknown_layer_lists_candidates(cls):
+def test_unknown_layer_lists_candidates(cls, tiny_model):
     with pytest.raises(LayerNotFoundError, match=r"layer 'blocks\.9'.*blocks\.0\.0"):
-        cls(tiny_cnn(), {"layer": "blocks.9"})
+        cls(tiny_model("student", 0), {"layer": "blocks.9"})
 
 
 @pytest.mark.parametrize(
@@ -223,6 +213,6 @@ def test_unknown_layer_lists_candidates(cls):
     ],
 )
 @pytest.mark.parametrize("name", ["grad_cam_pp", "layer_cam"])
-def test_params_are_validated(name, params, message):
+def test_params_are_validated(name, params, message, tiny_model):
     with pytest.raises(ConfigError, match=message):
-        build_explainer(name, tiny_cnn(), params)
+        build_explainer(name, tiny_model("student", 0), params)

@@ -11,11 +11,9 @@ import torch
 from torch import nn
 
 import xkd.explain  # noqa: F401  (registers explainers)
-from xkd.config import ModelConfig
 from xkd.explain import Attribution, build_explainer
 from xkd.explain.base import NonFiniteAttributionError, check_maps
 from xkd.explain.superpixel import SuperpixelParams, segment_sums, slic_segments, superpixel_maps
-from xkd.models import build_model
 from xkd.registry import EXPLAINERS
 
 # small budgets so 100 calls of every explainer stay cheap
@@ -37,9 +35,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8]}), 3, 1, 16)
+@pytest.fixture
+def tiny(tiny_model):
+    """``tiny(seed=0)``: the tiny student with two blocks (widths [4, 8])."""
+    return lambda seed=0: tiny_model("student", seed, widths=[4, 8])
 
 
 def images(n: int = 4) -> torch.Tensor:
@@ -58,15 +57,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def model_for(name: str, seed: int = 0) -> nn.Module:
-    """A tiny model the explainer applies to (MED-TEX's Θ needs a MED-TEX student)."""
-    model = tiny(seed)
-    if not EXPLAINERS.get(name).applies_to(model):
-        from xkd.distill.medtex import ExplainerNet, MaskedStudent
+@pytest.fixture
+def model_for(tiny):
+    """``model_for(name, seed=0)``: a tiny model the explainer applies to (MED-TEX's Θ needs a MED-TEX student)."""
 
-        model = MaskedStudent(ExplainerNet(1, (2, 4)), model)
-    assert EXPLAINERS.get(name).applies_to(model)
-    return model
+    def build(name: str, seed: int = 0) -> nn.Module:
+        model = tiny(seed)
+        if not EXPLAINERS.get(name).applies_to(model):
+            from xkd.distill.medtex import ExplainerNet, MaskedStudent
+
+            model = MaskedStudent(ExplainerNet(1, (2, 4)), model)
+        assert EXPLAINERS.get(name).applies_to(model)
+        return model
+
+    return build
 
 
 def make(name: str, model: nn.Module, teacher: nn.Module) -> xkd.explain.Explainer:
@@ -74,7 +78,7 @@ def make(name: str, model: nn.Module, teacher: nn.Module) -> xkd.explain.Explain
 
 
 @pytest.mark.parametrize("name", EXPLAINERS.names())
-def test_contract_and_modes_restored(name):
+def test_contract_and_modes_restored(name, model_for, tiny):
     model, teacher = model_for(name, 0), tiny(1)
     model.train()
     x, y = images(), torch.tensor([0, 1, 2, 0])
@@ -89,7 +93,7 @@ def test_contract_and_modes_restored(name):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read the resident set size")
 @pytest.mark.parametrize("name", EXPLAINERS.names())
-def test_memory_does_not_grow_over_100_calls(name):
+def test_memory_does_not_grow_over_100_calls(name, model_for, tiny):
     model, teacher = model_for(name, 0), tiny(1)
     x, y = images(4), torch.tensor([0, 1, 2, 0])  # UniCAM's statistic needs at least 4 images
 
@@ -118,7 +122,7 @@ def live_tensors() -> int:
 
 
 @pytest.mark.parametrize("name", EXPLAINERS.names())
-def test_a_reused_explainer_keeps_no_tensor_per_call(name):
+def test_a_reused_explainer_keeps_no_tensor_per_call(name, model_for, tiny):
     # exact where RSS is coarse: a map, an activation or a hook kept per call would add >= 30 tensors
     model, teacher = model_for(name, 0), tiny(1)
     x, y = images(4), torch.tensor([0, 1, 2, 0])
@@ -142,7 +146,7 @@ def test_superpixel_form_sums_each_superpixel():
     assert torch.equal(superpixel_maps(maps, seg), expected)
 
 
-def test_superpixel_explainer_is_constant_per_segment_and_keeps_the_total():
+def test_superpixel_explainer_is_constant_per_segment_and_keeps_the_total(tiny):
     model, x, y = tiny(), images(), torch.tensor([0, 1, 2, 0])
     params = {"superpixel": {"n_segments": 6}}
     with build_explainer("grad_cam+superpixel", model, params) as ex:

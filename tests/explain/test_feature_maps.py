@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.explain import FeatureMaps, build_explainer
 from xkd.explain.base import check_maps
-from xkd.models import LayerNotFoundError, build_model, conv_layer_paths
+from xkd.models import LayerNotFoundError, conv_layer_paths
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,11 +27,6 @@ def one_conv_model() -> nn.Module:
         conv.weight.copy_(torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1))
         conv.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))
     return nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2))
-
-
-def tiny_resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16)
 
 
 def test_mean_over_channels_by_hand():
@@ -56,8 +51,8 @@ def test_upsampled_bilinearly_to_input_resolution():
     torch.testing.assert_close(maps[0], up @ a @ up.T)
 
 
-def test_one_map_per_conv_layer_shallow_to_deep_from_one_forward():
-    model, x = tiny_resnet(), torch.rand(5, 1, 16, 20)
+def test_one_map_per_conv_layer_shallow_to_deep_from_one_forward(tiny_model):
+    model, x = tiny_model("teacher", 0), torch.rand(5, 1, 16, 20)
     executed: list[str] = []
     convs = conv_layer_paths(model)
     names = {m: n for n, m in model.named_modules()}
@@ -79,8 +74,8 @@ def test_one_map_per_conv_layer_shallow_to_deep_from_one_forward():
         check_maps(a.maps, (16, 20))
 
 
-def test_explain_returns_default_layer_and_ignores_targets():
-    model, x = tiny_resnet(), torch.rand(4, 1, 16, 16)
+def test_explain_returns_default_layer_and_ignores_targets(tiny_model):
+    model, x = tiny_model("teacher", 0), torch.rand(4, 1, 16, 16)
     fm = FeatureMaps(model)
     a = fm.explain(x, torch.tensor([0, 1, 2, 0]))
     b = fm.explain(x, torch.tensor([2, 2, 2, 2]))
@@ -90,8 +85,8 @@ def test_explain_returns_default_layer_and_ignores_targets():
     torch.testing.assert_close(a.maps, c.maps)
 
 
-def test_explicit_layers_keep_their_order_and_chunks_match():
-    model, x = tiny_resnet(), torch.rand(7, 1, 16, 16)
+def test_explicit_layers_keep_their_order_and_chunks_match(tiny_model):
+    model, x = tiny_model("teacher", 0), torch.rand(7, 1, 16, 16)
     layers = ["layer2", "conv1", "layer1.0.bn1"]
     whole = FeatureMaps(model, {"layers": layers}).explain_layers(x)
     chunked = FeatureMaps(model, {"layers": layers, "batch_size": 2}).explain_layers(x)
@@ -100,8 +95,8 @@ def test_explicit_layers_keep_their_order_and_chunks_match():
         torch.testing.assert_close(a.maps, b.maps)
 
 
-def test_mode_restored_no_hooks_no_grads():
-    model = tiny_resnet().train()
+def test_mode_restored_no_hooks_no_grads(tiny_model):
+    model = tiny_model("teacher", 0).train()
     with FeatureMaps(model) as fm:
         fm.explain_layers(torch.rand(3, 1, 16, 16))
     assert all(m.training for m in model.modules())
@@ -109,8 +104,8 @@ def test_mode_restored_no_hooks_no_grads():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_errors_name_the_problem():
-    model = tiny_resnet()
+def test_errors_name_the_problem(tiny_model):
+    model = tiny_model("teacher", 0)
     with pytest.raises(LayerNotFoundError, match="layer 'layer9'.*conv1"):
         FeatureMaps(model, {"layers": ["conv1", "layer9"]})
     with pytest.raises(ConfigError, match="layers"):

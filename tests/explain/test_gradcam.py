@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.explain import Attribution, GradCAM, build_explainer
 from xkd.explain.base import check_maps
 from xkd.metrics.agreement import map_pearson
-from xkd.models import LayerNotFoundError, build_model
+from xkd.models import LayerNotFoundError
 
 BACKENDS = ["xkd", "captum"]
 
@@ -54,16 +54,6 @@ def two_object_images(n: int = 4, width: int = 18) -> torch.Tensor:
     x[:, :, R1[0], R1[1]] = 1.0
     x[:, :, R2[0], R2[1]] = -1.0
     return x
-
-
-def tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, 16)
-
-
-def tiny_resnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16)
 
 
 def all_hooks(model: nn.Module) -> int:
@@ -112,9 +102,9 @@ def test_map_points_at_the_known_evidence_region(backend, width):
                 assert m[inside].mean() > 5 * m[~inside].mean()
 
 
-def test_randomised_model_gives_different_maps():
+def test_randomised_model_gives_different_maps(tiny_model):
     # model-parameter randomisation test (Adebayo et al. 2018): maps must depend on the weights
-    model, x = tiny_resnet(), torch.rand(8, 1, 16, 16)
+    model, x = tiny_model("teacher", 0), torch.rand(8, 1, 16, 16)
     t = torch.randint(0, 3, (8,))
     fixed = GradCAM(model).explain(x, t).maps
     assert map_pearson(fixed, fixed) == pytest.approx(1.0)
@@ -128,14 +118,14 @@ def test_randomised_model_gives_different_maps():
     assert max(scores) < 0.9 and sum(scores) / len(scores) < 0.5
 
 
-@pytest.mark.parametrize("make_model", [tiny_cnn, tiny_resnet])
+@pytest.mark.parametrize("role", ["student", "teacher"])
 @pytest.mark.parametrize("relu", [True, False])
-def test_backends_agree(make_model, relu):
-    model = make_model()
-    x = torch.rand(10, 1, 16, 20 if make_model is tiny_resnet else 16)
+def test_backends_agree(role, relu, tiny_model):
+    model = tiny_model(role, 0)
+    x = torch.rand(10, 1, 16, 20 if role == "teacher" else 16)
     t = torch.randint(0, 3, (10,))
     # the conv output (not the default ReLU output): a random tiny CNN can have an all-zero ReLU'd CAM
-    layer = "blocks.2.0" if make_model is tiny_cnn else None
+    layer = "blocks.2.0" if role == "student" else None
     own = GradCAM(model, {"relu": relu, "layer": layer}).explain(x, t).maps
     ref = GradCAM(model, {"relu": relu, "layer": layer, "backend": "captum"}).explain(x, t).maps
     scale = ref.abs().max()
@@ -155,8 +145,8 @@ def test_in_place_op_after_layer_does_not_corrupt_activations():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batched_equals_one_by_one(backend):
-    model, x = tiny_resnet(), torch.rand(7, 1, 16, 16)
+def test_batched_equals_one_by_one(backend, tiny_model):
+    model, x = tiny_model("teacher", 0), torch.rand(7, 1, 16, 16)
     t = torch.randint(0, 3, (7,))
     batched = GradCAM(model, {"backend": backend, "batch_size": 3}).explain(x, t).maps
     whole = GradCAM(model, {"backend": backend}).explain(x, t).maps
@@ -168,8 +158,8 @@ def test_batched_equals_one_by_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_contract_mode_grads_and_hooks(backend):
-    model = tiny_resnet()
+def test_contract_mode_grads_and_hooks(backend, tiny_model):
+    model = tiny_model("teacher", 0)
     model.train()
     model.layer1.eval()  # mixed flags must come back exactly
     flags = [m.training for m in model.modules()]
@@ -186,8 +176,8 @@ def test_contract_mode_grads_and_hooks(backend):
     assert all_hooks(model) == 0
 
 
-def test_targets_none_explains_the_predicted_class_and_works_under_no_grad():
-    model, x = tiny_cnn(), torch.rand(6, 1, 16, 16)
+def test_targets_none_explains_the_predicted_class_and_works_under_no_grad(tiny_model):
+    model, x = tiny_model("student", 0), torch.rand(6, 1, 16, 16)
     with torch.no_grad():
         pred = model.eval()(x).argmax(dim=1)
         att = GradCAM(model).explain(x, None)
@@ -195,16 +185,16 @@ def test_targets_none_explains_the_predicted_class_and_works_under_no_grad():
     assert att.layer == model.xkd_default_layer
 
 
-def test_frozen_model_is_explained():
-    model, x = tiny_resnet(), torch.rand(3, 1, 16, 16)
+def test_frozen_model_is_explained(tiny_model):
+    model, x = tiny_model("teacher", 0), torch.rand(3, 1, 16, 16)
     for p in model.parameters():
         p.requires_grad_(False)
     maps = GradCAM(model, {"relu": False}).explain(x, torch.tensor([0, 1, 2])).maps
     assert maps.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
 
 
-def test_hooks_and_tensors_do_not_grow_over_100_calls():
-    model, x, t = tiny_cnn(), torch.rand(2, 1, 16, 16), torch.tensor([0, 1])
+def test_hooks_and_tensors_do_not_grow_over_100_calls(tiny_model):
+    model, x, t = tiny_model("student", 0), torch.rand(2, 1, 16, 16), torch.tensor([0, 1])
     explainer = GradCAM(model)
     explainer.explain(x, t)
     gc.collect()
@@ -217,13 +207,13 @@ def test_hooks_and_tensors_do_not_grow_over_100_calls():
     assert after <= before + 2
 
 
-def test_unknown_layer_lists_candidates():
+def test_unknown_layer_lists_candidates(tiny_model):
     with pytest.raises(LayerNotFoundError, match=r"layer 'blocks\.9'.*blocks\.0\.0"):
-        GradCAM(tiny_cnn(), {"layer": "blocks.9"})
+        GradCAM(tiny_model("student", 0), {"layer": "blocks.9"})
 
 
-def test_non_spatial_layer_is_rejected_clearly():
-    model = tiny_cnn()
+def test_non_spatial_layer_is_rejected_clearly(tiny_model):
+    model = tiny_model("student", 0)
     with pytest.raises(ValueError, match="classifier.*(N, K, h, w)"):
         GradCAM(model, {"layer": "classifier"}).explain(torch.rand(1, 1, 16, 16), torch.tensor([0]))
     assert all_hooks(model) == 0
@@ -237,12 +227,12 @@ def test_non_spatial_layer_is_rejected_clearly():
         ({"lr": 1}, "unknown key"),
     ],
 )
-def test_params_are_validated(params, message):
+def test_params_are_validated(params, message, tiny_model):
     with pytest.raises(ConfigError, match=message):
-        build_explainer("grad_cam", tiny_cnn(), params)
+        build_explainer("grad_cam", tiny_model("student", 0), params)
 
 
-def test_build_explainer_uses_defaults():
-    explainer = build_explainer("grad_cam", tiny_cnn())
+def test_build_explainer_uses_defaults(tiny_model):
+    explainer = build_explainer("grad_cam", tiny_model("student", 0))
     assert isinstance(explainer, GradCAM)
     assert (explainer.params.backend, explainer.params.relu, explainer.params.batch_size) == ("xkd", True, 64)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.explain.base import build_explainer, check_maps
 from xkd.explain.perturbation import (
     LIME,
@@ -21,7 +21,6 @@ from xkd.explain.perturbation import (
     solve_weighted_ridge,
 )
 from xkd.explain.superpixel import slic_segments
-from xkd.models import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,11 +74,6 @@ W6 = torch.tensor([1.0, -2.0, 3.0, 0.5, 0.0, -1.5])
 
 def additive(means: torch.Tensor) -> torch.Tensor:
     return means @ W6
-
-
-def tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig("kdfmv_cnn", params={"widths": [4, 8, 8]}), 3, 1, 16)
 
 
 def shape_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -148,8 +142,8 @@ def test_kernel_shap_enumeration_equals_brute_force_shapley_values():
         )
 
 
-def test_kernel_shap_efficiency_holds_with_sampled_coalitions_and_probabilities():
-    model, x = tiny_cnn(), shape_images(3)
+def test_kernel_shap_efficiency_holds_with_sampled_coalitions_and_probabilities(tiny_model):
+    model, x = tiny_model("student", 0), shape_images(3)
     seg = slic_segments(x)
     assert int(seg.amax()) + 1 >= 8  # 2^M >> budget: coalitions are sampled
     t = torch.tensor([0, 1, 2])
@@ -256,8 +250,8 @@ def test_mass_lies_in_the_evidence_box(cls):
 
 
 @pytest.mark.parametrize("cls", [KernelSHAP, LIME])
-def test_batched_equals_one_image_at_a_time(cls):
-    model, x = tiny_cnn(), shape_images(5, seed=1)
+def test_batched_equals_one_image_at_a_time(cls, tiny_model):
+    model, x = tiny_model("student", 0), shape_images(5, seed=1)
     x[1:3] = x[1:3].flip(-1)  # different segmentations in the batch (different M)
     seg = slic_segments(x)
     assert len(set((seg.flatten(1).amax(1) + 1).tolist())) > 1
@@ -281,11 +275,11 @@ class Counter(nn.Module):
 
 
 @pytest.mark.parametrize("cls", [KernelSHAP, LIME])
-def test_budget_is_model_evaluations_per_image(cls):
+def test_budget_is_model_evaluations_per_image(cls, tiny_model):
     x = shape_images(4)
     seg = slic_segments(x)
     assert int(seg.amax()) + 1 >= 8
-    model = Counter(tiny_cnn())
+    model = Counter(tiny_model("student", 0))
     cls(model, {"n_samples": 40, "internal_batch_size": 64}).explain(x, None, segments=seg)
     assert model.seen == 4 * 40 and model.largest == 64
     # full enumeration needs fewer: M = 6 -> 2^6 = 64 evaluations (incl. image and baseline), not 100
@@ -296,8 +290,8 @@ def test_budget_is_model_evaluations_per_image(cls):
 
 
 @pytest.mark.parametrize("name", ["kernel_shap", "lime"])
-def test_contract_mode_grads_targets(name):
-    model = tiny_cnn()
+def test_contract_mode_grads_targets(name, tiny_model):
+    model = tiny_model("student", 0)
     model.train()
     model.blocks[0].eval()
     flags = [m.training for m in model.modules()]
@@ -342,9 +336,9 @@ def test_baselines():
         ("kernel_shap", {"alpha": 1.0}, "unknown key"),
     ],
 )
-def test_params_are_validated(name, params, message):
+def test_params_are_validated(name, params, message, tiny_model):
     with pytest.raises(ConfigError, match=message):
-        build_explainer(name, tiny_cnn(), params)
+        build_explainer(name, tiny_model("student", 0), params)
 
 
 def test_bad_segments_and_outputs_are_rejected():
@@ -356,11 +350,11 @@ def test_bad_segments_and_outputs_are_rejected():
 
 
 @pytest.mark.parametrize("name", ["kernel_shap", "lime"])
-def test_superpixel_form_of_a_superpixel_explainer_changes_nothing(name):
+def test_superpixel_form_of_a_superpixel_explainer_changes_nothing(name, tiny_model):
     # its maps already hold one value per superpixel: `+superpixel` must read it once, not sum it
     # over the superpixel's area (which would rank large superpixels first)
     images = shape_images(3)
-    model = tiny_cnn()
+    model = tiny_model("student", 0)
     params = {"n_samples": 64, "seed": 0}
     with build_explainer(name, model, params) as ex:
         plain = ex.explain(images, torch.tensor([0, 1, 0])).maps

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xkd.config import ConfigError, ModelConfig
+from xkd.config import ConfigError
 from xkd.explain import build_explainer
 from xkd.explain.base import resolve_explainer
 from xkd.explain.unicam import UniCAM, chunk_bounds
-from xkd.models import LayerNotFoundError, build_model
+from xkd.models import LayerNotFoundError
 from xkd.models.hooks import default_layer
 from xkd.registry import EXPLAINERS
 from xkd.scoring import explain
@@ -84,11 +84,6 @@ def all_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-def tiny(name: str, seed: int, **params) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(name, params=params), 3, 1, 16)
-
-
 def test_distilled_maps_the_copied_channel_and_residual_the_own_channel():
     student, teacher = pair()
     images, labels = region_batch()
@@ -130,9 +125,8 @@ def test_feature_layer_after_the_explained_layer():
 
 
 @pytest.mark.filterwarnings("ignore:unicam. all images")  # an untrained student may predict one class
-def test_contract_on_conv_models_hooks_modes_and_frozen_teacher():
-    student = tiny("kdfmv_cnn", 0, widths=[4, 8, 8])
-    teacher = tiny("cifar_resnet", 1, depth=8, width=4)
+def test_contract_on_conv_models_hooks_modes_and_frozen_teacher(tiny_pair):
+    student, teacher = tiny_pair
     images = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(10) % 3
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

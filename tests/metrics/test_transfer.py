@@ -8,11 +8,9 @@ import dcor
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from xkd.config import ModelConfig
 from xkd.metrics.transfer import fss, model_features, pair_features, rs, transfer_scores
-from xkd.models import LayerNotFoundError, build_model
+from xkd.models import LayerNotFoundError
 from xkd.registry import METRICS
 from xkd.stats import (
     class_target,
@@ -165,14 +163,8 @@ def test_metrics_are_registered():
     assert METRICS.get("rs").fn is rs and METRICS.get("rs").higher_is_better is True
 
 
-def tiny(name: str, seed: int, **params) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(name, params=params), 3, 1, 16)
-
-
-def test_features_of_two_models_and_transfer_scores():
-    student = tiny("kdfmv_cnn", 0, widths=[4, 8, 8])
-    teacher = tiny("cifar_resnet", 1, depth=8, width=4)
+def test_features_of_two_models_and_transfer_scores(tiny_pair):
+    student, teacher = tiny_pair
     images = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(12) % 3
     student.train()

@@ -77,8 +77,8 @@ def test_bad_model_names_and_params():
         build_model(ModelConfig("cifar_resnet", params={"depth": 10}), 2, 1, 8)
 
 
-def test_hooked_features_equal_the_modules_real_outputs_and_hooks_are_removed():
-    model = build_model(ModelConfig("cifar_resnet", params={"depth": 8, "width": 4}), 3, 1, 16).eval()
+def test_hooked_features_equal_the_modules_real_outputs_and_hooks_are_removed(tiny_model):
+    model = tiny_model("teacher").eval()
     x = torch.rand(2, 1, 16, 16)
     with capture_features(model, ["layer1", "layer2"]) as feats:
         model(x)
