@@ -22,11 +22,9 @@ import torch
 
 from xkd.data import build_dataset
 from xkd.evaluate import all_labels, gather
-from xkd.explain import build_explainer
 from xkd.files import library_versions, write_json
 from xkd.models import build_model
-from xkd.plan import load_config
-from xkd.scoring import pair_explainer
+from xkd.plan import load_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "explain.json"
@@ -41,7 +39,8 @@ def main() -> None:
     cfg = load_config(args.config)
     data = build_dataset(cfg.data)
     n = min(200, len(data.test)) if args.quick else len(data.test)
-    images, labels, _ = gather(data.test, torch.arange(n))
+    batch = gather(data.test, torch.arange(n))
+    images, labels = batch.images, batch.labels
     c, h, w = data.image_shape
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher.model, data.num_classes, c, (h, w)).eval()
@@ -51,13 +50,13 @@ def main() -> None:
     models = {"teacher": teacher, **students}
     print(f"{n} test images ({len(all_labels(data.test))} in the split), torch threads {torch.get_num_threads()}")
     rows, total = [], 0.0
-    for e in cfg.evaluation.explainers:
+    for e in resolve(cfg).explainers:
         for role, model in models.items():
-            if pair_explainer(e.name) and role == "teacher":
+            if e.pair and role == "teacher":
                 continue
-            context = {"teacher": teacher} if pair_explainer(e.name) else {}
+            context = {"teacher": teacher} if e.pair else {}
             start = time.perf_counter()
-            with build_explainer(e.name, model, e.params, **context) as ex:
+            with e.build(model, **context) as ex:
                 for s in range(0, n, cfg.evaluation.batch_size):
                     sl = slice(s, s + cfg.evaluation.batch_size)
                     ex.explain(images[sl], labels[sl])

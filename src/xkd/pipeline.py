@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 
 from xkd.cache import Cache
 from xkd.config import ModelConfig, RunConfig
@@ -28,7 +28,7 @@ from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
 from xkd.engine.trained import TrainedModel
-from xkd.engine.trainer import Trainer, TrainResult
+from xkd.engine.trainer import Trainer, TrainResult, predict_logits
 from xkd.errors import ConfigError, LayerNotFoundError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
@@ -239,6 +239,16 @@ def distil(
     t_setup = time.perf_counter()
     distiller = build_distiller(spec.distiller, student, teacher, spec.params, context)
     reused = float(distiller.setup_reused_seconds)
+    outputs = None
+    if distiller.teacher is not None:
+        outputs = "forward per batch"
+        if (
+            distiller.teacher_logits_only
+        ):  # the training images are fed as they are: one teacher pass serves every epoch
+            logits, built = cached_teacher_logits(cfg, data, teacher, device)
+            distiller.use_teacher_logits(logits.to(device))
+            reused += built
+            outputs = "cached logits"
     setup_seconds = time.perf_counter() - t_setup + reused
     trainer = trainer_for(distiller, data.train, data, cfg.train, run_dir, spec.name, cfg, device, progress)
     result = trainer.fit(resume=resume)
@@ -255,7 +265,27 @@ def distil(
         last_test=last_test,
         setup_seconds=setup_seconds,
         setup_reused_seconds=reused,
+        teacher_outputs=outputs,
     )
+
+
+def cached_teacher_logits(
+    cfg: RunConfig, data: DataBundle, teacher: nn.Module, device: torch.device
+) -> tuple[Tensor, float]:
+    """The teacher's logits of every training image, by index: read from the cache (keyed by the
+    teacher's weights and the data) or computed once and cached. Returns them and the seconds they
+    took when they were computed (0 when computed now: that time is measured by the caller)."""
+    cache = Cache(cache_root(cfg))
+    key = Cache.key({"teacher": weights_key(teacher), "data": to_dict(cfg.data), "split": "train"})
+    path = cache.file("teacher_logits", "train", key)
+    stored = cache.read(path, key)
+    if stored is not None and stored["logits"].shape[0] == len(data.train):
+        return stored["logits"], cache.seconds(path)
+    t0 = time.perf_counter()
+    logits = predict_logits(teacher, data.train, device)
+    if is_writer():
+        cache.write(path, key, {"logits": logits}, time.perf_counter() - t0)
+    return logits, 0.0
 
 
 def test_scores(model: nn.Module, data: DataBundle, cfg: RunConfig, device: torch.device) -> dict[str, float]:

@@ -6,22 +6,24 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from xkd.config import DataConfig
 from xkd.data import builtin, concepts, imagefolder, lesions  # noqa: F401  (registers the builders)
-from xkd.data.base import Batch, DataBundle, DataError, TensorImageDataset, collate
+from xkd.data.base import Batch, BatchLoader, DataBundle, DataError, TensorImageDataset, collate, fetch
 from xkd.data.lesions import LESION_CLASSES, generate_lesions
 from xkd.registry import DATASETS
 
 __all__ = [
     "LESION_CLASSES",
     "Batch",
+    "BatchLoader",
     "DataBundle",
     "DataError",
     "TensorImageDataset",
     "build_dataset",
     "collate",
+    "fetch",
     "generate_lesions",
     "make_loader",
 ]
@@ -45,28 +47,19 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     sampler: Sampler | None = None,
-) -> DataLoader:
-    """A :class:`DataLoader` yielding :class:`Batch` objects, shuffled reproducibly from ``seed``.
+) -> BatchLoader:
+    """Batches (:class:`Batch`, with the items' indices) of ``dataset``, shuffled reproducibly from ``seed``.
 
     Args:
         dataset: a map-style dataset of ``(image, label, mask_or_None)`` items.
         batch_size: items per batch (the last batch may be smaller).
-        shuffle: reshuffle every epoch; the order depends only on ``seed`` and the epoch number.
-        seed: seed of the loader's own generator (also seeds the workers' base seed).
-        num_workers: worker processes (0 loads in the main process).
-        sampler: a custom sampler; then ``shuffle`` must be False.
+        shuffle: reshuffle every pass; the order depends only on ``seed`` and the pass number.
+        seed: seed of the loader's own generator.
+        num_workers: worker processes for datasets that decode lazily (0 loads in the main process).
+        sampler: a custom sampler (its indices, in its order); then ``shuffle`` must be False.
     """
     if sampler is not None and shuffle:
         raise DataError("make_loader got both a sampler and shuffle=True; pass shuffle=False with a sampler")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}; set the batch size to a positive integer")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
-    )
+    order = None if sampler is None else list(sampler)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return BatchLoader(dataset, batch_size, order, generator=generator, num_workers=num_workers)

@@ -7,30 +7,39 @@ dataset has them, are boolean ``(H, W)`` tensors marking the ground-truth eviden
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from xkd.errors import DataError
 
 
 @dataclass
 class Batch:
-    """A collated mini-batch. ``masks`` is ``None`` for datasets without ground-truth masks."""
+    """A collated mini-batch. ``masks`` is ``None`` for datasets without ground-truth masks;
+    ``indices`` are the items' positions in their dataset (what cached per-sample outputs, such as
+    the teacher's logits, are read by), ``None`` for a batch built by hand."""
 
     images: Tensor
     labels: Tensor
     masks: Tensor | None = None
+    indices: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.images.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
             None if self.masks is None else self.masks.to(device, non_blocking=True),
+            None if self.indices is None else self.indices.to(device, non_blocking=True),
         )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, for fast asynchronous copies to a GPU (the DataLoader calls this)."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.images), pin(self.labels), pin(self.masks), pin(self.indices))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -60,20 +69,104 @@ class TensorImageDataset(Dataset):
             img = img.float().div_(255.0)
         return img, int(self.labels[i]), None if self.masks is None else self.masks[i]
 
+    def batch(self, index: Tensor) -> Batch:
+        """Items ``index`` as one batch, gathered by index (no per-item Python work)."""
+        images = self.images[index]
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        masks = None if self.masks is None else self.masks[index]
+        return Batch(images, self.labels[index], masks, index)
+
     def subset(self, index: Tensor) -> TensorImageDataset:
         return TensorImageDataset(
             self.images[index], self.labels[index], None if self.masks is None else self.masks[index]
         )
 
 
-def collate(items: Sequence[tuple[Tensor, int, Tensor | None]]) -> Batch:
-    """Collate ``(image, label, mask)`` triples into a :class:`Batch`."""
+def collate(items: Sequence[tuple[Tensor, int, Tensor | None]], indices: Tensor | None = None) -> Batch:
+    """Collate ``(image, label, mask)`` triples (the items ``indices`` of a dataset) into a :class:`Batch`."""
     images = torch.stack([it[0] for it in items])
     labels = torch.tensor([it[1] for it in items], dtype=torch.long)
     masks = None
     if items and items[0][2] is not None:
         masks = torch.stack([it[2] for it in items])
-    return Batch(images, labels, masks)
+    return Batch(images, labels, masks, indices)
+
+
+def fetch(dataset: Dataset, index: Tensor) -> Batch:
+    """Items ``index`` of ``dataset`` as one batch: gathered by index from an in-memory dataset
+    (anything with a ``batch(index)`` method), collated item by item otherwise."""
+    if hasattr(dataset, "batch"):
+        return dataset.batch(index)
+    return collate([dataset[int(i)] for i in index], index)
+
+
+class BatchLoader:
+    """Batches of ``dataset``, ``batch_size`` items at a time, each carrying its items' indices.
+
+    The items come in the order ``order`` (any index sequence; default: all, in order), or, with a
+    ``generator``, in a fresh permutation drawn from it at every pass. In-memory datasets are
+    gathered by index in this process; other datasets (image folders that decode lazily) go through
+    a :class:`~torch.utils.data.DataLoader` with ``num_workers`` processes and, when ``pin_memory``,
+    page-locked batches.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        order: Tensor | Sequence[int] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}; set the batch size to a positive integer")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        n = len(dataset)  # type: ignore[arg-type]
+        self.order = torch.arange(n) if order is None else torch.as_tensor(order, dtype=torch.long)
+        self.generator = generator
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.order
+        if self.generator is not None:
+            order = torch.randperm(len(order), generator=self.generator)
+        chunks = order.split(self.batch_size)
+        if hasattr(self.dataset, "batch"):
+            for index in chunks:
+                yield self.dataset.batch(index)
+            return
+        yield from DataLoader(
+            _Indexed(self.dataset),
+            batch_sampler=[c.tolist() for c in chunks],
+            collate_fn=_collate_indexed,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+
+class _Indexed(Dataset):
+    """``dataset`` whose items carry their index (for :class:`BatchLoader`'s worker path)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, tuple]:
+        return i, self.dataset[i]
+
+
+def _collate_indexed(items: Sequence[tuple[int, tuple]]) -> Batch:
+    return collate([it for _, it in items], torch.tensor([i for i, _ in items], dtype=torch.long))
 
 
 @dataclass

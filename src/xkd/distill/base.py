@@ -63,6 +63,9 @@ class Distiller(nn.Module):
 
     Params: ClassVar[type] = NoParams
     needs_teacher: ClassVar[bool] = True
+    #: the method reads nothing of the teacher but its logits (:meth:`teacher_logits`), so logits
+    #: computed once per training image can stand in for the teacher's forward pass
+    teacher_logits_only: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
     setup_reused_seconds: float = 0.0
     """Seconds that cached artefacts reused by :meth:`setup` took when they were built (e.g.
@@ -79,6 +82,23 @@ class Distiller(nn.Module):
             teacher.eval()
             teacher.requires_grad_(False)
         self.params = params if params is not None else self.Params()
+        self.cached_teacher_logits: Tensor | None = None
+
+    def use_teacher_logits(self, logits: Tensor | None) -> None:
+        """Read the teacher's logits from ``logits`` (one row per training image, by dataset index)
+        instead of running the teacher; only valid when the training images are fed unaugmented."""
+        if logits is not None and not self.teacher_logits_only:
+            raise ValueError(f"distiller {self.registry_name!r} needs the teacher's forward pass, not only its logits")
+        self.cached_teacher_logits = logits
+
+    def teacher_logits(self, batch: Batch) -> Tensor:
+        """The teacher's logits of ``batch`` (no gradient): read by sample index from the cached
+        logits when there are some and the batch carries indices, else computed."""
+        cached = self.cached_teacher_logits
+        if cached is not None and batch.indices is not None:
+            return cached[batch.indices.to(cached.device)].to(batch.images.device)
+        with torch.no_grad():
+            return self.teacher(batch.images)
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)

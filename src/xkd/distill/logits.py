@@ -76,12 +76,12 @@ class HintonKD(Distiller):
     """
 
     Params = HintonKDParams
+    teacher_logits_only = True
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: HintonKDParams = self.params
         logits = self.student(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.images)
+        teacher_logits = self.teacher_logits(batch)
         return logits, {
             "ce": p.alpha * F.cross_entropy(logits, batch.labels),
             "kd": (1.0 - p.alpha) * kd_loss(logits, teacher_logits, p.temperature),
@@ -199,6 +199,7 @@ class DKD(Distiller):
     """
 
     Params = DKDParams
+    teacher_logits_only = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: DKDParams | None = None) -> None:
         super().__init__(student, teacher, params)
@@ -218,8 +219,7 @@ class DKD(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: DKDParams = self.params
         logits = self.student(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.images)
+        teacher_logits = self.teacher_logits(batch)
         if self.training and torch.is_grad_enabled():
             self.counter.step += 1
         tckd, nckd = dkd_terms(logits, teacher_logits, batch.labels, p.temperature)

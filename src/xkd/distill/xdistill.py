@@ -306,6 +306,7 @@ class XDistillation(Distiller):
     """
 
     Params = XDistillParams
+    teacher_logits_only = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: Any = None) -> None:
         p = params if params is not None else XDistillParams()
@@ -406,8 +407,7 @@ class XDistillation(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: XDistillParams = self.params
         logits = self.student(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.images)
+        teacher_logits = self.teacher_logits(batch)
         return logits, {
             "ce": F.cross_entropy(logits, batch.labels),
             "kd": (1.0 - p.alpha) * kd_loss(logits, teacher_logits, p.temperature),

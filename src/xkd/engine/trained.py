@@ -20,7 +20,9 @@ class TrainedModel:
     ``setup_reused_seconds``) and ``assistant_seconds`` (the whole training of the teacher assistant
     the student was distilled from). :attr:`train_seconds` is their sum, the cost compared across
     methods. A model loaded from a checkpoint (``from_cache``; ``loaded_from`` its path) reports the
-    time recorded when it was trained, or ``None`` when there is no record.
+    time recorded when it was trained, or ``None`` when there is no record. ``teacher_outputs`` says
+    how a distiller saw its teacher: ``"cached logits"`` (computed once per training image, read by
+    index), ``"forward per batch"``, or ``None`` without a teacher.
     """
 
     role: str
@@ -36,6 +38,7 @@ class TrainedModel:
     setup_reused_seconds: float | None = None
     assistant_seconds: float | None = None
     loaded_from: str | None = None
+    teacher_outputs: str | None = None
 
     @property
     def train_seconds(self) -> float | None:
@@ -54,4 +57,5 @@ class TrainedModel:
             "assistant_seconds": self.assistant_seconds,
             "from_cache": self.from_cache,
             "loaded_from": self.loaded_from,
+            "teacher_outputs": self.teacher_outputs,
         }

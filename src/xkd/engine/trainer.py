@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch import Tensor, nn
+from torch.utils.data import Dataset, DistributedSampler
 
 from xkd.config import ConfigError, TrainConfig
-from xkd.data.base import collate
+from xkd.data.base import BatchLoader
 from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -47,6 +47,19 @@ class TrainResult:
     seconds: float | None = 0.0
     best_path: Path | None = None
     last_path: Path | None = None
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> Tensor:
+    """``model``'s logits (float32, on the CPU) for every item of ``dataset``, in index order, in
+    eval mode; the model's train/eval flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(b.images.to(device)).float().cpu() for b in BatchLoader(dataset, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -116,28 +129,25 @@ class Trainer:
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.val_loader = DataLoader(
-            val_data,
-            batch_size=max(cfg.batch_size, 256),
-            shuffle=False,
-            collate_fn=collate,
-            num_workers=cfg.num_workers,
-        )
+        self.val_loader = BatchLoader(val_data, max(cfg.batch_size, 256), num_workers=cfg.num_workers)
 
-    def _train_loader(self, epoch: int) -> DataLoader:
+    def _train_loader(self, epoch: int) -> BatchLoader:
+        """Epoch ``epoch``'s batches: a permutation seeded by the run's seed and the epoch (the same
+        order as :class:`~torch.utils.data.RandomSampler` with that generator), or this rank's share
+        under torchrun."""
         if self.dist.enabled:
             sampler = DistributedSampler(self.train_data, shuffle=True, seed=self.seed, drop_last=False)
             sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler), dtype=torch.long)
         else:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            sampler = RandomSampler(self.train_data, generator=g)
-        return DataLoader(
+            order = torch.randperm(len(self.train_data), generator=g)  # type: ignore[arg-type]
+        return BatchLoader(
             self.train_data,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            collate_fn=collate,
+            self.cfg.batch_size,
+            order,
             num_workers=self.cfg.num_workers,
-            drop_last=False,
+            pin_memory=self.device.type == "cuda",
         )
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -81,8 +81,8 @@ def map_spearman(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mea
     Constant maps give ``nan`` for that image, excluded from the mean (see the module docstring).
     """
     x, y = _flat_pair(a, b)
-    rx = torch.from_numpy(rankdata(x.numpy(), method="average", axis=1)) if len(x) else x
-    ry = torch.from_numpy(rankdata(y.numpy(), method="average", axis=1)) if len(y) else y
+    rx = torch.from_numpy(rankdata(x.cpu().numpy(), method="average", axis=1)) if len(x) else x.cpu()
+    ry = torch.from_numpy(rankdata(y.cpu().numpy(), method="average", axis=1)) if len(y) else y.cpu()
     return _reduce(_pearson_rows(rx, ry), reduction)
 
 

@@ -451,6 +451,6 @@ def top_unit_panels(
             j = pos[i]
             up = F.interpolate(acts[j : j + 1, u : u + 1], size=(h, w), mode="bilinear", align_corners=False)
             t = torch.tensor([unit["threshold"]])
-            cells.append((images[j], _binarise(up, t, torch.tensor([unit["rule"] == ">"]))[0, 0].numpy()))
+            cells.append((images[j], _binarise(up, t, torch.tensor([unit["rule"] == ">"]))[0, 0].cpu().numpy()))
         panels.append({"unit": unit, "cells": cells})
     return {"layer": result["layer"], "quantile": result["quantile"], "cols": cols, "rows": panels}

@@ -132,7 +132,7 @@ def linear_imputation(
 def _impute_scipy(x: Tensor, removed: Tensor, neighbours: int) -> Tensor:
     """Exact solve of :func:`linear_imputation`'s system, all images as one block-diagonal sparse matrix."""
     n, c, h, w = x.shape
-    xn, r = x.numpy(), removed.numpy()
+    xn, r = x.cpu().numpy(), removed.cpu().numpy()
     flat_r = r.reshape(-1)
     m = int(flat_r.sum())
     ids = np.full(flat_r.shape, -1, dtype=np.int64)

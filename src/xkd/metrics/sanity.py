@@ -66,7 +66,7 @@ def _ssim(a: Tensor, b: Tensor) -> Tensor:
     win = min(7, min(h, w) - (1 - min(h, w) % 2))  # largest odd window <= min side
     if win < 3:
         raise ValueError(f"SSIM needs maps of at least 3x3 pixels, got {h}x{w}")
-    x, y = normalize_maps(a.abs()).double().numpy(), normalize_maps(b.abs()).double().numpy()
+    x, y = normalize_maps(a.abs()).double().cpu().numpy(), normalize_maps(b.abs()).double().cpu().numpy()
     vals = [structural_similarity(p, q, data_range=1.0, win_size=win) for p, q in zip(x, y, strict=True)]
     return torch.tensor(np.array(vals, dtype=np.float64))
 

@@ -1,0 +1,113 @@
+"""Batches carry their items' indices; a distiller that reads only the teacher's logits gets them
+from a cache computed once per training image, with the same loss as running the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from xkd.data import BatchLoader, TensorImageDataset, make_loader
+from xkd.data.base import Batch
+from xkd.distill import build_distiller
+from xkd.engine.trainer import Trainer, predict_logits
+from xkd.files import read_json
+from xkd.plan import load_config
+from xkd.registry import DISTILLERS
+from xkd.runner import run
+
+
+class Items(Dataset):
+    """The same items as a TensorImageDataset, served one by one (as an image folder does)."""
+
+    def __init__(self, ds: TensorImageDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i]
+
+
+def test_in_memory_and_item_datasets_give_the_same_batches_with_their_indices(tiny_data):
+    ds = tiny_data(n=10)
+    ds.images = (ds.images * 255).to(torch.uint8)  # stored as bytes, scaled on access
+    order = torch.tensor([3, 1, 4, 0, 9, 2, 6, 5, 8, 7])
+    fast = list(BatchLoader(ds, 4, order))
+    slow = list(BatchLoader(Items(ds), 4, order))
+    assert [len(b) for b in fast] == [4, 4, 2]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        assert a.images.dtype == torch.float32 and a.images.max() <= 1.0
+    assert torch.equal(torch.cat([b.indices for b in fast]), order)
+
+
+def test_the_epoch_order_is_the_seeded_random_sampler_order(tiny_data):
+    ds = tiny_data(n=10)
+    g = torch.Generator().manual_seed(7)
+    expected = list(torch.utils.data.RandomSampler(ds, generator=g))
+    trainer_order = torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()
+    assert trainer_order == expected  # the permutation the trainer draws is RandomSampler's
+    shuffled = make_loader(ds, 3, shuffle=True, seed=1)
+    first, second = ([int(i) for b in shuffled for i in b.indices] for _ in range(2))
+    assert sorted(first) == list(range(10)) and first != second  # reshuffled every pass
+
+
+# XDistillation reads cached logits too; its student needs the CAE phase first, so the pipeline test covers it
+LOGITS_ONLY = [n for n in DISTILLERS if DISTILLERS.get(n).teacher_logits_only and n != "xdistill"]
+
+
+@pytest.mark.parametrize("name", LOGITS_ONLY)
+def test_cached_logits_give_the_loss_of_the_teacher_forward(name, tiny_pair, tiny_data):
+    student, teacher = tiny_pair
+    data = tiny_data(n=8)
+    d = build_distiller(name, student, teacher, {})
+    batch = data.batch(torch.tensor([5, 2, 7, 0]))
+    _, direct = d(batch)
+    d.use_teacher_logits(predict_logits(teacher, data, torch.device("cpu")))
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    _, cached = d(batch)
+    hook.remove()
+    assert not calls  # the teacher did not run
+    for k in direct:
+        torch.testing.assert_close(cached[k], direct[k], rtol=1e-6, atol=1e-7)
+    # a batch built by hand has no indices: the teacher runs
+    d(Batch(batch.images, batch.labels))
+
+
+def test_a_method_that_needs_the_teacher_forward_refuses_cached_logits(tiny_pair):
+    student, teacher = tiny_pair
+    at = build_distiller("at", student, teacher, {})
+    with pytest.raises(ValueError, match="needs the teacher's forward pass"):
+        at.use_teacher_logits(torch.zeros(4, 3))
+
+
+def test_a_kd_run_computes_the_teacher_logits_once_and_records_it(tmp_path, make_tiny_args, monkeypatch):
+    seen = []
+    real = Trainer._train_epoch
+
+    def count_teacher(self, model, epoch, progress):
+        teacher = getattr(self.distiller, "teacher", None)
+        hook = teacher.register_forward_hook(lambda *a: seen.append(self.role)) if teacher is not None else None
+        try:
+            return real(self, model, epoch, progress)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    monkeypatch.setattr(Trainer, "_train_epoch", count_teacher)
+    args = make_tiny_args(tmp_path, "students=[{name: kd, distiller: hinton_kd}, {name: at, distiller: at}]")
+    run_dir = run(load_config(None, args), progress=False)
+    assert "kd" not in seen and "at" in seen  # KD read cached logits; AT needs the teacher's features
+    models = read_json(run_dir / "records" / "models.json")["models"]
+    assert models["kd"]["train"]["teacher_outputs"] == "cached logits"
+    assert models["at"]["train"]["teacher_outputs"] == "forward per batch"
+    assert models["teacher"]["train"]["teacher_outputs"] is None
+    assert list((tmp_path / "runs" / ".cache" / "teacher_logits").glob("train-*.safetensors"))
+    # a second run with the same teacher and data reads them and counts what they cost
+    again = run(load_config(None, [*args, "name=again"]), progress=False)
+    kd = read_json(again / "records" / "models.json")["models"]["kd"]["train"]
+    assert kd["setup_reused_seconds"] > 0

@@ -1,0 +1,19 @@
+"""The benchmark scripts of ``make bench`` import against today's package (they run outside the
+test suite: a renamed function must fail here, not at the next `make bench`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*_bench.py")))
+def test_bench_script_imports(script):
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # runs the imports, not main()
+    assert callable(module.main)
