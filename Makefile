@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-gpu lint format bench clean
 
 $(BIN)/xkd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m cuda
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -55,6 +55,21 @@ def tiny_config(tmp_path):
     return load_config(None, tiny_overrides(tmp_path))
 
 
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+        ),
+    ]
+)
+def device(request) -> torch.device:
+    """Where a contract test runs: the CPU, and a CUDA device when there is one (the ``cuda`` cases
+    are marked ``cuda``; ``make test-gpu`` runs them, and they skip without a GPU)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -22,6 +22,59 @@ from xkd.schema import from_dict, to_dict
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation of ``data.augment``, all off by default; applied batch-wise on the
+    device by :class:`xkd.data.augment.BatchAugment` (see there for the details). Evaluation never
+    augments.
+
+    Attributes:
+        crop_padding: pad by this many pixels, then crop back to the image size at a random offset
+            (the CIFAR recipe uses 4); 0 = off.
+        crop_padding_mode: what the padding holds: ``zero`` (black, as torchvision's ``RandomCrop``)
+            or ``reflect`` (the mirrored border).
+        hflip: flip each image horizontally with probability 0.5.
+        resized_crop: ``[min, max]`` fraction of the image area cropped (aspect ratio in [3/4, 4/3])
+            and resized back to the image size, e.g. ``[0.8, 1.0]``; None = off.
+        rotation: rotate by an angle drawn uniformly from ``[-rotation, rotation]`` degrees; 0 = off.
+        color_jitter: brightness, contrast and saturation factors drawn from
+            ``[1 - color_jitter, 1 + color_jitter]``; RGB data only; 0 = off.
+    """
+
+    crop_padding: int = 0
+    crop_padding_mode: Literal["zero", "reflect"] = "zero"
+    hflip: bool = False
+    resized_crop: list[float] | None = None
+    rotation: float = 0.0
+    color_jitter: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any option is on."""
+        return bool(
+            self.crop_padding > 0
+            or self.hflip
+            or self.resized_crop is not None
+            or self.rotation > 0
+            or self.color_jitter > 0
+        )
+
+    def validate(self) -> None:
+        if self.crop_padding < 0:
+            raise ConfigError(f"crop_padding must be >= 0 pixels (0 = off), got {self.crop_padding}")
+        if self.resized_crop is not None:
+            rc = self.resized_crop
+            if len(rc) != 2 or not 0.0 < rc[0] <= rc[1] <= 1.0:
+                raise ConfigError(
+                    f"resized_crop must be [min, max] area fractions with 0 < min <= max <= 1 "
+                    f"(e.g. [0.8, 1.0]; null = off), got {rc}"
+                )
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ConfigError(f"rotation must be in [0, 180] degrees (0 = off), got {self.rotation}")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ConfigError(f"color_jitter must be in [0, 1] (0 = off), got {self.color_jitter}")
+
+
+@dataclass
 class DataConfig:
     """Which dataset to build and how much of it.
 
@@ -32,6 +85,7 @@ class DataConfig:
         train_size, val_size, test_size: seeded, class-stratified subsets (None = all).
         seed: seed of the split and of generated data.
         params: builder-specific options (e.g. ``lesions``: ``num_per_class``, ``size``).
+        augment: training-time augmentation (:class:`AugmentConfig`; all off by default).
     """
 
     name: str = "fashion-mnist"
@@ -42,6 +96,7 @@ class DataConfig:
     test_size: int | None = None
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -73,7 +128,18 @@ class SchedulerConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation budget. ``max_steps_per_epoch`` caps an epoch (for quick tests)."""
+    """Optimisation budget and how the steps run.
+
+    Attributes:
+        epochs, batch_size, optimizer, scheduler: the budget.
+        num_workers: worker processes for datasets that decode lazily (image folders); in-memory
+            datasets are gathered by index in the training process.
+        max_steps_per_epoch: caps an epoch (for quick tests).
+        amp: mixed precision: ``auto`` (bf16 on a CUDA device that supports it, off elsewhere),
+            ``bf16``, ``fp16`` (CUDA only, with a gradient scaler) or ``off``.
+        channels_last: train in the channels-last memory layout (faster convolutions on GPUs).
+        compile: run the training step through ``torch.compile``.
+    """
 
     epochs: int = 5
     batch_size: int = 128
@@ -81,6 +147,9 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -261,7 +330,9 @@ class RunConfig:
 
     ``train`` is the students' budget; the teacher has its own under ``teacher.train``.
     ``student_model`` is the default architecture of every student. ``compare`` is read by
-    ``xkd compare`` only, ``study`` by ``xkd study`` only.
+    ``xkd compare`` only, ``study`` by ``xkd study`` only. ``deterministic`` asks torch for
+    deterministic algorithms (same seed, same numbers; see the README for what may still differ on
+    a GPU).
     """
 
     name: str = "default"
@@ -269,6 +340,7 @@ class RunConfig:
     output_dir: str = "runs"
     cache_dir: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student_model: ModelConfig = field(default_factory=ModelConfig)

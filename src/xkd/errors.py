@@ -52,6 +52,11 @@ class NonFiniteLossError(XkdError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class DeviceMemoryError(XkdError, RuntimeError):
+    """The device ran out of memory while training; the message names the batch size to lower. The
+    last checkpoint is kept, so ``--resume`` continues from it."""
+
+
 class NonFiniteAttributionError(XkdError, ValueError):
     """An explainer produced NaN or inf; the message names the method and the first bad images
     (``indices``: their positions in the explained batch)."""

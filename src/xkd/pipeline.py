@@ -21,14 +21,15 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from xkd.cache import Cache
-from xkd.config import ModelConfig, RunConfig
+from xkd.config import ModelConfig, RunConfig, TrainConfig
 from xkd.data import DataBundle, build_dataset, make_loader
+from xkd.data.augment import BatchAugment
 from xkd.distill import build_distiller
 from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
 from xkd.engine.trained import TrainedModel
-from xkd.engine.trainer import Trainer, TrainResult, predict_logits
+from xkd.engine.trainer import Trainer, TrainResult, configure_determinism, predict_logits
 from xkd.errors import ConfigError, LayerNotFoundError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
@@ -41,13 +42,32 @@ from xkd.schema import to_dict
 log = logging.getLogger("xkd")
 
 
+def data_key(cfg: RunConfig) -> dict[str, Any]:
+    """The data config as cache keys see it: without ``augment`` when it is off, so caches written
+    before augmentation existed stay valid."""
+    key = to_dict(cfg.data)
+    if not cfg.data.augment.enabled:
+        key.pop("augment", None)
+    return key
+
+
+def train_key(train: TrainConfig) -> dict[str, Any]:
+    """A training config as cache keys see it: the step settings left out at their defaults (a
+    cache written before they existed trained with those)."""
+    key = to_dict(train)
+    for name, default in (("amp", "auto"), ("channels_last", False), ("compile", False)):
+        if key.get(name) == default:
+            key.pop(name)
+    return key
+
+
 def teacher_cache_key(cfg: RunConfig) -> str:
     """Hash of everything that determines the trained teacher's weights."""
     return Cache.key(
         {
-            "data": to_dict(cfg.data),
+            "data": data_key(cfg),
             "model": to_dict(cfg.teacher.model),
-            "train": to_dict(cfg.teacher.train),
+            "train": train_key(cfg.teacher.train),
             "seed": cfg.seed,
             "format": FORMAT,
         }
@@ -161,7 +181,8 @@ def trainer_for(
     device: torch.device,
     progress: bool,
 ) -> Trainer:
-    """The trainer of one model of the run: its checkpoints under ``checkpoints/<role>``."""
+    """The trainer of one model of the run: its checkpoints under ``checkpoints/<role>``, the
+    training batches augmented as ``data.augment`` says."""
     return Trainer(
         distiller,
         train,
@@ -172,6 +193,7 @@ def trainer_for(
         device=device,
         role=role,
         progress=progress,
+        augment=BatchAugment(cfg.data.augment, data.image_shape),
     )
 
 
@@ -241,10 +263,9 @@ def distil(
     reused = float(distiller.setup_reused_seconds)
     outputs = None
     if distiller.teacher is not None:
-        outputs = "forward per batch"
-        if (
-            distiller.teacher_logits_only
-        ):  # the training images are fed as they are: one teacher pass serves every epoch
+        augmented = cfg.data.augment.enabled
+        outputs = "forward per batch (augmented images)" if augmented else "forward per batch"
+        if distiller.teacher_logits_only and not augmented:  # one teacher pass serves every epoch
             logits, built = cached_teacher_logits(cfg, data, teacher, device)
             distiller.use_teacher_logits(logits.to(device))
             reused += built
@@ -276,7 +297,7 @@ def cached_teacher_logits(
     teacher's weights and the data) or computed once and cached. Returns them and the seconds they
     took when they were computed (0 when computed now: that time is measured by the caller)."""
     cache = Cache(cache_root(cfg))
-    key = Cache.key({"teacher": weights_key(teacher), "data": to_dict(cfg.data), "split": "train"})
+    key = Cache.key({"teacher": weights_key(teacher), "data": data_key(cfg), "split": "train"})
     path = cache.file("teacher_logits", "train", key)
     stored = cache.read(path, key)
     if stored is not None and stored["logits"].shape[0] == len(data.train):
@@ -328,6 +349,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     """Train, explain and score everything ``cfg`` asks for and write the records; returns the run
     directory (:func:`xkd.runner.run` also renders the report)."""
     plan = resolve(cfg)
+    configure_determinism(cfg.deterministic)
     info = D.init_distributed()
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()

@@ -248,7 +248,14 @@ def score_transfer(
             teacher_layer=layers.get("teacher"),
             batch_size=sc.ev.batch_size,
         )
-        values = {**common, "student_features": feats.student, "teacher_features": feats.teacher}
+        # the statistics run where the features are (model_features returns them on the CPU)
+        device = feats.student.device
+        values = {
+            **common,
+            "labels": common["labels"].to(device),
+            "student_features": feats.student,
+            "teacher_features": feats.teacher.to(device),
+        }
         entry: dict[str, Any] = {"student_layer": feats.student_layer, "teacher_layer": feats.teacher_layer}
         out[s.role] = entry | sc.score(sc.of("transfer"), values)
     return out

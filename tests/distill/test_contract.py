@@ -1,6 +1,7 @@
-"""The contract of every registered distiller: while the student trains (two :class:`xkd.Trainer`
-steps on tiny models and data), the teacher stays frozen (no ``requires_grad``, no gradient, weights
-and BatchNorm statistics unchanged) and in eval mode, also inside each of its forward passes.
+"""The contract of every registered distiller, on the CPU and (``device`` fixture) a CUDA device when
+there is one: while the student trains (two :class:`xkd.Trainer` steps on tiny models and data), the
+teacher stays frozen (no ``requires_grad``, no gradient, weights and BatchNorm statistics unchanged)
+and in eval mode, also inside each of its forward passes; the distiller ends on the device.
 
 A distiller registered without an entry in :data:`CASES` fails here: give it the small parameters
 that make it run on the tiny models in a few seconds.
@@ -49,14 +50,20 @@ def test_every_registered_distiller_has_a_case():
 
 
 @pytest.mark.parametrize("name", DISTILLERS.names())
-def test_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains(name, tmp_path, tiny_pair, tiny_data):
+def test_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains(name, tmp_path, tiny_pair, tiny_data, device):
     if name not in CASES:
         pytest.fail(f"distiller {name!r} is registered but has no entry in CASES of {__file__}")
-    student, teacher = tiny_pair
+    student, teacher = (m.to(device) for m in tiny_pair)
     teacher.train()  # as a caller may hand it over: the distiller must switch it to eval mode itself
     weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+    # the sample and the datasets stay on the CPU, as the pipeline hands them over: dry runs and the
+    # trainer move what they read to the models' device
     context = DistillContext(
-        sample=torch.zeros(2, 1, 16, 16), train=tiny_data(16), cache_dir=tmp_path, teacher_key="contract"
+        sample=torch.zeros(2, 1, 16, 16),
+        train=tiny_data(16),
+        cache_dir=tmp_path,
+        teacher_key="contract",
+        device=device,
     )
     d = xkd.build_distiller(name, student, teacher, CASES[name], context)
     seen: list[tuple[bool, bool]] = []  # per teacher forward pass: (any module training, any requires_grad)
@@ -65,13 +72,18 @@ def test_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains(name, tm
             (any(x.training for x in m.modules()), any(p.requires_grad for p in m.parameters()))
         )
     )
-    trainable = {k: v.detach().clone() for k, v in d.trainable_modules().named_parameters()}
+    # compared on the CPU: a module setup left elsewhere is moved by the trainer
+    trainable = {k: v.detach().cpu().clone() for k, v in d.trainable_modules().named_parameters()}
     cfg = TrainConfig(epochs=1, batch_size=8, optimizer=OptimizerConfig("sgd", lr=0.05), max_steps_per_epoch=2)
-    result = xkd.Trainer(d, tiny_data(16), tiny_data(6), cfg, progress=False).fit()
+    result = xkd.Trainer(d, tiny_data(16), tiny_data(6), cfg, device=device, progress=False).fit()
 
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
-    changed = [k for k, v in d.trainable_modules().named_parameters() if not torch.equal(v.detach(), trainable[k])]
+    changed = [
+        k for k, v in d.trainable_modules().named_parameters() if not torch.equal(v.detach().cpu(), trainable[k])
+    ]
     assert changed, f"{name}: two optimiser steps changed none of the trainable parameters"
+    elsewhere = [k for k, t in [*d.named_parameters(), *d.named_buffers()] if t.device.type != device.type]
+    assert not elsewhere, f"{name}: not on {device.type} after training: {elsewhere}"
     if not DISTILLERS.get(name).needs_teacher:
         assert d.teacher is None and seen == []  # a method without a teacher never runs one
     else:

@@ -1,4 +1,5 @@
-"""The explainer contract for every registered explainer: shape, dtype, finiteness, eval mode restored,
+"""The explainer contract for every registered explainer, on the CPU and (``device`` fixture) a CUDA
+device when there is one: shape, dtype, finiteness, maps on the images' device, eval mode restored,
 hooks released, bounded memory over many calls; the superpixel form; NaN attributions named."""
 
 from __future__ import annotations
@@ -78,24 +79,34 @@ def make(name: str, model: nn.Module, teacher: nn.Module) -> xkd.explain.Explain
 
 
 @pytest.mark.parametrize("name", EXPLAINERS.names())
-def test_contract_and_modes_restored(name, model_for, tiny):
-    model, teacher = model_for(name, 0), tiny(1)
+def test_contract_and_modes_restored(name, model_for, tiny, device):
+    model, teacher = model_for(name, 0).to(device), tiny(1).to(device)
     model.train()
-    x, y = images(), torch.tensor([0, 1, 2, 0])
+    x, y = images().to(device), torch.tensor([0, 1, 2, 0]).to(device)
     with make(name, model, teacher) as ex:
         a = ex.explain(x, y)
     assert isinstance(a, Attribution)
     check_maps(a.maps, (16, 16))
     assert a.maps.shape == (4, 16, 16)
+    assert a.maps.device == x.device  # on the images' device, as the scoring loop reads them
     assert model.training and all(m.training for m in model.modules())
     assert all_hooks(model) == 0 and all_hooks(teacher) == 0
 
 
+def allocated_bytes(device: torch.device) -> int:
+    """Memory held for tensors on ``device``: the resident set size on the CPU, the bytes the caching
+    allocator hands out on CUDA (device memory is not in the resident set; its cache is not a leak)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read the resident set size")
 @pytest.mark.parametrize("name", EXPLAINERS.names())
-def test_memory_does_not_grow_over_100_calls(name, model_for, tiny):
-    model, teacher = model_for(name, 0), tiny(1)
-    x, y = images(4), torch.tensor([0, 1, 2, 0])  # UniCAM's statistic needs at least 4 images
+def test_memory_does_not_grow_over_100_calls(name, model_for, tiny, device):
+    model, teacher = model_for(name, 0).to(device), tiny(1).to(device)
+    x, y = images(4).to(device), torch.tensor([0, 1, 2, 0]).to(device)  # UniCAM's statistic needs >= 4 images
 
     def call() -> None:
         with make(name, model, teacher) as ex:
@@ -104,14 +115,14 @@ def test_memory_does_not_grow_over_100_calls(name, model_for, tiny):
     for _ in range(10):  # allocator and lazy-init warm-up
         call()
     gc.collect()
-    before = rss_bytes()
+    before = allocated_bytes(device)
     for _ in range(100):
         call()
     gc.collect()
-    grown = rss_bytes() - before
+    grown = allocated_bytes(device) - before
     # one call's tensors are a few KB; a leak of one map per call would already show, a leak of
     # the model's activations per call would be megabytes
-    assert grown < 8 * 2**20, f"{name}: resident memory grew by {grown / 2**20:.1f} MiB over 100 calls"
+    assert grown < 8 * 2**20, f"{name}: {device.type} memory grew by {grown / 2**20:.1f} MiB over 100 calls"
     assert all_hooks(model) == 0
 
 
@@ -122,10 +133,11 @@ def live_tensors() -> int:
 
 
 @pytest.mark.parametrize("name", EXPLAINERS.names())
-def test_a_reused_explainer_keeps_no_tensor_per_call(name, model_for, tiny):
+def test_a_reused_explainer_keeps_no_tensor_per_call(name, model_for, tiny, device):
     # exact where RSS is coarse: a map, an activation or a hook kept per call would add >= 30 tensors
-    model, teacher = model_for(name, 0), tiny(1)
-    x, y = images(4), torch.tensor([0, 1, 2, 0])
+    # (the count is of tensor objects, wherever their storage lives)
+    model, teacher = model_for(name, 0).to(device), tiny(1).to(device)
+    x, y = images(4).to(device), torch.tensor([0, 1, 2, 0]).to(device)
     with make(name, model, teacher) as ex:
         for _ in range(5):
             ex.explain(x, y)
@@ -146,15 +158,15 @@ def test_superpixel_form_sums_each_superpixel():
     assert torch.equal(superpixel_maps(maps, seg), expected)
 
 
-def test_superpixel_explainer_is_constant_per_segment_and_keeps_the_total(tiny):
-    model, x, y = tiny(), images(), torch.tensor([0, 1, 2, 0])
+def test_superpixel_explainer_is_constant_per_segment_and_keeps_the_total(tiny, device):
+    model, x, y = tiny().to(device), images().to(device), torch.tensor([0, 1, 2, 0]).to(device)
     params = {"superpixel": {"n_segments": 6}}
     with build_explainer("grad_cam+superpixel", model, params) as ex:
         a = ex.explain(x, y)
     with build_explainer("grad_cam", model) as ex:
         raw = ex.explain(x, y).maps
-    seg = slic_segments(x, SuperpixelParams(n_segments=6))
-    assert a.method == "grad_cam+superpixel"
+    seg = slic_segments(x, SuperpixelParams(n_segments=6)).to(device)
+    assert a.method == "grad_cam+superpixel" and a.maps.device == x.device
     for i in range(len(x)):
         for s in seg[i].unique():
             inside = a.maps[i][seg[i] == s]

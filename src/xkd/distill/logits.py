@@ -30,8 +30,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     2025, applies the temperature to probabilities, which we do not copy).
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / t, dim=1)
+    # in fp32 also under autocast: bf16's 8-bit mantissa loses the soft targets' small probabilities
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
@@ -128,7 +129,7 @@ def dkd_terms(
     the values are the same. Needs at least 2 classes (NCKD is 0 with exactly 2).
     """
     t = temperature
-    zs, zt = student_logits / t, teacher_logits / t
+    zs, zt = student_logits.float() / t, teacher_logits.float() / t  # fp32 also under autocast
     gt = F.one_hot(labels, zs.shape[1]).bool()
 
     def binary_log_probs(z: Tensor) -> Tensor:

@@ -58,4 +58,5 @@ class TrainedModel:
             "from_cache": self.from_cache,
             "loaded_from": self.loaded_from,
             "teacher_outputs": self.teacher_outputs,
+            **self.result.record(),
         }

@@ -9,6 +9,7 @@ on one process or under ``torchrun`` (DistributedDataParallel; only rank 0 write
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from xkd.config import ConfigError, TrainConfig
+from xkd.data.augment import BatchAugment
 from xkd.data.base import BatchLoader
 from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from xkd.errors import NonFiniteLossError
+from xkd.errors import DeviceMemoryError, NonFiniteLossError
 from xkd.metrics.classification import evaluate_model
 from xkd.rundir import BEST, LAST
 
@@ -47,6 +49,70 @@ class TrainResult:
     seconds: float | None = 0.0
     best_path: Path | None = None
     last_path: Path | None = None
+    device: str | None = None
+    precision: str | None = None
+    peak_memory_bytes: int | None = None
+
+    def images_per_second(self) -> float | None:
+        """Training throughput: images per second of the training loop, over every epoch run."""
+        seen = [(h.get("images"), h.get("seconds")) for h in self.history]
+        n, t = sum(i or 0 for i, _ in seen), sum(s or 0.0 for _, s in seen)
+        return n / t if n and t else None
+
+    def record(self) -> dict[str, Any]:
+        """How the training ran, for the model's record."""
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "images_per_second": self.images_per_second(),
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
+
+    Raises:
+        ConfigError: ``fp16`` off a CUDA device, or ``bf16`` on a GPU without bf16.
+    """
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"train.amp: fp16 needs a CUDA device (it trains with a gradient scaler); on {device.type} use "
+                "bf16 or off"
+            )
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"train.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 (with a "
+            "gradient scaler) or off"
+        )
+    return torch.bfloat16
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)``, or ``cpu (2 threads)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def configure_determinism(on: bool) -> None:
+    """Ask torch for deterministic algorithms (``deterministic: true``): same seed, same numbers on
+    the CPU; on a GPU, operations without a deterministic implementation warn instead of failing."""
+    if not on:  # leave torch's settings as the caller has them
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 @torch.no_grad()
@@ -93,6 +159,9 @@ class Trainer:
         device: where to train.
         role: name shown in progress bars and errors (``teacher``, a student name).
         progress: show rich progress bars (rank 0 only).
+        augment: random augmentation of the training batches, on the device (``data.augment``);
+            epoch ``e``'s draws come from a generator seeded by the seed and ``e``, so a resumed run
+            sees the batches it would have seen. Validation never augments.
     """
 
     def __init__(
@@ -108,8 +177,10 @@ class Trainer:
         role: str = "model",
         progress: bool = True,
         console: Console | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         self.distiller = distiller
+        self.augment = augment if augment is not None and augment.enabled else None
         self.cfg = cfg
         self.seed = seed
         self.device = torch.device(device)
@@ -129,6 +200,8 @@ class Trainer:
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
         self.val_loader = BatchLoader(val_data, max(cfg.batch_size, 256), num_workers=cfg.num_workers)
 
     def _train_loader(self, epoch: int) -> BatchLoader:
@@ -163,6 +236,8 @@ class Trainer:
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def _resume(self, result: TrainResult) -> int:
@@ -177,6 +252,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         result.history = list(state["history"])
         result.best_epoch = int(state["best_epoch"])
         result.best_val_accuracy = float(state["best_val_accuracy"])
@@ -189,13 +266,22 @@ class Trainer:
         result = TrainResult()
         if self.checkpoint_dir is not None:
             result.best_path, result.last_path = self.checkpoint_dir / BEST, self.checkpoint_dir / LAST
-        start = self._resume(result) if resume else 1
+        # on the device before resuming: the optimiser's restored state follows its parameters' device
         self.distiller.to(self.device)
+        if self.cfg.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        start = self._resume(result) if resume else 1
         model: nn.Module = self.distiller
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(
                 self.distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if self.cfg.compile:
+            model = torch.compile(model)
+        result.device = device_name(self.device)
+        result.precision = PRECISION_NAMES[self.amp]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -210,7 +296,10 @@ class Trainer:
         )
         with progress:
             for epoch in range(start, self.cfg.epochs + 1):
-                stats = self._train_epoch(model, epoch, progress)
+                try:
+                    stats = self._train_epoch(model, epoch, progress)
+                except torch.cuda.OutOfMemoryError:
+                    raise self._out_of_memory(epoch) from None
                 self._sync_buffers()
                 val = evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
                 stats.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
@@ -231,8 +320,18 @@ class Trainer:
                         save_checkpoint(self.checkpoint_dir / BEST, state)
                     save_checkpoint(self.checkpoint_dir / LAST, state)
         result.seconds = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
         D.barrier()
         return result
+
+    def _out_of_memory(self, epoch: int) -> DeviceMemoryError:
+        kept = "" if self.checkpoint_dir is None else "; the last checkpoint is kept: rerun with --resume"
+        return DeviceMemoryError(
+            f"{self.role}: {device_name(self.device)} ran out of memory in epoch {epoch} at batch size "
+            f"{self.cfg.batch_size}; lower train.batch_size (e.g. {max(1, self.cfg.batch_size // 2)}) or set "
+            f"train.amp: bf16{kept}"
+        )
 
     def fit_and_restore(self, resume: bool = False, restore: str = BEST) -> TrainResult:
         """:meth:`fit`, then load the weights of checkpoint ``restore`` (``best.pt``: the best
@@ -268,17 +367,28 @@ class Trainer:
         t0 = time.perf_counter()
         n, loss_sum, correct = 0, 0.0, 0
         term_sums: dict[str, float] = {}
+        draws = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         for step, batch in enumerate(loader, start=1):
             if step > steps:
                 break
             batch = batch.to(self.device)
-            logits, terms = model(batch)
-            loss = sum(terms.values())
+            if self.augment is not None:
+                batch.images = self.augment(batch.images, draws)
+            if self.cfg.channels_last:
+                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits, terms = model(batch)
+            loss = sum(t.float() for t in terms.values())
             if not torch.isfinite(loss):
                 self._non_finite(epoch, step, loss, terms)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
             b = len(batch)
             n += b
             loss_sum += float(loss.detach()) * b
@@ -293,6 +403,7 @@ class Trainer:
             "train_accuracy": correct / max(n, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - t0,
+            "images": n,
         }
 
     def _non_finite(self, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:

@@ -19,6 +19,7 @@ from xkd.files import SCHEMA_VERSION, atomic_write_text, read_json
 from xkd.report import figures
 from xkd.report.sections import explainer_sections, sanity_table, transfer_table
 from xkd.report.tables import (
+    DASH,
     Col,
     best_rows,
     cell,
@@ -230,21 +231,34 @@ def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_na
     at_best = [next((h for h in hist[r] if h.get("epoch") == trains[r].get("best_epoch")), {}) for r in roles]
     secs = (run.get("timing") or {}).get("per_model_train_seconds") or {}
     labels = [model_label(r, models[r]) for r in roles]
+    cols = [
+        Col("Epochs", [len(hist[r]) for r in roles], ",.0f"),
+        Col("Best epoch", [trains[r].get("best_epoch") for r in roles], ",.0f"),
+        Col("Val accuracy at best", [h.get("val_accuracy") for h in at_best], better="high"),
+        Col("Train time", [secs.get(r, trains[r].get("seconds")) for r in roles], fmt_seconds),
+    ]
+    speed = [trains[r].get("images_per_second") for r in roles]
+    memory = [trains[r].get("peak_memory_bytes") for r in roles]
+    if any(map(ok, speed)):  # records written before throughput was measured have none
+        cols.append(Col("Images/s", speed, ",.0f", title="training throughput of the epoch loop"))
+    if any(map(ok, memory)):  # measured on CUDA devices only
+        cols.append(Col("Peak memory (MiB)", memory, ",.0f", scale=2**-20))
     table = make_table(
         "Training per model (best epoch = the checkpoint that is evaluated). Train time = the epoch loop "
-        "+ the distiller's setup before it (e.g. XDistillation's teacher explanations and CAE, counted "
-        "also when read from the cache) + the training of a teacher assistant; a loaded teacher shows the "
-        "time it took when it was trained.",
+        "+ the distiller's setup before it (e.g. XDistillation's teacher explanations and CAE, or the "
+        "teacher's logits computed once, counted also when read from the cache) + the training of a "
+        "teacher assistant; a loaded teacher shows the time it took when it was trained.",
         labels,
-        [
-            Col("Epochs", [len(hist[r]) for r in roles], ",.0f"),
-            Col("Best epoch", [trains[r].get("best_epoch") for r in roles], ",.0f"),
-            Col("Val accuracy at best", [h.get("val_accuracy") for h in at_best], better="high"),
-            Col("Train time", [secs.get(r, trains[r].get("seconds")) for r in roles], fmt_seconds),
-        ],
+        cols,
     )
     for row, r in zip(table["rows"], roles):  # the parts of the train time, on hover
-        row[-1]["title"] = _time_parts(trains[r])
+        row[4]["title"] = _time_parts(trains[r])
+    if any(trains[r].get("device") for r in roles):
+        table["head"].append(head("Device, precision", False))
+        for row, r in zip(table["rows"], roles):
+            how = ", ".join(str(v) for v in (trains[r].get("device"), trains[r].get("precision")) if v)
+            outputs = trains[r].get("teacher_outputs")
+            row.append(cell(how or DASH, num=False, sub=f"teacher: {outputs}" if outputs else None))
     table["head"].append(head("Checkpoint", False))
     for row, r in zip(table["rows"], roles):
         source = "loaded" if trains[r].get("from_cache") else "trained"
