@@ -1,5 +1,6 @@
 """Training throughput, measured side by side in one run: xkd's engine against a bare hand-written
-loop, and a KD epoch against a scratch epoch (teacher logits cached, and the teacher run per batch).
+loop, a KD epoch against a scratch epoch (teacher logits cached, and the teacher run per batch), and
+bf16 autocast against fp32.
 
 The models and budget of ``configs/default.yaml`` (ResNet-20 teacher, KD-FMV student, batch 128,
 Adam) on its Fashion-MNIST training subset (10,000 images; scikit-learn's digits upsampled to
@@ -77,7 +78,8 @@ def main() -> None:
     c, h, w = data.image_shape
     k = data.num_classes
     n = len(data.train)
-    budget = TrainConfig(epochs=1, batch_size=cfg.train.batch_size, optimizer=cfg.train.optimizer)
+    budget = TrainConfig(epochs=1, batch_size=cfg.train.batch_size, optimizer=cfg.train.optimizer, amp="off")
+    mixed = TrainConfig(epochs=1, batch_size=cfg.train.batch_size, optimizer=cfg.train.optimizer, amp="bf16")
     teacher = build_model(cfg.teacher.model, k, c, (h, w)).to(device).eval()
     sample = torch.zeros(2, c, h, w)
     all_batch = data.train.batch(torch.arange(n))
@@ -90,17 +92,18 @@ def main() -> None:
         torch.manual_seed(0)
         return build_model(cfg.student_model, k, c, (h, w)).to(device)
 
-    def engine(name: str, params: dict, use_cache: bool) -> float:
+    def engine(name: str, params: dict, use_cache: bool, train_cfg: TrainConfig = budget) -> float:
         context = DistillContext(sample=sample, train=data.train, device=device)
         d = build_distiller(name, student(), teacher if name != "scratch" else None, params, context)
         if use_cache:
             d.use_teacher_logits(cached)
-        trainer = Trainer(d, data.train, data.val, budget, device=device, progress=False)
+        trainer = Trainer(d, data.train, data.val, train_cfg, device=device, progress=False)
         return float(trainer.fit().history[0]["seconds"])
 
     variants = {
         "bare_loop": lambda r: bare_epoch(student(), images, labels, budget.batch_size, r),
         "engine_scratch": lambda r: engine("scratch", {}, False),
+        "engine_scratch_bf16": lambda r: engine("scratch", {}, False, mixed),
         "engine_kd_cached": lambda r: engine("hinton_kd", {"alpha": 0.7, "temperature": 5.0}, True),
         "engine_kd_teacher_forward": lambda r: engine("hinton_kd", {"alpha": 0.7, "temperature": 5.0}, False),
         "engine_at": lambda r: engine("at", {}, False),
@@ -116,6 +119,7 @@ def main() -> None:
         "kd_cached_over_scratch_epoch": med["engine_kd_cached"] / med["engine_scratch"],
         "kd_teacher_forward_over_scratch_epoch": med["engine_kd_teacher_forward"] / med["engine_scratch"],
         "at_over_scratch_epoch": med["engine_at"] / med["engine_scratch"],
+        "bf16_over_fp32_epoch": med["engine_scratch_bf16"] / med["engine_scratch"],
     }
     for key, v in ratios.items():
         print(f"{key:<40} {v:5.2f}")

@@ -132,8 +132,9 @@ class TrainConfig:
 
     Attributes:
         epochs, batch_size, optimizer, scheduler: the budget.
-        num_workers: worker processes for datasets that decode lazily (image folders); in-memory
-            datasets are gathered by index in the training process.
+        num_workers: worker processes for datasets that decode lazily (image folders); ``auto``:
+            one per CPU core but one, at most 8. In-memory datasets are gathered by index in the
+            training process (and, on a GPU, held on the device when they fit).
         max_steps_per_epoch: caps an epoch (for quick tests).
         amp: mixed precision: ``auto`` (bf16 on a CUDA device that supports it, off elsewhere),
             ``bf16``, ``fp16`` (CUDA only, with a gradient scaler) or ``off``.
@@ -145,7 +146,7 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
     max_steps_per_epoch: int | None = None
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = False

@@ -53,8 +53,10 @@ def data_key(cfg: RunConfig) -> dict[str, Any]:
 
 def train_key(train: TrainConfig) -> dict[str, Any]:
     """A training config as cache keys see it: the step settings left out at their defaults (a
-    cache written before they existed trained with those)."""
+    cache written before they existed trained with those), the loader's worker count always (it
+    does not change the weights)."""
     key = to_dict(train)
+    key.pop("num_workers", None)
     for name, default in (("amp", "auto"), ("channels_last", False), ("compile", False)):
         if key.get(name) == default:
             key.pop(name)

@@ -7,6 +7,8 @@ dataset has them, are boolean ``(H, W)`` tensors marking the ground-truth eviden
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -69,8 +71,22 @@ class TensorImageDataset(Dataset):
             img = img.float().div_(255.0)
         return img, int(self.labels[i]), None if self.masks is None else self.masks[i]
 
+    def to(self, device: torch.device | str) -> TensorImageDataset:
+        """The same items held on ``device`` (images keep their dtype: uint8 data is scaled per batch,
+        on the device)."""
+        ds = copy.copy(self)
+        ds.images, ds.labels = self.images.to(device), self.labels.to(device)
+        ds.masks = None if self.masks is None else self.masks.to(device)
+        return ds
+
+    def nbytes(self) -> int:
+        """Bytes of the images, labels and masks."""
+        tensors = [self.images, self.labels] + ([] if self.masks is None else [self.masks])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def batch(self, index: Tensor) -> Batch:
         """Items ``index`` as one batch, gathered by index (no per-item Python work)."""
+        index = index.to(self.images.device)
         images = self.images[index]
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
@@ -101,6 +117,16 @@ def fetch(dataset: Dataset, index: Tensor) -> Batch:
     return collate([dataset[int(i)] for i in index], index)
 
 
+def resolve_workers(num_workers: int | str, dataset: Dataset) -> int:
+    """Loader processes for ``dataset``: none for in-memory data (gathered by index), ``auto``: one
+    per CPU core but one, at most 8, for data that decodes lazily."""
+    if hasattr(dataset, "batch"):
+        return 0
+    if num_workers == "auto":
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return int(num_workers)
+
+
 class BatchLoader:
     """Batches of ``dataset``, ``batch_size`` items at a time, each carrying its items' indices.
 
@@ -118,7 +144,7 @@ class BatchLoader:
         order: Tensor | Sequence[int] | None = None,
         *,
         generator: torch.Generator | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool = False,
     ) -> None:
         if batch_size < 1:
@@ -128,7 +154,7 @@ class BatchLoader:
         n = len(dataset)  # type: ignore[arg-type]
         self.order = torch.arange(n) if order is None else torch.as_tensor(order, dtype=torch.long)
         self.generator = generator
-        self.num_workers = num_workers
+        self.num_workers = resolve_workers(num_workers, dataset)
         self.pin_memory = pin_memory
 
     def __len__(self) -> int:
@@ -138,6 +164,9 @@ class BatchLoader:
         order = self.order
         if self.generator is not None:
             order = torch.randperm(len(order), generator=self.generator)
+        held = getattr(getattr(self.dataset, "images", None), "device", None)
+        if held is not None and held.type != "cpu":  # data held on a GPU: index it there, one copy per pass
+            order = order.to(held)
         chunks = order.split(self.batch_size)
         if hasattr(self.dataset, "batch"):
             for index in chunks:

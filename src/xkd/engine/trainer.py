@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from xkd.config import ConfigError, TrainConfig
 from xkd.data.augment import BatchAugment
-from xkd.data.base import BatchLoader
+from xkd.data.base import BatchLoader, TensorImageDataset
 from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -69,6 +69,9 @@ class TrainResult:
         }
 
 
+SYNC_EVERY = 25
+"""Training steps between two reads of the running loss and accuracy (each read waits for the device)."""
+
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -95,6 +98,19 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             "gradient scaler) or off"
         )
     return torch.bfloat16
+
+
+DEVICE_DATA_SHARE = 0.25
+"""In-memory data is held on a GPU when it takes at most this share of the device's free memory."""
+
+
+def on_device(dataset: Dataset, device: torch.device) -> Dataset:
+    """``dataset`` held on ``device`` once (an in-memory dataset on a GPU with room for it: batches
+    are then gathered there, with no copy per step); otherwise ``dataset`` itself."""
+    if device.type != "cuda" or not isinstance(dataset, TensorImageDataset):
+        return dataset
+    free, _ = torch.cuda.mem_get_info(device)
+    return dataset.to(device) if dataset.nbytes() <= DEVICE_DATA_SHARE * free else dataset
 
 
 def device_name(device: torch.device) -> str:
@@ -189,7 +205,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.console = console or Console(stderr=True)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.train_data, self.val_data = train_data, val_data
+        self.train_data, self.val_data = on_device(train_data, self.device), on_device(val_data, self.device)
         self.num_classes = num_classes_of(distiller.student)
         if self.num_classes is None:
             raise ConfigError(
@@ -202,7 +218,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.amp = resolve_amp(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
-        self.val_loader = BatchLoader(val_data, max(cfg.batch_size, 256), num_workers=cfg.num_workers)
+        self.val_loader = BatchLoader(self.val_data, max(cfg.batch_size, 256), num_workers=cfg.num_workers)
 
     def _train_loader(self, epoch: int) -> BatchLoader:
         """Epoch ``epoch``'s batches: a permutation seeded by the run's seed and the epoch (the same
@@ -365,8 +381,13 @@ class Trainer:
         steps = len(loader) if self.cfg.max_steps_per_epoch is None else min(len(loader), self.cfg.max_steps_per_epoch)
         task = progress.add_task(f"{self.role} epoch {epoch}/{self.cfg.epochs}", total=steps, stats="")
         t0 = time.perf_counter()
-        n, loss_sum, correct = 0, 0.0, 0
-        term_sums: dict[str, float] = {}
+        # running sums stay on the device and are read every SYNC_EVERY steps: no host sync per step
+        n = 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        term_sums: dict[str, Tensor] = {}
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_values = None
         draws = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         for step, batch in enumerate(loader, start=1):
             if step > steps:
@@ -379,8 +400,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits, terms = model(batch)
             loss = sum(t.float() for t in terms.values())
-            if not torch.isfinite(loss):
-                self._non_finite(epoch, step, loss, terms)
+            values = torch.stack([loss.detach(), *(t.detach().float() for t in terms.values())])
+            bad_now = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+            first_bad = torch.where(bad_now, step, first_bad)
+            bad_values = values if bad_values is None else torch.where(bad_now, values, bad_values)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -391,11 +414,20 @@ class Trainer:
                 self.optimizer.step()
             b = len(batch)
             n += b
-            loss_sum += float(loss.detach()) * b
-            correct += int((logits.detach().argmax(1) == batch.labels).sum())
+            loss_sum += loss.detach().double() * b
+            correct += (logits.detach().argmax(1) == batch.labels).sum()
             for k, v in terms.items():
-                term_sums[k] = term_sums.get(k, 0.0) + float(v.detach()) * b
-            progress.update(task, advance=1, stats=f"loss {loss_sum / n:.4f}  acc {correct / n:.3f}")
+                term_sums[k] = term_sums.get(k, 0.0) + v.detach().double() * b
+            if step % SYNC_EVERY == 0 or step == steps:
+                if int(first_bad) >= 0:
+                    self._non_finite(epoch, int(first_bad), bad_values, list(terms))
+                progress.update(
+                    task, completed=step, stats=f"loss {float(loss_sum) / n:.4f}  acc {int(correct) / n:.3f}"
+                )
+        if int(first_bad) >= 0:  # an epoch cut short by max_steps_per_epoch
+            self._non_finite(epoch, int(first_bad), bad_values, list(terms))
+        loss_sum, correct = float(loss_sum), int(correct)
+        term_sums = {k: float(v) for k, v in term_sums.items()}
         return {
             "epoch": epoch,
             "train_loss": loss_sum / max(n, 1),
@@ -406,13 +438,16 @@ class Trainer:
             "images": n,
         }
 
-    def _non_finite(self, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+    def _non_finite(self, epoch: int, step: int, values: Tensor, names: list[str]) -> None:
+        """Stop at the first step whose loss was NaN or infinite (``values``: that step's loss and
+        terms, in the order of ``names``)."""
+        vals = values.tolist()
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vals[1:]))
         kept = "no checkpoint was written yet"
         if self.checkpoint_dir is not None and (self.checkpoint_dir / LAST).is_file():
             kept = f"the last good checkpoint is kept at {self.checkpoint_dir / 'last.pt'} (epoch {epoch - 1})"
         raise NonFiniteLossError(
-            f"{self.role}: the loss became {float(loss.detach())} at epoch {epoch}, step {step} ({detail}); training "
+            f"{self.role}: the loss became {vals[0]} at epoch {epoch}, step {step} ({detail}); training "
             f"stopped and {kept}. Lower the learning rate (train.optimizer.lr) or check the data for NaN/inf, "
             "then rerun (with --resume to continue from the checkpoint)."
         )
