@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from xkd.config import EvaluationConfig
+from xkd.explain.base import resolve_explainer
 from xkd.report.sections import explainer_tables
-from xkd.scoring import Scorer, run_inputs, score_maps
+from xkd.scoring import Scorer, explain, prediction_maps, run_inputs, score_maps
 
 
 def test_empty_masks_and_maps_without_positive_mass_are_counted_as_undefined():
@@ -38,7 +39,13 @@ def test_superpixel_form_explainers_are_scored_per_superpixel_value():
     student = torch.where(seg == 0, 1.0, -2.0).float()
     both = torch.ones(1, dtype=torch.bool)
     sc = Scorer(ev)
-    values = {"teacher_maps": teacher, "student_maps": student, "segments": seg, "both_correct": both}
+    values = {
+        "teacher_maps": teacher,
+        "student_maps": student,
+        "segments": seg,
+        "both_correct": both,
+        "same_prediction": both,
+    }
     pixel = sc.score(sc.of("agreement"), {**values, "map_form": "pixel"})["superpixel_mse"]
     read_once = sc.score(sc.of("agreement"), {**values, "map_form": "superpixel"})["superpixel_mse"]
     # normalised by the largest |value|: pixel form sums (12, 8) vs (12, -8) -> (1, 2/3) vs (1, -2/3)
@@ -67,3 +74,70 @@ def test_nan_attributions_in_a_run_name_the_test_split_images(tiny_config, monke
     idx = select_indices(all_labels(data.test), tiny_config.evaluation.num_images, tiny_config.seed)
     assert info.value.indices == [int(idx[1]), int(idx[3])]
     assert f"test-split indices: {int(idx[1])}, {int(idx[3])}" in str(info.value)
+
+
+class HalfMeans(nn.Module):
+    """Two classes: logit 0 = mean of the left half, logit 1 = mean of the right half."""
+
+    num_classes = 2
+
+    def forward(self, x):
+        w = x.shape[-1] // 2
+        return torch.stack([x[..., :w].mean(dim=(1, 2, 3)), x[..., w:].mean(dim=(1, 2, 3))], dim=1)
+
+
+def test_fidelity_scores_maps_of_the_class_it_checks_the_prediction(tmp_path):
+    # true class 0, but the right half is brighter: the model predicts 1. Keeping the top half of the
+    # pixels of a class-1 map keeps the right half and the prediction survives; a class-0 map keeps
+    # the left half, and the check (does the PREDICTED class survive?) fails for a reason that has
+    # nothing to do with the map's quality.
+    x = torch.full((1, 1, 4, 4), 0.2)
+    x[..., 2:] = 0.8
+    label, model = torch.tensor([0]), HalfMeans()
+    spec = resolve_explainer("integrated_gradients", {"n_steps": 8})
+    sc = Scorer(EvaluationConfig(metrics=["fidelity"], fidelity_keep=0.5))
+    values = run_inputs(sc, x, label, None, ["a", "b"])
+    true_maps = explain(spec, model, x, label)
+    preds = model(x).argmax(1)
+    assert int(preds) == 1
+    pred_maps = prediction_maps(sc, spec, model, x, label, preds, true_maps, {})
+    assert pred_maps[0, :, 2:].sum() > pred_maps[0, :, :2].sum()  # the class-1 map points at the right half
+    ours = score_maps(sc, {**values, "model": model, "maps": true_maps, "prediction_maps": pred_maps})
+    assert ours["fidelity"]["mean"] == 1.0
+    mismatched = score_maps(sc, {**values, "model": model, "maps": true_maps, "prediction_maps": true_maps})
+    assert mismatched["fidelity"]["mean"] == 0.0  # what scoring the true-class map gave
+
+
+def test_superpixel_mse_headline_uses_images_both_models_assign_the_same_class():
+    seg = torch.zeros(2, 2, 2, dtype=torch.long)
+    seg[:, :, 1] = 1  # two superpixels of 2 pixels per image
+    teacher = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    student = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    sc = Scorer(EvaluationConfig(metrics=["superpixel_mse"]))
+    values = {"teacher_maps": teacher, "student_maps": student, "segments": seg, "map_form": "pixel",
+              "both_correct": torch.tensor([True, True]), "same_prediction": torch.tensor([True, False])}  # fmt: skip
+    out = sc.score(sc.of("agreement"), values)
+    # normalised per image by the largest |sum|: image 0 (1, 0) vs (1, 0) -> 0; image 1 (1, 0) vs (0, 1) -> 1
+    assert out["superpixel_mse"] == 0.0 and out["superpixel_mse_images"] == 1
+    assert out["superpixel_mse_all_images"] == pytest.approx((0.0 + 1.0) / 2)
+
+
+def test_unicam_kd_vs_base_maps_use_the_scratch_student_as_base_and_say_so(tmp_path, make_tiny_args):
+    from xkd.files import read_json
+    from xkd.plan import load_config
+    from xkd.runner import run
+
+    explainers = (
+        "evaluation.explainers=[{name: unicam, label: kd_given_base, params: {kind: kd_given_base}}, "
+        "{name: unicam+superpixel, label: base_given_kd_sp, params: {kind: base_given_kd}}]"
+    )
+    args = make_tiny_args(tmp_path, explainers, "evaluation.metrics=[rank_correlation, mask_mass]")
+    run_dir = run(load_config(None, args), progress=False)
+    per_model = read_json(run_dir / "records" / "explanations.json")["per_model"]
+    for key in ("kd_given_base", "base_given_kd_sp"):
+        assert per_model["kd"][key]["base_model"] == "scratch"  # the KD student measured against scratch
+        assert key not in per_model["scratch"]  # scratch against itself would measure nothing
+        assert key not in per_model["teacher"]  # a pair explainer: students only
+    samples = read_json(run_dir / "records" / "samples.json")
+    assert "kd_given_base" in samples["explainers"]
+    assert (run_dir / "report.html").is_file()

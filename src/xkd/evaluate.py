@@ -6,7 +6,8 @@ predictions, parameters and FLOPs, mean explanation time, fidelity, deletion/ins
 teacher-student explanation agreement and, where the data has masks, localisation.
 
 Maps explain the **true class** of each test image for every model, so teacher and student maps
-answer the same question and can be compared pixel for pixel.
+answer the same question and can be compared pixel for pixel; fidelity, which checks whether the
+model's prediction survives, scores maps of the predicted class (:func:`xkd.scoring.prediction_maps`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from xkd.metrics.base import metric_info
 from xkd.plan import RunPlan
 from xkd.rundir import RunDir
 from xkd.schema import to_dict
-from xkd.scoring import explain, explain_and_score, random_baseline
+from xkd.scoring import explain, explain_and_score, explainer_context, random_baseline
 
 
 def select_indices(labels: Tensor, num: int | None, seed: int) -> Tensor:
@@ -248,7 +249,9 @@ def write_samples(
         for e in shown:
             if (e.pair and m.role == "teacher") or not e.applies(m.model):
                 continue
-            context = {"teacher": models[0].model} if e.pair else {}
+            context, _ = explainer_context(e, m, models[0], models[1:])
+            if context is None:
+                continue
             maps = explain(e, m.model, images, labels, pad=pad, **context)
             tensors[f"maps/{m.role}/{e.key}"] = maps.cpu()
         fm_spec = next((e for e in plan.explainers if e.name == "feature_maps"), None)

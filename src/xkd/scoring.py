@@ -1,7 +1,9 @@
 """Explain teacher and students on the same test images and score the explanations: one loop.
 
 For every configured explainer and every model it applies to, the maps of the true class of each
-image are computed once; then every selected metric (``evaluation.metrics``) is called with the
+image are computed once (metrics that check the model's own decision, fidelity, get maps of the
+predicted class: the images the model gets wrong are explained again for the class it predicts);
+then every selected metric (``evaluation.metrics``) is called with the
 inputs its declaration asks for (:class:`~xkd.metrics.base.MetricInfo`), by scope:
 
 - ``timing``: the cost of explaining (mean explanation time), per model and explainer;
@@ -140,13 +142,20 @@ def explain_and_score(
             if not e.applies(m.model):
                 console.print(f"{e.key} does not apply to {m.role}: skipped")
                 continue
-            context = {"teacher": teacher.model} if e.pair else {}
+            context, base = explainer_context(e, m, teacher, students)
+            if context is None:
+                console.print(f"{e.key}: {m.role} has no base model of its architecture: skipped")
+                continue
             console.print(f"explaining {m.role} with {e.name} ({images.shape[0]} images)")
             maps[m.role] = explain(e, m.model, images, labels, **context)
             values = {
                 **common,
                 "model": m.model,
                 "maps": maps[m.role],
+                "map_form": e.map_form,  # mask_mass reads superpixel-form maps once per superpixel
+                "prediction_maps": prediction_maps(
+                    sc, e, m.model, images, labels, preds[m.role], maps[m.role], context
+                ),
                 "make_explainer": partial(e.build, **context),
                 "random_label_model": label_sanity_model(e, m, random_labels),
             }
@@ -155,6 +164,8 @@ def explain_and_score(
                 if result is not None:
                     met[m.role][e.key] = info.to_record(result)[info.name]
             per_model[m.role][e.key] = score_maps(sc, values)
+            if base is not None:  # which model the map was measured against
+                per_model[m.role][e.key]["base_model"] = base.role
         if e.pair or "teacher" not in maps:
             continue
         for s in students:
@@ -165,6 +176,7 @@ def explain_and_score(
                 "teacher_maps": maps["teacher"],
                 "student_maps": maps[s.role],
                 "both_correct": correct["teacher"] & correct[s.role],
+                "same_prediction": preds["teacher"] == preds[s.role],
                 "map_form": e.map_form,
             }
             agree[s.role][e.key] = sc.score(sc.of("agreement"), values)
@@ -178,6 +190,29 @@ def explain_and_score(
         "met": met,
         "predictions_correct": {r: int(c.sum()) for r, c in correct.items()},
     }
+
+
+def prediction_maps(
+    sc: Scorer,
+    e: ExplainerSpec,
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    preds: Tensor,
+    maps: Tensor,
+    context: dict[str, Any],
+) -> Tensor | None:
+    """``model``'s maps of its **predicted** class (what fidelity checks): the true-class ``maps``
+    where it is right, the images it gets wrong explained again for the class it predicts. None when
+    no selected metric needs them."""
+    if not sc.wants("prediction_maps"):
+        return None
+    wrong = preds != labels
+    if not bool(wrong.any()):
+        return maps
+    out = maps.clone()
+    out[wrong] = explain(e, model, images[wrong], preds[wrong], pad=(images, labels), **context)
+    return out
 
 
 def score_maps(sc: Scorer, values: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +234,8 @@ def run_inputs(
     ev = sc.ev
     h, w = images.shape[2:]
     segs = None
-    if segments and sc.wants("segments"):
+    usable = [m for m in sc.metrics if "segments" in m.needs and ("masks" not in m.needs or masks is not None)]
+    if segments and usable:
         segs = slic_segments(images, from_dict(SuperpixelParams, ev.superpixel, "superpixel")).to(images.device)
     return {
         "images": images,
@@ -207,12 +243,41 @@ def run_inputs(
         "masks": None if masks is None else masks.to(images.device),
         "k_values": medtex_k_values(h, w),
         "segments": segs,
+        "map_form": "pixel",  # the default; explain_and_score sets each explainer's own
         "class_names": class_names,
         "num_classes": len(class_names),
         "batch_size": ev.batch_size,
         "fidelity_keep": ev.fidelity_keep,
         "agreement_top_k": ev.agreement_top_k,
     }
+
+
+def explainer_context(
+    e: ExplainerSpec, m: TrainedModel, teacher: TrainedModel, students: list[TrainedModel]
+) -> tuple[dict[str, Any] | None, TrainedModel | None]:
+    """What explainer ``e`` needs besides the model to explain ``m``: ``teacher=`` for UniCAM,
+    ``base=`` for its KD-vs-base maps; and the base model used. ``(None, None)`` when ``m`` has no
+    base model (its maps are skipped)."""
+    context: dict[str, Any] = {"teacher": teacher.model} if e.pair else {}
+    if not e.needs_base:
+        return context, None
+    base = base_model(m, teacher, students)
+    if base is None:
+        return None, None
+    return {**context, "base": base.model}, base
+
+
+def base_model(m: TrainedModel, teacher: TrainedModel, students: list[TrainedModel]) -> TrainedModel | None:
+    """The base model of student ``m`` for UniCAM's KD-vs-base maps (Adhane et al.'s
+    ``student_kd_given_base_model``): the run's ``scratch`` student of ``m``'s architecture, else the
+    teacher when it has that architecture (their README allows it); None for the scratch student
+    itself and when there is neither."""
+    if m.distiller == "scratch":
+        return None
+    for s in students:
+        if s.distiller == "scratch" and s is not m and same_architecture(s.model, m.model):
+            return s
+    return teacher if same_architecture(teacher.model, m.model) else None
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:
@@ -271,5 +336,9 @@ def random_baseline(
     chance = [m for m in sc.of("model") if m.chance]
     g = torch.Generator().manual_seed(seed)
     maps = torch.rand(images.shape[0], *images.shape[2:], generator=g).to(images.device)
-    common = {**run_inputs(sc, images, labels, None, class_names, segments=False), "maps": maps}
+    common = {
+        **run_inputs(sc, images, labels, None, class_names, segments=False),
+        "maps": maps,
+        "prediction_maps": maps,
+    }
     return {m.role: sc.score(chance, {**common, "model": m.model}, chance=True) for m in models}

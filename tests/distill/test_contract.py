@@ -37,6 +37,7 @@ CASES: dict[str, dict] = {
     "pkt": {},
     "medtex": {"explainer_widths": [4, 8]},
     "medex": {"explainer_widths": [4, 8]},
+    "medtex_student_only": {},
     "xdistill": {"explainer": "grad_cam", "max_images": 8, "cae_epochs": 1, "cae_batch_size": 8, "cae_grid": 4},
     # the inner method with adapters, so the chain's setup reaches it
     "teacher_assistant": {"assistant": {"name": "kdfmv_cnn", "params": {"widths": [4, 8]}}, "distiller": "fitnets"},

@@ -399,3 +399,54 @@ def test_conv_adapter_and_resolve_defaults(tiny_pair):
 def test_bad_parameters_are_rejected(name, params, match, tiny_pair):
     with pytest.raises(ConfigError, match=match):
         build_distiller(name, *tiny_pair, params)
+
+
+# -- what the docstrings say about RepDistiller's AB and VID (issue 13, finding 11) -------------------
+
+
+def _repdistiller_ab(g_s: list[torch.Tensor], g_t: list[torch.Tensor], margin: float = 1.0) -> torch.Tensor:
+    """RepDistiller's ``distiller_zoo/AB.py`` ``ABLoss.forward`` (written out here), its per-layer losses summed."""
+    n, bsz = len(g_s), g_s[0].shape[0]
+    total = torch.zeros(())
+    for i, (source, target) in enumerate(zip(g_s, g_t)):
+        loss = (source + margin) ** 2 * ((source > -margin) & (target <= 0)).float() + (source - margin) ** 2 * (
+            (source <= margin) & (target > 0)
+        ).float()
+        total = total + 2 ** (i - n + 1) * torch.abs(loss).sum() / bsz / 1000 * 3
+    return total
+
+
+def test_ab_scale_is_a_third_of_repdistillers_at_the_default_beta():
+    from xkd.distill.feature import ABParams, ActivationBoundaries
+
+    g = torch.Generator().manual_seed(0)
+    r, t = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    reference = float(_repdistiller_ab([r], [t]))
+    xkd_sum = float(ab_loss(r, t, margin=1.0))
+    assert reference == pytest.approx(3e-3 * xkd_sum, rel=1e-6)  # beta = 3e-3 matches RepDistiller
+    assert ABParams().beta == 1e-3  # the default is kept: a third of RepDistiller's scale
+    assert reference == pytest.approx(3 * ABParams().beta * xkd_sum, rel=1e-6)
+    for doc in (ABParams.__doc__, ab_loss.__doc__, ActivationBoundaries.__doc__):
+        assert "3e-3" in doc, doc
+    assert "reproduces RepDistiller's ``ABLoss`` scale" not in ABParams.__doc__
+
+
+def test_vid_regressor_differs_from_repdistillers_as_documented():
+    from xkd.distill.feature import VID
+
+    # RepDistiller's VIDLoss regressor: conv1x1 -> ReLU -> conv1x1 -> ReLU -> conv1x1, bias=False
+    reference = nn.Sequential(
+        nn.Conv2d(3, 5, 1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(5, 5, 1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(5, 5, 1, bias=False),
+    )
+    convs = [m for m in VIDLoss(3, 5).regressor if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and all(c.bias is not None for c in convs)
+    assert len([m for m in reference if isinstance(m, nn.Conv2d)]) == 3
+    assert sum(p.numel() for p in VIDLoss(3, 5).regressor.parameters()) == 3 * 5 + 5 + 5 * 5 + 5
+    assert sum(p.numel() for p in reference.parameters()) == 3 * 5 + 5 * 5 + 5 * 5
+    doc = VIDLoss.__doc__
+    assert "**three** 1x1 convs **without bias**" in doc and "**two with bias**" in doc
+    assert "three bias-free" in VID.__doc__

@@ -149,6 +149,72 @@ def test_teacher_cross_entropy_is_eq2_and_scales_with_temperature():
     assert float(teacher_cross_entropy(zs, zt, 2.0)) == pytest.approx(expected, rel=1e-6)
 
 
+# -- MED-TEX's student-only ablation -------------------------------------------------------------------
+
+
+def test_student_only_is_eq2_on_raw_x_against_the_teacher_not_the_labels():
+    """Seed 001, §3: "the student (only) without the explainer and intermediate layer losses, which is
+    only trained on the input image X" -- what remains of eq. 7 is L^N on X, the cross-entropy to
+    the teacher's distribution."""
+    x = torch.tensor([[[[0.2, 0.4], [0.6, 0.8]]]])
+    s = Tiny([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    t = Tiny([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    d = build_distiller("medtex_student_only", s, t, None, DistillContext(sample=torch.zeros(1, 1, 2, 2)))
+    assert d.student is s  # no explainer in front of it: it sees X itself
+    assert sorted(d.trainable_modules()) == ["student"]
+    logits, terms = d(Batch(x, torch.tensor([0])))
+    # raw X: student logits (sum X, 0) = (2, 0), teacher logits (0, sum X) = (0, 2)
+    p_t = [1 / (1 + math.exp(2)), math.exp(2) / (1 + math.exp(2))]
+    log_q = [-math.log(1 + math.exp(-2)), -math.log(1 + math.exp(2))]
+    ce = -(p_t[0] * log_q[0] + p_t[1] * log_q[1])  # 0.119203 * 0.126928 + 0.880797 * 2.126928
+    assert ce == pytest.approx(1.888522, abs=1e-6)
+    assert torch.equal(logits.detach(), torch.tensor([[2.0, 0.0]]))
+    assert set(terms) == {"ce_teacher"}
+    assert float(terms["ce_teacher"].detach()) == pytest.approx(ce, rel=1e-6)
+    # the true labels are not read: another label gives the same loss (scratch's CE to label 0
+    # would be log(1 + e^-2) = 0.126928, to label 1 2.126928)
+    _, other = d(Batch(x, torch.tensor([1])))
+    assert float(other["ce_teacher"].detach()) == pytest.approx(ce, rel=1e-6)
+
+
+def test_student_only_reads_only_the_teacher_logits_and_keeps_the_teacher_frozen(tiny_model):
+    student, teacher = tiny_model("student", 0), tiny_model("teacher", 1)
+    teacher.train()
+    d = build_distiller("medtex_student_only", student, teacher, {"temperature": 2.0})
+    assert d.teacher_logits_only and not d.teacher.training
+    assert all(not p.requires_grad for p in d.teacher.parameters())
+    b = batch(4)
+    _, terms = d(b)
+    with torch.no_grad():
+        expected = teacher_cross_entropy(student(b.images), teacher(b.images), 2.0)
+    assert float(terms["ce_teacher"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    # cached logits (one row per training image, read by index) stand in for the teacher
+    cached = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [1.0, 1.0, 1.0], [2.0, 0.0, 1.0]])
+    d.use_teacher_logits(cached)
+    idx = torch.tensor([4, 0, 2, 3])
+    _, terms = d(Batch(b.images, b.labels, indices=idx))
+    with torch.no_grad():
+        expected = teacher_cross_entropy(student(b.images), cached[idx], 2.0)
+    assert float(terms["ce_teacher"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    terms["ce_teacher"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        build_distiller("medtex_student_only", student, teacher, {"temperature": 0})
+    with pytest.raises(ConfigError, match="unknown key 'params.explainer_widths'"):
+        build_distiller("medtex_student_only", student, teacher, {"explainer_widths": [4]})
+
+
+def test_the_lesion_comparison_trains_its_student_only_ablation_on_the_teacher():
+    from pathlib import Path
+
+    from xkd.plan import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "medtex_lesions.yaml")
+    by_name = {s.name: s.distiller for s in cfg.students}
+    assert by_name["student_only"] == "medtex_student_only"
+    assert "scratch" not in by_name.values()
+
+
 # -- training ------------------------------------------------------------------------------------------
 
 

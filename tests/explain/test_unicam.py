@@ -1,5 +1,6 @@
 """UniCAM: a hand-built student whose copied and own channels sit in known regions, the formula against a
-hand computation, and the explainer contract (shapes, hooks, frozen teacher, modes, errors)."""
+hand computation and against the authors' ``P_DC`` written out in the test, the KD-student-vs-base-model maps,
+and the explainer contract (shapes, hooks, frozen teacher and base, modes, errors)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,39 @@ def pair() -> tuple[nn.Module, nn.Module]:
     return RegionNet(R1, R2), RegionNet(R1)
 
 
+def authors_pdc(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The UniCAM authors' ``P_DC(x, z, y)`` (gadhane/UniCAM ``pdCor.py``, the statistic of ``PDC_Model`` +
+    ``PDC_CAM.get_loss``) written from its definition, independently of xkd.stats: distances from explicit
+    pairwise differences with their 1e-18 under the root, U-centring with a zero diagonal, ``(A . B) =
+    sum(A * B) / (n (n - 3))``, z projected out of x (their 1e-12 in the denominator), correlation with y
+    (their 1e-18 under the root). Differentiable in x and z."""
+
+    def ucentre(f: torch.Tensor) -> torch.Tensor:
+        f = f.reshape(f.shape[0], -1).double()
+        n = f.shape[0]
+        d = torch.sqrt(((f[None, :, :] - f[:, None, :]) ** 2).sum(-1) + 1e-18)
+        u = d - d.sum(0, keepdim=True) / (n - 2) - d.sum(1, keepdim=True) / (n - 2) + d.sum() / ((n - 1) * (n - 2))
+        return u - torch.diag(torch.diag(u))
+
+    def br(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        return (a * b).sum() / (n * (n - 3))
+
+    a, c, t = ucentre(x), ucentre(z), ucentre(y)
+    p = a - br(a, c) / (br(c, c) + 1e-12) * c
+    return br(p, t) / torch.sqrt(br(p, p) * br(t, t) + 1e-18)
+
+
+def authors_cam(stat: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of a statistic at ``acts`` (the authors' ``PDC_CAM``: channel weights = spatial mean of the
+    gradient, weighted sum, negative values to 0), before their min-max scaling (which xkd does not do)."""
+    (g,) = torch.autograd.grad(stat, acts)
+    return F.relu((g.mean(dim=(2, 3), keepdim=True) * acts).sum(1)).detach()
+
+
+R3 = (slice(9, 14), slice(2, 7))  # a third region (a base model's own channel)
+
+
 def share(maps: torch.Tensor, r: tuple[slice, slice]) -> torch.Tensor:
     return maps[:, r[0], r[1]].flatten(1).sum(1) / maps.flatten(1).sum(1)
 
@@ -109,6 +143,123 @@ def test_maps_equal_the_hand_computed_gradient_cam(kind):
         got = uc.explain(images, labels).maps
     torch.testing.assert_close(got, expected.float(), atol=1e-9, rtol=1e-5)
     assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["residual", "kd_given_base", "base_given_kd"])
+def test_maps_equal_autograd_of_the_authors_pdc(kind):
+    """Each target kind is the authors' map: Grad-CAM of ``P_DC(first, second, target)`` at the first model's
+    layer (``PDC_Model(modelX, modelY)``: the CAM is taken at modelX), with P_DC written out in the test."""
+    torch.manual_seed(0)
+    student, teacher, base = RegionNet(R1, R2), RegionNet(R1), RegionNet(R1, R3)
+    images, labels = region_batch(8, seed=2)
+    images[:, :, R3[0], R3[1]] += torch.linspace(-1, 1, 8)[:, None, None, None]  # the base's own signal
+    y = F.one_hot(labels, 2)
+    first, second = {"residual": (student, teacher), "kd_given_base": (student, base)}.get(kind, (base, student))
+    acts = first.features(images).detach().requires_grad_(True)
+    expected = authors_cam(authors_pdc(acts, second.features(images), y), acts)
+    with UniCAM(student, {"kind": kind, "batch_size": 8}, teacher=teacher, base=base) as uc:
+        got = uc.explain(images, labels)
+    torch.testing.assert_close(got.maps, expected.float(), atol=1e-10, rtol=1e-6)  # maps ~1e-4
+    assert expected.abs().sum() > 0
+    assert got.role == ("base" if kind == "base_given_kd" else None) and got.layer == "features"
+
+
+def test_kd_given_base_maps_what_the_student_has_beyond_the_base_and_base_given_kd_the_reverse():
+    """Hand-built: the KD student has the base's feature (R1) plus a class signal (R2) the base lacks, so the
+    features "learned because of KD" are R2; a base with R1 and R2 and a student with only R1: the features
+    "the KD student did not retain" are the base's R2."""
+    torch.manual_seed(0)
+    images, labels = region_batch()
+    kd, base = RegionNet(R1, R2), RegionNet(R1)
+    with UniCAM(kd, {"kind": "kd_given_base", "batch_size": 16}, teacher=base, base=base) as uc:
+        learned = uc.explain(images, labels).maps
+    assert share(learned, R2).min() > 0.999
+    kd, base = RegionNet(R1), RegionNet(R1, R2)
+    with UniCAM(kd, {"kind": "base_given_kd", "batch_size": 16}, teacher=kd, base=base) as uc:
+        dropped = uc.explain(images, labels).maps
+    assert share(dropped, R2).min() > 0.999
+
+
+def test_a_base_with_the_students_features_leaves_nothing_learned_by_kd():
+    """A base model whose features equal the student's: ``P_B(S) = 0``, so the kd_given_base statistic is 0 and
+    its maps are zero (and the same both ways)."""
+    student, teacher = pair()
+    base = RegionNet(R1, R2)
+    base.load_state_dict(student.state_dict())
+    images, labels = region_batch(8)
+    u_s, u_b = (u_centered(distance_matrix(m.features(images))) for m in (student, base))
+    u_y = u_centered(distance_matrix(F.one_hot(labels, 2)))
+    assert float(u_correlation(u_residual(u_s, u_b), u_y)) == 0.0  # P_B(S) is exactly 0
+    for kind in ("kd_given_base", "base_given_kd"):
+        with UniCAM(student, {"kind": kind, "batch_size": 8}, teacher=teacher, base=base) as uc:
+            assert torch.count_nonzero(uc.explain(images, labels).maps) == 0
+    with UniCAM(student, {"kind": "residual", "batch_size": 8}, teacher=teacher) as uc:
+        assert uc.explain(images, labels).maps.abs().sum() > 0  # while the teacher leaves the student's R2
+
+
+def test_base_kinds_equal_residual_with_the_base_in_the_teachers_place():
+    """kd_given_base = residual with the base as reference; base_given_kd = the residual map of the base
+    with the KD student as reference (the same P_DC, the roles named)."""
+    torch.manual_seed(0)
+    student, teacher, base = RegionNet(R1, R2), RegionNet(R2), RegionNet(R1, R3)
+    images, labels = region_batch(16, seed=3)
+    images[:, :, R3[0], R3[1]] += torch.rand(16, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    p = {"batch_size": 8}
+    with UniCAM(student, {**p, "kind": "kd_given_base"}, teacher=teacher, base=base) as uc:
+        both = uc.explain_kinds(images, labels, ("kd_given_base", "base_given_kd", "residual"))
+    with UniCAM(student, {**p, "kind": "residual"}, teacher=base) as uc:
+        torch.testing.assert_close(both["kd_given_base"].maps, uc.explain(images, labels).maps)
+    with UniCAM(base, {**p, "kind": "residual"}, teacher=student) as uc:
+        torch.testing.assert_close(both["base_given_kd"].maps, uc.explain(images, labels).maps)
+    with UniCAM(student, {**p, "kind": "residual"}, teacher=teacher) as uc:
+        torch.testing.assert_close(both["residual"].maps, uc.explain(images, labels).maps)
+
+
+def test_needs_base_hook_and_missing_base_errors():
+    assert UniCAM.needs_base_for == ("kd_given_base", "base_given_kd")
+    for kind in ("kd_given_base", "base_given_kd"):
+        assert UniCAM.needs_base({"kind": kind}) and UniCAM.needs_base(
+            resolve_explainer("unicam", {"kind": kind}).params
+        )
+        assert UniCAM.needs_base(resolve_explainer("unicam+superpixel", {"kind": kind}).params)  # wrapped params
+    for params in (None, {}, {"kind": "residual"}, {"kind": "distilled"}):
+        assert not UniCAM.needs_base(params)
+    assert not UniCAM.needs_base(resolve_explainer("unicam").params)
+    student, teacher = pair()
+    for kind in ("kd_given_base", "base_given_kd"):
+        with pytest.raises(ConfigError, match=r"base=base_model.*scratch student"):
+            UniCAM(student, {"kind": kind}, teacher=teacher)
+        with pytest.raises(ConfigError, match="base="):  # through the registry, as the scoring loop builds it
+            build_explainer("unicam", student, {"kind": kind}, teacher=teacher)
+    with pytest.raises(LayerNotFoundError, match="'nope' not found"):
+        UniCAM(student, {"kind": "kd_given_base", "base_layer": "nope"}, teacher=teacher, base=RegionNet(R1))
+    with pytest.raises(ValueError, match="base must be an nn.Module"):
+        UniCAM(student, {"kind": "kd_given_base"}, teacher=teacher, base="scratch")
+    with UniCAM(student, {}, teacher=teacher) as uc:
+        with pytest.raises(ConfigError, match="base="):
+            uc.explain_kinds(*region_batch(8), ("kd_given_base",))
+    with build_explainer("unicam", student, {"kind": "kd_given_base"}, teacher=teacher, base=RegionNet(R1)) as ex:
+        assert ex.explain(*region_batch(8)).maps.shape == (8, 16, 16)  # base= reaches the explainer
+
+
+def test_base_model_is_frozen_hooks_released_and_modes_restored(tiny_pair, tiny_model):
+    student, teacher = tiny_pair
+    base = tiny_model("student", 5)  # the student's architecture, other weights
+    images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 3
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for m in (student, teacher, base):
+        m.train()
+    with UniCAM(student, {"kind": "base_given_kd", "batch_size": 4}, teacher=teacher, base=base) as uc:
+        maps = uc.explain_kinds(images, labels, ("kd_given_base", "base_given_kd"))
+    for att in maps.values():
+        assert att.maps.shape == (8, 16, 16) and torch.isfinite(att.maps).all() and (att.maps >= 0).all()
+    assert maps["base_given_kd"].layer == default_layer(base)
+    assert all_hooks(student) == 0 and all_hooks(base) == 0 and all_hooks(teacher) == 0
+    assert all(m.training for model in (student, teacher, base) for m in model.modules())
+    assert all(p.grad is None for model in (student, teacher, base) for p in model.parameters())
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BN running stats too: the base ran in eval mode
 
 
 def test_feature_layer_after_the_explained_layer():
@@ -172,7 +323,7 @@ def test_errors_name_the_problem_and_the_fix():
         UniCAM(student, {})
     with pytest.raises(ConfigError, match="batch_size must be >= 4"):
         UniCAM(student, {"batch_size": 2}, teacher=teacher)
-    with pytest.raises(ConfigError, match="kind: 'both' is not allowed"):
+    with pytest.raises(ConfigError, match="kind: 'both' is not allowed.*kd_given_base"):
         UniCAM(student, {"kind": "both"}, teacher=teacher)
     with UniCAM(student, {}, teacher=teacher) as uc:
         with pytest.raises(ValueError, match="at least 4 images"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from xkd.metrics import map_pearson, map_spearman, top_k_iou_maps
+from xkd.metrics import map_pearson, map_spearman, top_k_iou_maps, top_n_mask
 
 A = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
 B = torch.tensor([[[1.0, 3.0], [2.0, 4.0]]])  # deviations (-1.5, .5, -.5, 1.5) vs (-1.5, -.5, .5, 1.5): r = 4 / 5
@@ -77,3 +77,46 @@ def test_top_k_agreement_sparse_maps_are_not_padded_with_zero_pixels():
     c = a.clone()
     c[0, 0, 1] = 0.5  # a superset: 1 shared pixel of 2
     assert top_k_iou_maps(a, c, k=0.5) == pytest.approx(0.5)
+
+
+def test_top_n_mask_without_ties_is_the_largest_values_whatever_the_seed():
+    flat = torch.randperm(100, generator=torch.Generator().manual_seed(3)).float().view(2, 50)
+    for n in (1, 7, 50):
+        expected = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, flat.topk(n, dim=1).indices, True)
+        for seed in (0, 1, 9):
+            assert torch.equal(top_n_mask(flat, n, seed), expected)
+
+
+def test_top_n_mask_breaks_ties_in_a_seeded_random_order():
+    # a Grad-CAM-like 20x20 map: 16 distinct positive values, 384 zeros; 56 pixels asked for
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 8:12, 8:12] = torch.arange(1.0, 17.0).view(4, 4)
+    flat = maps.flatten(1)
+    picked = top_n_mask(flat, 56)[0]
+    # reference: the blob, then the first 40 zeros in the order of the seeded permutation of positions
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist()
+    zeros = [i for i in perm if flat[0, i] == 0]
+    expected = flat[0] > 0
+    expected[zeros[:40]] = True
+    assert torch.equal(picked, expected)
+    # the tied zeros taken are spread over the image (rows 0..19, middle 9.5), not the top two rows
+    rows = torch.nonzero((picked & (flat[0] == 0)).view(20, 20))[:, 0].double()
+    assert 6.5 < rows.mean() < 12.5 and len(rows.unique()) >= 12
+    # same seed, same pixels; another seed, other zeros (the blob always)
+    assert torch.equal(top_n_mask(flat, 56, 0)[0], picked)
+    other = top_n_mask(flat, 56, 5)[0]
+    assert not torch.equal(other, picked) and bool(other[flat[0] > 0].all())
+
+
+def test_top_k_agreement_ties_above_the_minimum_are_not_taken_by_index():
+    # map a is 1 on the whole top half (8 tied pixels), b on row 0: with k = 1/4 the index tie-break
+    # took row 0 from a's plateau and scored a perfect IoU of 1
+    a, b = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    a[0, :2, :] = 1.0
+    b[0, 0, :] = 1.0
+    for seed in (0, 1, 2):
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(seed)).tolist()
+        head = [i for i in perm if i < 8][:4]  # a's top 4: the first plateau pixels in the permutation
+        shared = len(set(head) & {0, 1, 2, 3})  # IoU with row 0: shared / (4 + 4 - shared)
+        assert top_k_iou_maps(a, b, k=0.25, tie_seed=seed) == pytest.approx(shared / (8 - shared))
+    assert top_k_iou_maps(a, b, k=0.25) == top_k_iou_maps(a, b, k=0.25, tie_seed=0) < 1.0

@@ -27,7 +27,46 @@ def test_accuracy():
 
 def test_macro_f1_hand_computed():
     assert macro_f1(PREDS, LABELS, 3) == pytest.approx(7 / 9)
-    assert macro_f1(PREDS, LABELS, 4) == pytest.approx((1 + 2 / 3 + 2 / 3 + 0) / 4)  # absent class scores 0
+    # class 3 is neither predicted nor a label: no F1 (0/0), left out of the mean, not scored 0
+    assert macro_f1(PREDS, LABELS, 4) == pytest.approx(7 / 9)
+    # a class only predicted (3) or only a label scores 0 and counts: class 2 now P = 1, R = 1/2
+    assert macro_f1(torch.tensor([0, 1, 1, 3]), LABELS, 4) == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)
+    assert math.isnan(macro_f1(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3))
+    with pytest.raises(ValueError, match="0..2"):
+        macro_f1(torch.tensor([3]), torch.tensor([0]), 3)
+
+
+def _f1_by_hand(preds: list[int], labels: list[int]) -> float:
+    """Macro-F1 from counts, over the classes in either list: F1_c = 2 TP / (2 TP + FP + FN)."""
+    scores = []
+    for c in sorted(set(preds) | set(labels)):
+        tp = sum(p == c and y == c for p, y in zip(preds, labels))
+        fp = sum(p == c and y != c for p, y in zip(preds, labels))
+        fn = sum(p != c and y == c for p, y in zip(preds, labels))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def test_identical_predictions_covering_3_of_4_classes_score_f1_one():
+    """Issue 13, finding 7: a student that agrees with the teacher on every image, where the
+    teacher predicts only 3 of the 4 classes, has post-hoc accuracy 1.0 and must have F1 1.0
+    (it scored 0.75 when the never-predicted class counted as F1 = 0)."""
+    from sklearn.metrics import f1_score
+
+    teacher = [0, 1, 2, 0, 1, 2, 2]
+    present = sorted(set(teacher))  # [0, 1, 2]: class 3 is in neither set
+    reference = f1_score(teacher, teacher, average="macro", labels=present)
+    assert reference == pytest.approx(1.0) == pytest.approx(_f1_by_hand(teacher, teacher))
+    out = posthoc_agreement(torch.tensor(teacher), torch.nn.functional.one_hot(torch.tensor(teacher), 4).float(), 4)
+    assert out["accuracy"] == 1.0
+    assert out["macro_f1"] == pytest.approx(reference)
+    assert macro_f1(torch.tensor(teacher), torch.tensor(teacher), 4) == pytest.approx(1.0)
+    # and with disagreements, against sklearn restricted to the present classes and the counts
+    student = [0, 1, 1, 0, 2, 2, 0]
+    union = sorted(set(student) | set(teacher))
+    expected = f1_score(teacher, student, average="macro", labels=union)
+    assert expected == pytest.approx(_f1_by_hand(student, teacher))
+    assert posthoc_agreement(torch.tensor(student), torch.tensor(teacher), 4)["macro_f1"] == pytest.approx(expected)
 
 
 def test_confusion_rows_true_columns_predicted():

@@ -19,7 +19,7 @@ import xkd.api  # noqa: F401  (registers every model, explainer and metric, as u
 from xkd.config import EvaluationConfig
 from xkd.explain.base import resolve_explainer
 from xkd.metrics.base import declared
-from xkd.scoring import Scorer, explain, run_inputs, score_maps, score_transfer
+from xkd.scoring import Scorer, explain, prediction_maps, run_inputs, score_maps, score_transfer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,10 +63,13 @@ def score(name: str, x: SimpleNamespace) -> dict[str, Any]:
     maps = explain(spec, x.student, x.images, x.labels)
     assert maps.device == x.images.device
     if info.scope == "model":
+        with torch.no_grad():
+            preds = x.student(x.images).argmax(1)
         values = {
             **common,
             "model": x.student,
             "maps": maps,
+            "prediction_maps": prediction_maps(sc, spec, x.student, x.images, x.labels, preds, maps, {}),
             "make_explainer": spec.build,
             "random_label_model": x.random_labels,
         }
@@ -78,6 +81,7 @@ def score(name: str, x: SimpleNamespace) -> dict[str, Any]:
             "student_maps": maps,
             # the tiny models are untrained: say which images both got right (image 3: neither)
             "both_correct": torch.tensor([True, True, True, False]).to(x.images.device),
+            "same_prediction": torch.tensor([True, True, False, True]).to(x.images.device),
             "map_form": spec.map_form,
         }
         return sc.score(sc.of("agreement"), values)

@@ -49,3 +49,24 @@ def test_mean_explain_time_per_image():
     calls.clear()
     mean_explain_time(slow_explainer, images, targets, warmup=False)
     assert calls == [6]
+
+
+def test_flops_docstring_states_xkds_counts_of_the_kdfmv_models_at_224():
+    """The cost docstring's numbers for KD-FMV's teacher and student at 224 x 224 x 3 are xkd's own
+    counts (issue 13, finding 11: the paper's 566.89 M / 232.70 M are not MACs at 224^2)."""
+    from xkd.models.zoo import densenet121, kdfmv_cnn
+
+    # the student by hand: five 3x3 convs (padding 1) each followed by a 2x2 max-pool, then a linear layer
+    macs, c_in, side = 0, 3, 224
+    for c_out in (32, 64, 128, 256, 512):
+        macs += side * side * c_out * c_in * 9
+        c_in, side = c_out, side // 2
+    macs += c_in * side * side * 4  # 512 * 7 * 7 -> 4 classes
+    student = flops(kdfmv_cnn(4), (3, 224, 224))
+    assert student["macs"] == macs == 968_296_448
+    teacher = flops(densenet121(4), (3, 224, 224))
+    doc = " ".join(flops.__doc__.split())  # as one line
+    for out in (teacher, student):
+        assert f"{out['macs'] / 1e6:,.1f} M MACs" in doc and f"{out['flops'] / 1e6:,.1f} M FLOPs" in doc, out
+    assert f"{teacher['macs'] / student['macs']:.2f}" in doc and f"{566.89 / 232.70:.2f}" in doc
+    assert "566.89 M / 232.70 M at 224^2" not in doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -45,9 +46,48 @@ def region_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, labels, right
 
 
-def test_saliency_ranks_break_ties_by_index():
-    ranks = saliency_ranks(torch.tensor([[[0.5, 1.0], [0.5, 0.0]]]))
-    assert ranks.tolist() == [[1, 0, 2, 3]]
+def test_saliency_ranks_break_ties_in_a_seeded_random_order():
+    # without ties the order is the values' alone, whatever the seed
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randperm(64, generator=g).float().view(1, 8, 8)
+    expected = torch.empty(64, dtype=torch.long)
+    expected[torch.argsort(-distinct.flatten())] = torch.arange(64)
+    for seed in (0, 1, 7):
+        assert torch.equal(saliency_ranks(distinct, seed)[0], expected)
+    # tied pixels follow the seeded permutation of the positions: the 0.5s at positions 0 and 2 take
+    # ranks 1 and 2 in the order the permutation lists them
+    tied = torch.tensor([[[0.5, 1.0], [0.5, 0.0]]])
+    orders = set()
+    for seed in range(8):
+        perm = torch.randperm(4, generator=torch.Generator().manual_seed(seed)).tolist()
+        first = 0 if perm.index(0) < perm.index(2) else 2
+        ref = [0, 0, 0, 3]
+        ref[first], ref[2 - first], ref[1] = 1, 2, 0
+        assert saliency_ranks(tied, seed).tolist() == [ref]
+        orders.add(first)
+    assert orders == {0, 2}  # not the pixel index
+    assert torch.equal(saliency_ranks(tied), saliency_ranks(tied, 0))  # the default seed is 0
+
+
+def gradcam_like(n: int = 1, side: int = 12) -> torch.Tensor:
+    """Grad-CAM after its ReLU: the 4x4 box at rows/cols 4..7 holds distinct positive values, the rest 0."""
+    maps = torch.zeros(n, side, side)
+    maps[:, 4:8, 4:8] = torch.arange(1.0, 17.0).view(4, 4)
+    return maps
+
+
+def test_least_salient_tied_pixels_are_spread_over_the_image():
+    maps = gradcam_like(side=28)
+    ranks = saliency_ranks(maps)[0]
+    least = ranks >= 784 - 200  # the 200 least salient pixels: all tied at 0
+    rows = torch.nonzero(least.view(28, 28))[:, 0].double()
+    # an index tie-break took the bottom rows (mean row 23.9); spread evenly the mean row is ~13.5
+    assert 10.5 < rows.mean() < 16.5 and len(rows.unique()) >= 24
+    # reference: the zeros in the order of the seeded permutation, the last 200 of them
+    perm = torch.randperm(784, generator=torch.Generator().manual_seed(0)).tolist()
+    zeros = [i for i in perm if maps[0].flatten()[i] == 0]
+    assert set(torch.nonzero(least)[:, 0].tolist()) == set(zeros[-200:])
+    assert not torch.equal(saliency_ranks(maps, 1)[0], ranks) and torch.equal(saliency_ranks(maps, 0)[0], ranks)
 
 
 def test_fidelity_is_one_when_the_kept_pixels_are_the_evidence():
@@ -272,6 +312,68 @@ def test_road_right_map_positive_inverted_negative():
     assert good["morf_per_image"].shape == (4, 9) and good["per_image"].shape == (4,)
     rand = road(model, x, torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(3)))["road"]
     assert bad["road"] < rand < good["road"]
+
+
+def test_fidelity_and_deletion_insertion_take_tied_pixels_in_the_seeded_order():
+    # an all-zero map (no evidence) ties every pixel: the pixels kept or removed are the head of the
+    # seeded permutation, not the top rows, which hold RegionModel's whole evidence region (an index
+    # tie-break kept rows 0..1 at keep = 0.5 and gave this evidence-free map fidelity 1)
+    images, labels, _ = region_data()
+    flat_map = torch.zeros(6, 4, 4)
+    region = {0, 1, 4, 5}  # rows 0..1, cols 0..1
+    assert fidelity(RegionModel(), images, labels, flat_map, keep=0.5)["fidelity"] == 0.5  # default seed 0: r = 1
+    for seed in (0, 1, 2, 3):
+        head = torch.randperm(16, generator=torch.Generator().manual_seed(seed))[:8].tolist()
+        # class-1 images (region lit) keep their decision iff at least 3 of the 4 region pixels are kept:
+        # logit 10 * r / 4 - 5 > 0 (r = 2 ties at 0 and argmax takes class 0); class-0 images always do
+        lit_kept = float(len(region & set(head)) >= 3)
+        out = fidelity(RegionModel(), images, labels, flat_map, keep=0.5, tie_seed=seed)
+        assert out["fidelity"] == pytest.approx((1 + lit_kept) / 2)
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 0.5 + 0.25
+    counts = [0, 4, 8, 12, 16]
+    for seed in (0, 1):
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(seed))
+        inserted = torch.tensor([float(x.flatten()[perm[:c]].sum() / 16) for c in counts], dtype=torch.float64)
+        deleted = float(x.sum() / 16) - inserted
+        grid = torch.linspace(0, 1, 5, dtype=torch.float64)
+        kw = dict(steps=4, targets=torch.tensor([1]), tie_seed=seed)
+        dele = deletion_auc(MeanProbability(), x, flat_map[:1], **kw)
+        ins = insertion_auc(MeanProbability(), x, flat_map[:1], **kw)
+        assert dele["deletion_auc"] == pytest.approx(float(torch.trapezoid(deleted, grid)), abs=1e-6)
+        assert ins["insertion_auc"] == pytest.approx(float(torch.trapezoid(inserted, grid)), abs=1e-6)
+
+
+def test_road_lerf_removal_is_not_a_band_of_rows(monkeypatch):
+    # record the masks ROAD imputes: the first 2P * b are MoRF at every p, then LeRF (see road())
+    road_module = importlib.import_module("xkd.metrics.road")  # the package re-exports road() under that name
+    seen = []
+    real = road_module.linear_imputation
+
+    def recording(images, removed, *args, **kwargs):
+        seen.append(removed.clone())
+        return real(images, removed, *args, **kwargs)
+
+    monkeypatch.setattr(road_module, "linear_imputation", recording)
+    x, _ = box_data(1)
+    maps = gradcam_like()
+    road(BoxModel(), x, maps, percentages=[0.3], noise=0.0)
+    morf, lerf = seen[0][0].flatten(), seen[0][1].flatten()
+    count = math.floor(0.3 * 144)  # 43 of the 128 zeros
+    assert int(morf.sum()) == int(lerf.sum()) == count and not (morf & lerf).any()
+    # reference: MoRF takes the 16 box pixels then the head of the zeros in the seeded permutation,
+    # LeRF the tail of those zeros
+    box = maps[0].flatten() > 0
+    perm = torch.randperm(144, generator=torch.Generator().manual_seed(0)).tolist()
+    zeros = [i for i in perm if not box[i]]
+    assert set(torch.nonzero(lerf)[:, 0].tolist()) == set(zeros[-count:])
+    assert set(torch.nonzero(morf)[:, 0].tolist()) == set(torch.nonzero(box)[:, 0].tolist()) | set(zeros[: count - 16])
+    # not a band: an index tie-break removed rows 8..11 (mean row 9.7); spread, the mean row is ~5.5
+    rows = torch.nonzero(lerf.view(12, 12))[:, 0].double()
+    assert 3.5 < rows.mean() < 7.5 and len(rows.unique()) >= 10
+    # the tie seed is a parameter: another seed removes other zeros
+    seen.clear()
+    road(BoxModel(), x, maps, percentages=[0.3], noise=0.0, tie_seed=1)
+    assert not torch.equal(seen[0][1].flatten(), lerf)
 
 
 def test_road_accuracy_measure_and_percentage_count():

@@ -66,7 +66,8 @@ def test_needs_name_what_a_metric_consumes():
     assert set(METRICS.get("pointing_game").needs) == {"maps", "masks"}
     assert METRICS.get("top_k_agreement").needs == ("teacher_maps", "student_maps", "agreement_top_k")
     assert "teacher_predictions" in METRICS.get("posthoc_agreement").needs
-    assert set(METRICS.get("mask_mass").needs) == {"maps", "masks"}
+    # segments and map_form: superpixel-form maps are read once per superpixel
+    assert set(METRICS.get("mask_mass").needs) == {"maps", "masks", "segments", "map_form"}
     assert {"teacher_maps", "student_maps", "segments"} <= set(METRICS.get("superpixel_mse").needs)
     assert "both_correct" in METRICS.get("superpixel_sign_agreement").needs
     assert "make_explainer" in METRICS.get("randomisation_sanity").needs

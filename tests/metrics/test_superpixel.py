@@ -138,3 +138,17 @@ def test_empty_explanations_do_not_agree():
     # a sparse map has fewer important superpixels: one match of k = 2 scores 1/2, not 1
     res = superpixel_sign_agreement(some, some, seg, k=2)
     assert res["superpixel_sign_agreement"] == pytest.approx(0.5) and res["undefined"] == 0
+
+
+def test_tied_superpixels_are_taken_in_the_seeded_random_order_not_by_index():
+    from xkd.metrics.ranking import tie_permutation
+    from xkd.metrics.superpixel import _top_k
+
+    values = torch.ones(1, 6, dtype=torch.float64)  # six equally important superpixels
+    real = torch.ones(1, 6, dtype=torch.bool)
+    expected = tie_permutation(6, 0)[:2]  # the first two positions of the seeded order
+    chosen = _top_k(values, real, 2).nonzero()[:, 1]
+    assert sorted(chosen.tolist()) == sorted(expected.tolist())
+    assert sorted(_top_k(values, real, 2, tie_seed=5).nonzero()[:, 1].tolist()) == sorted(
+        tie_permutation(6, 5)[:2].tolist()
+    )

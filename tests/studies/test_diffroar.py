@@ -22,8 +22,11 @@ class _Brightness(Explainer):
 
 
 class _Darkness(_Brightness):
+    """The reversed oracle. Pixels rank by ``|value|`` (Shah et al.'s code), so the negated brightness
+    would rank like the brightness itself; ``1 - brightness`` (images lie in [0, 1]) reverses it."""
+
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
-        return Attribution(-images.mean(1).float(), method="test_darkness")
+        return Attribution(1 - images.mean(1).float(), method="test_darkness")
 
 
 for _name, _cls in (("test_brightness", _Brightness), ("test_darkness", _Darkness)):
@@ -53,6 +56,51 @@ def test_keep_pixels_by_hand():
     assert bottom.flatten().tolist() == [0.0, -1.0, -1.0, 3.0]
     with pytest.raises(ValueError, match="side must be"):
         keep_pixels(images, maps, 0.5, "middle", fill)
+
+
+def test_keep_pixels_ranks_by_magnitude():
+    # Shah et al.'s get_attribution_indices ranks np.abs(attribution): -5 is as salient as +5
+    images = torch.arange(4.0).view(1, 1, 2, 2)
+    maps = torch.tensor([[[-5.0, 0.1], [5.0, -0.2]]])
+    fill = torch.tensor([-1.0])
+    # |values| 5, 0.1, 5, 0.2: the top half is both 5s, the bottom half 0.1 and |-0.2|
+    assert keep_pixels(images, maps, 0.5, "top", fill).flatten().tolist() == [0.0, -1.0, 2.0, -1.0]
+    assert keep_pixels(images, maps, 0.5, "bottom", fill).flatten().tolist() == [-1.0, 1.0, -1.0, 3.0]
+    # a quarter: keep-bottom keeps the smallest magnitude 0.1, never the strongly negative pixel
+    assert keep_pixels(images, maps, 0.25, "bottom", fill).flatten().tolist() == [-1.0, 1.0, -1.0, -1.0]
+
+
+def gradcam_like(h: int = 16, w: int = 16) -> Tensor:
+    """A Grad-CAM after its ReLU: a bright 4x4 blob of distinct values, exactly 0 everywhere else."""
+    maps = torch.zeros(1, h, w)
+    maps[0, 6:10, 9:13] = torch.arange(1.0, 17.0).view(4, 4)
+    return maps
+
+
+def test_keep_top_and_bottom_do_not_overlap_on_a_gradcam_like_map():
+    maps = gradcam_like()
+    images, fill = torch.ones(1, 1, 16, 16), torch.zeros(1)
+    count = round(0.3 * 256)  # 77 pixels: the 16 blob pixels and 61 of the 240 tied zeros for keep-top
+    top = keep_pixels(images, maps, 0.3, "top", fill)[0, 0].flatten().bool()
+    bottom = keep_pixels(images, maps, 0.3, "bottom", fill)[0, 0].flatten().bool()
+    assert int(top.sum()) == int(bottom.sum()) == count
+    assert not (top & bottom).any()  # an index tie-break gave both sides the same top rows of zeros
+    # reference: the zeros in the order of the seeded permutation; keep-top takes its head, keep-bottom its tail
+    blob = maps[0].flatten() > 0
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0)).tolist()
+    zeros = [i for i in perm if not blob[i]]
+    expected_top, expected_bottom = blob.clone(), torch.zeros(256, dtype=torch.bool)
+    expected_top[zeros[: count - 16]] = True
+    expected_bottom[zeros[-count:]] = True
+    assert torch.equal(top, expected_top) and torch.equal(bottom, expected_bottom)
+    # the bottom is spread over the image, not a band of rows (rows 0..15, middle 7.5)
+    rows = torch.nonzero(bottom.view(16, 16))[:, 0].double()
+    assert 5.5 < rows.mean() < 9.5 and len(rows.unique()) >= 12
+    # seeded: the same seed repeats, another seed picks other zeros; pixels without ties do not move
+    again = keep_pixels(images, maps, 0.3, "bottom", fill, tie_seed=0)[0, 0].flatten().bool()
+    other = keep_pixels(images, maps, 0.3, "bottom", fill, tie_seed=1)[0, 0].flatten().bool()
+    assert torch.equal(again, bottom) and not torch.equal(other, bottom)
+    assert torch.equal(keep_pixels(images, maps, 16 / 256, "top", fill, tie_seed=1)[0, 0].flatten().bool(), blob)
 
 
 @pytest.mark.slow

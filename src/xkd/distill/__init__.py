@@ -2,8 +2,9 @@
 
 Importing this package registers the built-in distillers: ``scratch``, ``hinton_kd``,
 ``label_smoothing``, ``dkd`` (logits); ``fitnets``, ``at``, ``nst``, ``ab``, ``vid`` (features);
-``sp``, ``rkd``, ``pkt`` (relations); ``medtex``, ``medex`` (MED-TEX); ``xdistill``
-(XDistillation); ``teacher_assistant`` (a chain teacher -> assistant -> student).
+``sp``, ``rkd``, ``pkt`` (relations); ``medtex``, ``medex``, ``medtex_student_only`` (MED-TEX and
+its ablations); ``xdistill`` (XDistillation); ``teacher_assistant`` (a chain teacher -> assistant ->
+student).
 """
 
 from xkd.distill.assistant import TeacherAssistant
@@ -11,7 +12,14 @@ from xkd.distill.base import DistillContext, Distiller, build_distiller, distill
 from xkd.distill.cae import CAE
 from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
 from xkd.distill.logits import DKD, HintonKD, LabelSmoothing, Scratch, dkd_terms, kd_loss
-from xkd.distill.medtex import ExplainerNet, MaskedStudent, MedEx, MedTex, teacher_cross_entropy
+from xkd.distill.medtex import (
+    ExplainerNet,
+    MaskedStudent,
+    MedEx,
+    MedTex,
+    MedTexStudentOnly,
+    teacher_cross_entropy,
+)
 from xkd.distill.relation import PKT, RKD, SP
 from xkd.distill.xdistill import XDistillation, XDistillParams, XDistillStudent
 
@@ -35,6 +43,7 @@ __all__ = [
     "MaskedStudent",
     "MedEx",
     "MedTex",
+    "MedTexStudentOnly",
     "Scratch",
     "VIDLoss",
     "XDistillParams",

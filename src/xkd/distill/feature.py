@@ -65,6 +65,13 @@ class VIDLoss(nn.Module):
 
         l_{n,c,h,w} = log sigma_c + (t_{n,c,h,w} - mu(s)_{n,c,h,w})^2 / (2 sigma_c^2)
 
+    Differences from RepDistiller's ``VIDLoss`` (taken "from the author", Ahn et al.), documented, not
+    copied: its regressor ``mu`` has **three** 1x1 convs **without bias** (conv -> ReLU -> conv ->
+    ReLU -> conv, ``bias=False``, hidden width ``mid_channels``), xkd's has **two with bias**; and
+    where the two maps' sizes differ it average-pools the larger map (student's or teacher's) down
+    to the smaller (``adaptive_avg_pool2d``), where xkd resamples the student's map to the teacher's
+    (:func:`match_size`). The variance, its initialisation and the loss formula are the same.
+
     Args:
         student_channels: channels of the student feature.
         teacher_channels: channels of the teacher feature.
@@ -179,8 +186,10 @@ def ab_loss(connector_out: Tensor, teacher_feat: Tensor, margin: float = 1.0) ->
     ``r(S)`` is the connector output (1x1 conv + BN of the student feature), ``m`` the margin. The
     hinge (``relu``, the paper's sigma) means a student response already beyond the margin on the
     teacher's side costs nothing (as in RepDistiller's ``criterion_alternative_L2``). Reduction:
-    sum over ``c, h, w``, mean over the batch (RepDistiller also divides by 1000; here that factor
-    is in the default ``beta``)."""
+    sum over ``c, h, w``, mean over the batch. RepDistiller's ``ABLoss`` returns, for layer ``i``
+    of ``n``, ``2^(i - n + 1) * sum / bsz / 1000 * 3``: for one layer pair (weight 1) that is
+    ``3e-3`` times this value, so ``beta = 3e-3`` matches its scale (xkd's default ``beta = 1e-3``
+    is a third of it; see :class:`ABParams`)."""
     r = match_size(connector_out, teacher_feat.shape)
     on = (teacher_feat > 0).to(r.dtype)
     loss = on * F.relu(margin - r).pow(2) + (1.0 - on) * F.relu(margin + r).pow(2)
@@ -260,8 +269,12 @@ class NSTParams(FeatureParams):
 
 @dataclass
 class ABParams(FeatureParams):
-    """AB: ``margin`` m (paper: 1.0); ``beta`` = 1e-3 reproduces RepDistiller's ``ABLoss`` scale
-    (its ``/ 1000``) on top of the per-sample sum."""
+    """AB: ``margin`` m (paper: 1.0); ``beta`` weighs the per-sample sum of :func:`ab_loss`.
+
+    The default ``beta = 1e-3`` is RepDistiller's ``/ 1000`` alone: its ``ABLoss`` is
+    ``l / bsz / 1000 * 3`` (per layer, weighted ``2^(i - n + 1)``, 1 for the last of ``n`` layers),
+    i.e. xkd's term times ``3e-3`` for one pair. ``beta = 3e-3`` reproduces RepDistiller's scale for
+    one pair; the default (kept, as the README's runs used it) is a third of it."""
 
     beta: float = 1e-3
     margin: float = 1.0
@@ -443,7 +456,8 @@ class ActivationBoundaries(FeatureDistiller):
     The paper (and RepDistiller) uses AB only in an *initialisation* stage: the student's layers up
     to the matched layer are trained with the AB loss alone, then the whole student is trained with
     CE (or KD) without it. xkd trains one stage, ``CE + beta * ab`` from the start (beta = 1e-3 on
-    the per-sample sum, i.e. RepDistiller's ``/ 1000``); set ``alpha_ce = 0`` for an AB-only phase.
+    the per-sample sum, a third of RepDistiller's ``/ 1000 * 3``; ``beta = 3e-3`` matches it for one
+    pair, see :class:`ABParams`); set ``alpha_ce = 0`` for an AB-only phase.
     The teacher's sign is read at the hooked layer: choose a pre-ReLU layer (e.g. a BN) for the
     paper's exact "activation boundary"; a post-ReLU layer gives ``rho = 1[T > 0]`` as well.
     A pair of linear layers (``(N, D)``: the paper's neurons of a fully connected layer) gets a
@@ -465,7 +479,8 @@ class ActivationBoundaries(FeatureDistiller):
 class VID(FeatureDistiller):
     """Variational information distillation (Ahn et al., CVPR 2019, eq. 5): one :class:`VIDLoss`
     (mean regressor + per-channel variance) per layer pair; ``vid = beta * sum_pairs VIDLoss``.
-    Default reduction ``"mean"`` with beta = 1 (RepDistiller). Flattened ``(N, D)`` features of
+    Default reduction ``"mean"`` with beta = 1 (RepDistiller's scale; its regressor has three bias-free
+    1x1 convs where xkd's has two with bias, see :class:`VIDLoss`). Flattened ``(N, D)`` features of
     linear layers work too (the regressor is then two linear layers)."""
 
     Params = VIDParams

@@ -19,7 +19,11 @@ log-likelihood it derives from (eq. 5, and VID's own loss, Ahn et al. 2019) has 
 What is evaluated after training is the :class:`MaskedStudent` wrapper ``x -> S(E(x) ⊙ x)``; its
 ``theta(x)`` is the map the ``medtex_theta`` explainer (:mod:`xkd.explain.theta`) returns and the
 top-K IoU/Dice against lesion masks scores. MED-EX (``medex``) is the same without the
-intermediate losses; MED-TEX's third variant, the student alone on raw ``X``, is ``scratch``.
+intermediate losses. MED-TEX's third variant, "the student (only) without the explainer and
+intermediate layer losses, which is only trained on the input image X" (§3, "Compared methods"), is
+``medtex_student_only`` (:class:`MedTexStudentOnly`): what remains of eq. 7 is ``L^N`` on raw ``X``,
+the cross-entropy to the teacher's distribution -- not ``scratch``'s cross-entropy to the true labels
+(the post-hoc metrics score agreement with the teacher, so the supervision matters).
 
 Layer pairs (``layers: [[student_path, teacher_path], ...]``, paths inside the inner student and
 the teacher) default to the models' **conv blocks matched by relative depth**
@@ -125,8 +129,8 @@ def teacher_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temper
     over the batch. With ``T = 1`` this is MED-TEX eq. 2 (cross-entropy to the teacher's
     distribution; it differs from the KL of Hinton KD by the teacher's entropy, a constant)."""
     t = temperature
-    p_t = F.softmax(teacher_logits / t, dim=1)
-    return -(p_t * F.log_softmax(student_logits / t, dim=1)).sum(dim=1).mean() * (t * t)
+    p_t = F.softmax(teacher_logits.float() / t, dim=1)  # fp32 also under autocast
+    return -(p_t * F.log_softmax(student_logits.float() / t, dim=1)).sum(dim=1).mean() * (t * t)
 
 
 def _has_conv(m: nn.Module) -> bool:
@@ -249,6 +253,48 @@ class MedTexParams(MedExParams):
             raise ConfigError(f"vid_init_pred_var must be > 0, got {self.vid_init_pred_var}")
         if not 0 < self.vid_eps < self.vid_init_pred_var:
             raise ConfigError(f"vid_eps must be in (0, vid_init_pred_var), got {self.vid_eps}")
+
+
+@dataclass
+class MedTexStudentOnlyParams:
+    """Parameters of MED-TEX's student-only ablation.
+
+    Attributes:
+        temperature: ``T`` of the cross-entropy to the teacher; MED-TEX uses 1 (eq. 2), as for
+            MED-EX and MED-TEX. With ``T != 1`` both distributions are softened and the term is
+            scaled by ``T²``.
+    """
+
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+@DISTILLERS.register("medtex_student_only")
+class MedTexStudentOnly(Distiller):
+    """MED-TEX's "student (only)" ablation (§3, "Compared methods": "without the explainer and
+    intermediate layer losses, which is only trained on the input image X")::
+
+        L = L^N = -Σ_l p_T(l | X) log q_S(l | X)        (eq. 2 on raw X, T = 1; eq. 7 with the λ terms gone)
+
+    The student is trained on the teacher's softmax distribution, not on the true labels (labels
+    are not read), and sees ``X`` itself: no explainer, no ``Θ``, no intermediate-layer terms. The
+    student is not wrapped, so the ``medtex_theta`` explainer does not apply to it. It reads nothing
+    of the teacher but its logits (:meth:`~xkd.distill.base.Distiller.teacher_logits`), so the
+    pipeline may cache them (``teacher_logits_only``). Term: ``ce_teacher``, computed in fp32 (as
+    :func:`~xkd.distill.logits.kd_loss`) also under autocast.
+    """
+
+    Params = MedTexStudentOnlyParams
+    teacher_logits_only = True
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(batch.images)
+        teacher_logits = self.teacher_logits(batch)
+        ce = teacher_cross_entropy(logits.float(), teacher_logits.float(), self.params.temperature)
+        return logits, {"ce_teacher": ce}
 
 
 @DISTILLERS.register("medex")

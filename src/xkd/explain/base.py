@@ -186,6 +186,13 @@ class ExplainerSpec:
         """True for explainers of a (student, teacher) pair (UniCAM): they explain students only."""
         return bool(getattr(self.cls, "needs_teacher", False))
 
+    @property
+    def needs_base(self) -> bool:
+        """True for maps of a student against a base model of its architecture trained without the
+        teacher (UniCAM's ``kd_given_base`` and ``base_given_kd``): the run passes ``base=``."""
+        needs = getattr(self.cls, "needs_base", None)
+        return bool(needs(self.params)) if callable(needs) else False
+
     def applies(self, model: nn.Module) -> bool:
         """Whether this explainer can explain ``model`` at all."""
         return self.cls.applies_to(model)
@@ -194,7 +201,7 @@ class ExplainerSpec:
         """The explainer for ``model``; ``context`` passes objects some explainers need (``teacher=``
         for UniCAM); explainers that do not take them ignore them."""
         if self.superpixel:
-            return SuperpixelForm(model, self.params, base=self.base, **context)
+            return SuperpixelForm(model, self.params, inner=self.base, **context)
         return _construct(self.cls, model, self.params, context)
 
 
@@ -260,11 +267,11 @@ class SuperpixelForm(Explainer):
 
     map_form = "superpixel"
 
-    def __init__(self, model: nn.Module, params: SuperpixelFormParams, *, base: str, **context: Any) -> None:
+    def __init__(self, model: nn.Module, params: SuperpixelFormParams, *, inner: str, **context: Any) -> None:
         self.model = model
         self.params = params
-        self.registry_name = base + SUPERPIXEL_SUFFIX
-        self.inner = _construct(EXPLAINERS.get(base), model, params.inner, context)
+        self.registry_name = inner + SUPERPIXEL_SUFFIX
+        self.inner = _construct(EXPLAINERS.get(inner), model, params.inner, context)
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
         a = self.inner.explain(images, targets)

@@ -1,54 +1,76 @@
 """UniCAM (Adhane et al., "On Explaining Knowledge Distillation: Measuring and Visualising the Knowledge
-Transfer Process", 2024): Grad-CAM maps of the *distilled* and *residual* features of a model paired with a
-reference model, from the gradient of a (partial) distance correlation.
+Transfer Process", 2024): Grad-CAM maps of the gradient of a (partial) distance correlation between a model's
+features, a second model's features and a class target.
 
 For a batch of n >= 4 images, ``S`` = the explained model's features (the output of ``feature_layer``,
-by default the explained ``layer`` itself, flattened per image), ``T`` = the reference model's features
-at ``teacher_layer``, ``Y`` = a class-semantic target of the images (:func:`xkd.stats.class_target`).
-With U-centred distance matrices and the statistics of :mod:`xkd.stats`:
+by default the explained ``layer`` itself, flattened per image), ``T`` = the teacher's features at
+``teacher_layer``, ``B`` = the *base model*'s features (the student's architecture trained without KD, passed
+as ``base=``) at ``base_feature_layer``, ``Y`` = a class-semantic target of the images
+(:func:`xkd.stats.class_target`). With U-centred distance matrices and ``R*(P_Z(X), Y)``, the correlation with
+the target of X's distance matrix with Z's projected out (Székely & Rizzo 2014, sec. 4.1; :mod:`xkd.stats`):
 
-* ``kind="distilled"``: ``f = R*(S, T)``, the bias-corrected dCor^2 of the two models' features (= FSS on
-  the batch): which of the model's features carry the reference model's knowledge.
-* ``kind="residual"``: ``f = R*(P_T(S), Y)``, the correlation with the class target of the model's
-  distance matrix with the reference's projected out (Székely & Rizzo 2014, sec. 4.1): where the
-  task-relevant features that the reference does not explain are.
+* ``kind="residual"`` (default): ``f = R*(P_T(S), Y)``, gradient at the student's ``layer``: the
+  task-relevant features of the student that the teacher does not explain. The authors'
+  ``PDC_Model(student, teacher)`` + ``PDC_CAM.get_loss`` map ``student_given_teacher`` (gadhane/UniCAM
+  ``pdCor_model.py``, ``pdCor_CAM.py``, ``main_UniCAM.py``).
+* ``kind="kd_given_base"``: ``f = R*(P_B(S), Y)``, gradient at the KD student's ``layer``: the authors'
+  ``student_kd_given_base_model``, "the features learned because of KD" (their README).
+* ``kind="base_given_kd"``: ``f = R*(P_S(B), Y)``, gradient at the **base model's** ``base_layer`` (the
+  authors take the CAM at the first model of ``PDC_Model``'s pair): their ``base_model_given_student_kd``,
+  "the features the KD student did not retain". These maps are of the base model (``Attribution.role`` is
+  ``"base"``).
+* ``kind="distilled"``: ``f = R*(S, T)``, the bias-corrected dCor^2 of the two models' features (xkd's
+  ``fss_unbiased`` on the batch), gradient at the student's ``layer``: which of the student's features carry
+  the teacher's geometry. **xkd's own variant, not one of the authors' maps** (theirs all correlate a
+  residual with the target); kept, documented, for the runs and configs that use it.
 
-Map (Grad-CAM, Selvaraju et al. 2017, eq. 1-2, with ``f`` in place of the class logit), per image i::
+The authors' README: the KD-student-vs-base comparison isolates what KD did, "especially important when
+teacher and student have different architectures"; with the same architecture, the student-vs-teacher
+comparison (``residual``) "is also a reasonable way". Which base model a run uses is the scoring loop's
+choice (the run's scratch student, or the teacher when the architectures match); :attr:`UniCAM.needs_base_for`
+and :meth:`UniCAM.needs_base` say which kinds need one.
+
+Map (Grad-CAM, Selvaraju et al. 2017, eq. 1-2, with ``f`` in place of the class logit; the authors'
+``PDC_CAM.get_cam_weights`` / ``get_cam_image``), per image i::
 
     w_ik = 1/Z sum_hw  d f / d A_ikhw        L_i = ReLU(sum_k w_ik A_ik), bilinearly upsampled to (H, W)
 
-Choices the paper's text leaves open (documented, not the authors' code):
+Deviations from the authors' code:
 
-* The roles. Adhane et al. (2024, abstract) call *distilled* the features "learned with the Teacher's
-  guidance" and *residual* those "irrelevant to the task and ignored by the Student", and compare a KD
-  student with its base model (same architecture trained without KD). Both readings are covered by the pair
-  ``(model, teacher)``: with the teacher as reference, ``distilled`` shows what the student shares with
-  the teacher and ``residual`` what it has on its own that is class-relevant. For the base-model reading,
-  ``UniCAM(kd_student, {"kind": "residual"}, teacher=base)`` maps ``S | Base`` (what KD added) and
-  ``UniCAM(base, {"kind": "residual"}, teacher=kd_student)`` maps ``Base | S`` (what the KD student dropped).
-* The target ``Y`` is one-hot labels or class-mean teacher features of the batch (the authors' CLIP text
-  embeddings cannot be loaded offline); ``distilled`` does not use it.
-* The residual statistic projects only ``S`` (semi-partial), as RS does; the target is not projected.
+* The target ``Y`` is one-hot labels or class prototypes of the teacher's features of the batch
+  (``class_mean``); the authors' maps use fixed class-name embeddings (``ImageNet_Class_Embedding.pt``), which
+  cannot be loaded offline (see :func:`xkd.stats.class_target`). ``distilled`` does not use a target.
+* The authors min-max scale each map to [0, 1] (``PDC_CAM.scale_cam_image``); xkd returns the ReLU'd map
+  unscaled (the same order of pixels within an image).
+* The authors' features (``--feature-depth 1``) are the pooled penultimate features, their CAM layer the
+  last residual stage; xkd's features default to the explained layer's output (set ``feature_layer`` to the
+  pooling module to match them).
+* Numerical guards (epsilons, float32) as listed in :mod:`xkd.stats`; the residual map equals the authors'
+  ``P_DC`` gradient (tested: to 3e-11 on maps of size ~1e-4, as are ``kd_given_base`` and ``base_given_kd``).
+* The residual statistic projects only the explained model's features (semi-partial), as the authors' ``P_DC``
+  and RS; the target is not projected.
 
 **Maps depend on the batch.** ``f`` is a statistic over the images of a batch, so an image's map depends
 on which other images share its batch (and ``f`` is translation invariant, so the per-image weights of a
 channel sum to zero over the batch). Images are processed in chunks of ``batch_size``; a last chunk
 smaller than 4 is merged into the previous one. A chunk whose images all have one class has a constant
-target and gives all-zero ``residual`` maps (a warning says so): mix classes in each batch. Near
+target and gives all-zero maps of the target kinds (a warning says so): mix classes in each batch. Near
 saturation (a residual that already separates the classes almost perfectly) the gradient mostly tightens
-the classes, and the ``residual`` maps become weak and less localised (seen on the hand-built test model
-with class signals of varying strength).
+the classes, and the maps become weak and less localised (seen on the hand-built test model with class
+signals of varying strength).
 
-The reference model is frozen: it runs in eval mode under ``torch.no_grad`` and only
-``torch.autograd.grad`` with respect to the explained layer's activations is taken (no ``.grad`` is
-written anywhere). Eval mode of both models is restored afterwards; hooks live for one forward pass.
+The teacher (and the base model, where only its features are used) is frozen: it runs in eval mode under
+``torch.no_grad`` and only ``torch.autograd.grad`` with respect to the explained layer's activations is
+taken (no ``.grad`` is written anywhere). Eval mode of every model is restored afterwards; hooks live for
+one forward pass.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +83,9 @@ from xkd.models.state import eval_mode, model_device
 from xkd.registry import EXPLAINERS
 from xkd.stats import MIN_SAMPLES, class_target, distance_matrix, u_centered, u_correlation, u_residual
 
-KINDS = ("distilled", "residual")
+KINDS = ("distilled", "residual", "kd_given_base", "base_given_kd")
+BASE_KINDS = ("kd_given_base", "base_given_kd")  # kinds that compare the KD student with its base model
+TARGET_KINDS = ("residual", "kd_given_base", "base_given_kd")  # kinds that correlate with the class target
 
 
 def chunk_bounds(n: int, batch_size: int, minimum: int = MIN_SAMPLES) -> list[tuple[int, int]]:
@@ -74,17 +98,23 @@ def chunk_bounds(n: int, batch_size: int, minimum: int = MIN_SAMPLES) -> list[tu
 
 @EXPLAINERS.register("unicam")
 class UniCAM(Explainer):
-    """UniCAM maps of ``model`` (a student) paired with a frozen ``teacher`` (see the module docstring).
+    """UniCAM maps of ``model`` (a student) paired with a frozen ``teacher`` and, for the kinds in
+    :attr:`needs_base_for`, its ``base`` model (see the module docstring).
 
     Example:
         >>> with UniCAM(student, {"kind": "residual", "batch_size": 32}, teacher=teacher) as uc:
         ...     attribution = uc.explain(images, labels)
         ...     both = uc.explain_pair(images, labels)  # {"distilled": ..., "residual": ...}
+        >>> with UniCAM(kd_student, {"kind": "kd_given_base"}, teacher=teacher, base=scratch_student) as uc:
+        ...     learned_by_kd = uc.explain(images, labels)
     """
 
     min_images = MIN_SAMPLES
 
     needs_teacher = True  # explains a (student, teacher) pair: the pipeline runs it on students only
+
+    #: kinds that need the base model (``base=``: the student's architecture trained without KD)
+    needs_base_for: ClassVar[tuple[str, ...]] = BASE_KINDS
 
     @dataclass
     class Params:
@@ -95,8 +125,13 @@ class UniCAM(Explainer):
             teacher_layer: module path of the teacher's features (None: the teacher's default layer).
             feature_layer: student module whose output is the student's features in the statistic (None:
                 ``layer`` itself); must run at or after ``layer``.
-            kind: ``"distilled"`` (gradient of R*(S, T)) or ``"residual"`` (gradient of R*(P_T(S), Y)).
-            target: class target Y, ``"onehot"`` labels or ``"class_mean"`` teacher features of the batch.
+            kind: ``"residual"`` (R*(P_T(S), Y)), ``"kd_given_base"`` (R*(P_B(S), Y)), ``"base_given_kd"``
+                (R*(P_S(B), Y), a map of the base model) or ``"distilled"`` (R*(S, T), xkd's own variant).
+            target: class target Y, ``"onehot"`` labels or ``"class_mean"`` prototypes of the teacher's features.
+            base_layer: module path of the base model's explained layer for ``base_given_kd`` (None: the
+                student's ``layer`` path, as the base has the student's architecture).
+            base_feature_layer: base module whose output is the base's features (None: the student's
+                ``feature_layer`` path).
             batch_size: images per statistic (>= 4); maps depend on the batch composition.
             relu: apply Grad-CAM's ReLU.
         """
@@ -104,8 +139,10 @@ class UniCAM(Explainer):
         layer: str | None = None
         teacher_layer: str | None = None
         feature_layer: str | None = None
-        kind: Literal["distilled", "residual"] = "residual"
+        kind: Literal["distilled", "residual", "kd_given_base", "base_given_kd"] = "residual"
         target: Literal["onehot", "class_mean"] = "onehot"
+        base_layer: str | None = None
+        base_feature_layer: str | None = None
         batch_size: int = 64
         relu: bool = True
 
@@ -115,39 +152,78 @@ class UniCAM(Explainer):
                     f"batch_size must be >= {MIN_SAMPLES} for unicam, got {self.batch_size}: the distance "
                     "correlation is a statistic over the images of a batch (U-centring needs n >= 4); use 32-64"
                 )
-            for name in ("layer", "teacher_layer", "feature_layer"):
+            for name in ("layer", "teacher_layer", "feature_layer", "base_layer", "base_feature_layer"):
                 if getattr(self, name) == "":
                     raise ConfigError(f"{name} must be a module path or null, got ''")
             if self.kind not in KINDS:
-                raise ConfigError(f"kind {self.kind!r} is not allowed; allowed values: 'distilled', 'residual'")
+                allowed = ", ".join(repr(k) for k in KINDS)
+                raise ConfigError(f"kind {self.kind!r} is not allowed; allowed values: {allowed}")
             if self.target not in ("onehot", "class_mean"):
                 raise ConfigError(f"target {self.target!r} is not allowed; allowed values: 'onehot', 'class_mean'")
 
-    def __init__(self, model: nn.Module, params: Any = None, teacher: nn.Module | None = None) -> None:
+    @classmethod
+    def needs_base(cls, params: Any) -> bool:
+        """Whether an explainer with ``params`` needs ``base=`` (its kind is in :attr:`needs_base_for`).
+
+        ``params``: validated :class:`Params`, the superpixel form's params (which wrap them as ``.inner``),
+        a dict, or None (the default kind, ``residual``: no).
+        """
+        p = getattr(params, "inner", params)
+        kind = (p or {}).get("kind", cls.Params.kind) if isinstance(p, dict) or p is None else p.kind
+        return kind in cls.needs_base_for
+
+    def __init__(
+        self, model: nn.Module, params: Any = None, teacher: nn.Module | None = None, base: nn.Module | None = None
+    ) -> None:
         super().__init__(model, params)
         if not isinstance(teacher, nn.Module):
             raise ValueError(
                 "unicam explains a (student, teacher) pair: pass the teacher model, "
                 "UniCAM(student, params, teacher=teacher_model)"
             )
-        self.teacher = teacher
         p = self.params
+        if base is None and p.kind in self.needs_base_for:
+            raise ConfigError(
+                f"unicam kind {p.kind!r} compares the KD student with its base model (the student's architecture "
+                "trained without KD) and got none: pass it as UniCAM(student, params, teacher=teacher, "
+                "base=base_model) (the scoring loop passes the run's scratch student, or the teacher when the "
+                "architectures match), or use kind 'residual' (student given teacher)"
+            )
+        if base is not None and not isinstance(base, nn.Module):
+            raise ValueError(f"base must be an nn.Module (the base model), got {type(base).__name__}")
+        self.teacher = teacher
+        self.base = base
         self.layer = p.layer if p.layer is not None else default_layer(model)
         self.module = get_module(model, self.layer)  # unknown layer -> LayerNotFoundError
         self.feature_layer = p.feature_layer if p.feature_layer is not None else self.layer
         self.feature_module = get_module(model, self.feature_layer)
         self.teacher_layer = p.teacher_layer if p.teacher_layer is not None else default_layer(teacher)
         get_module(teacher, self.teacher_layer)
+        self.base_layer = p.base_layer if p.base_layer is not None else self.layer
+        self.base_feature_layer = p.base_feature_layer if p.base_feature_layer is not None else self.feature_layer
+        if base is not None:
+            self.base_module = get_module(base, self.base_layer)
+            self.base_feature_module = get_module(base, self.base_feature_layer)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
         """Maps of ``params.kind`` for ``images`` ``(N, C, H, W)``, N >= 4, with class ``targets`` ``(N,)``
-        (None: the student's predicted classes). Returns float32 maps ``(N, H, W)``."""
+        (None: the student's predicted classes, for every kind). Returns float32 maps ``(N, H, W)``; for
+        ``base_given_kd`` they are maps of the base model's ``base_layer`` (``role="base"``)."""
         return self._explain(images, targets, (self.params.kind,))[self.params.kind]
 
     def explain_pair(self, images: Tensor, targets: Tensor | None) -> dict[str, Attribution]:
         """Both maps from one forward pass per chunk: ``{"distilled": Attribution, "residual": Attribution}``."""
-        return self._explain(images, targets, KINDS)
+        return self._explain(images, targets, ("distilled", "residual"))
+
+    def explain_kinds(self, images: Tensor, targets: Tensor | None, kinds: tuple[str, ...]) -> dict[str, Attribution]:
+        """Maps of several ``kinds`` from one forward pass of each model per chunk: ``{kind: Attribution}``."""
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown unicam kinds {unknown}; kinds: {', '.join(KINDS)}")
+        if self.base is None and any(k in self.needs_base_for for k in kinds):
+            raise ConfigError("unicam kinds kd_given_base and base_given_kd need the base model: pass base=")
+        return self._explain(images, targets, tuple(kinds))
 
     def _explain(self, images: Tensor, targets: Tensor | None, kinds: tuple[str, ...]) -> dict[str, Attribution]:
         check_inputs(images, targets)
@@ -159,31 +235,47 @@ class UniCAM(Explainer):
             )
         device = model_device(self.model, images.device)
         out: dict[str, list[Tensor]] = {k: [] for k in kinds}
-        with eval_mode(self.model), eval_mode(self.teacher):
+        with ExitStack() as stack:
+            for m in (self.model, self.teacher, self.base):
+                if m is not None:
+                    stack.enter_context(eval_mode(m))
             for start, stop in chunk_bounds(n, self.params.batch_size):
                 chunk = images[start:stop].to(device)
                 tgt = None if targets is None else targets[start:stop].to(device).long()
                 for k, cam in self._explain_chunk(chunk, tgt, kinds).items():
                     out[k].append(cam.detach().float().to(images.device))
-        return {k: Attribution(torch.cat(v), method=self.registry_name, layer=self.layer) for k, v in out.items()}
-
-    def _teacher_features(self, images: Tensor, device: torch.device) -> Tensor:
-        t_device = model_device(self.teacher, images.device)
-        with torch.no_grad(), capture_features(self.teacher, [self.teacher_layer], detach=True) as got:
-            self.teacher(images.to(t_device))
-        if self.teacher_layer not in got:
-            raise RuntimeError(
-                f"layer {self.teacher_layer!r} was not called in the forward pass of {type(self.teacher).__name__}"
+        return {
+            k: Attribution(
+                torch.cat(v),
+                method=self.registry_name,
+                layer=self.base_layer if k == "base_given_kd" else self.layer,
+                role="base" if k == "base_given_kd" else None,
             )
-        return got[self.teacher_layer].flatten(1).to(device)
+            for k, v in out.items()
+        }
 
-    def _student_forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @staticmethod
+    def _frozen_features(model: nn.Module, layer: str, images: Tensor, device: torch.device) -> Tensor:
+        """Flattened features of a frozen model's ``layer`` (no graph), on ``device``."""
+        m_device = model_device(model, images.device)
+        with torch.no_grad(), capture_features(model, [layer], detach=True) as got:
+            model(images.to(m_device))
+        if layer not in got:
+            raise RuntimeError(f"layer {layer!r} was not called in the forward pass of {type(model).__name__}")
+        return got[layer].flatten(1).to(device)
+
+    def _grad_forward(
+        self, model: nn.Module, names: tuple[str, str], modules: tuple[nn.Module, nn.Module], images: Tensor
+    ) -> tuple[Tensor, Tensor, Any]:
+        """One forward pass of ``model`` recording a graph from the explained layer's activations (a leaf) to
+        its features: returns ``(activations, features, output)``. ``names``/``modules``: (layer, feature layer)."""
+        (layer, feature_layer), (module, feature_module) = names, modules
         store: dict[str, Tensor] = {}
 
         def layer_hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
             if not isinstance(output, Tensor) or output.ndim != 4:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise ValueError(f"layer {self.layer!r} must output an (N, K, h, w) tensor for a CAM, got {shape}")
+                raise ValueError(f"layer {layer!r} must output an (N, K, h, w) tensor for a CAM, got {shape}")
             leaf = output.detach().requires_grad_(True)
             store["a"] = leaf
             torch.set_grad_enabled(True)  # record the rest of the forward pass
@@ -194,58 +286,81 @@ class UniCAM(Explainer):
                 store["f"] = output
 
         # registered in this order: when feature_layer == layer, feature_hook sees layer_hook's output
-        self._handles += [self.module.register_forward_hook(layer_hook)]
-        self._handles += [self.feature_module.register_forward_hook(feature_hook)]
+        self._handles += [module.register_forward_hook(layer_hook)]
+        self._handles += [feature_module.register_forward_hook(feature_hook)]
         grad_mode = torch.is_grad_enabled()
         try:
             torch.set_grad_enabled(False)  # nothing before the layer needs a graph
-            logits = self.model(images)
+            output = model(images.to(model_device(model, images.device)))
         finally:
             torch.set_grad_enabled(grad_mode)
             self.close()
         if "a" not in store:
-            raise RuntimeError(
-                f"layer {self.layer!r} was not called in the forward pass of {type(self.model).__name__}"
-            )
+            raise RuntimeError(f"layer {layer!r} was not called in the forward pass of {type(model).__name__}")
         feats = store.get("f")
         if feats is None or not feats.requires_grad:
             raise ValueError(
-                f"feature_layer {self.feature_layer!r} must output a tensor computed from layer {self.layer!r} "
+                f"feature_layer {feature_layer!r} must output a tensor computed from layer {layer!r} "
                 "(at or after it in the forward pass); set feature_layer to null to use the layer itself"
             )
-        return store["a"], feats, logits
+        return store["a"], feats, output
 
     def _explain_chunk(self, images: Tensor, targets: Tensor | None, kinds: tuple[str, ...]) -> dict[str, Tensor]:
-        t_feats = self._teacher_features(images, images.device)
-        acts, feats, logits = self._student_forward(images)
+        device = images.device
+        acts, feats, logits = self._grad_forward(
+            self.model, (self.layer, self.feature_layer), (self.module, self.feature_module), images
+        )
         if targets is None:
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 raise ValueError("model must return logits (N, classes) to explain predicted classes; pass targets")
             targets = logits.detach().argmax(dim=1)
+        uses_target = [k for k in kinds if k in TARGET_KINDS]
+        t_feats = None
+        if "distilled" in kinds or "residual" in kinds or (uses_target and self.params.target == "class_mean"):
+            t_feats = self._frozen_features(self.teacher, self.teacher_layer, images, device)
+        base_acts = b_feats = None
+        if "base_given_kd" in kinds:
+            names = (self.base_layer, self.base_feature_layer)
+            base_acts, b_feats, _ = self._grad_forward(
+                self.base, names, (self.base_module, self.base_feature_module), images
+            )
+            b_feats = b_feats.to(device)  # differentiable: the gradient still reaches base_acts
+        elif "kd_given_base" in kinds:
+            b_feats = self._frozen_features(self.base, self.base_feature_layer, images, device)
         with torch.enable_grad():
             u_s = u_centered(distance_matrix(feats.flatten(1)))
-            u_t = u_centered(distance_matrix(t_feats))
-            stats: dict[str, Tensor] = {}
-            if "distilled" in kinds:
-                stats["distilled"] = u_correlation(u_s, u_t)
-            if "residual" in kinds:
+            stats: dict[str, tuple[Tensor, Tensor]] = {}  # kind -> (statistic, activations it is mapped at)
+            u_y = u_t = None
+            if uses_target:
                 if int(targets.unique().numel()) < 2:
                     warnings.warn(
                         "unicam: all images of a batch have the same class, so the class target is constant and "
-                        "the residual maps are zero; put images of several classes in each batch",
+                        f"the {', '.join(uses_target)} maps are zero; put images of several classes in each batch",
                         stacklevel=4,
                     )
                 k = logits.shape[1] if isinstance(logits, Tensor) and logits.ndim == 2 else None
-                y = class_target(targets, self.params.target, k, t_feats)
-                stats["residual"] = u_correlation(u_residual(u_s, u_t), u_centered(distance_matrix(y)))
+                u_y = u_centered(distance_matrix(class_target(targets, self.params.target, k, t_feats)))
+            if t_feats is not None:
+                u_t = u_centered(distance_matrix(t_feats))
+            if "distilled" in kinds:
+                stats["distilled"] = (u_correlation(u_s, u_t), acts)
+            if "residual" in kinds:
+                stats["residual"] = (u_correlation(u_residual(u_s, u_t), u_y), acts)
+            if "kd_given_base" in kinds:
+                u_b = u_centered(distance_matrix(b_feats.detach().flatten(1)))
+                stats["kd_given_base"] = (u_correlation(u_residual(u_s, u_b), u_y), acts)
+            if "base_given_kd" in kinds:
+                u_b = u_centered(distance_matrix(b_feats.flatten(1)))
+                u_s_frozen = u_centered(distance_matrix(feats.detach().flatten(1)))
+                stats["base_given_kd"] = (u_correlation(u_residual(u_b, u_s_frozen), u_y), base_acts)
             cams = {}
-            names = list(stats)
-            for i, name in enumerate(names):
-                (g,) = torch.autograd.grad(stats[name], acts, retain_graph=i < len(names) - 1, allow_unused=True)
-                g = torch.zeros_like(acts) if g is None else g
-                cams[name] = self._finish(
-                    (g.mean(dim=(2, 3), keepdim=True) * acts.detach()).sum(1, keepdim=True), images
-                )
+            names_ = list(stats)
+            for i, name in enumerate(names_):
+                f, a = stats[name]
+                (g,) = torch.autograd.grad(f, a, retain_graph=i < len(names_) - 1, allow_unused=True)
+                g = torch.zeros_like(a) if g is None else g
+                cam = (g.mean(dim=(2, 3), keepdim=True) * a.detach()).sum(1, keepdim=True)
+                cams[name] = self._finish(cam.to(device), images)
         return cams
 
     def _finish(self, cam: Tensor, images: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from xkd.metrics.base import metric
+from xkd.metrics.ranking import saliency_order
 
 
 def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,18 +87,18 @@ def map_spearman(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mea
     return _reduce(_pearson_rows(rx, ry), reduction)
 
 
-def top_n_mask(flat: Tensor, n: int) -> Tensor:
+def top_n_mask(flat: Tensor, n: int, seed: int = 0) -> Tensor:
     """Boolean ``(N, P)`` mask of the ``n`` largest values of each row of ``flat`` ``(N, P)``; ties
-    are broken by index (the lower index is taken first)."""
-    order = torch.sort(flat.detach(), dim=1, descending=True, stable=True).indices[:, :n]
+    are broken in the seeded random order of :mod:`xkd.metrics.ranking` (``seed``)."""
+    order = saliency_order(flat.detach(), seed)[:, :n]
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
 
 
-def top_k_mask(maps: Tensor, k: float) -> Tensor:
-    """Boolean ``(N, H*W)`` mask of each map's ``max(1, round(k * H * W))`` largest pixels (ties by
-    pixel index)."""
+def top_k_mask(maps: Tensor, k: float, seed: int = 0) -> Tensor:
+    """Boolean ``(N, H*W)`` mask of each map's ``max(1, round(k * H * W))`` largest pixels (ties in
+    the seeded random order of :mod:`xkd.metrics.ranking`)."""
     flat = maps.detach().flatten(1)
-    return top_n_mask(flat, max(1, round(k * flat.shape[1])))
+    return top_n_mask(flat, max(1, round(k * flat.shape[1])), seed)
 
 
 @metric(
@@ -110,7 +111,9 @@ def top_k_mask(maps: Tensor, k: float) -> Tensor:
     description="IoU of the top pixels shared with the teacher",
     default=True,
 )
-def top_k_iou_maps(a: Tensor, b: Tensor, k: float = 0.1, reduction: Literal["mean", "none"] = "mean") -> float | Tensor:
+def top_k_iou_maps(
+    a: Tensor, b: Tensor, k: float = 0.1, reduction: Literal["mean", "none"] = "mean", tie_seed: int = 0
+) -> float | Tensor:
     """IoU of the top-``k`` fraction of pixels of the two maps of each image, averaged over images.
 
     1 when both maps single out the same pixels, 0 when their top sets are disjoint. A top set is
@@ -118,14 +121,15 @@ def top_k_iou_maps(a: Tensor, b: Tensor, k: float = 0.1, reduction: Literal["mea
     minimum (the zeros of a Grad-CAM after the ReLU) carry no evidence and are never taken, so a
     sparse map has a smaller top set (it is not padded with arbitrary zero pixels, which would make
     two empty maps agree perfectly). An image whose map is constant in ``a`` or ``b`` has no top
-    set: it scores ``nan`` and is left out of the mean, as for the correlations.
+    set: it scores ``nan`` and is left out of the mean, as for the correlations. Ties above the
+    minimum are broken in the seeded random order of :mod:`xkd.metrics.ranking` (``tie_seed``).
     """
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
     fa, fb = _flat_pair(a, b)
     n = max(1, round(k * fa.shape[1]))
-    ta = top_n_mask(fa, n) & (fa > fa.amin(dim=1, keepdim=True))
-    tb = top_n_mask(fb, n) & (fb > fb.amin(dim=1, keepdim=True))
+    ta = top_n_mask(fa, n, tie_seed) & (fa > fa.amin(dim=1, keepdim=True))
+    tb = top_n_mask(fb, n, tie_seed) & (fb > fb.amin(dim=1, keepdim=True))
     union = (ta | tb).sum(dim=1).double()
     iou = (ta & tb).sum(dim=1).double() / union
     iou[~ta.any(dim=1) | ~tb.any(dim=1)] = float("nan")

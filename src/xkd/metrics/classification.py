@@ -45,13 +45,24 @@ def accuracy(preds: Tensor, labels: Tensor) -> float:
     label="Macro-F1",
 )
 def macro_f1(preds: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Macro-averaged F1 over classes ``0..num_classes-1`` (unweighted mean of per-class F1).
+    """Macro-averaged F1: the unweighted mean of the per-class F1 over the classes **present in
+    either set**, the predictions or the labels (``sklearn.metrics.f1_score``'s default label set,
+    ``average="macro"``).
 
-    A class that is never predicted nor present scores 0 (``sklearn`` ``zero_division=0``), so
-    absent classes pull the mean down, as in the usual definition over a fixed label set.
+    A class of ``0..num_classes-1`` that is neither predicted nor a label has no F1 (0/0) and is
+    left out of the mean: counting it as 0 would score identical predictions that cover 3 of 4
+    classes at F1 0.75 with accuracy 1.0 -- against the teacher's predictions
+    (:func:`posthoc_agreement`) a class the teacher never predicts would lower every student alike.
+    A present class that is only predicted, or only a label, scores 0. ``num_classes`` bounds the
+    class indices (``0..num_classes-1``); ``nan`` for no images.
     """
     p, y = _pair(preds, labels)
-    return float(f1_score(y.numpy(), p.numpy(), average="macro", labels=list(range(num_classes)), zero_division=0))
+    if not len(y):
+        return float("nan")
+    present = torch.unique(torch.cat([p, y]))
+    if int(present.min()) < 0 or int(present.max()) >= num_classes:
+        raise ValueError(f"class indices must lie in 0..{num_classes - 1}")
+    return float(f1_score(y.numpy(), p.numpy(), average="macro", labels=present.tolist(), zero_division=0))
 
 
 @metric(
@@ -85,6 +96,8 @@ def mean_cross_entropy(logits: Tensor, labels: Tensor) -> float:
 )
 def posthoc_agreement(student_preds: Tensor, teacher_preds: Tensor, num_classes: int) -> dict[str, float]:
     """MED-TEX's post-hoc accuracy and F1: the student scored with the teacher's predictions as labels.
+
+    The F1 is :func:`macro_f1`: averaged over the classes the student or the teacher predicts.
 
     Returns:
         ``{"posthoc_agreement": accuracy, "accuracy": ..., "macro_f1": ...}``.

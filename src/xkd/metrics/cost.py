@@ -31,7 +31,14 @@ def flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     ``bmm``, convolutions, attention); element-wise operations (bias-free activations, batch norm,
     pooling, additions) and the bias add of ``addmm`` are not counted. A ``Linear(10, 5)`` is
     therefore ``2 * 10 * 5 = 100`` FLOPs, i.e. 50 multiply-accumulates (MACs). Papers often quote
-    MACs under the name FLOPs (KD-FMV's 566.89 M / 232.70 M at 224^2): compare with ``macs``.
+    MACs under the name FLOPs; compare with ``macs`` where a paper says it counts MACs.
+
+    KD-FMV's cost table gives "FLOPS (x 10^6)" of 566.89 for its DenseNet121 teacher and 232.70 for
+    its 5-block student, without saying whether these count FLOPs or MACs, nor at which input size.
+    They are not xkd's counts of those models at 224 x 224 x 3 (4 classes) under either convention:
+    ``densenet121`` is 2,833.1 M MACs (5,666.3 M FLOPs) and ``kdfmv_cnn`` (widths 32..512) 968.3 M
+    MACs (1,936.6 M FLOPs); the paper's teacher/student ratio is 2.44, xkd's 2.93 (the same for MACs
+    and FLOPs). Compare models by xkd's own counts, not against the paper's numbers.
 
     The model runs in eval mode without gradients; its train/eval flags are restored.
 

@@ -7,8 +7,8 @@
 - ROAD (Rong et al., ICML 2022) lives in :mod:`xkd.metrics.road`.
 
 Pixels are ranked by :func:`xkd.metrics.ranking.saliency_ranks`: decreasing saliency, equal saliency
-broken by pixel index (row-major, the lower index first), so results are deterministic. Perturbed
-pixels take the ``baseline`` value (a number, or a tensor broadcastable to ``(C, H, W)`` such as a
+in a seeded random order (``tie_seed``; the rule and its reasons are in :mod:`xkd.metrics.ranking`).
+Perturbed pixels take the ``baseline`` value (a number, or a tensor broadcastable to ``(C, H, W)`` such as a
 per-channel mean) in every channel. Models run in eval mode without gradients; their train/eval
 flags are restored.
 """
@@ -57,11 +57,12 @@ def fidelity_record(fid: dict[str, Any]) -> dict[str, Any]:
 @metric(
     "fidelity",
     scope="model",
+    # the map must explain the class whose survival is checked: the model's prediction
     inputs=(
         "model",
         "images",
         "labels",
-        "maps",
+        "prediction_maps",
         "keep=fidelity_keep",
         "batch_size=batch_size",
         "class_names=class_names",
@@ -87,8 +88,13 @@ def fidelity(
     baseline: float | Tensor = 0.0,
     batch_size: int = 64,
     class_names: Sequence[str] | None = None,
+    tie_seed: int = 0,
 ) -> dict[str, Any]:
     """Fidelity of explanation ``maps``: does the top-``keep`` fraction of pixels alone keep the decision?
+
+    ``maps`` must explain the class whose survival is checked, the model's prediction ``c`` (a run
+    passes each model's maps of its predicted class: the true-class maps where the model is right,
+    maps re-explained for the predicted class where it is wrong); ``labels`` only group the images.
 
     Each image keeps its ``round(keep * H * W)`` most salient pixels (at least one); the others are
     set to ``baseline``. With ``c`` the class predicted on the original image:
@@ -118,7 +124,8 @@ def fidelity(
     with eval_mode(model), torch.no_grad():
         for s in range(0, images.shape[0], batch_size):
             x = images[s : s + batch_size].to(device)
-            keep_mask = (saliency_ranks(maps[s : s + batch_size].to(device)) < n_keep).view(x.shape[0], 1, *x.shape[2:])
+            ranks = saliency_ranks(maps[s : s + batch_size].to(device), tie_seed)
+            keep_mask = (ranks < n_keep).view(x.shape[0], 1, *x.shape[2:])
             p_orig = _probs(model, x)
             p_mask = _probs(model, torch.where(keep_mask, x, torch.as_tensor(baseline, dtype=x.dtype, device=device)))
             c = p_orig.argmax(dim=1, keepdim=True)
@@ -157,6 +164,7 @@ def perturbation_curves(
     baseline: float | Tensor = 0.0,
     batch_size: int = 64,
     targets: Tensor | None = None,
+    tie_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Class probability along a deletion or insertion path (RISE, Petsiuk et al. 2018).
 
@@ -184,7 +192,7 @@ def perturbation_curves(
             x = images[s : s + per_chunk].to(device)
             b = x.shape[0]
             base = torch.as_tensor(baseline, dtype=x.dtype, device=device)
-            top = saliency_ranks(maps[s : s + per_chunk].to(device))[None] < counts[:, None, None]
+            top = saliency_ranks(maps[s : s + per_chunk].to(device), tie_seed)[None] < counts[:, None, None]
             top = top.view(steps + 1, b, 1, h, w)
             xs = torch.where(top, base, x[None]) if mode == "deletion" else torch.where(top, x[None], base)
             probs = _probs(model, xs.reshape((steps + 1) * b, ch, h, w)).view(steps + 1, b, -1)
@@ -226,6 +234,7 @@ def deletion_auc(
     baseline: float | Tensor = 0.0,
     batch_size: int = 64,
     targets: Tensor | None = None,
+    tie_seed: int = 0,
 ) -> dict[str, Any]:
     """Deletion AUC (RISE, Petsiuk et al. 2018, §4.1): area under the class probability as the most
     salient pixels are removed, trapezoid rule over the removed fraction in [0, 1]. Lower is better:
@@ -235,7 +244,9 @@ def deletion_auc(
         ``{"deletion_auc": mean over images, "per_image": (N,), "curve": mean curve (steps + 1,),
         "fractions": (steps + 1,)}``.
     """
-    curve, fractions = perturbation_curves(model, images, maps, "deletion", steps, baseline, batch_size, targets)
+    curve, fractions = perturbation_curves(
+        model, images, maps, "deletion", steps, baseline, batch_size, targets, tie_seed
+    )
     return _auc_result("deletion_auc", curve, fractions)
 
 
@@ -258,6 +269,7 @@ def insertion_auc(
     baseline: float | Tensor = 0.0,
     batch_size: int = 64,
     targets: Tensor | None = None,
+    tie_seed: int = 0,
 ) -> dict[str, Any]:
     """Insertion AUC (RISE, Petsiuk et al. 2018, §4.1): area under the class probability as the most
     salient pixels are inserted into a baseline image, trapezoid rule over the inserted fraction in
@@ -267,7 +279,9 @@ def insertion_auc(
         ``{"insertion_auc": mean over images, "per_image": (N,), "curve": mean curve (steps + 1,),
         "fractions": (steps + 1,)}``.
     """
-    curve, fractions = perturbation_curves(model, images, maps, "insertion", steps, baseline, batch_size, targets)
+    curve, fractions = perturbation_curves(
+        model, images, maps, "insertion", steps, baseline, batch_size, targets, tie_seed
+    )
     return _auc_result("insertion_auc", curve, fractions)
 
 

@@ -3,8 +3,11 @@
 - :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop",
   ECCV 2016 / IJCV 2018, §5.1, here without the 15-pixel tolerance.
 - :func:`top_k_iou` -- MED-TEX (Nguyen-Duc et al., IEEE ISBI 2022, eq. 14): overlap of the map's K most salient pixels
-  with the mask. The paper's eq. 14, ``2|A ∩ B| / (|A| + |B|)``, is the Dice coefficient, not IoU;
-  both are reported under their right names; :func:`top_k_dice` registers the Dice on its own.
+  with the mask. The paper's eq. 14 is printed as ``IoU_topK = 2 |A ∩ B| / |A ∪ B|``: twice the IoU
+  (range ``[0, 2]``), neither the IoU nor the Dice coefficient ``2 |A ∩ B| / (|A| + |B|)``. xkd
+  drops eq. 14's factor 2 and reports both the IoU ``|A ∩ B| / |A ∪ B|`` (the name the paper
+  gives, :func:`top_k_iou`) and the Dice (:func:`top_k_dice`), each under its own name; a value
+  of eq. 14 as printed is ``2 * top_k_iou``.
 - :func:`mask_mass` -- the share of positive attribution inside the mask: the "energy-based pointing
   game" of Wang et al., "Score-CAM", CVPR Workshops 2020, localisation evaluation (``sum_{in mask} L / sum L`` for a
   map ``L >= 0``).
@@ -17,15 +20,16 @@ left out of the mean, never counted as 0) and counted in ``skipped_empty``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from xkd.explain.superpixel import segment_means
 from xkd.metrics.agreement import top_n_mask
 from xkd.metrics.base import Column, headline, metric
 
-MEDTEX_SIDE = 224
+MEDTEX_SIDE = 224  # assumed side of MED-TEX's inputs (the paper does not state it): see medtex_k_values
 
 
 def _flat(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,8 +44,15 @@ def _flat(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def medtex_k_values(h: int, w: int) -> list[int]:
-    """MED-TEX's K in {k * 32 * 32 | k = 1..6} pixels, scaled from its 224x224 inputs to ``h x w``:
-    ``K_k = round(k * 1024 * h * w / 224^2)``, kept within ``[1, h * w]``."""
+    """MED-TEX's K in {k * 32 * 32 | k = 1..6} pixels (Fig. 2 / eq. 14), scaled to ``h x w``:
+    ``K_k = round(k * 1024 * h * w / 224^2)``, kept within ``[1, h * w]``.
+
+    The paper gives K in pixels but does not state the size of its fundus inputs. xkd **assumes
+    224 x 224** (:data:`MEDTEX_SIDE`, the usual input size of ImageNet backbones) and
+    keeps K the same share of the image at any size -- ``k * 1024 / 224^2``, about ``2.04 k`` % of
+    the pixels -- so the paper's K values come back exactly at 224 x 224 (``K_1 = 1024``) and a
+    64 x 64 image gets ``K_1 = 84`` ... ``K_6 = 502``. Under another assumed side ``s`` the shares
+    would scale by ``(224 / s)^2``; pass ``k_pixels`` to the metrics to use other K."""
     return [min(h * w, max(1, round(k * 1024 * h * w / (MEDTEX_SIDE * MEDTEX_SIDE)))) for k in range(1, 7)]
 
 
@@ -86,8 +97,8 @@ def pointing_game(maps: Tensor, masks: Tensor) -> dict[str, Any]:
     }
 
 
-def _iou_dice(flat: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    top = top_n_mask(flat, k)
+def _iou_dice(flat: Tensor, m: Tensor, k: int, tie_seed: int = 0) -> tuple[Tensor, Tensor]:
+    top = top_n_mask(flat, k, tie_seed)
     inter = (top & m).sum(dim=1).double()
     iou = inter / (top | m).sum(dim=1).double()
     dice = 2 * inter / (top.sum(dim=1) + m.sum(dim=1)).double()
@@ -105,12 +116,15 @@ def _iou_dice(flat: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor]:
     default=True,
     record=lambda r: {"top_k_iou": headline(r, "top_k_iou"), "top_k": _per_k(r)},
 )
-def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None) -> dict[str, Any]:
+def top_k_iou(
+    maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None, tie_seed: int = 0
+) -> dict[str, Any]:
     """IoU (and Dice) between each map's ``K`` most salient pixels ``A`` and the mask ``B``.
 
-    ``IoU = |A ∩ B| / |A ∪ B|``; ``Dice = 2 |A ∩ B| / (|A| + |B|)`` (MED-TEX eq. 14). A map equal to
-    its mask scores 1 on both when ``K`` is the mask's area. Ties in saliency are broken by pixel
-    index.
+    ``IoU = |A ∩ B| / |A ∪ B|``; ``Dice = 2 |A ∩ B| / (|A| + |B|)``. MED-TEX's eq. 14 prints
+    ``2 |A ∩ B| / |A ∪ B|`` (twice the IoU, in ``[0, 2]``); its factor 2 is dropped. A map equal to
+    its mask scores 1 on both when ``K`` is the mask's area. Ties in saliency are broken in the seeded
+    random order of :mod:`xkd.metrics.ranking` (``tie_seed``).
 
     Args:
         maps: ``(N, H, W)`` explanation maps.
@@ -130,7 +144,7 @@ def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None 
         raise ValueError(f"k_pixels must lie in 1..{h * w}, got {ks}")
     per_k = {}
     for k in ks_list:
-        iou, dice = _iou_dice(flat, m, k)
+        iou, dice = _iou_dice(flat, m, k, tie_seed)
         nan = float("nan")
         per_k[k] = {"iou": float(iou.mean()) if len(iou) else nan, "dice": float(dice.mean()) if len(dice) else nan}
     out: dict[str, Any] = {
@@ -156,22 +170,28 @@ def top_k_iou(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None 
     default=True,
     record=lambda r: {"top_k_dice": headline(r, "top_k_dice"), "top_k": _per_k(r)},
 )
-def top_k_dice(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None) -> dict[str, Any]:
+def top_k_dice(
+    maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None = None, tie_seed: int = 0
+) -> dict[str, Any]:
     """Dice ``2 |A ∩ B| / (|A| + |B|)`` between each map's ``K`` most salient pixels ``A`` and the mask
-    ``B`` (MED-TEX eq. 14 as written); the same computation as :func:`top_k_iou`, whose arguments it takes.
+    ``B``; the same computation as :func:`top_k_iou`, whose arguments it takes. Not MED-TEX's eq. 14,
+    which prints ``2 |A ∩ B| / |A ∪ B|`` (twice the IoU, in ``[0, 2]``): xkd drops that factor 2 and
+    reports the IoU and the Dice, each under its own name.
 
     Returns:
         ``{"top_k_dice", "top_k_iou", "k_pixels", "evaluated", "skipped_empty"}``, plus ``"per_k"``
         when several ``K`` are given.
     """
-    out = top_k_iou(maps, masks, k_pixels)
+    out = top_k_iou(maps, masks, k_pixels, tie_seed)
     return {"top_k_dice": out.pop("dice"), **out}
 
 
 @metric(
     "mask_mass",
     scope="model",
-    inputs=("maps", "masks"),
+    # segments and map_form: a superpixel-form map is read once per superpixel (the scoring loop
+    # computes segments when a selected metric declares them; pixel-form maps do not use them)
+    inputs=("maps", "masks", "segments=segments", "form=map_form"),
     higher_is_better=True,
     category="localisation",
     label="Mask mass",
@@ -182,7 +202,9 @@ def top_k_dice(maps: Tensor, masks: Tensor, k_pixels: int | Sequence[int] | None
         "undefined": {"no_positive_attribution": r["skipped_no_positive"]},
     },
 )
-def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
+def mask_mass(
+    maps: Tensor, masks: Tensor, segments: Tensor | None = None, form: Literal["pixel", "superpixel"] = "pixel"
+) -> dict[str, Any]:
     """Share of the positive attribution that falls inside the mask (energy-based pointing game,
     Wang et al., "Score-CAM", CVPR-W 2020, localisation evaluation)::
 
@@ -193,17 +215,55 @@ def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
     area fraction. Undefined (``nan``, left out of the mean) for an empty mask (``skipped_empty``)
     or a map without positive values (``skipped_no_positive``, e.g. an all-zero Grad-CAM).
 
+    **Superpixel-form maps** (``form="superpixel"``: KernelSHAP, LIME, any ``<name>+superpixel``,
+    where every pixel holds its superpixel's whole value) are scored once per superpixel, as the
+    superpixel metrics read them (:mod:`xkd.metrics.superpixel`, ``form``): summing over pixels
+    would weight each superpixel's value by its area -- two superpixels valued 1, of 10 px inside
+    the mask and 90 px outside, would score 10/100 = 0.1 instead of 1/2. With superpixel ``s``'s
+    value ``v_s`` (the mean of the map over ``s``, :func:`~xkd.explain.superpixel.segment_means`:
+    its value when the map was made with the same ``segments``) and ``f_s = |s ∩ mask| / |s|``::
+
+        mass = sum_s max(v_s, 0) f_s / sum_s max(v_s, 0)
+
+    A superpixel counts as inside the mask in proportion to the share of its pixels inside
+    (xkd's choice; no source defines it): the rule :func:`pointing_game` uses for tied maxima, and
+    the same as any majority or all-pixels rule for a superpixel that lies wholly inside or outside
+    the mask. A pixel-form map is the case of one-pixel superpixels (``f_s`` 0 or 1). The segments
+    are the scoring loop's (``evaluation.superpixel``); an explainer run with other SLIC parameters
+    is read through them, as the superpixel agreement metrics read it.
+
+    Args:
+        maps: ``(N, H, W)`` explanation maps.
+        masks: boolean ``(N, H, W)`` ground truth.
+        segments: integer superpixel labels ``(N, H, W)``; needed for ``form="superpixel"`` only.
+        form: ``"pixel"`` or ``"superpixel"`` (how the explainer's maps hold their values).
+
     Returns:
         ``{"mask_mass", "per_image" (N,) float64 with nans, "evaluated", "skipped_empty",
         "skipped_no_positive"}``.
     """
     _flat(maps, masks)  # shape check
-    pos = maps.detach().flatten(1).double().cpu().clamp_min(0)
+    if form not in ("pixel", "superpixel"):
+        raise ValueError(f"form must be 'pixel' or 'superpixel', got {form!r}")
     m = masks.detach().flatten(1).bool().cpu()
+    if form == "superpixel":
+        if segments is None or segments.shape != maps.shape:
+            got = None if segments is None else tuple(segments.shape)
+            raise ValueError(
+                f"superpixel-form maps need their segments (N, H, W) like the maps {tuple(maps.shape)}, got {got}"
+            )
+        seg = segments.detach().cpu().long()
+        if seg.numel() and int(seg.min()) < 0:
+            raise ValueError("segments must hold labels 0..S-1 (got negative labels)")
+        pos = segment_means(maps.detach().cpu(), seg).clamp_min(0)  # (N, S_max), 0 for absent labels
+        inside = segment_means(masks.detach().cpu().double(), seg)  # f_s
+    else:
+        pos = maps.detach().flatten(1).double().cpu().clamp_min(0)
+        inside = m.double()
     total = pos.sum(dim=1)
     empty = ~m.any(dim=1)
     no_pos = ~empty & (total <= 0)
-    per_image = (pos * m).sum(dim=1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    per_image = (pos * inside).sum(dim=1) / total.clamp_min(torch.finfo(torch.float64).tiny)
     per_image[empty | no_pos] = float("nan")
     ok = ~(empty | no_pos)
     return {
@@ -228,7 +288,7 @@ def mask_mass(maps: Tensor, masks: Tensor) -> dict[str, Any]:
         Column("region_recall", "Region recall", "share of the evidence region among the top pixels"),
     ),
 )
-def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1) -> dict[str, Any]:
+def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1, tie_seed: int = 0) -> dict[str, Any]:
     """Precision and recall of each map's top ``fraction`` of pixels against the known discriminative
     region (the synthetic ground-truth experiment of Han et al., ICML 2023).
 
@@ -247,7 +307,7 @@ def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1) 
     if n == 0:
         return {"region_precision": nan, "region_recall": nan, "fraction": fraction, "evaluated": 0,
                 "skipped_empty": int((~valid).sum())}  # fmt: skip
-    top = top_n_mask(flat, max(1, round(fraction * flat.shape[1])))
+    top = top_n_mask(flat, max(1, round(fraction * flat.shape[1])), tie_seed)
     inter = (top & m).sum(dim=1).double()
     return {
         "region_precision": float((inter / top.sum(dim=1)).mean()),

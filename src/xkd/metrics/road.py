@@ -2,7 +2,9 @@
 (Remove And Debias), ICML 2022: removed pixels are filled by noisy linear imputation
 (:func:`linear_imputation`) instead of a constant, so the perturbed images stay close to the data
 and the score measures the attribution rather than the model's reaction to out-of-distribution
-holes. Pixels are ranked by :func:`xkd.metrics.ranking.saliency_ranks` (ties by pixel index).
+holes. Pixels are ranked by :func:`xkd.metrics.ranking.saliency_ranks`, ties in a seeded random
+order (``tie_seed``): an index tie-break would make the LeRF mask of a map with flat regions (a
+Grad-CAM's zeros) a band of rows, the mask-shape leak ROAD removes (see :mod:`xkd.metrics.ranking`).
 """
 
 from __future__ import annotations
@@ -289,6 +291,7 @@ def road(
     backend: Literal["torch", "scipy"] = "torch",
     tol: float = 1e-7,
     max_iter: int = 5000,
+    tie_seed: int = 0,
 ) -> dict[str, Any]:
     """ROAD, Remove And Debias (Rong et al., ICML 2022): perturbation curves with noisy linear imputation.
 
@@ -308,8 +311,9 @@ def road(
     in [-1, 1], higher is better: positive when the map ranks evidence above non-evidence, negative
     for an inverted map, ~0 for a random one. Both curves are returned for the paper's plots.
 
-    Details: pixels are ranked by :func:`saliency_ranks` (ties by index); ``floor(p * H * W)`` pixels
-    are removed (as the reference code's ``int``). ``targets`` None explains the class predicted on
+    Details: pixels are ranked by :func:`saliency_ranks`, ties in the seeded random order of
+    ``tie_seed`` (MoRF and LeRF are the two ends of one order, so at one ``p <= 1/2`` they share no
+    pixel); ``floor(p * H * W)`` pixels are removed (as the reference code's ``int``). ``targets`` None explains the class predicted on
     the original image. Image ``i``'s noise comes from ``torch.Generator().manual_seed(seed + i)``,
     so results do not depend on ``batch_size``. ``backend``, ``tol``, ``max_iter``: see
     :func:`linear_imputation`. With ``"torch"``, the ``2 P`` masks of up to ``2**20 / (2 P C H W)``
@@ -350,7 +354,7 @@ def road(
         for s in range(0, n, per_chunk):
             x = images[s : s + per_chunk].detach().cpu()
             b = x.shape[0]
-            ranks = saliency_ranks(maps[s : s + per_chunk].detach().cpu())  # (b, HW)
+            ranks = saliency_ranks(maps[s : s + per_chunk].detach().cpu(), tie_seed)  # (b, HW)
             morf = ranks[None] < counts[:, None, None]  # (P, b, HW)
             lerf = ranks[None] >= (h * w - counts)[:, None, None]
             removed = torch.cat([morf, lerf]).view(2 * n_p * b, h, w)

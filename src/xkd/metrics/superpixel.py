@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from xkd.explain.superpixel import segment_means, segment_sums
-from xkd.metrics.base import headline, metric
+from xkd.metrics.base import Column, headline, metric
+from xkd.metrics.ranking import saliency_order
 
 Form = Literal["pixel", "superpixel"]
 
@@ -75,12 +76,21 @@ def _selection(correct: Tensor | None, n: int) -> Tensor:
 @metric(
     "superpixel_mse",
     scope="agreement",
-    inputs=("teacher_maps", "student_maps", "segments", "form=map_form"),
+    inputs=("teacher_maps", "student_maps", "segments", "correct=same_prediction", "form=map_form"),
     higher_is_better=False,
     category="agreement",
     label="SP MSE",
-    description="superpixel sums vs the teacher's",
+    description="superpixel values vs the teacher's, on images both assign the same class",
     default=True,
+    record=lambda r: {
+        "superpixel_mse": r["superpixel_mse"],
+        "superpixel_mse_all_images": r["all_images"],
+        "superpixel_mse_images": r["evaluated"],
+    },
+    columns=(
+        Column("superpixel_mse", "SP MSE", "superpixel values vs the teacher's, images both assign the same class"),
+        Column("superpixel_mse_all_images", "SP MSE (all images)", "the same over every explained image"),
+    ),
     # each image's superpixel vector scaled by its largest |value| (signs kept): teacher and student
     # maps of most explainers live on different scales (metric_params normalize: false for raw)
     kwargs={"normalize": True},
@@ -107,9 +117,13 @@ def superpixel_mse(
     min-max scaling would move the zero). A vector of zeros stays zero. ``form="superpixel"`` for
     maps already in superpixel form (see :func:`_superpixel_values`).
 
+    ``correct`` selects the images averaged: XDistillation's Table IV uses only the inputs where
+    teacher and student predict the same class (a run passes that selection); ``all_images`` is the
+    mean over every image, reported beside it.
+
     Returns:
-        ``{"superpixel_mse", "per_image" (N,) float64 (nan for unselected images), "evaluated",
-        "skipped"}``.
+        ``{"superpixel_mse", "all_images", "per_image" (N,) float64 (nan for unselected images),
+        "evaluated", "skipped"}``.
     """
     sa, sb, real = _superpixel_values(a, b, segments, form)
     sel = _selection(correct, a.shape[0])
@@ -117,21 +131,24 @@ def superpixel_mse(
         sa = sa / sa.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         sb = sb / sb.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     per_image = ((sa - sb) ** 2 * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+    all_images = float(per_image.mean()) if len(per_image) else float("nan")
     per_image[~sel] = float("nan")
     return {
         "superpixel_mse": float(per_image[sel].mean()) if sel.any() else float("nan"),
+        "all_images": all_images,
         "per_image": per_image,
         "evaluated": int(sel.sum()),
         "skipped": int((~sel).sum()),
     }
 
 
-def _top_k(values: Tensor, real: Tensor, k: int) -> Tensor:
-    """Boolean mask of each row's ``k`` largest ``|values|`` among its real, non-zero superpixels (ties
-    by index): a superpixel with no attribution is not important, so a sparse row has fewer."""
+def _top_k(values: Tensor, real: Tensor, k: int, tie_seed: int = 0) -> Tensor:
+    """Boolean mask of each row's ``k`` largest ``|values|`` among its real, non-zero superpixels
+    (equal values in the seeded random order of :mod:`xkd.metrics.ranking`, not by index): a
+    superpixel with no attribution is not important, so a sparse row has fewer."""
     live = real & (values != 0)
     score = values.abs().masked_fill(~live, -1.0)  # padded and zero entries rank last
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    order = saliency_order(score, tie_seed)[:, :k]
     top = torch.zeros_like(real).scatter_(1, order, True)
     return top & live
 

@@ -134,14 +134,15 @@ def _cards(
 
 
 def unicam_kinds(samples: dict, keys: list[str]) -> dict[str, str]:
-    """Explainer key -> UniCAM map kind (``distilled``/``residual``) for the UniCAM entries among ``keys``."""
+    """Explainer key -> UniCAM map kind (``residual`` by default, ``distilled``, ``kd_given_base``,
+    ``base_given_kd``) for the UniCAM entries among ``keys``."""
     entries = ((samples.get("config") or {}).get("explainers")) or []
     out = {}
     for e in entries:
         if e.get("name") == "unicam":
             key = e.get("label") or e.get("name")
             if key in keys:
-                out[key] = (e.get("params") or {}).get("kind", "distilled")
+                out[key] = (e.get("params") or {}).get("kind", "residual")
     return out
 
 
@@ -160,7 +161,7 @@ def explainer_sections(
         anchor = f"explainer-{slug(ex)}"
         out.append({"key": ex, "anchor": anchor, "title": explainer_name(ex), "tables": tables, "cards": cards})
     kinds = unicam_kinds(samples, keys)
-    if len(set(kinds.values())) > 1:  # distilled and residual maps of each student side by side
+    if len(set(kinds.values())) > 1:  # the UniCAM kinds of each student side by side
         series = [(f"{r} · {kind}", r, ex) for r in roles for ex, kind in kinds.items()]
         cards = _cards(run_dir, samples, tensors, class_names, series, "unicam_pair")
         if cards:

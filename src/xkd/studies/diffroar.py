@@ -6,9 +6,14 @@ to compare KD, label smoothing and scratch students.
 
 For a fraction ``k`` of pixels, every train, validation and test image is reduced to the ``k``
 pixels its attribution map ranks **highest** (``keep_top``), or to the ``k`` ranked **lowest**
-(``keep_bottom``); removed pixels take the training set's per-channel mean (ROAR's fill, so a
-removed pixel carries no information). A fresh model of a fixed architecture is trained from scratch
-on each reduced training set and its test accuracy measured on the equally reduced test set::
+(``keep_bottom``). Pixels are ranked by the attribution's **magnitude** ``|value|``, as the authors'
+code does (harshays/inputgradients, ``get_attribution_indices``: ``np.abs`` then ``argsort``): strong
+negative evidence counts as salient, so a signed map's keep-bottom keeps the pixels nearest 0, not its
+most negative ones. Both sides come from one ordering, equal magnitudes in the seeded random order of
+:mod:`xkd.metrics.ranking` (``tie_seed``), so keep-top and keep-bottom never share a pixel while
+``k <= 1/2``. Removed pixels take the training set's per-channel mean (ROAR's fill, so a removed
+pixel carries no information). A fresh model of a fixed architecture is trained from scratch on each
+reduced training set and its test accuracy measured on the equally reduced test set::
 
     DiffROAR(k) = acc(keep_top k) - acc(keep_bottom k)
 
@@ -19,7 +24,8 @@ top k" is "remove the bottom 1 - k".) Maps explain the true class of each image.
 Retraining is the expensive part: each ``(explained model, explainer, k, side)`` result is cached as
 JSON next to its checkpoint under ``cache_dir/diffroar/<key>/``, keyed by the explained model's
 weights, the explainer and its parameters, ``k``, the side, the data config, the retrained
-architecture and its budget, and the seed. Re-running a study only retrains what changed.
+architecture and its budget, the seed, and the ranking rule and its tie seed. Re-running a study
+only retrains what changed.
 """
 
 from __future__ import annotations
@@ -39,24 +45,27 @@ from xkd.distill import build_distiller
 from xkd.engine.trainer import Trainer
 from xkd.explain import build_explainer
 from xkd.files import read_json, write_json
-from xkd.metrics.agreement import top_n_mask
 from xkd.metrics.classification import evaluate_model
+from xkd.metrics.ranking import saliency_ranks
 from xkd.models import build_model
 from xkd.schema import to_dict
 
 log = logging.getLogger("xkd")
 
 
-def keep_pixels(images: Tensor, maps: Tensor, fraction: float, side: str, fill: Tensor) -> Tensor:
+def keep_pixels(images: Tensor, maps: Tensor, fraction: float, side: str, fill: Tensor, tie_seed: int = 0) -> Tensor:
     """``images`` with only each map's top (``side="top"``) or bottom (``"bottom"``) ``fraction`` of
-    pixels kept; every other pixel (all channels) set to ``fill`` ``(C,)``. Ties break by pixel index."""
+    pixels by ``|value|`` kept; every other pixel (all channels) set to ``fill`` ``(C,)``. Both sides
+    are the two ends of one ranking, ties in the seeded random order of ``tie_seed`` (see the module
+    docstring)."""
     if side not in ("top", "bottom"):
         raise ValueError(f"side must be 'top' or 'bottom', got {side!r}")
     n, c, h, w = images.shape
     if maps.shape != (n, h, w):
         raise ValueError(f"maps {tuple(maps.shape)} must be (N, H, W) = {(n, h, w)}")
-    flat = maps.detach().flatten(1).float()
-    keep = top_n_mask(flat if side == "top" else -flat, max(1, round(fraction * h * w))).view(n, 1, h, w)
+    ranks = saliency_ranks(maps.detach().flatten(1).float().abs(), tie_seed)
+    count = max(1, round(fraction * h * w))
+    keep = (ranks < count if side == "top" else ranks >= h * w - count).view(n, 1, h, w)
     return torch.where(keep.to(images.device), images, fill.view(1, c, 1, 1).to(images))
 
 
@@ -104,6 +113,7 @@ def diffroar(
     seed: int,
     device: torch.device,
     cache_dir: Path,
+    tie_seed: int = 0,
 ) -> dict[str, Any]:
     """DiffROAR of ``model``'s ``cfg.explainer`` maps at every ``cfg.fractions`` (see the module doc).
 
@@ -112,6 +122,7 @@ def diffroar(
         model_key: identifies its weights (:func:`xkd.pipeline.weights_key`), for the cache.
         splits: ``{"train", "val", "test"}`` tensor datasets of the study's data.
         data_key: anything that identifies the data (its config), for the cache.
+        tie_seed: the seed of the tie-break order among equal magnitudes (see :func:`keep_pixels`).
 
     Returns:
         ``{"fractions", "keep_top", "keep_bottom", "diffroar", "cached"}`` (lists aligned with
@@ -133,7 +144,7 @@ def diffroar(
             what = dict(
                 model=model_key, explainer=cfg.explainer, explainer_params=cfg.explainer_params, fraction=fraction,
                 side=side, data=data_key, retrain=to_dict(retrain_model), epochs=cfg.epochs,
-                batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, ranking="magnitude", tie_seed=tie_seed,
             )  # fmt: skip
             key = Cache.key(what)
             folder = Cache(cache_dir).folder("diffroar", key)
@@ -154,7 +165,7 @@ def diffroar(
                             ]
                         )
             reduced = {
-                name: TensorImageDataset(keep_pixels(ds.images, maps[name], fraction, side, fill), ds.labels)
+                name: TensorImageDataset(keep_pixels(ds.images, maps[name], fraction, side, fill, tie_seed), ds.labels)
                 for name, ds in splits.items()
             }
             log.info("DiffROAR: retraining on the %s %.0f%% pixels (%s)", side, 100 * fraction, key)
