@@ -156,3 +156,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class ItemByItem(torch.utils.data.Dataset):
+    """The items of an in-memory dataset served one by one, as an image folder that decodes lazily
+    serves them (no ``batch`` method: loaders collate it item by item)."""
+
+    def __init__(self, ds: TensorImageDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i]
+
+
+@pytest.fixture(scope="session")
+def item_by_item():
+    """``item_by_item(dataset)``: ``dataset`` without its batched gathering (see :class:`ItemByItem`)."""
+    return ItemByItem

@@ -4,37 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from xkd.data.base import BatchLoader, TensorImageDataset, resolve_workers
+from xkd.data.base import BatchLoader, resolve_workers
 from xkd.engine.trainer import on_device
 
 
-class Lazy(Dataset):
-    def __init__(self, ds: TensorImageDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.ds[i]
-
-
-def test_workers_only_for_data_that_decodes_lazily(tiny_data, monkeypatch):
+def test_workers_only_for_data_that_decodes_lazily(tiny_data, item_by_item, monkeypatch):
     ds = tiny_data(n=6)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert resolve_workers("auto", ds) == 0 and resolve_workers(4, ds) == 0  # gathered by index instead
-    assert resolve_workers("auto", Lazy(ds)) == 8 and resolve_workers(2, Lazy(ds)) == 2
+    assert resolve_workers("auto", item_by_item(ds)) == 8 and resolve_workers(2, item_by_item(ds)) == 2
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert resolve_workers("auto", Lazy(ds)) == 1
+    assert resolve_workers("auto", item_by_item(ds)) == 1
 
 
-def test_lazy_data_through_worker_processes_gives_the_same_batches(tiny_data):
+def test_lazy_data_through_worker_processes_gives_the_same_batches(tiny_data, item_by_item):
     ds = tiny_data(n=10)
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3))
     direct = list(BatchLoader(ds, 4, order))
-    workers = list(BatchLoader(Lazy(ds), 4, order, num_workers=2))
+    workers = list(BatchLoader(item_by_item(ds), 4, order, num_workers=2))
     for a, b in zip(direct, workers, strict=True):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from xkd.data import BatchLoader, TensorImageDataset, make_loader
+from xkd.data import BatchLoader, make_loader
 from xkd.data.base import Batch
 from xkd.distill import build_distiller
 from xkd.engine.trainer import Trainer, predict_logits
@@ -17,25 +16,12 @@ from xkd.registry import DISTILLERS
 from xkd.runner import run
 
 
-class Items(Dataset):
-    """The same items as a TensorImageDataset, served one by one (as an image folder does)."""
-
-    def __init__(self, ds: TensorImageDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.ds[i]
-
-
-def test_in_memory_and_item_datasets_give_the_same_batches_with_their_indices(tiny_data):
+def test_in_memory_and_item_datasets_give_the_same_batches_with_their_indices(tiny_data, item_by_item):
     ds = tiny_data(n=10)
     ds.images = (ds.images * 255).to(torch.uint8)  # stored as bytes, scaled on access
     order = torch.tensor([3, 1, 4, 0, 9, 2, 6, 5, 8, 7])
     fast = list(BatchLoader(ds, 4, order))
-    slow = list(BatchLoader(Items(ds), 4, order))
+    slow = list(BatchLoader(item_by_item(ds), 4, order))
     assert [len(b) for b in fast] == [4, 4, 2]
     for a, b in zip(fast, slow):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
