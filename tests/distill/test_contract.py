@@ -26,6 +26,7 @@ CASES: dict[str, dict] = {
     "scratch": {},
     "label_smoothing": {},
     "hinton_kd": {},
+    "dist": {},
     "dkd": {"warmup_steps": 1},
     "fitnets": {},
     "at": {},

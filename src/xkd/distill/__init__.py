@@ -1,7 +1,7 @@
 """Distillers: one class per method, registered by name.
 
 Importing this package registers the built-in distillers: ``scratch``, ``hinton_kd``,
-``label_smoothing``, ``dkd`` (logits); ``fitnets``, ``at``, ``nst``, ``ab``, ``vid`` (features);
+``label_smoothing``, ``dkd``, ``dist`` (logits); ``fitnets``, ``at``, ``nst``, ``ab``, ``vid`` (features);
 ``sp``, ``rkd``, ``pkt`` (relations); ``medtex``, ``medex``, ``medtex_student_only`` (MED-TEX and
 its ablations); ``xdistill`` (XDistillation); ``teacher_assistant`` (a chain teacher -> assistant ->
 student).
@@ -11,7 +11,7 @@ from xkd.distill.assistant import TeacherAssistant
 from xkd.distill.base import DistillContext, Distiller, build_distiller, distiller_params
 from xkd.distill.cae import CAE
 from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
-from xkd.distill.logits import DKD, HintonKD, LabelSmoothing, Scratch, dkd_terms, kd_loss
+from xkd.distill.logits import DIST, DKD, HintonKD, LabelSmoothing, Scratch, dist_terms, dkd_terms, kd_loss
 from xkd.distill.medtex import (
     ExplainerNet,
     MaskedStudent,
@@ -25,6 +25,7 @@ from xkd.distill.xdistill import XDistillation, XDistillParams, XDistillStudent
 
 __all__ = [
     "CAE",
+    "DIST",
     "DKD",
     "NST",
     "PKT",
@@ -51,6 +52,7 @@ __all__ = [
     "XDistillation",
     "build_distiller",
     "distiller_params",
+    "dist_terms",
     "dkd_terms",
     "kd_loss",
     "teacher_cross_entropy",

@@ -230,3 +230,75 @@ class DKD(Distiller):
             "tckd": r * p.alpha * tckd,
             "nckd": r * p.beta * nckd,
         }
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (DIST's ``eps`` in the
+    denominator, as the authors' code)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_terms(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """DIST's two relations (Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A Stronger
+    Teacher", NeurIPS 2022, eq. 5-7), each ``T^2 * (1 - mean Pearson correlation)`` of the
+    temperature-softened probabilities ``softmax(z / T)``:
+
+    - inter-class: per image, the correlation across classes of student and teacher (rows);
+    - intra-class: per class, the correlation across the batch's images (columns).
+
+    Pearson correlation is invariant to shift and scale, so the student matches the teacher's
+    ranking of classes and of images, not its exact probabilities (the relaxed match DIST argues for
+    with a much stronger teacher). Computed in fp32 also under autocast.
+    """
+    t = temperature
+    ys = F.softmax(student_logits.float() / t, dim=1)
+    yt = F.softmax(teacher_logits.float() / t, dim=1)
+    inter = 1.0 - _pearson_rows(ys, yt).mean()
+    intra = 1.0 - _pearson_rows(ys.t(), yt.t()).mean()
+    return inter * (t * t), intra * (t * t)
+
+
+@dataclass
+class DISTParams:
+    """DIST: ``L = ce_weight * CE + beta * inter + gamma * intra``.
+
+    Attributes:
+        beta, gamma: weights of the inter- and intra-class relations (the authors' DIST module
+            defaults to 1 and 1).
+        temperature: ``T`` of the softened probabilities (4 in the common CIFAR recipes).
+        ce_weight: weight of the cross-entropy on the labels (1, as the authors train).
+    """
+
+    beta: float = 1.0
+    gamma: float = 1.0
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("beta", "gamma", "ce_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+@DISTILLERS.register("dist")
+class DIST(Distiller):
+    """DIST (Huang et al., NeurIPS 2022): the student matches the teacher's inter-class and
+    intra-class relations, measured by Pearson correlation (:func:`dist_terms`). Returns the terms
+    ``ce``, ``inter`` and ``intra``. Reads only the teacher's logits (cached during training)."""
+
+    Params = DISTParams
+    teacher_logits_only = True
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        p: DISTParams = self.params
+        logits = self.student(batch.images)
+        inter, intra = dist_terms(logits, self.teacher_logits(batch), p.temperature)
+        return logits, {
+            "ce": p.ce_weight * F.cross_entropy(logits, batch.labels),
+            "inter": p.beta * inter,
+            "intra": p.gamma * intra,
+        }
