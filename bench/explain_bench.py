@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from xkd.data import build_dataset
-from xkd.evaluate import all_labels, gather
+from xkd.data.base import fetch
+from xkd.evaluate import all_labels
 from xkd.files import library_versions, write_json
 from xkd.models import build_model
 from xkd.plan import load_config, resolve
@@ -39,7 +40,7 @@ def main() -> None:
     cfg = load_config(args.config)
     data = build_dataset(cfg.data)
     n = min(200, len(data.test)) if args.quick else len(data.test)
-    batch = gather(data.test, torch.arange(n))
+    batch = fetch(data.test, torch.arange(n))
     images, labels = batch.images, batch.labels
     c, h, w = data.image_shape
     torch.manual_seed(cfg.seed)

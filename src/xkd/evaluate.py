@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from xkd.data import DataBundle, make_loader
-from xkd.data.base import Batch, collate
+from xkd.data.base import fetch
 from xkd.engine.trained import TrainedModel
 from xkd.errors import NonFiniteAttributionError
 from xkd.files import atomic_write_bytes, library_versions
@@ -49,11 +49,6 @@ def sample_indices(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
     for c in range(num_classes):
         out.append(torch.nonzero(labels == c).flatten()[:per_class])
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-def gather(dataset: Any, index: Tensor) -> Batch:
-    """The items ``index`` of ``dataset`` as one batch."""
-    return collate([dataset[int(i)] for i in index])
 
 
 def all_labels(dataset: Any) -> Tensor:
@@ -141,7 +136,7 @@ def evaluate_run(
     t_explain = time.perf_counter()
     test_labels = all_labels(data.test)
     idx = select_indices(test_labels, ev.num_images, cfg.seed)
-    batch = gather(data.test, idx)
+    batch = fetch(data.test, idx)
     images, labels, masks = batch.images.to(device), batch.labels.to(device), batch.masks
     names = [e.key for e in plan.explainers]
     try:
@@ -228,7 +223,7 @@ def write_samples(
     """Maps of a few test images per class, and per-layer average feature maps, for the report."""
     ev = plan.cfg.evaluation
     idx = sample_indices(all_labels(data.test), ev.samples_per_class, data.num_classes)
-    batch = gather(data.test, idx)
+    batch = fetch(data.test, idx)
     images, labels, masks = batch.images.to(device), batch.labels.to(device), batch.masks
     tensors: dict[str, Tensor] = {"images": images.float().cpu().contiguous()}
     if masks is not None:
@@ -240,7 +235,7 @@ def write_samples(
         taken = set(idx.tolist())
         others = [i for i in range(len(data.test)) if i not in taken][:need]
         if others:
-            extra = gather(data.test, torch.tensor(others))
+            extra = fetch(data.test, torch.tensor(others))
             pad = (extra.images, extra.labels)
     preds, layers = {}, {}
     for m in models:

@@ -163,7 +163,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         order = self.order
         if self.generator is not None:
-            order = torch.randperm(len(order), generator=self.generator)
+            order = order[torch.randperm(len(order), generator=self.generator)]
         held = getattr(getattr(self.dataset, "images", None), "device", None)
         if held is not None and held.type != "cpu":  # data held on a GPU: index it there, one copy per pass
             order = order.to(held)

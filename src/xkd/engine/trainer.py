@@ -424,8 +424,6 @@ class Trainer:
                 progress.update(
                     task, completed=step, stats=f"loss {float(loss_sum) / n:.4f}  acc {int(correct) / n:.3f}"
                 )
-        if int(first_bad) >= 0:  # an epoch cut short by max_steps_per_epoch
-            self._non_finite(epoch, int(first_bad), bad_values, list(terms))
         loss_sum, correct = float(loss_sum), int(correct)
         term_sums = {k: float(v) for k, v in term_sums.items()}
         return {

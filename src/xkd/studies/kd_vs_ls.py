@@ -30,7 +30,7 @@ from rich.console import Console
 from xkd.compare import compare, stat
 from xkd.config import RunConfig
 from xkd.data import build_dataset
-from xkd.data.base import TensorImageDataset, collate
+from xkd.data.base import TensorImageDataset, fetch
 from xkd.distill import build_distiller
 from xkd.errors import ConfigError
 from xkd.explain import build_explainer
@@ -97,7 +97,7 @@ def _no_masks(cfg: RunConfig) -> ConfigError:
 def _region_masks(cfg: RunConfig, data: Any) -> Any:
     """The test split's images, labels and masks; a clear error if the data has no masks."""
 
-    batch = collate([data.test[i] for i in range(len(data.test))])
+    batch = fetch(data.test, torch.arange(len(data.test)))
     if batch.masks is None:
         raise _no_masks(cfg)
     return batch.images, batch.labels, batch.masks
@@ -185,7 +185,7 @@ def _tensor_split(ds: Any) -> Any:
 
     if isinstance(ds, TensorImageDataset):
         return ds
-    batch = collate([ds[i] for i in range(len(ds))])
+    batch = fetch(ds, torch.arange(len(ds)))
     return TensorImageDataset(batch.images, batch.labels, batch.masks)
 
 
