@@ -13,6 +13,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from xkd.data.augment import BatchAugment
 from xkd.distill import build_distiller
 from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
+from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult, configure_determinism, predict_logits
@@ -123,7 +125,13 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
 
 
 def train_teacher(
-    cfg: RunConfig, data: DataBundle, run_dir: RunDir, device: torch.device, resume: bool, progress: bool
+    cfg: RunConfig,
+    data: DataBundle,
+    run_dir: RunDir,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainedModel:
     """Train the teacher, or load it from ``teacher.checkpoint`` or the cache keyed by its config.
 
@@ -161,7 +169,9 @@ def train_teacher(
             loaded_from=str(source),
         )
     distiller = build_distiller("scratch", teacher)
-    trainer = trainer_for(distiller, data.train, data, cfg.teacher.train, run_dir, "teacher", cfg, device, progress)
+    trainer = trainer_for(
+        distiller, data.train, data, cfg.teacher.train, run_dir, "teacher", cfg, device, progress, callbacks
+    )
     result = trainer.fit_and_restore(resume=resume)
     if is_writer():
         info = {"seconds": result.seconds, "best_epoch": result.best_epoch, "epochs": len(result.history)}
@@ -182,6 +192,7 @@ def trainer_for(
     cfg: RunConfig,
     device: torch.device,
     progress: bool,
+    callbacks: Sequence[Callback] = (),
 ) -> Trainer:
     """The trainer of one model of the run: its checkpoints under ``checkpoints/<role>``, the
     training batches augmented as ``data.augment`` says."""
@@ -196,6 +207,7 @@ def trainer_for(
         role=role,
         progress=progress,
         augment=BatchAugment(cfg.data.augment, data.image_shape),
+        callbacks=callbacks,
     )
 
 
@@ -217,6 +229,7 @@ def train_students(
     device: torch.device,
     resume: bool,
     progress: bool,
+    callbacks: Sequence[Callback] = (),
 ) -> list[TrainedModel]:
     """Distil every planned student from ``teacher`` with the same data and budget.
 
@@ -226,9 +239,9 @@ def train_students(
     for spec in plan.students:
         source, assistant = teacher, None
         if spec.assistant is not None:
-            assistant = distil(plan.cfg, data, teacher, spec.assistant, run_dir, device, resume, progress)
+            assistant = distil(plan.cfg, data, teacher, spec.assistant, run_dir, device, resume, progress, callbacks)
             source = assistant.model.eval().requires_grad_(False)
-        trained = distil(plan.cfg, data, source, spec, run_dir, device, resume, progress)
+        trained = distil(plan.cfg, data, source, spec, run_dir, device, resume, progress, callbacks)
         if assistant is not None:  # the student's cost includes the assistant it could not exist without
             trained.assistant = assistant
             trained.assistant_seconds = assistant.train_seconds
@@ -245,6 +258,7 @@ def distil(
     device: torch.device,
     resume: bool,
     progress: bool,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainedModel:
     """Train student ``spec`` from ``teacher`` under ``checkpoints/<role>``; returns it with its best
     checkpoint loaded, and the test scores of its last epoch (``last_test``: users of other KD
@@ -273,7 +287,7 @@ def distil(
             reused += built
             outputs = "cached logits"
     setup_seconds = time.perf_counter() - t_setup + reused
-    trainer = trainer_for(distiller, data.train, data, cfg.train, run_dir, spec.name, cfg, device, progress)
+    trainer = trainer_for(distiller, data.train, data, cfg.train, run_dir, spec.name, cfg, device, progress, callbacks)
     result = trainer.fit(resume=resume)
     model = distiller.student  # the evaluated model: a method may wrap the student (MED-TEX)
     last_test = test_scores(model, data, cfg, device)
@@ -335,21 +349,35 @@ class PermutedLabels(torch.utils.data.Dataset):
 
 
 def train_random_labels(
-    cfg: RunConfig, data: DataBundle, run_dir: RunDir, device: torch.device, resume: bool, progress: bool
+    cfg: RunConfig,
+    data: DataBundle,
+    run_dir: RunDir,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainedModel:
     """The student architecture trained from scratch on permuted labels, with the students' budget;
     its last epoch is kept (validation accuracy on the true labels means nothing for it)."""
     student = build_for(cfg.student_model, data, cfg.seed)
     distiller = build_distiller("scratch", student)
     train = PermutedLabels(data.train, cfg.seed)
-    trainer = trainer_for(distiller, train, data, cfg.train, run_dir, "random_labels", cfg, device, progress)
+    trainer = trainer_for(distiller, train, data, cfg.train, run_dir, "random_labels", cfg, device, progress, callbacks)
     result = trainer.fit_and_restore(resume=resume, restore=LAST)
     return TrainedModel("random_labels", student.eval(), cfg.student_model.name, "scratch", {}, result)
 
 
-def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+def run(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> Path:
     """Train, explain and score everything ``cfg`` asks for and write the records; returns the run
-    directory (:func:`xkd.runner.run` also renders the report)."""
+    directory (:func:`xkd.runner.run` also renders the report). ``callbacks`` see every model's
+    training (:class:`~xkd.engine.callbacks.Callback`) and the end of the run."""
     plan = resolve(cfg)
     configure_determinism(cfg.deterministic)
     info = D.init_distributed()
@@ -369,12 +397,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
             f"[bold]xkd[/bold] run {cfg.name!r}: {data.name} {tuple(data.image_shape)}, "
             f"{len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test, device {device}"
         )
-    teacher = train_teacher(cfg, data, run_dir, device, resume, progress)
+    teacher = train_teacher(cfg, data, run_dir, device, resume, progress, callbacks)
     teacher.model.eval().requires_grad_(False)
-    students = train_students(plan, data, teacher.model, run_dir, device, resume, progress)
+    students = train_students(plan, data, teacher.model, run_dir, device, resume, progress, callbacks)
     random_labels = None
     if "data_randomisation_sanity" in cfg.evaluation.metrics:
-        random_labels = train_random_labels(cfg, data, run_dir, device, resume, progress)
+        random_labels = train_random_labels(cfg, data, run_dir, device, resume, progress, callbacks)
     train_seconds = time.perf_counter() - t0
     if info.is_main:
         evaluate_run(
@@ -391,6 +419,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
             progress=progress,
             random_labels=random_labels,
         )
+        call(callbacks, "on_run_end", run_dir.path)
     D.barrier()
     return run_dir.path
 

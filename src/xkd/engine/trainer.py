@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from xkd.data.augment import BatchAugment
 from xkd.data.base import BatchLoader, TensorImageDataset
 from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
+from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from xkd.errors import DeviceMemoryError, NonFiniteLossError
 from xkd.metrics.classification import evaluate_model
@@ -178,6 +180,8 @@ class Trainer:
         augment: random augmentation of the training batches, on the device (``data.augment``);
             epoch ``e``'s draws come from a generator seeded by the seed and ``e``, so a resumed run
             sees the batches it would have seen. Validation never augments.
+        callbacks: :class:`~xkd.engine.callbacks.Callback` hooks called at the start, after every
+            epoch (once its checkpoints are written) and at the end of training, on rank 0.
     """
 
     def __init__(
@@ -194,8 +198,10 @@ class Trainer:
         progress: bool = True,
         console: Console | None = None,
         augment: BatchAugment | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.distiller = distiller
+        self.callbacks = list(callbacks) if D.current().is_main else []
         self.augment = augment if augment is not None and augment.enabled else None
         self.cfg = cfg
         self.seed = seed
@@ -310,6 +316,7 @@ class Trainer:
             disable=not self.progress,
             transient=False,
         )
+        call(self.callbacks, "on_train_start", self.role, self.cfg.epochs)
         with progress:
             for epoch in range(start, self.cfg.epochs + 1):
                 try:
@@ -335,9 +342,11 @@ class Trainer:
                     if improved:
                         save_checkpoint(self.checkpoint_dir / BEST, state)
                     save_checkpoint(self.checkpoint_dir / LAST, state)
+                call(self.callbacks, "on_epoch_end", self.role, epoch, stats)
         result.seconds = time.perf_counter() - t0
         if self.device.type == "cuda":
             result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        call(self.callbacks, "on_train_end", self.role, result.history)
         D.barrier()
         return result
 
