@@ -326,12 +326,24 @@ class StudyConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Options of ``xkd sweep`` (read by the sweep only; ``xkd run`` and ``xkd compare`` ignore them).
+
+    Attributes:
+        params: the searched settings, by config path (``students.1.params.alpha``), each a
+            distribution (``{uniform: [0.1, 0.9]}``, ``{log_uniform: [1, 20]}``, ...).
+    """
+
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     """A whole run: data, teacher, students, training budget, evaluation.
 
     ``train`` is the students' budget; the teacher has its own under ``teacher.train``.
     ``student_model`` is the default architecture of every student. ``compare`` is read by
-    ``xkd compare`` only, ``study`` by ``xkd study`` only. ``deterministic`` asks torch for
+    ``xkd compare`` only, ``study`` by ``xkd study`` only, ``sweep`` by ``xkd sweep`` only. ``deterministic`` asks torch for
     deterministic algorithms (same seed, same numbers; see the README for what may still differ on
     a GPU).
     """
@@ -356,6 +368,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # ----------------------------------------------------------------------------------------------

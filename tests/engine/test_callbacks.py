@@ -4,8 +4,8 @@ end; a callback that raises stops training with the epoch's checkpoint kept."""
 from __future__ import annotations
 
 import pytest
-
 from tests.engine.test_trainer import blobs
+
 from xkd.config import OptimizerConfig, TrainConfig
 from xkd.distill import build_distiller
 from xkd.engine import Trainer, load_checkpoint
