@@ -1,36 +1,74 @@
 #!/usr/bin/env bash
 # The GPU checks of xkd, as one prepared script for a session that is lent a CUDA machine:
 #   1. the tests' CUDA cases (make test-gpu),
-#   2. bench/train_bench.py on the GPU (engine vs bare loop, KD vs scratch epoch, bf16 vs fp32),
-#   3. every config in configs/ at small sizes with device=cuda (runs, comparisons over one seed, studies).
-# Logs and JSON go to $OUT (or ./gpu_check when OUT is unset). DEVICE=cpu runs the same commands on
-# the CPU, to check the script itself. Needs the package importable (pip install -e . or PYTHONPATH=src)
-# and the Fashion-MNIST files (XKD_FASHION_MNIST or the Debian package) for the Fashion-MNIST configs.
+#   2. bench/gradcam_bench.py on the GPU (Grad-CAM family vs captum / pytorch-grad-cam / one forward+backward),
+#   3. bench/train_bench.py on the GPU (engine vs bare loop, KD vs scratch epoch, bf16 vs fp32),
+#   4. every config in configs/ at small sizes with device=cuda (runs, comparisons over one seed, studies),
+#      four at a time (they share the GPU; the benches before them run alone, so their timings are clean).
+# Every step has its own time limit (STEP_LIMIT seconds, the tests TEST_LIMIT), so one slow step does not
+# hide the others. Logs and JSON go to $OUT (or ./gpu_check when OUT is unset); summary.txt lists each
+# step's exit status (124 = ran past its limit). DEVICE=cpu runs the same commands on the CPU, to check the
+# script itself. Needs the package importable (pip install -e . or PYTHONPATH=src) and the Fashion-MNIST
+# files (XKD_FASHION_MNIST or the Debian package) for the Fashion-MNIST configs.
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-gpu_check}
 PY=${PY:-python3}
+STEP_LIMIT=${STEP_LIMIT:-240}
+TEST_LIMIT=${TEST_LIMIT:-240}
+PARALLEL=${PARALLEL:-4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
-run() { local name=$1; shift; step "$name"; "$@" >"$OUT/$name.log" 2>&1; local rc=$?; echo "   rc=$rc" | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1; }
+run() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+}
+step "device $DEVICE, $(date -u +%FT%TZ)"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | tee -a "$OUT/summary.txt"
 
 if [ "$DEVICE" = cuda ]; then
-  run test_gpu $PY -m pytest -q -m cuda -p no:cacheprovider
+  run test_gpu "$TEST_LIMIT" $PY -m pytest -q -m cuda -p no:cacheprovider
 fi
-run train_bench $PY bench/train_bench.py --device "$DEVICE" --repeats 3
+run gradcam_bench "$STEP_LIMIT" $PY bench/gradcam_bench.py --device "$DEVICE" --out "$OUT/gradcam.json"
+run train_bench "$STEP_LIMIT" $PY bench/train_bench.py --device "$DEVICE" --repeats 3
 cp bench/results/train.json "$OUT/train.json" 2>/dev/null || true
 
 small=(--set device="$DEVICE" --set output_dir="$OUT/runs" --set train.epochs=1 --set teacher.train.epochs=1
        --set evaluation.num_images=32 --set evaluation.met_images=8 --set evaluation.sanity_images=4 --no-progress)
 fm=(--set data.train_size=2000 --set data.val_size=500 --set data.test_size=500)
-run run_default $PY -m xkd.cli run --config configs/default.yaml "${small[@]}" "${fm[@]}"
-run run_lesions $PY -m xkd.cli run --config configs/lesions.yaml "${small[@]}" --set 'data.params={num_per_class: 60, size: 64}'
-run compare_medtex $PY -m xkd.cli compare --config configs/medtex_lesions.yaml --seeds 1 "${small[@]}" --set 'data.params={num_per_class: 60, size: 64}'
-run compare_xdistill $PY -m xkd.cli compare --config configs/xdistill.yaml --seeds 1 "${small[@]}"
-run compare_kdfmv_gpu $PY -m xkd.cli compare --config configs/kdfmv_gpu.yaml --seeds 1 "${small[@]}" "${fm[@]}"
-run study_kd_vs_ls $PY -m xkd.cli study kd-vs-ls --config configs/study_kd_vs_ls.yaml --seeds 1 "${small[@]}"
-run study_capacity_gap $PY -m xkd.cli study capacity-gap --config configs/study_capacity_gap.yaml --seeds 1 "${small[@]}" "${fm[@]}"
-step "done (status $status)"
-exit $status
+lesions='--set "data.params={num_per_class: 60, size: 64}"'
+jobs=(
+  "run_default|run --config configs/default.yaml ${small[*]} ${fm[*]}"
+  "run_lesions|run --config configs/lesions.yaml ${small[*]}"
+  "compare_medtex|compare --config configs/medtex_lesions.yaml --seeds 1 ${small[*]}"
+  "compare_xdistill|compare --config configs/xdistill.yaml --seeds 1 ${small[*]}"
+  "compare_kdfmv_gpu|compare --config configs/kdfmv_gpu.yaml --seeds 1 ${small[*]} ${fm[*]}"
+  "study_kd_vs_ls|study kd-vs-ls --config configs/study_kd_vs_ls.yaml --seeds 1 ${small[*]}"
+  "study_capacity_gap|study capacity-gap --config configs/study_capacity_gap.yaml --seeds 1 ${small[*]} ${fm[*]}"
+)
+for extra in configs/*.yaml; do  # configs added after this list was written run as plain runs
+  case "$extra" in
+    configs/default.yaml|configs/lesions.yaml|configs/medtex_lesions.yaml|configs/xdistill.yaml|configs/kdfmv_gpu.yaml|configs/study_kd_vs_ls.yaml|configs/study_capacity_gap.yaml) ;;
+    configs/study_*|configs/sweep_*) ;;  # studies and sweeps need their own command: list them above
+    *) jobs+=("run_$(basename "$extra" .yaml)|run --config $extra ${small[*]}") ;;
+  esac
+done
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+running=0
+for job in "${jobs[@]}"; do
+  name=${job%%|*}
+  args=${job#*|}
+  case "$name" in *lesions*|*medtex*) args="$args $lesions" ;; esac
+  # word splitting of $args is intended; the data.params override is passed as one argument
+  ( eval "run $name $STEP_LIMIT $PY -m xkd.cli $args" ) &
+  running=$((running + 1))
+  if [ "$running" -ge "$PARALLEL" ]; then wait -n; running=$((running - 1)); fi
+done
+wait
+fails=$(grep -c 'rc=[1-9]' "$OUT/summary.txt")
+step "done: $fails step(s) failed"
+[ "$fails" -eq 0 ]

@@ -235,4 +235,4 @@ def test_params_are_validated(params, message, tiny_model):
 def test_build_explainer_uses_defaults(tiny_model):
     explainer = build_explainer("grad_cam", tiny_model("student", 0))
     assert isinstance(explainer, GradCAM)
-    assert (explainer.params.backend, explainer.params.relu, explainer.params.batch_size) == ("xkd", True, 64)
+    assert (explainer.params.backend, explainer.params.relu, explainer.params.batch_size) == ("xkd", True, 256)

@@ -158,7 +158,7 @@ class CAMParams:
     """
 
     layer: str | None = None
-    batch_size: int = 64
+    batch_size: int = 256
     relu: bool = True
 
     def validate(self) -> None:

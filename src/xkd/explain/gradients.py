@@ -71,9 +71,12 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     return x.reshape(n, c, h, w)
 
 
-def image_generator(seed: int, index: int) -> torch.Generator:
-    """CPU generator of image ``index`` of an explain call: independent of batching, global RNG untouched."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Generator of image ``index`` of an explain call, on ``device``: independent of batching, global
+    RNG untouched. Draws happen where the images are (no host-side noise copied to the GPU); a CUDA
+    generator gives other numbers than a CPU one of the same seed, so maps of the random explainers
+    differ between devices by their sampling noise."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
 def make_baselines(
@@ -93,12 +96,13 @@ def make_baselines(
     elif kind == "uniform":
         lo = images.amin(dim=(2, 3), keepdim=True)
         hi = images.amax(dim=(2, 3), keepdim=True)
+        dev = images.device
         u = torch.stack(
             [
-                torch.rand((count, *images.shape[1:]), generator=image_generator(seed, start + i))
+                torch.rand((count, *images.shape[1:]), generator=image_generator(seed, start + i, dev), device=dev)
                 for i in range(len(images))
             ]
-        ).to(images)
+        ).to(images.dtype)
         return lo[:, None] + (hi - lo)[:, None] * u
     else:
         raise ConfigError(f"baseline {kind!r} is not allowed; allowed values: {', '.join(map(repr, BASELINES))}")
@@ -259,21 +263,23 @@ class GradientSHAP(_InputExplainer):
     def _attribute(self, images: Tensor, targets: Tensor, start: int) -> Tensor:
         p = self.params
         n, s = images.shape[0], p.n_samples
-        gens = [image_generator(p.seed, start + i) for i in range(n)]
+        dev = images.device
+        gens = [image_generator(p.seed, start + i, dev) for i in range(n)]
         if p.baseline == "batch":
             pool = self._all
-            pick = torch.stack([torch.randperm(len(pool), generator=g)[: p.n_baselines] for g in gens])
+            pick = torch.stack([torch.randperm(len(pool), generator=g, device=dev)[: p.n_baselines] for g in gens])
             dist = pool[pick.to(pool.device)]  # (n, min(B, N), C, H, W)
         else:
             count = p.n_baselines if p.baseline == "uniform" else 1
             dist = make_baselines(images, p.baseline, p.sigma, p.seed, count, start)
             # make_baselines consumed fresh generators of the same seeds; draw the samples from new ones
-            gens = [image_generator(p.seed + 7919, start + i) for i in range(n)]
-        idx = torch.stack([torch.randint(dist.shape[1], (s,), generator=g) for g in gens]).to(images.device)
-        alpha = torch.stack([torch.rand(s, generator=g) for g in gens]).to(images)
+            gens = [image_generator(p.seed + 7919, start + i, dev) for i in range(n)]
+        idx = torch.stack([torch.randint(dist.shape[1], (s,), generator=g, device=dev) for g in gens])
+        alpha = torch.stack([torch.rand(s, generator=g, device=dev) for g in gens]).to(images.dtype)
         x = images[:, None].expand(-1, s, -1, -1, -1)
         if p.stdevs > 0:
-            noise = torch.stack([torch.randn((s, *images.shape[1:]), generator=g) for g in gens]).to(images)
+            noise = torch.stack([torch.randn((s, *images.shape[1:]), generator=g, device=dev) for g in gens])
+            noise = noise.to(images.dtype)
             x = x + p.stdevs * noise
         base = torch.gather(dist, 1, idx.view(n, s, 1, 1, 1).expand(-1, -1, *images.shape[1:]))
         delta = (x - base).reshape(n * s, *images.shape[1:])
