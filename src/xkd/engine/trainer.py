@@ -8,6 +8,7 @@ on one process or under ``torchrun`` (DistributedDataParallel; only rank 0 write
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -390,14 +391,20 @@ class Trainer:
         steps = len(loader) if self.cfg.max_steps_per_epoch is None else min(len(loader), self.cfg.max_steps_per_epoch)
         task = progress.add_task(f"{self.role} epoch {epoch}/{self.cfg.epochs}", total=steps, stats="")
         t0 = time.perf_counter()
-        # running sums stay on the device and are read every SYNC_EVERY steps: no host sync per step
+        # Bookkeeping stays on the device and is read every SYNC_EVERY steps: no host sync per step, and
+        # few kernels per step (on a GPU a small model's step is launch-bound, so each one counts). Each
+        # step's loss and terms go into one row of `window` (one kernel) and are added, weighted by the
+        # batch size, to `sums` (one kernel). A NaN/inf loss makes `sums` non-finite for the rest of the
+        # epoch, so one check per window finds it, and the window's rows tell which step it was.
         n = 0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: Tensor | None = None  # (1 + terms,) float64: loss and terms, summed over images
+        window: Tensor | None = None  # (SYNC_EVERY, 1 + terms): the rows of the steps since the last check
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        term_sums: dict[str, Tensor] = {}
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        bad_values = None
+        names: list[str] = []
         draws = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        )
         for step, batch in enumerate(loader, start=1):
             if step > steps:
                 break
@@ -406,13 +413,18 @@ class Trainer:
                 batch.images = self.augment(batch.images, draws)
             if self.cfg.channels_last:
                 batch.images = batch.images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            with autocast:
                 logits, terms = model(batch)
-            loss = sum(t.float() for t in terms.values())
-            values = torch.stack([loss.detach(), *(t.detach().float() for t in terms.values())])
-            bad_now = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-            first_bad = torch.where(bad_now, step, first_bad)
-            bad_values = values if bad_values is None else torch.where(bad_now, values, bad_values)
+            parts = [t.float() for t in terms.values()]
+            loss = parts[0]
+            for t in parts[1:]:
+                loss = loss + t
+            if window is None:
+                names = list(terms)
+                window = torch.zeros((SYNC_EVERY, 1 + len(parts)), dtype=torch.float32, device=self.device)
+                sums = torch.zeros(1 + len(parts), dtype=torch.float64, device=self.device)
+            row = window[(step - 1) % SYNC_EVERY]
+            torch.stack([loss.detach(), *(t.detach() for t in parts)], out=row)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -423,18 +435,20 @@ class Trainer:
                 self.optimizer.step()
             b = len(batch)
             n += b
-            loss_sum += loss.detach().double() * b
+            sums.add_(row, alpha=b)
             correct += (logits.detach().argmax(1) == batch.labels).sum()
-            for k, v in terms.items():
-                term_sums[k] = term_sums.get(k, 0.0) + v.detach().double() * b
             if step % SYNC_EVERY == 0 or step == steps:
-                if int(first_bad) >= 0:
-                    self._non_finite(epoch, int(first_bad), bad_values, list(terms))
+                if not bool(torch.isfinite(sums).all()):
+                    first = (step - 1) // SYNC_EVERY * SYNC_EVERY  # index of the window's first step - 1
+                    rows = window[: step - first]
+                    bad = int((~torch.isfinite(rows[:, 0])).nonzero()[0, 0])
+                    self._non_finite(epoch, first + bad + 1, rows[bad], names)
                 progress.update(
-                    task, completed=step, stats=f"loss {float(loss_sum) / n:.4f}  acc {int(correct) / n:.3f}"
+                    task, completed=step, stats=f"loss {float(sums[0]) / n:.4f}  acc {int(correct) / n:.3f}"
                 )
-        loss_sum, correct = float(loss_sum), int(correct)
-        term_sums = {k: float(v) for k, v in term_sums.items()}
+        totals = [0.0] * (1 + len(names)) if sums is None else sums.tolist()
+        loss_sum, term_sums = totals[0], dict(zip(names, totals[1:]))
+        correct = int(correct)
         return {
             "epoch": epoch,
             "train_loss": loss_sum / max(n, 1),
