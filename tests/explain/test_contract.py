@@ -63,6 +63,9 @@ def model_for(tiny):
     """``model_for(name, seed=0)``: a tiny model the explainer applies to (MED-TEX's Θ needs a MED-TEX student)."""
 
     def build(name: str, seed: int = 0) -> nn.Module:
+        missing = EXPLAINERS.get(name).missing_packages()
+        if missing:
+            pytest.skip(f"{name} needs the optional package {missing[0][0]!r} (pip install 'xkd[{missing[0][1]}]')")
         model = tiny(seed)
         if not EXPLAINERS.get(name).applies_to(model):
             from xkd.distill.medtex import ExplainerNet, MaskedStudent
@@ -205,3 +208,15 @@ def test_nan_model_output_is_reported_by_the_explainer():
     with pytest.raises(NonFiniteAttributionError, match=r"'grad_cam'.*image index 2"):
         with build_explainer("grad_cam", NaNModel(), {"layer": "conv"}) as ex:
             ex.explain(x, torch.tensor([0, 0, 0]))
+
+
+def test_an_explainer_whose_optional_package_is_missing_fails_when_resolved(monkeypatch):
+    from xkd.config import ConfigError
+    from xkd.explain.base import resolve_explainer
+    from xkd.explain.gradients import DeepSHAP
+
+    monkeypatch.setattr(DeepSHAP, "requires", (("xkd_no_such_module", "shap"),))
+    with pytest.raises(ConfigError, match=r"deep_shap.*'xkd_no_such_module'.*pip install 'xkd\[shap\]'"):
+        resolve_explainer("deep_shap")
+    with pytest.raises(ConfigError, match="xkd_no_such_module"):
+        resolve_explainer("deep_shap+superpixel")

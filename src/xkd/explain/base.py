@@ -7,6 +7,7 @@ An explainer maps ``(model, images, targets)`` to an :class:`Attribution`: float
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xkd.errors import NonFiniteAttributionError
+from xkd.errors import ConfigError, NonFiniteAttributionError
 from xkd.explain.superpixel import SuperpixelParams, slic_segments, superpixel_maps
 from xkd.registry import EXPLAINERS
 from xkd.schema import from_dict
@@ -108,6 +109,14 @@ class Explainer:
     map_form: ClassVar[str] = "pixel"
     #: fewest images one call can explain (UniCAM's statistic is over a batch: 4)
     min_images: ClassVar[int] = 1
+    #: optional packages the explainer imports, as ``(module, pip extra)`` pairs: a config naming the
+    #: explainer fails before any training when one is missing (:func:`resolve_explainer`)
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @classmethod
+    def missing_packages(cls) -> list[tuple[str, str]]:
+        """The ``(module, pip extra)`` pairs of :attr:`requires` that are not installed."""
+        return [(m, extra) for m, extra in cls.requires if importlib.util.find_spec(m) is None]
 
     def __init__(self, model: nn.Module, params: Any = None) -> None:
         self.model = model
@@ -213,6 +222,13 @@ def resolve_explainer(
     ``superpixel`` entry of ``params``. Errors name ``path``."""
     base, superpixel = split_name(name)
     cls = EXPLAINERS.get(base)
+    missing = cls.missing_packages()
+    if missing:
+        module, extra = missing[0]
+        raise ConfigError(
+            f"explainer {base!r} needs the optional package {module!r}, which is not installed: "
+            f"pip install 'xkd[{extra}]', or leave {base!r} out of the explainers"
+        )
     params = dict(params or {})
     sp = params.pop("superpixel", None) if superpixel else None
     inner = from_dict(cls.Params, params, path)

@@ -311,6 +311,8 @@ class DeepSHAP(_InputExplainer):
       passed to ``explain`` -- pass a representative batch.
     """
 
+    requires = (("shap", "shap"),)
+
     @dataclass
     class Params:
         """DeepSHAP options.
