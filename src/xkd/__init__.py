@@ -8,6 +8,7 @@ explaining each. The public API is re-exported here lazily (``xkd.build_dataset`
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import xkd` stays fast and the CLI's `--help` does not import torch.
+    if importlib.util.find_spec(f"xkd.{name}") is not None:  # `from xkd import <submodule>` inside the package
+        return importlib.import_module(f"xkd.{name}")  # must not import the API (a circle while it loads)
     api = importlib.import_module("xkd.api")
     if name in api.__all__:
         return getattr(api, name)
