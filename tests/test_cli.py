@@ -45,7 +45,7 @@ def test_run_writes_the_run_directory(run_dir):
     assert run["seed"] == 0 and "torch" in run["versions"]
     models = read_json(run_dir / "records/models.json")
     assert models["roles"] == ["teacher", "scratch", "kd", "ls"]
-    assert models["models"]["kd"]["distiller_params"] == {"alpha": 0.7, "temperature": 5.0}
+    assert models["models"]["kd"]["distiller_params"] == {"alpha": 0.7, "temperature": 5.0, "standardize": False}
     assert 0.0 <= models["models"]["kd"]["test"]["accuracy"] <= 1.0
     assert set(models["models"]["teacher"]["met"]) == {"grad_cam", "feature_maps"}
 

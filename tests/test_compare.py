@@ -149,6 +149,6 @@ def test_resume_reruns_only_seeds_whose_config_changed(tmp_path, make_tiny_args)
     assert main([*changed, "--resume"]) == 0
     cmp = read_json(out / "records/compare.json")
     assert not any(info["reused"] for info in cmp["runs"].values())
-    assert cmp["methods"]["kd"]["distiller_params"] == {"alpha": 0.2, "temperature": 3.0}
+    assert cmp["methods"]["kd"]["distiller_params"] == {"alpha": 0.2, "temperature": 3.0, "standardize": False}
     assert main([*changed, "--resume"]) == 0
     assert all(info["reused"] for info in read_json(out / "records/compare.json")["runs"].values())

@@ -64,7 +64,7 @@ def test_superpixel_form_and_labels_are_accepted():
         ),
         (
             ["students.0.distiller=fitnet"],
-            r"students\[0\].distiller: unknown distiller 'fitnet'; registered: ab, at, dist, dkd, fitnets, hinton_kd",
+            r"students\[0\].distiller: unknown distiller 'fitnet'; registered: ab, at, cat_kd, crd, dist, dkd, e2kd, fitnets, hinton_kd",
         ),
         (["students.1.params.temperature=-1"], r"students\[1\].params: temperature must be > 0"),
         (["evaluation.explainers=[{name: lyme}]"], r"unknown explainer 'lyme'; registered: deep_shap, feature_maps"),

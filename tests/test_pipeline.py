@@ -133,6 +133,15 @@ def test_wrong_layer_shape_fails_before_training(tmp_path, make_tiny_args, monke
     assert not (tmp_path / "runs").exists()
 
 
+def test_too_many_crd_negatives_fail_before_training(tmp_path, make_tiny_args, monkeypatch):
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("trained"))
+    student = "{name: crd, distiller: crd, params: {nce_k: 100000}}"
+    cfg = load_config(None, make_tiny_args(tmp_path, f"students=[{student}]"))
+    with pytest.raises(ConfigError, match=r"nce_k = 100000 negatives per image, but the training split has \d+ images"):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_preflight_runs_no_expensive_setup(tmp_path, make_tiny_args, monkeypatch):
     from xkd.distill.xdistill import XDistillation
 

@@ -112,7 +112,9 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
     def check(spec: StudentSpec, source: nn.Module) -> nn.Module:
         student = build_for(spec.model, data, cfg.seed)
         try:
-            build_distiller(spec.distiller, student, source, spec.params).preflight(sample)
+            distiller = build_distiller(spec.distiller, student, source, spec.params)
+            distiller.preflight(sample)
+            distiller.check_data(data.train)
         except LayerNotFoundError as e:
             raise LayerNotFoundError(f"student {spec.name!r} (distiller {spec.distiller!r}): {e}") from None
         except ValueError as e:  # a layer whose output shape the method cannot use: a config mistake
@@ -286,6 +288,7 @@ def distil(
             distiller.use_teacher_logits(logits.to(device))
             reused += built
             outputs = "cached logits"
+        outputs = distiller.teacher_outputs() or outputs
     setup_seconds = time.perf_counter() - t_setup + reused
     trainer = trainer_for(distiller, data.train, data, cfg.train, run_dir, spec.name, cfg, device, progress, callbacks)
     result = trainer.fit(resume=resume)

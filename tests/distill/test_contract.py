@@ -39,7 +39,11 @@ CASES: dict[str, dict] = {
     "medtex": {"explainer_widths": [4, 8]},
     "medex": {"explainer_widths": [4, 8]},
     "medtex_student_only": {},
+    "cat_kd": {},
+    "crd": {"feat_dim": 16},  # nce_k: as many as the 16 images allow (10)
     "xdistill": {"explainer": "grad_cam", "max_images": 8, "cae_epochs": 1, "cae_batch_size": 8, "cae_grid": 4},
+    # live Grad-CAMs; the frozen variant (no teacher pass while training) is checked in test_e2kd.py
+    "e2kd": {"guided_step_interval": 2},
     # the inner method with adapters, so the chain's setup reaches it
     "teacher_assistant": {"assistant": {"name": "kdfmv_cnn", "params": {"widths": [4, 8]}}, "distiller": "fitnets"},
 }

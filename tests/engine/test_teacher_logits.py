@@ -85,11 +85,17 @@ def test_a_kd_run_computes_the_teacher_logits_once_and_records_it(tmp_path, make
                 hook.remove()
 
     monkeypatch.setattr(Trainer, "_train_epoch", count_teacher)
-    args = make_tiny_args(tmp_path, "students=[{name: kd, distiller: hinton_kd}, {name: at, distiller: at}]")
+    students = (
+        "students=[{name: kd, distiller: hinton_kd}, {name: at, distiller: at}, "
+        "{name: e2kd, distiller: e2kd, params: {frozen_explanations: true}}]"
+    )
+    args = make_tiny_args(tmp_path, students)
     run_dir = run(load_config(None, args), progress=False)
-    assert "kd" not in seen and "at" in seen  # KD read cached logits; AT needs the teacher's features
+    # KD read cached logits, frozen e2KD its cached logits and maps; AT needs the teacher's features
+    assert "kd" not in seen and "e2kd" not in seen and "at" in seen
     models = read_json(run_dir / "records" / "models.json")["models"]
     assert models["kd"]["train"]["teacher_outputs"] == "cached logits"
+    assert models["e2kd"]["train"]["teacher_outputs"] == "frozen logits and Grad-CAMs (computed once, cached)"
     assert models["at"]["train"]["teacher_outputs"] == "forward per batch"
     assert models["teacher"]["train"]["teacher_outputs"] is None
     assert list((tmp_path / "runs" / ".cache" / "teacher_logits").glob("train-*.safetensors"))

@@ -3,13 +3,17 @@
 Importing this package registers the built-in distillers: ``scratch``, ``hinton_kd``,
 ``label_smoothing``, ``dkd``, ``dist`` (logits); ``fitnets``, ``at``, ``nst``, ``ab``, ``vid`` (features);
 ``sp``, ``rkd``, ``pkt`` (relations); ``medtex``, ``medex``, ``medtex_student_only`` (MED-TEX and
-its ablations); ``xdistill`` (XDistillation); ``teacher_assistant`` (a chain teacher -> assistant ->
-student).
+its ablations); ``xdistill`` (XDistillation); ``cat_kd`` (class activation transfer);
+``crd`` (contrastive representation distillation); ``e2kd`` (explanation-enhanced KD);
+``teacher_assistant`` (a chain teacher -> assistant -> student).
 """
 
 from xkd.distill.assistant import TeacherAssistant
 from xkd.distill.base import DistillContext, Distiller, build_distiller, distiller_params
 from xkd.distill.cae import CAE
+from xkd.distill.cat import CATKD
+from xkd.distill.crd import CRD
+from xkd.distill.e2kd import E2KD
 from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
 from xkd.distill.logits import DIST, DKD, HintonKD, LabelSmoothing, Scratch, dist_terms, dkd_terms, kd_loss
 from xkd.distill.medtex import (
@@ -25,8 +29,11 @@ from xkd.distill.xdistill import XDistillation, XDistillParams, XDistillStudent
 
 __all__ = [
     "CAE",
+    "CATKD",
+    "CRD",
     "DIST",
     "DKD",
+    "E2KD",
     "NST",
     "PKT",
     "RKD",

@@ -118,6 +118,16 @@ class Distiller(nn.Module):
         run on ``sample`` shows (e.g. that a layer's output has the shape the method needs). Must not
         run expensive setup (explanations, pre-training). The default does nothing."""
 
+    def check_data(self, train: Any) -> None:
+        """Cheap checks of the training split before anything trains (:func:`xkd.pipeline.preflight`),
+        e.g. that it has enough images for the method's negatives (CRD). The default does nothing."""
+
+    def teacher_outputs(self) -> str | None:
+        """How the teacher's outputs reach the loss when the method serves them itself (e2KD's frozen
+        explanations), recorded per model; ``None``: the pipeline's account (a forward per batch, or
+        its cached logits)."""
+        return None
+
     def trainable_modules(self) -> nn.ModuleDict:
         """Modules whose parameters the optimiser updates and checkpoints hold: the student and
         any adapters. Subclasses with adapters extend this."""

@@ -5,7 +5,9 @@ Learning Workshop (arXiv:1503.02531, 2015); KD-FMV (Jiang, Zhao, Wu & Chaddad, "
 Distillation-Based Approach to Enhance Transparency of Classifier Models", arXiv 2025); Han, Kim, Choi &
 Yoon, "On the Impact of Knowledge Distillation for Model Interpretability", ICML 2023, for label
 smoothing ``y_LS = (1 - eps) y + eps / K``; Zhao et al., "Decoupled Knowledge Distillation",
-CVPR 2022 (DKD, as in mdistiller).
+CVPR 2022 (DKD, as in mdistiller); Sun, Ren, Li, Wang & Cao, "Logit Standardization in Knowledge
+Distillation", CVPR 2024, for the ``standardize`` option of ``hinton_kd`` and ``dkd``
+(:func:`standardize_logits`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,41 @@ from xkd.distill.base import Distiller, NoParams
 from xkd.errors import ConfigError
 from xkd.registry import DISTILLERS
 
+STANDARDIZE_EPS = 1e-7
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+
+def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
+    """Z-score each sample's logits over the classes: ``(z - mean(z)) / (eps + std(z))``.
+
+    Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024, Algorithm 1 (the
+    Z-score pre-process), computed as the authors' code (``normalize`` in their mdistiller fork)
+    does: the standard deviation is the unbiased one (``ddof = 1``, torch's default) and ``eps`` =
+    1e-7 is added to it, not under the square root. (A population std, ``ddof = 0``, would only
+    rescale every z-scored logit by ``sqrt((K - 1) / K)``, i.e. act as a slightly different
+    temperature.) Applied to teacher and student alike before dividing by the temperature, it lets
+    the student match the teacher's logit *relations* without matching their range. Needs at least
+    2 classes.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
     """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, mean over the batch.
 
     The ``T^2`` factor keeps the soft term's gradient scale independent of ``T`` (Hinton 2015, §2).
     Both distributions are computed from **logits** (the code published with KD-FMV, Jiang et al.
-    2025, applies the temperature to probabilities, which we do not copy).
+    2025, applies the temperature to probabilities, which we do not copy). With ``standardize`` both
+    logit vectors are z-scored first (:func:`standardize_logits`, Sun et al. 2024), so ``T`` is then a
+    base temperature applied to unit-variance logits.
     """
     t = temperature
     # in fp32 also under autocast: bf16's 8-bit mantissa loses the soft targets' small probabilities
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    zs, zt = student_logits.float(), teacher_logits.float()
+    if standardize:
+        zs, zt = standardize_logits(zs), standardize_logits(zt)
+    log_p_s = F.log_softmax(zs / t, dim=1)
+    log_p_t = F.log_softmax(zt / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
@@ -55,10 +80,16 @@ class HintonKDParams:
     Note the conventions differ between sources: KD-FMV weighs the hard term by alpha (as here),
     Han et al. weigh the soft term by alpha. KD-FMV's runs use (alpha, T) in {(0.7, 5), (0.4, 15),
     (0.7, 10)}.
+
+    ``standardize``: z-score both models' logits per sample before the temperature (Sun et al.,
+    CVPR 2024; :func:`standardize_logits`). Off by default. The authors pair it with a small base
+    temperature and a heavier KD term (CIFAR-100: T = 2, KD weight 9 against CE weight 1; the same
+    1:9 ratio is ``alpha`` = 0.1 here, with ``temperature`` = 2).
     """
 
     alpha: float = 0.7
     temperature: float = 5.0
+    standardize: bool = False
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -85,7 +116,7 @@ class HintonKD(Distiller):
         teacher_logits = self.teacher_logits(batch)
         return logits, {
             "ce": p.alpha * F.cross_entropy(logits, batch.labels),
-            "kd": (1.0 - p.alpha) * kd_loss(logits, teacher_logits, p.temperature),
+            "kd": (1.0 - p.alpha) * kd_loss(logits, teacher_logits, p.temperature, p.standardize),
         }
 
 
@@ -114,7 +145,7 @@ class LabelSmoothing(Distiller):
 
 
 def dkd_terms(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, standardize: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Decoupled KD's two parts, ``(TCKD, NCKD)``, each ``T^2 * KL`` averaged over the batch.
 
@@ -126,10 +157,15 @@ def dkd_terms(
 
     Hinton's KD decomposes as ``KL(p_t || p_s) = TCKD + (1 - p_t,target) * NCKD`` (their eq. 3). Both
     are computed in log space (log-sum-exp) rather than by mdistiller's ``- 1000 * gt_mask`` trick;
-    the values are the same. Needs at least 2 classes (NCKD is 0 with exactly 2).
+    the values are the same. Needs at least 2 classes (NCKD is 0 with exactly 2). With
+    ``standardize`` both logit vectors are z-scored over all classes first (:func:`standardize_logits`,
+    Sun et al. 2024, as their DKD code does), then divided by ``T``.
     """
     t = temperature
-    zs, zt = student_logits.float() / t, teacher_logits.float() / t  # fp32 also under autocast
+    zs, zt = student_logits.float(), teacher_logits.float()  # fp32 also under autocast
+    if standardize:
+        zs, zt = standardize_logits(zs), standardize_logits(zt)
+    zs, zt = zs / t, zt / t
     gt = F.one_hot(labels, zs.shape[1]).bool()
 
     def binary_log_probs(z: Tensor) -> Tensor:
@@ -161,6 +197,9 @@ class DKDParams:
     know the epoch or the number of steps per epoch; to reproduce it set ``warmup_steps`` to
     ``20 * ceil(train_size / batch_size)`` (the ramp is then linear per step instead of a staircase).
     xkd's short budgets train for a few epochs, hence no warm-up unless asked.
+
+    ``standardize``: z-score both models' logits per sample before the temperature (Sun et al.,
+    CVPR 2024; :func:`standardize_logits`). Off by default.
     """
 
     alpha: float = 1.0
@@ -168,6 +207,7 @@ class DKDParams:
     temperature: float = 4.0
     ce_weight: float = 1.0
     warmup_steps: int = 0
+    standardize: bool = False
 
     def validate(self) -> None:
         for name in ("alpha", "beta", "ce_weight"):
@@ -223,7 +263,7 @@ class DKD(Distiller):
         teacher_logits = self.teacher_logits(batch)
         if self.training and torch.is_grad_enabled():
             self.counter.step += 1
-        tckd, nckd = dkd_terms(logits, teacher_logits, batch.labels, p.temperature)
+        tckd, nckd = dkd_terms(logits, teacher_logits, batch.labels, p.temperature, p.standardize)
         r = self.ramp()
         return logits, {
             "ce": p.ce_weight * F.cross_entropy(logits, batch.labels),
