@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from xkd.cli import main
-from xkd.compare import _ranks, rank, stat
+from xkd.compare import _ranks, agreement_test_stats, agreement_value, rank, stat
 from xkd.config import ConfigError
 from xkd.files import read_json
 from xkd.plan import load_config, validate_for_compare
@@ -37,6 +37,22 @@ def test_ranks_share_ties_and_follow_the_direction():
     r = rank(methods, [("accuracy", True), ("agree", True)])
     assert r["mean_rank"] == {"x": 2.0, "y": 1.5, "z": 2.5}
     assert r["order"] == ["y", "x", "z"]
+
+
+def test_closer_to_teacher_is_aggregated_by_its_share_with_every_seeds_test():
+    def seed(share, p, closer, n=20):
+        e = {"share": share, "images": n, "closer": closer, "ties": 0, "farther": n - closer, "undefined": 0,
+             "p_value": p, "distance": "cosine", "independent": "scratch"}  # fmt: skip
+        return {"grad_cam": {"closer_to_teacher": e, "rank_correlation": 0.4}}
+
+    agr = [seed(0.7, 0.115, 14), seed(0.8, 0.012, 16), {}]  # the third seed has no record
+    assert agreement_value(agr[0], "grad_cam", "closer_to_teacher") == 0.7  # its first declared column
+    assert agreement_value(agr[0], "grad_cam", "rank_correlation") == 0.4
+    t = agreement_test_stats(agr, "grad_cam", "closer_to_teacher")
+    assert t["share"]["mean"] == pytest.approx(0.75) and t["share"]["std"] == pytest.approx(math.sqrt(0.005))
+    assert t["share"]["values"] == [0.7, 0.8, None]
+    assert t["p_value"] == [0.115, 0.012, None] and t["closer"] == [14, 16, None] and t["images"] == [20, 20, None]
+    assert t["independent"] == "scratch" and t["distance"] == "cosine"
 
 
 def test_headline_metric_must_be_computed(tmp_path):
@@ -114,6 +130,36 @@ def test_every_aggregate_is_traceable_to_a_seed_run(compared):
         assert train["seconds"] == pytest.approx(train["loop_seconds"] + train["setup_seconds"])
         assert cmp["methods"]["at"]["train_seconds"]["values"][i] == pytest.approx(train["seconds"])
     assert (out / "figures/accuracy_vs_agreement.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_closer_to_teacher_per_seed_mean_std_and_sentence(compared):
+    out = compared / "runs" / "tiny"
+    cmp = read_json(out / "records/compare.json")
+    assert "closer_to_teacher" in cmp["agreement_tests"]  # on by default: the students include scratch
+    assert "agreement_tests" not in cmp["methods"]["scratch"]  # the independent student itself
+    for role in ("kd", "at"):
+        t = cmp["methods"][role]["agreement_tests"]["grad_cam"]["closer_to_teacher"]
+        for i, s in enumerate(cmp["seeds"]):
+            r = read_json(out / cmp["runs"][str(s)]["dir"] / "records/explanations.json")["agreement"][role]
+            r = r["grad_cam"]["closer_to_teacher"]
+            assert t["share"]["values"][i] == pytest.approx(r["share"]) and t["p_value"][i] == pytest.approx(
+                r["p_value"]
+            )
+            assert (t["closer"][i], t["ties"][i], t["images"][i]) == (r["closer"], r["ties"], r["images"])
+        assert t["share"]["mean"] == pytest.approx(sum(t["share"]["values"]) / 2)
+        agreement = cmp["methods"][role]["explanation_agreement"]["grad_cam"]["closer_to_teacher"]
+        assert agreement["values"] == t["share"]["values"]
+    html = (out / "report.html").read_text()
+    assert '<a href="#tests">Closer to teacher</a>' in html
+    t = cmp["methods"]["kd"]["agreement_tests"]["grad_cam"]["closer_to_teacher"]
+    mean, std = t["share"]["mean"] * 100, t["share"]["std"] * 100
+    lo, hi = min(t["images"]), max(t["images"])  # all-zero Grad-CAMs of the tiny models are left out
+    assert (
+        "<strong>kd</strong>: over 2 seeds, the teacher&#39;s Grad-CAM is closer to this student&#39;s than to an "
+        f"independent student&#39;s (scratch) on {mean:.1f}% ± {std:.1f}% of {lo if lo == hi else f'{lo}–{hi}'} "
+        "images (p per seed: " in html
+    )
 
 
 @pytest.mark.slow

@@ -141,3 +141,33 @@ def test_unicam_kd_vs_base_maps_use_the_scratch_student_as_base_and_say_so(tmp_p
     samples = read_json(run_dir / "records" / "samples.json")
     assert "kd_given_base" in samples["explainers"]
     assert (run_dir / "report.html").is_file()
+
+
+def test_closer_to_teacher_gets_the_paired_independent_students_maps_and_skips_the_rest():
+    from types import SimpleNamespace
+
+    from xkd.scoring import independent_inputs
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.rand(6, 4, 4, generator=g)
+    maps = {"teacher": teacher, "kd": teacher + 0.01, "scratch": torch.rand(6, 4, 4, generator=g)}
+    plan = SimpleNamespace(independent={"kd": "scratch"})  # as resolve() pairs them
+    sc = Scorer(EvaluationConfig(metrics=["closer_to_teacher", "map_pearson"]))
+    for role, scored in (("kd", True), ("scratch", False)):
+        values = {"teacher_maps": teacher, "student_maps": maps[role], **independent_inputs(plan, role, maps)}
+        out = sc.score(sc.of("agreement"), values)
+        assert "map_pearson" in out  # the other agreement metrics are unaffected
+        assert ("closer_to_teacher" in out) is scored  # the independent student is not scored against itself
+    kd = sc.score(sc.of("agreement"), {"teacher_maps": teacher, "student_maps": maps["kd"],
+                                       **independent_inputs(plan, "kd", maps)})["closer_to_teacher"]  # fmt: skip
+    assert kd["share"] == 1.0 and kd["images"] == 6 and kd["independent"] == "scratch"
+    assert independent_inputs(plan, "kd", {"teacher": teacher, "kd": teacher}) == {
+        "independent_maps": None,  # the independent student has no maps of this explainer
+        "independent_role": None,
+    }
+    # the metric's own parameters pass through evaluation.metric_params
+    rank = Scorer(
+        EvaluationConfig(metrics=["closer_to_teacher"], metric_params={"closer_to_teacher": {"distance": "rank"}})
+    )
+    values = {"teacher_maps": teacher, "student_maps": maps["kd"], **independent_inputs(plan, "kd", maps)}
+    assert rank.score(rank.of("agreement"), values)["closer_to_teacher"]["distance"] == "rank"

@@ -7,8 +7,10 @@ the first seed's run, and every other seed loads that checkpoint, so the spread 
 distillation, not the teacher. Then :func:`aggregate` reads the seed runs' records (never live
 models) and writes ``records/compare.json`` with, per method, mean ± std over seeds of accuracy,
 macro-F1 (best and last epoch), agreement with the teacher's predictions, explanation agreement
-with the teacher, FSS/RS, parameters, FLOPs and training time, and a ranking; the report is
-rendered from that record (:func:`xkd.report.compare.render_compare_report`).
+with the teacher, FSS/RS, parameters, FLOPs and training time, and a ranking; the agreement metrics
+tested against chance (``closer_to_teacher``, Ojha et al. 2023) keep every seed's counts and binomial
+p-value beside their mean ± std. The report is rendered from that record
+(:func:`xkd.report.compare.render_compare_report`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.console import Console
 from xkd.config import RunConfig, save_config
 from xkd.errors import RunExistsError
 from xkd.files import is_writer
-from xkd.metrics.base import declared
+from xkd.metrics.base import Column, declared
 from xkd.plan import agreement_metrics, validate_for_compare
 from xkd.registry import METRICS
 from xkd.report.compare import render_compare_report
@@ -40,6 +42,43 @@ def quality_columns() -> list[dict[str, Any]]:
     of every metric of scope ``model`` that has a direction (sanity checks have their own section)."""
     cols = [c for m in declared("model") for c in m.info()["columns"]]
     return [c for c in cols if c["higher_is_better"] is not None]
+
+
+def agreement_columns() -> list[dict[str, Any]]:
+    """The teacher-student agreement metrics a comparison aggregates, with their declared label and
+    direction (their headline is the first declared column, e.g. ``closer_to_teacher``'s share)."""
+    return [{"key": m.name, "label": m.label, "higher_is_better": m.higher_is_better} for m in declared("agreement")]
+
+
+def tested_declarations() -> dict[str, dict[str, Any]]:
+    """The agreement metrics tested against chance (those that declare a ``sentence``), as plain data."""
+    return {
+        m.name: {"label": m.label, "description": m.description, "sentence": m.sentence}
+        for m in declared("agreement")
+        if m.sentence
+    }
+
+
+def agreement_value(agr: dict[str, Any], ex: str | None, name: str) -> Any:
+    """The headline number of agreement metric ``name`` of explainer ``ex`` in one student's agreement
+    record: its first declared column (a plain number for most; ``closer_to_teacher``'s ``share``)."""
+    entry = _get(agr, ex) if ex is not None else None
+    if not isinstance(entry, dict):
+        return None
+    column = METRICS.get(name).columns[0] if name in METRICS else Column(name, name)
+    return column.value(entry)
+
+
+def agreement_test_stats(agr: list[dict[str, Any]], ex: str, name: str) -> dict[str, Any]:
+    """A tested agreement metric of one student and explainer over seeds: mean ± std of the share,
+    and each seed's images, counts and binomial p-value as its run recorded them."""
+    entries = [_get(a, ex, name) or {} for a in agr]
+    out: dict[str, Any] = {"share": stat([e.get("share") for e in entries])}
+    for key in ("images", "closer", "ties", "farther", "undefined", "p_value"):
+        out[key] = [e.get(key) for e in entries]
+    for key in ("independent", "distance"):
+        out[key] = next((e[key] for e in entries if e.get(key)), None)
+    return out
 
 
 @dataclass
@@ -190,6 +229,7 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
     all_explainers = [
         ex for ex in order if any(ex in per for _, _, e in recs for per in (e.get("per_model") or {}).values())
     ]
+    tests_declared = tested_declarations()
     methods: dict[str, Any] = {}
     for role in roles:
         per_seed = [m["models"].get(role) or {} for _, m, _ in recs]
@@ -220,13 +260,24 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
             entry["posthoc_macro_f1"] = stat([_get(m, "posthoc", "macro_f1") for m in per_seed])
             entry["explanation_agreement"] = {
                 ex: {
-                    k: stat([_get(a, ex, k) for a in agr])
+                    k: stat([agreement_value(a, ex, k) for a in agr])
                     for k in agreement_metrics()
-                    if any(_get(a, ex, k) is not None for a in agr)
+                    if any(agreement_value(a, ex, k) is not None for a in agr)
                 }
                 for ex in explainers
             }
-            entry["headline_agreement"] = stat([_get(a, explainer, metric) for a in agr]) if explainer else stat([])
+            headline = [agreement_value(a, explainer, metric) for a in agr]
+            entry["headline_agreement"] = stat(headline) if explainer else stat([])
+            tests = {
+                ex: {
+                    name: agreement_test_stats(agr, ex, name)
+                    for name in tests_declared
+                    if any(_get(a, ex, name) for a in agr)
+                }
+                for ex in explainers
+            }
+            if any(tests.values()):
+                entry["agreement_tests"] = {ex: t for ex, t in tests.items() if t}
             if any(transfer):
                 entry["fss"] = stat([t.get("fss") for t in transfer])
                 entry["rs"] = stat([_get(t, "rs", "rs") for t in transfer])
@@ -253,8 +304,15 @@ def aggregate(cfg: RunConfig, runs: list[SeedRun]) -> dict[str, Any]:
         "roles": roles,
         "students": students,
         "explainers": explainers,
-        "headline": {"explainer": explainer, "metric": metric, "higher_is_better": higher},
+        "headline": {
+            "explainer": explainer,
+            "metric": metric,
+            "label": METRICS.get(metric).label if metric in METRICS else metric,
+            "higher_is_better": higher,
+        },
         "quality_columns": quality_columns(),
+        "agreement_columns": agreement_columns(),
+        "agreement_tests": tests_declared,
         "methods": methods,
         "ranking": ranking,
         "dataset": run_recs[0].get("dataset"),

@@ -240,8 +240,8 @@ class CompareConfig:
             is the headline "explanation agreement" (None: the first configured explainer that has
             agreement records, i.e. not ``feature_maps`` or a pair explainer).
         agreement_metric: the agreement metric of that explainer used as the headline
-            (``rank_correlation``, ``top_k_agreement``, ``map_pearson``, ``superpixel_mse`` or
-            ``superpixel_sign_agreement``); it must be among ``evaluation.metrics``.
+            (``rank_correlation``, ``top_k_agreement``, ``map_pearson``, ``closer_to_teacher``,
+            ``superpixel_mse`` or ``superpixel_sign_agreement``); it must be among ``evaluation.metrics``.
     """
 
     seeds: int = 3

@@ -9,10 +9,11 @@ a study needs. Every error names the key path and the allowed values.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import xkd.data  # noqa: F401  (registers the datasets)
 import xkd.distill  # noqa: F401  (registers the distillers)
@@ -49,11 +50,16 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A validated config and its resolved specs."""
+    """A validated config and its resolved specs.
+
+    ``independent`` maps each student to the run's independent student whose maps a metric that
+    needs ``independent_maps`` compares it with (``closer_to_teacher``, Ojha et al. 2023): every
+    student of that student's architecture except itself (see :func:`independent_students`)."""
 
     cfg: RunConfig
     students: list[StudentSpec]
     explainers: list[ExplainerSpec]
+    independent: dict[str, str] = field(default_factory=dict)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -66,8 +72,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def resolve(cfg: RunConfig) -> RunPlan:
     """Validate ``cfg`` beyond its types (registry names, method parameters, ranges) and resolve
-    every name once into typed specs. An unset ``evaluation.metrics`` becomes the default list."""
-    if cfg.evaluation.metrics is None:
+    every name once into typed specs. An unset ``evaluation.metrics`` becomes the default list (less
+    the metrics whose inputs this run cannot give, e.g. ``closer_to_teacher`` without an independent
+    student)."""
+    defaulted = cfg.evaluation.metrics is None
+    if defaulted:
         cfg.evaluation.metrics = default_metrics()
 
     def check_name(reg: R.Registry, name: str, path: str) -> None:
@@ -106,13 +115,14 @@ def resolve(cfg: RunConfig) -> RunPlan:
             raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
     ev = cfg.evaluation
     _validate_metrics(ev, check_name)
+    independent = independent_students(cfg, students, defaulted)
     for key in ("fidelity_keep", "agreement_top_k"):
         v = getattr(ev, key)
         if not 0.0 < v <= 1.0:
             raise ConfigError(f"evaluation.{key} must be in (0, 1], got {v}")
     _validate_compare(cfg)
     _validate_study(cfg, check_name)
-    return RunPlan(cfg, students, explainers)
+    return RunPlan(cfg, students, explainers, independent)
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -131,6 +141,63 @@ def _student(cfg: RunConfig, i: int, check_name: Any) -> StudentSpec:
         a_params = distiller_params(params.assistant_distiller, params.assistant_params, f"students[{i}].params")
         assistant = StudentSpec(f"{s.name}.assistant", params.assistant_model(), params.assistant_distiller, a_params)
     return StudentSpec(s.name, s.model or cfg.student_model, s.distiller, params, assistant)
+
+
+INDEPENDENT = "independent_maps"  # the input of the metrics that compare a student with an independent one
+
+
+def independent_students(cfg: RunConfig, students: list[StudentSpec], defaulted: bool = False) -> dict[str, str]:
+    """Student -> the independent student it is compared with by the selected metrics that need
+    ``independent_maps`` (``closer_to_teacher``): the student named by such a metric's ``independent``
+    parameter, else the first student whose distiller is ``scratch``; paired with every other student
+    of its architecture (the same model config). Empty when no selected metric needs one.
+
+    Raises:
+        ConfigError: a named student does not exist or learns from the teacher, or the run has no
+            independent student with another student of its architecture. When ``evaluation.metrics``
+            was the default list (``defaulted``), such metrics are dropped from it instead.
+    """
+    ev = cfg.evaluation
+    needing = [m for m in ev.metrics if INDEPENDENT in R.METRICS.get(m).needs]
+    if not needing:
+        return {}
+    spec = {s.name: s for s in students}
+    named = {m: p["independent"] for m, p in ev.metric_params.items() if m in needing and "independent" in p}
+    if len(set(named.values())) > 1:
+        raise ConfigError(f"evaluation.metric_params: the independent students differ ({named}); name one student")
+    for m, name in named.items():
+        path = f"evaluation.metric_params.{m}.independent"
+        if name not in spec:
+            raise ConfigError(f"{path}: {name!r} is not a student; students: {', '.join(spec)}")
+        if getattr(R.DISTILLERS.get(spec[name].distiller), "needs_teacher", True):
+            raise ConfigError(
+                f"{path}: {name!r} is distilled with {spec[name].distiller!r}, which learns from the teacher; an "
+                "independent student is trained without it: name a student whose distiller is scratch (or another "
+                "teacher-free distiller such as label_smoothing)"
+            )
+    chosen = next(iter(named.values()), None) or next((s.name for s in students if s.distiller == "scratch"), None)
+    pairs = {}
+    if chosen is not None:
+        pairs = {s.name: chosen for s in students if s.name != chosen and s.model == spec[chosen].model}
+    if pairs:
+        return pairs
+    if defaulted:
+        ev.metrics = [m for m in ev.metrics if m not in needing]
+        return {}
+    listed = ", ".join(needing)
+    if chosen is None:
+        problem = "this run has no independent student (a student trained without the teacher)"
+        fix = (
+            "add one to `students`, e.g. {name: scratch, distiller: scratch}, or name a teacher-free student "
+            f"with evaluation.metric_params.{needing[0]}.independent"
+        )
+    else:
+        problem = f"no other student has the architecture of the independent student {chosen!r}"
+        fix = f"give a distilled student its model ({spec[chosen].model.name})"
+    raise ConfigError(
+        f"evaluation.metrics: {listed} compares each distilled student's maps with an independent student's of "
+        f"the same architecture, but {problem}: {fix}, or remove {listed} from evaluation.metrics"
+    )
 
 
 def _validate_study(cfg: RunConfig, check_name: Any) -> None:
@@ -193,11 +260,18 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
         check_name(R.METRICS, name, f"evaluation.metric_params.{name}")
         if not isinstance(kwargs, Mapping):
             raise ConfigError(f"evaluation.metric_params.{name} must be a mapping of keyword arguments")
-        sig = inspect.signature(R.METRICS.get(name).fn).parameters
+        fn = R.METRICS.get(name).fn
+        sig = inspect.signature(fn).parameters
         for key in kwargs:
             if key not in sig:
                 allowed = ", ".join(p for p in sig)
                 raise ConfigError(f"evaluation.metric_params.{name}.{key}: unknown argument; arguments: {allowed}")
+            choices = _literal_choices(fn, key)
+            if choices is not None and kwargs[key] not in choices:
+                raise ConfigError(
+                    f"evaluation.metric_params.{name}.{key}: {kwargs[key]!r} is not allowed; allowed: "
+                    + ", ".join(map(repr, choices))
+                )
     from_dict(SuperpixelParams, ev.superpixel, "evaluation.superpixel").validate()
     for key in ev.transfer_layers:
         if key not in ("teacher", "student"):
@@ -207,6 +281,15 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
         if v is not None and v < (0 if key == "sanity_images" else 1):
             raise ConfigError(f"evaluation.{key} must be >= {0 if key == 'sanity_images' else 1}, got {v}")
     _validate_min_images(ev)
+
+
+def _literal_choices(fn: Any, param: str) -> tuple[Any, ...] | None:
+    """The allowed values of ``fn``'s parameter ``param`` when it is annotated with a ``Literal``."""
+    try:
+        hint = typing.get_type_hints(fn).get(param)
+    except Exception:  # an annotation that does not resolve here: no check
+        return None
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 def _validate_min_images(ev: EvaluationConfig) -> None:

@@ -8,7 +8,8 @@ inputs its declaration asks for (:class:`~xkd.metrics.base.MetricInfo`), by scop
 
 - ``timing``: the cost of explaining (mean explanation time), per model and explainer;
 - ``model``: faithfulness, localisation, the sanity checks, per model and explainer;
-- ``agreement``: each student's maps against the teacher's, per explainer;
+- ``agreement``: each student's maps against the teacher's, per explainer (and, for the metrics that
+  ask for ``independent_maps``, against the independent student's: Ojha et al.'s ``closer_to_teacher``);
 - ``transfer``: each student's features against the teacher's (UniCAM's FSS and RS), once.
 
 A metric whose inputs do not exist (masks on data without masks, the random-label model of a
@@ -100,7 +101,17 @@ class Scorer:
         return out
 
 
-PER_IMAGE = ("images", "labels", "maps", "masks", "teacher_maps", "student_maps", "segments", "both_correct")
+PER_IMAGE = (
+    "images",
+    "labels",
+    "maps",
+    "masks",
+    "teacher_maps",
+    "student_maps",
+    "independent_maps",
+    "segments",
+    "both_correct",
+)
 """Inputs with one entry per image: a metric's ``subset`` takes the first images of each."""
 
 
@@ -178,6 +189,7 @@ def explain_and_score(
                 "both_correct": correct["teacher"] & correct[s.role],
                 "same_prediction": preds["teacher"] == preds[s.role],
                 "map_form": e.map_form,
+                **independent_inputs(plan, s.role, maps),
             }
             agree[s.role][e.key] = sc.score(sc.of("agreement"), values)
     transfer = {}
@@ -190,6 +202,17 @@ def explain_and_score(
         "met": met,
         "predictions_correct": {r: int(c.sum()) for r, c in correct.items()},
     }
+
+
+def independent_inputs(plan: RunPlan, role: str, maps: dict[str, Tensor]) -> dict[str, Any]:
+    """``independent_maps`` and ``independent_role`` for student ``role``: the maps of the independent
+    student the plan pairs it with (:attr:`RunPlan.independent`), on the teacher's maps' device; None
+    for the independent student itself, a student of another architecture, or when that student has
+    no maps of this explainer (the metrics needing them are then skipped)."""
+    other = plan.independent.get(role)
+    if other is None or other not in maps:
+        return {"independent_maps": None, "independent_role": None}
+    return {"independent_maps": maps[other].to(maps["teacher"].device), "independent_role": other}
 
 
 def prediction_maps(

@@ -83,6 +83,9 @@ def score(name: str, x: SimpleNamespace) -> dict[str, Any]:
             "both_correct": torch.tensor([True, True, True, False]).to(x.images.device),
             "same_prediction": torch.tensor([True, True, False, True]).to(x.images.device),
             "map_form": spec.map_form,
+            # an independent student of the student's architecture (closer_to_teacher)
+            "independent_maps": explain(spec, x.random_labels, x.images, x.labels),
+            "independent_role": "independent",
         }
         return sc.score(sc.of("agreement"), values)
     if info.scope == "timing":

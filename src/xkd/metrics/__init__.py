@@ -22,6 +22,7 @@ from xkd.metrics.classification import (
     mean_cross_entropy,
     posthoc_agreement,
 )
+from xkd.metrics.closer import closer_counts, closer_to_teacher
 from xkd.metrics.cost import flops, mean_explain_time, parameter_count
 from xkd.metrics.dissection import concept_detectors  # noqa: F401  (registers the metric)
 from xkd.metrics.faithfulness import deletion_auc, fidelity, insertion_auc, perturbation_curves
@@ -61,6 +62,8 @@ __all__ = [
     "accuracy",
     "as_result",
     "confusion",
+    "closer_counts",
+    "closer_to_teacher",
     "confusion_matrix",
     "deletion_auc",
     "evaluate_model",

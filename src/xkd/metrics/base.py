@@ -27,7 +27,7 @@ from xkd.registry import METRICS
 Scope = Literal["model", "agreement", "transfer", "timing", "test", "study"]
 SCOPES: dict[str, str] = {
     "model": "one model's maps of one explainer (faithfulness, localisation, sanity)",
-    "agreement": "a student's maps against the teacher's maps of the same explainer",
+    "agreement": "a student's maps against the teacher's maps of the same explainer (and an independent student's)",
     "transfer": "a student's features against the teacher's features (once per student)",
     "timing": "the cost of running one explainer on one model",
     "test": "predictions on the test split (every run computes these)",
@@ -49,6 +49,12 @@ INPUTS: dict[str, str] = {
     "random_label_model": "the student architecture trained on permuted labels (label sanity check)",
     "teacher_maps": "the teacher's maps of the explainer",
     "student_maps": "the student's maps of the explainer",
+    "independent_maps": (
+        "the maps of the explainer by the run's independent student (the student's architecture trained without "
+        "the teacher: the `scratch` student unless the metric's `independent` parameter names another); absent "
+        "for that student itself and for students of another architecture"
+    ),
+    "independent_role": "the name of that independent student",
     "segments": "SLIC superpixels of the images",
     "both_correct": "images both teacher and student classify correctly",
     "same_prediction": "images teacher and student assign the same class",
@@ -116,6 +122,12 @@ class MetricInfo:
         chance: whether the run also scores seeded random maps with it (the chance level).
         chance_record: like ``record``, for the chance level (default: the headline).
         columns: the numbers shown per explainer (default: one, the headline under its name).
+        sentence: for a share of images tested against chance, a plain sentence per student and
+            explainer, a ``str.format`` template the report fills with preformatted text:
+            ``{explainer}`` (its display name), ``{share}`` (the record's ``share`` as a percentage;
+            in ``xkd compare`` the mean ± std over seeds), ``{images}``, ``{p}`` (``p = ...`` of the
+            record's ``p_value``; in ``xkd compare`` the p-value of every seed) and any other text
+            entry of the record (e.g. ``{independent}``).
     """
 
     name: str
@@ -133,6 +145,7 @@ class MetricInfo:
     chance: bool = False
     chance_record: Callable[[Any], dict[str, Any]] | None = None
     columns: tuple[Column, ...] = ()
+    sentence: str | None = None
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -165,6 +178,7 @@ class MetricInfo:
             "description": self.description,
             "scope": self.scope,
             "label": self.label,
+            "sentence": self.sentence,
             "columns": [
                 {
                     "key": c.key,
@@ -212,6 +226,7 @@ def metric(
     chance: bool = False,
     chance_record: Callable[[Any], dict[str, Any]] | None = None,
     columns: tuple[Column, ...] | None = None,
+    sentence: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a metric function with its declaration (one decorator, one place)."""
     if scope not in SCOPES:
@@ -226,7 +241,7 @@ def metric(
         cols = columns if columns is not None else (Column(name, shown, desc),)
         info = MetricInfo(
             name, fn, scope, tuple(inputs), higher_is_better, shown, category, desc, default,
-            dict(kwargs or {}), subset, record, chance, chance_record, cols,
+            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence,
         )  # fmt: skip
         METRICS.register(name)(info)
         fn.info = info  # type: ignore[attr-defined]

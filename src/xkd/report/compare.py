@@ -17,7 +17,19 @@ from xkd.files import atomic_write_text
 from xkd.metrics.base import declared
 from xkd.report import figures
 from xkd.report.render import _ENV, load_record
-from xkd.report.tables import DASH, best_rows, cell, explainer_name, fmt, fmt_seconds, head, ok
+from xkd.report.tables import (
+    DASH,
+    best_rows,
+    cell,
+    explainer_name,
+    fmt,
+    fmt_p,
+    fmt_seconds,
+    fmt_share,
+    head,
+    ok,
+    sentence,
+)
 
 METRIC_NAMES = {
     "rank_correlation": "Rank corr.",
@@ -83,7 +95,8 @@ def _label(role: str, m: dict[str, Any]) -> dict:
 def _headline_name(h: dict[str, Any]) -> str:
     if not h.get("explainer"):
         return "explanation agreement"
-    return f"{explainer_name(h['explainer'])} {METRIC_NAMES.get(h['metric'], h['metric'])}"
+    name = METRIC_NAMES.get(h["metric"]) or h.get("label") or h["metric"]
+    return f"{explainer_name(h['explainer'])} {name}"
 
 
 def _main_table(cmp: dict[str, Any]) -> dict:
@@ -131,21 +144,32 @@ def _main_table(cmp: dict[str, Any]) -> dict:
     )
 
 
+def _agreement_metrics(cmp: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """``(key, label, better)`` of the aggregated agreement metrics, as the comparison recorded their
+    declarations; older records: the five metrics of the time."""
+    if "agreement_columns" in cmp:
+        return [
+            (c["key"], METRIC_NAMES.get(c["key"], c["label"]), _better(c["higher_is_better"]))
+            for c in cmp["agreement_columns"]
+        ]
+    return [(k, name, "low" if k in LOWER_IS_BETTER else "high") for k, name in METRIC_NAMES.items()]
+
+
 def _agreement_table(cmp: dict[str, Any]) -> dict | None:
     students, methods = cmp["students"], cmp["methods"]
     cols, groups = [], [("", 1)]
     for ex in cmp.get("explainers", []):
-        keys = [
-            k
-            for k in METRIC_NAMES
+        shown = [
+            (k, label, better)
+            for k, label, better in _agreement_metrics(cmp)
             if any(k in ((methods[r].get("explanation_agreement") or {}).get(ex) or {}) for r in students)
         ]
-        if not keys:
+        if not shown:
             continue
-        for k in keys:
+        for k, label, better in shown:
             stats = [((methods[r].get("explanation_agreement") or {}).get(ex) or {}).get(k) for r in students]
-            cols.append(StatCol(METRIC_NAMES[k], stats, better="low" if k in LOWER_IS_BETTER else "high"))
-        groups.append((explainer_name(ex), len(keys)))
+            cols.append(StatCol(label, stats, better=better))
+        groups.append((explainer_name(ex), len(shown)))
     if not cols:
         return None
     return stat_table(
@@ -155,6 +179,92 @@ def _agreement_table(cmp: dict[str, Any]) -> dict | None:
         cols,
         groups,
     )
+
+
+def _share_stat(s: dict[str, Any] | None) -> str:
+    """A share's ``mean ± std`` over seeds in percent (``67.5% ± 4.2%``)."""
+    if not s or not ok(s.get("mean")):
+        return DASH
+    text = f"{s['mean'] * 100:.1f}%"
+    return text + (f" ± {s['std'] * 100:.1f}%" if ok(s.get("std")) else "")
+
+
+def _images(values: list[Any]) -> str:
+    got = sorted({int(v) for v in values if ok(v)})
+    if not got:
+        return DASH
+    return f"{got[0]:,}" if len(got) == 1 else f"{got[0]:,}–{got[-1]:,}"
+
+
+def _seed_title(t: dict[str, Any], i: int) -> str:
+    counts = [f"{(t.get(k) or [None] * (i + 1))[i]} {k}" for k in ("closer", "ties", "farther")]
+    return f"{', '.join(counts)} of {(t.get('images') or [None] * (i + 1))[i]} images"
+
+
+def _tests_sections(cmp: dict[str, Any]) -> list[dict]:
+    """Per agreement metric tested against chance (``closer_to_teacher``): mean ± std of the share per
+    student and explainer, every seed's share with its binomial p-value, and a sentence per student."""
+    students, methods, seeds = cmp["students"], cmp["methods"], cmp["seeds"]
+    out = []
+    for name, decl in (cmp.get("agreement_tests") or {}).items():
+        tests = {r: {ex: t[name] for ex, t in (methods[r].get("agreement_tests") or {}).items() if name in t}
+                 for r in students}  # fmt: skip
+        explainers = [ex for ex in cmp.get("explainers", []) if any(ex in tests[r] for r in students)]
+        shown = [r for r in students if tests[r]]
+        if not shown:
+            continue
+        labels = [_label(r, methods[r]) for r in shown]
+        means = stat_table(
+            f"{decl.get('label')}: {decl.get('description')}, mean ± std over seeds (Ojha et al., NeurIPS 2023, "
+            "§4.1; ties count half).",
+            labels,
+            [
+                StatCol(explainer_name(ex), [(tests[r].get(ex) or {}).get("share") for r in shown], _share_stat, "high")
+                for ex in explainers
+            ],
+        )
+        heads, groups, rows = [head("Method", False)], [("", 1)], []
+        for ex in explainers:
+            heads += [head(f"seed {s}", True) for s in seeds]
+            groups.append((explainer_name(ex), len(seeds)))
+        for r, lab in zip(shown, labels):
+            row = [lab]
+            for ex in explainers:
+                t = tests[r].get(ex) or {}
+                shares = (t.get("share") or {}).get("values") or [None] * len(seeds)
+                ps = t.get("p_value") or [None] * len(seeds)
+                row += [
+                    cell(fmt_share(v), sub=fmt_p(ps[i]) if ok(v) else None, title=_seed_title(t, i) if t else None)
+                    for i, v in enumerate(shares)
+                ]
+            rows.append(row)
+        per_seed = {
+            "caption": "Every seed's share, with its two-sided binomial test against 50% (the sign test on the untied "
+            "images); hover a cell for the counts.",
+            "groups": groups,
+            "head": heads,
+            "rows": rows,
+        }
+        sentences = []
+        for r in shown:
+            for ex in explainers:
+                t = tests[r].get(ex)
+                if not t:
+                    continue
+                ps = ", ".join(fmt_p(p)[4:] for p in t.get("p_value") or [])
+                text = sentence(
+                    decl["sentence"],
+                    ex,
+                    {k: v for k, v in t.items() if isinstance(v, str)},
+                    share=_share_stat(t.get("share")),
+                    images=_images(t.get("images") or []),
+                    p=f"p per seed: {ps}",
+                )
+                n = (t.get("share") or {}).get("n") or 0
+                sentences.append({"role": r, "text": f"over {n} seed{'' if n == 1 else 's'}, {text}"})
+        out.append({"name": name, "label": decl.get("label") or name, "tables": [means, per_seed],
+                    "sentences": sentences})  # fmt: skip
+    return out
 
 
 def _better(higher_is_better: bool | None) -> str | None:
@@ -310,6 +420,7 @@ def render_compare_report(out: str | Path) -> Path:
         "headline": _headline_name(cmp["headline"]),
         "main": _main_table(cmp),
         "agreement": _agreement_table(cmp),
+        "tests": _tests_sections(cmp),
         "transfer": _transfer_table(cmp),
         "quality": _quality_tables(cmp),
         "assistants": _assistant_table(cmp),

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from xkd.errors import ReportError, ReportSchemaError
 from xkd.files import SCHEMA_VERSION, atomic_write_text, read_json
 from xkd.report import figures
-from xkd.report.sections import explainer_sections, sanity_table, transfer_table
+from xkd.report.sections import agreement_tests, explainer_sections, sanity_table, transfer_table
 from xkd.report.tables import (
     DASH,
     Col,
@@ -38,6 +38,7 @@ SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
     ("run", "Run", None),
     ("summary", "Summary", None),
     ("explainers", "Explainers", "explainers"),
+    ("tests", None, "tests"),  # titled by the tested metrics' labels (e.g. "Closer to teacher")
     ("transfer", "Feature transfer", "transfer"),
     ("sanity", "Sanity checks", "sanity"),
     ("fidelity", "Fidelity per class", "fidelity"),
@@ -325,6 +326,7 @@ def render_report(run_dir: str | Path) -> Path:
         "top_k": fmt_pct(expl.get("agreement_top_k")),
         "num_images": expl.get("num_images"),
         "explainers": explainer_sections(run_dir, roles, models, expl, samples, tensors, class_names),
+        "tests": agreement_tests(roles, models, expl),
         "transfer": transfer_table(roles, models, expl),
         "sanity": sanity_table(roles, models, expl),
         "baseline": _baseline(roles, models, expl),
@@ -335,6 +337,7 @@ def render_report(run_dir: str | Path) -> Path:
         "records": sorted(p.name for p in (run_dir / "records").iterdir() if p.is_file() and p.name[0] != "."),
         "has_config": (run_dir / "config.yaml").is_file(),
     }
-    ctx["sections"] = [(a, t) for a, t, key in SECTIONS if key is None or ctx[key]]
+    ctx["tests_title"] = " · ".join(t["label"] for t in ctx["tests"])
+    ctx["sections"] = [(a, t or ctx[f"{a}_title"]) for a, t, key in SECTIONS if key is None or ctx[key]]
     html = _ENV.get_template("report.html.j2").render(**ctx)
     return atomic_write_text(run_dir / "report.html", html)

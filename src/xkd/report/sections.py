@@ -1,6 +1,8 @@
 """Report sections about explanations: one section per explainer (every metric for teacher and each
-student, the sanity verdict, and the models' maps of the same images side by side), feature transfer
-(FSS/RS) and the sanity-check table. Built from records only, like the rest of the report."""
+student, the sanity verdict, and the models' maps of the same images side by side), the agreement
+metrics tested against chance (Ojha et al.'s closer-to-teacher share, a sentence per student),
+feature transfer (FSS/RS) and the sanity-check table. Built from records only, like the rest of the
+report."""
 
 from __future__ import annotations
 
@@ -11,7 +13,22 @@ from typing import Any
 import xkd.metrics  # noqa: F401  (registers the metrics: columns of runs recorded without them)
 from xkd.registry import METRICS
 from xkd.report import figures
-from xkd.report.tables import DASH, Col, cell, explainer_name, fmt, head, make_table, model_label, ok, slug
+from xkd.report.tables import (
+    DASH,
+    Col,
+    best_rows,
+    cell,
+    explainer_name,
+    fmt,
+    fmt_p,
+    fmt_share,
+    head,
+    make_table,
+    model_label,
+    ok,
+    sentence,
+    slug,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,82 @@ def metric_columns(expl: dict) -> list[MetricCol]:
             better = None if hi is None else ("high" if hi else "low")
             agreement = info["scope"] == "agreement"
             out.append(MetricCol(c["label"] + arrow, c["key"], c.get("sub"), better, c.get("title") or "", agreement))
+    return out
+
+
+def tested_metrics(expl: dict) -> list[tuple[str, dict]]:
+    """``(name, declaration)`` of the run's agreement metrics that declare a ``sentence`` (a share of
+    images tested against chance, e.g. ``closer_to_teacher``), as the records declare them."""
+    names = expl.get("metrics")
+    if names is None:
+        names = [m.name for m in METRICS.entries()]
+    out = []
+    for name in names:
+        info = (expl.get("metric_info") or {}).get(name) or {}
+        if "sentence" not in info:
+            if name not in METRICS:
+                continue
+            info = METRICS.get(name).info()
+        if info.get("scope") == "agreement" and info.get("sentence"):
+            out.append((name, info))
+    return out
+
+
+def _counts(e: dict) -> str:
+    parts = [f"{e.get('closer', DASH)} closer", f"{e.get('ties', DASH)} tied", f"{e.get('farther', DASH)} farther"]
+    text = f"{', '.join(parts)} of {fmt(e.get('images'), ',.0f')} images"
+    if e.get("undefined"):
+        text += f"; {e['undefined']} undefined, left out"
+    if e.get("independent"):
+        text += f"; independent student: {e['independent']}"
+    return text + (f"; {e['distance']}" if e.get("distance") else "")
+
+
+def agreement_tests(roles: list[str], models: dict, expl: dict) -> list[dict]:
+    """Per metric tested against chance: a table (a row per student, a column per explainer: the share
+    with its binomial p-value) and a plain sentence per student and explainer."""
+    out = []
+    agreement = expl.get("agreement") or {}
+    for name, info in tested_metrics(expl):
+        explainers = [
+            ex
+            for ex in expl.get("explainers", [])
+            if any(((agreement.get(r) or {}).get(ex) or {}).get(name) for r in roles)
+        ]
+        shown = [r for r in roles if any(((agreement.get(r) or {}).get(ex) or {}).get(name) for ex in explainers)]
+        if not shown:
+            continue
+        entries = {
+            r: {ex: ((agreement.get(r) or {}).get(ex) or {}).get(name) or {} for ex in explainers} for r in shown
+        }
+        heads = [head("Model", False)] + [head(explainer_name(ex), True, info.get("description")) for ex in explainers]
+        best = {ex: best_rows([entries[r][ex].get("share") for r in shown], "high") for ex in explainers}
+        rows = []
+        for i, r in enumerate(shown):
+            row = [model_label(r, models.get(r) or {})]
+            for ex in explainers:
+                e = entries[r][ex]
+                sub = fmt_p(e.get("p_value")) if e else None
+                row.append(
+                    cell(fmt_share(e.get("share")), best=i in best[ex], sub=sub, title=_counts(e) if e else None)
+                )
+            rows.append(row)
+        distances = sorted({e.get("distance") for r in shown for e in entries[r].values() if e.get("distance")})
+        measure = {"cosine": "cosine similarity", "rank": "rank (Spearman) correlation"}
+        caption = (
+            f"{info.get('label')}: {info.get('description')}. Per test image, the teacher's map is compared with this "
+            f"student's and the independent student's by {' and '.join(measure.get(d, d) for d in distances) or 'a similarity'}"
+            " (Ojha et al., NeurIPS 2023, §4.1); ties count half, images where a similarity is undefined are left out; "
+            "p: two-sided binomial test against 50% on the untied images. Hover a cell for the counts."
+        )
+        table = {"caption": caption, "groups": None, "head": heads, "rows": rows}
+        sentences = [
+            {"role": r, "text": sentence(info["sentence"], ex, entries[r][ex])}
+            for r in shown
+            for ex in explainers
+            if entries[r][ex]
+        ]
+        out.append({"name": name, "label": info.get("label") or name, "table": table, "sentences": sentences})
     return out
 
 

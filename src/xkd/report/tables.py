@@ -37,6 +37,42 @@ def fmt_pct(v: Any) -> str:
     return f"{v * 100:g}%" if ok(v) else "k"
 
 
+def fmt_share(v: Any) -> str:
+    """A share of images as a whole percentage: ``0.712`` -> "71%"; "–" if missing."""
+    return f"{v * 100:.0f}%" if ok(v) else DASH
+
+
+def fmt_p(v: Any) -> str:
+    """A p-value as ``p = 0.003`` (two significant digits; ``p = 2.3e-05`` below 0.001)."""
+    if not ok(v):
+        return f"p = {DASH}"
+    return f"p = {v:.2g}" if v >= 1e-3 else f"p = {v:.1e}"
+
+
+class Sentence(dict):
+    """Values for a declared sentence template (:attr:`xkd.metrics.base.MetricInfo.sentence`); a
+    placeholder without a value reads "–"."""
+
+    def __missing__(self, key: str) -> str:
+        return DASH
+
+
+def sentence(template: str, explainer: str, entry: dict, **text: str) -> str:
+    """A metric's declared sentence for one student and explainer, filled from its record ``entry``:
+    ``{explainer}``, ``{share}`` (percentage), ``{images}``, ``{p}`` and the entry's text values;
+    ``text`` overrides any of them (``xkd compare`` passes the mean ± std and the per-seed p-values)."""
+    images = entry.get("images")
+    values = Sentence({k: v for k, v in entry.items() if isinstance(v, str)})
+    values.update(
+        explainer=explainer_name(explainer),
+        share=fmt_share(entry.get("share")),
+        images=fmt(images, ",.0f"),
+        p=fmt_p(entry.get("p_value")),
+    )
+    values.update(text)
+    return template.format_map(values)
+
+
 def fmt_seconds(v: Any) -> str:
     if not ok(v):
         return DASH
