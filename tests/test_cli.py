@@ -204,3 +204,20 @@ def test_lesions_run_fills_every_explanation_record(tmp_path, make_tiny_args):
         "labels randomised",
     ):
         assert heading in html, heading
+
+
+def test_sweep_is_a_command_with_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--config", "--trials", "--storage", "--study", "--timeout", "--resume", "--set", "--no-progress"):
+        assert flag in out, flag
+
+
+def test_sweep_without_searched_settings_is_one_clear_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: nothing\noutput_dir: {tmp_path / 'runs'}\n")
+    assert cli("sweep", "--config", str(config)) == 2
+    err = capsys.readouterr().err
+    assert "sweep.params: nothing to search" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

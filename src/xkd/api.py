@@ -25,6 +25,7 @@ from xkd.plan import load_config, resolve
 from xkd.registry import ALL_REGISTRIES, STUDIES
 from xkd.report import render_dir
 from xkd.runner import run
+from xkd.sweep import sweep
 
 __all__ = [
     "ALL_REGISTRIES",
@@ -53,4 +54,5 @@ __all__ = [
     "make_loader",
     "normalize_maps",
     "run",
+    "sweep",
 ]

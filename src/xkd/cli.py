@@ -54,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="delete an existing comparison of this name first")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    st = sub.add_parser("study", help="re-measure a source's claim over several seeds: kd-vs-ls or capacity-gap")
-    st.add_argument("study", help="a registered study (`xkd list`): kd-vs-ls or capacity-gap")
+    st = sub.add_parser(
+        "study", help="re-measure a source's claim over several seeds: kd-vs-ls, capacity-gap or explanation-transfer"
+    )
+    st.add_argument("study", help="a registered study (`xkd list`): kd-vs-ls, capacity-gap or explanation-transfer")
     st.add_argument("--config", "-c", required=True, help="YAML run config with a `study:` section")
     st.add_argument("--seeds", type=int, help="number of seeds (default: the config's compare.seeds, 3)")
     st.add_argument(
@@ -64,6 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--resume", action="store_true", help="keep finished runs and cached retrainings")
     st.add_argument("--overwrite", action="store_true", help="delete an existing study of this name first")
     st.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sw = sub.add_parser(
+        "sweep",
+        help="search the config's `sweep.params` with Optuna, each trial an xkd run; writes sweep.html and best.yaml",
+    )
+    sw.add_argument("--config", "-c", required=True, help="YAML run config with a `sweep:` section")
+    sw.add_argument(
+        "--trials", type=int, help="finished trials the study ends with (default: the config's sweep.trials)"
+    )
+    sw.add_argument(
+        "--storage",
+        help="SQLAlchemy URL of the study's database, e.g. postgresql://user:pass@host/db, shared by several "
+        "workers (default: study.db in the sweep folder)",
+    )
+    sw.add_argument("--study", dest="study_name", help="the study's name in the storage (default: the config's name)")
+    sw.add_argument("--timeout", type=float, help="ask for no new trial after this many seconds")
+    sw.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    sw.add_argument(
+        "--resume", action="store_true", help="continue the sweep's study (also: add this process as a worker)"
+    )
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("explain", help="teacher and student maps for your own images")
     e.add_argument("--run", required=True, help="a finished run directory (runs/NAME)")
@@ -120,6 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_study = api.STUDIES.get(args.study)
             cfg = api.load_config(args.config, args.overrides)
             run_study(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        elif args.command == "sweep":
+            cfg = api.load_config(args.config, args.overrides)
+            api.sweep(
+                cfg,
+                args.trials,
+                storage=args.storage,
+                study_name=args.study_name,
+                timeout=args.timeout,
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
         elif args.command == "report":  # a run, a comparison, a study, or a study over a comparison
             for page in api.render_dir(args.run_dir):
                 print(page)

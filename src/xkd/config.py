@@ -140,6 +140,9 @@ class TrainConfig:
             ``bf16``, ``fp16`` (CUDA only, with a gradient scaler) or ``off``.
         channels_last: train in the channels-last memory layout (faster convolutions on GPUs).
         compile: run the training step through ``torch.compile``.
+        tensorboard: write TensorBoard event files (:mod:`xkd.tracking`). The students' ``train``
+            switches it for the whole run; ``teacher.train.tensorboard: false`` leaves out the
+            teacher's curves only. Never part of a cache key.
     """
 
     epochs: int = 5
@@ -151,6 +154,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    tensorboard: bool = True
 
 
 @dataclass
@@ -326,15 +330,69 @@ class StudyConfig:
 
 
 @dataclass
+class SweepObjective:
+    """One score ``xkd sweep`` optimises, read from a trial's records (:mod:`xkd.sweep.plan`).
+
+    Attributes:
+        metric: ``val_accuracy`` (the student's best validation accuracy, what the pruner watches),
+            a test-split metric (``accuracy``, ``macro_f1``, ``loss``, ``posthoc_agreement``,
+            ``params``, ``flops``) or any recorded column of a metric in ``evaluation.metrics``
+            (``rank_correlation``, ``fidelity``, ``fss``, ``met``, ...).
+        student: the student it is read for (None: the student whose settings the sweep searches,
+            or the only student).
+        explainer: the explainer's label, for explanation metrics (None: the only configured one).
+        direction: ``maximize`` or ``minimize`` (None: the metric's declared direction).
+    """
+
+    metric: str = "val_accuracy"
+    student: str | None = None
+    explainer: str | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+
+
+@dataclass
 class SweepConfig:
     """Options of ``xkd sweep`` (read by the sweep only; ``xkd run`` and ``xkd compare`` ignore them).
 
     Attributes:
         params: the searched settings, by config path (``students.1.params.alpha``), each a
-            distribution (``{uniform: [0.1, 0.9]}``, ``{log_uniform: [1, 20]}``, ...).
+            distribution: ``{uniform: [low, high]}``, ``{log_uniform: [low, high]}``,
+            ``{int: [low, high]}`` (``step: k`` optional for ``uniform`` and ``int``) or
+            ``{categorical: [a, b, ...]}``.
+        objectives: the scores optimised (:class:`SweepObjective`); empty: the validation accuracy
+            of the tuned student. Two or more give a Pareto front.
+        sampler: ``tpe``, ``random`` or ``nsga2`` (None: ``tpe`` for one objective, ``nsga2`` for several).
+        pruner: ``median`` (stop a trial whose tuned student's validation accuracy after an epoch is
+            below the median of earlier trials at that epoch) or ``none``; None: ``median`` when
+            there is one objective to maximise (Optuna prunes single-objective studies only), else ``none``.
+        trials: finished (complete or pruned) trials the study ends with, counted over every process.
+        seed: the sampler's seed (None: the run's ``seed``).
     """
 
     params: dict[str, Any] = field(default_factory=dict)
+    objectives: list[SweepObjective] = field(default_factory=list)
+    sampler: Literal["tpe", "random", "nsga2"] | None = None
+    pruner: Literal["median", "none"] | None = None
+    trials: int = 20
+    seed: int | None = None
+
+
+@dataclass
+class TrackingConfig:
+    """An experiment tracker the run also logs to (:mod:`xkd.tracking`); TensorBoard is separate
+    (``train.tensorboard``) and on by default.
+
+    Attributes:
+        backend: ``none`` or ``mlflow`` (needs ``pip install 'xkd[mlflow]'``).
+        uri: the MLflow tracking URI (a server ``http://host:5000``, ``sqlite:///path.db``, ...);
+            None: ``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<output_dir>/mlruns/mlflow.db``
+            (artifacts in ``<output_dir>/mlruns/artifacts/``).
+        experiment: the MLflow experiment the run is logged under.
+    """
+
+    backend: Literal["none", "mlflow"] = "none"
+    uri: str | None = None
+    experiment: str = "xkd"
 
 
 @dataclass
@@ -369,6 +427,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from xkd import tracking
 from xkd.cache import Cache
 from xkd.config import ModelConfig, RunConfig, TrainConfig
 from xkd.data import DataBundle, build_dataset, make_loader
@@ -55,10 +56,11 @@ def data_key(cfg: RunConfig) -> dict[str, Any]:
 
 def train_key(train: TrainConfig) -> dict[str, Any]:
     """A training config as cache keys see it: the step settings left out at their defaults (a
-    cache written before they existed trained with those), the loader's worker count always (it
-    does not change the weights)."""
+    cache written before they existed trained with those), the loader's worker count and the
+    TensorBoard switch always (they do not change the weights)."""
     key = to_dict(train)
     key.pop("num_workers", None)
+    key.pop("tensorboard", None)
     for name, default in (("amp", "auto"), ("channels_last", False), ("compile", False)):
         if key.get(name) == default:
             key.pop(name)
@@ -382,6 +384,7 @@ def run(
     directory (:func:`xkd.runner.run` also renders the report). ``callbacks`` see every model's
     training (:class:`~xkd.engine.callbacks.Callback`) and the end of the run."""
     plan = resolve(cfg)
+    tracking.check(cfg)  # a tracker that is not installed fails here, before anything is written
     configure_determinism(cfg.deterministic)
     info = D.init_distributed()
     started = dt.datetime.now(dt.timezone.utc)
@@ -395,6 +398,8 @@ def run(
         log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])
     preflight(plan, data)  # wrong layer names and shapes fail here, before any training or file
     prepare_run_dir(run_dir, cfg, resume, overwrite)
+    # TensorBoard, MLflow; first, so an epoch is logged before a caller's callback may stop the run there
+    callbacks = [*tracking.callbacks_for(cfg, run_dir, resume), *callbacks]
     if progress and info.is_main:
         console.print(
             f"[bold]xkd[/bold] run {cfg.name!r}: {data.name} {tuple(data.image_shape)}, "

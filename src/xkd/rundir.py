@@ -8,6 +8,7 @@ runs/<name>/
   records/samples.safetensors
   figures/               report figures
   checkpoints/<role>/{best,last}.pt and best.train.json (how long the weights took to train)
+  tensorboard/<role>/    TensorBoard event files per model; tensorboard/_run/: explanations, hparams
   seeds/seed_<s>/        one run directory per seed (xkd compare)
   report.html
 ```
@@ -89,6 +90,16 @@ class RunDir:
         return self.records / "samples.safetensors"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of the run (``tensorboard --logdir`` this or a parent)."""
+        return self.path / "tensorboard"
+
+    def tensorboard_dir(self, role: str | None = None) -> Path:
+        """``tensorboard/<role>/``: one TensorBoard run per model; ``tensorboard/_run/`` (``role``
+        None): the run's explanation grids and its hyper-parameters with the final metrics."""
+        return self.tensorboard / ("_run" if role is None else role.replace("/", "_"))
+
+    @property
     def seeds(self) -> Path:
         """Where ``xkd compare`` puts one run directory per seed."""
         return self.path / "seeds"
@@ -166,6 +177,12 @@ class RunDir:
 def cache_root(cfg: RunConfig) -> Path:
     """The cache shared by the runs of ``cfg.output_dir``: trained teachers, distillers' artefacts."""
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / ".cache"
+
+
+def mlflow_root(cfg: RunConfig) -> Path:
+    """The local MLflow store of ``cfg.output_dir`` when ``tracking.uri`` is unset:
+    ``<output_dir>/mlruns/mlflow.db`` (SQLite) and ``<output_dir>/mlruns/artifacts/``."""
+    return Path(cfg.output_dir) / "mlruns"
 
 
 # -- training-time sidecars of checkpoints ---------------------------------------------------------

@@ -1,0 +1,481 @@
+"""``xkd sweep``: an Optuna study whose trials are ordinary xkd runs.
+
+Optuna samples, prunes and keeps the study; this module only turns a trial into a run and a run's
+records into the trial's scores:
+
+- every trial is ``xkd run`` of the config with the trial's values set at their config paths (as
+  ``--set`` sets them), written to ``<output_dir>/<name>-sweep/trial-NNNN/``; the teacher is
+  trained once, by the first trial, and later trials (and ``xkd run --config best.yaml``) load it
+  from the teacher cache, which every trial shares with the sweep's ``output_dir``;
+- the study lives in an SQLite file in the sweep folder unless ``--storage`` names a database
+  (any SQLAlchemy URL: ``postgresql://user:pass@host/db``), so several processes, on one machine or
+  many, can work on one study;
+- the study ends with exactly ``sweep.trials`` finished (complete or pruned) trials counted over
+  every process: a process stops asking for trials when the finished and running ones fill the
+  budget, and a trial that finds the budget filled when it starts (two processes asking at the same
+  moment) is marked failed with ``over_budget`` and not run;
+- a trial left running by a process that died (its process is gone from this machine, or its
+  heartbeat in a database server stopped) is marked failed and its values are enqueued again
+  (``study.enqueue_trial``), so the slot is retried; one interrupted with Ctrl-C is enqueued again
+  at once. A retried trial continues from the checkpoints its first attempt left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
+from xkd.cache import Cache
+from xkd.config import RunConfig, save_config
+from xkd.engine.callbacks import Callback
+from xkd.errors import ConfigError, DeviceMemoryError, NonFiniteLossError, RunExistsError
+from xkd.pipeline import teacher_cache_key
+from xkd.plan import validate_config
+from xkd.rundir import BEST, RunDir, cache_root
+from xkd.runner import run
+from xkd.schema import from_dict, to_dict
+from xkd.sweep.outputs import SweepDir, storage_label, write_outputs
+from xkd.sweep.plan import SweepPlan, resolve_sweep, teacher_paths, with_values
+
+log = logging.getLogger("xkd")
+
+HEARTBEAT_SECONDS = 30
+"""How often a running trial tells a database server it is alive (not used with SQLite: all its
+workers share one machine, where a dead worker is found by its process id at once)."""
+GRACE_SECONDS = 120
+"""After this long without a heartbeat a trial counts as abandoned."""
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RETRYABLE = (NonFiniteLossError, DeviceMemoryError)
+"""Errors a trial's settings can cause (a diverging learning rate, a batch too large): the trial is
+recorded as failed and the sweep goes on. Any other error stops the sweep."""
+
+CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
+"""What opening a new database says when another worker is creating its tables at the same moment."""
+
+HOST = socket.gethostname()
+CONFIG_ATTR = "xkd_config"
+
+
+class OverBudget(Exception):
+    """The trial started after the budget was filled by other processes; it is not run."""
+
+
+def sweep(
+    cfg: RunConfig,
+    trials: int | None = None,
+    *,
+    storage: str | None = None,
+    study_name: str | None = None,
+    timeout: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Search ``cfg.sweep.params`` with Optuna, each trial an xkd run; returns the sweep folder.
+
+    Args:
+        cfg: a validated run config with a ``sweep:`` section.
+        trials: finished trials the study ends with (default ``sweep.trials``), over all processes.
+        storage: an SQLAlchemy URL of the study's database (default: ``study.db`` in the sweep folder).
+        study_name: the study's name in the storage (default: the config's ``name``).
+        timeout: stop asking for new trials after this many seconds (a running trial finishes).
+        resume: continue the sweep folder and study that exist (and join a study other processes work on).
+        progress: progress output.
+
+    The folder holds ``sweep.html``, ``best.yaml`` (``pareto/`` with several objectives),
+    ``records/sweep.json`` and one run directory per trial.
+    """
+    if trials is not None:
+        if trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {trials}")
+        cfg.sweep.trials = trials
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
+    plan = resolve_sweep(cfg)
+    for path in teacher_paths(plan):
+        log.warning("sweep.params.%s changes the teacher: each of its values trains a teacher of its own", path)
+    out = SweepDir.of(cfg)
+    if not resume and not out.is_empty():
+        raise RunExistsError(
+            f"sweep folder {out.path} already exists; pass --resume to continue its study (also to add a "
+            "worker to it), or choose another name (--set name=NEW)"
+        )
+    if storage is None:  # the default SQLite file lives in the sweep folder
+        out.path.mkdir(parents=True, exist_ok=True)
+    url = storage or out.default_storage()
+    name = study_name or cfg.name
+    console = Console(stderr=True, quiet=not progress)
+    study = open_study(url, name, plan, resume)
+    out.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out.config)
+    t0 = time.perf_counter()
+    with _quiet_optuna():
+        lock = reap_lock(url, out)
+        reap(study, lock)
+        if _occupied(study) < plan.trials:
+            console.print(
+                f"[bold]xkd sweep[/bold] {cfg.name!r}: {len(_states(study, FINISHED))} of {plan.trials} trials "
+                f"finished, study {name!r} in {storage_label(url)}"
+            )
+            objective = TrialRunner(study, plan, out, lock, progress, console)
+            study.optimize(
+                objective,
+                timeout=timeout,
+                catch=(OverBudget, *RETRYABLE),
+                callbacks=[Budget(plan.trials, lock)],
+                gc_after_trial=True,
+            )
+        page = write_outputs(study, plan, out, url)
+    console.print(f"sweep report: {page}  ({time.perf_counter() - t0:.0f} s)")
+    return out.path
+
+
+# -- the study ----------------------------------------------------------------------------------------
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study's database; a server database gets heartbeats, so a dead worker's trial is found."""
+    sqlite = url.startswith("sqlite")
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    heartbeat: dict[str, Any] = {}
+    if not sqlite:
+        heartbeat = dict(
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=retry,
+        )
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except ImportError as e:
+            raise ConfigError(
+                f"--storage {storage_label(url)}: its database driver is not installed ({e}); for PostgreSQL "
+                "`pip install 'psycopg[binary]'` and write postgresql+psycopg://..., or `pip install psycopg2-binary`"
+            ) from None
+        except Exception as e:  # SQLAlchemy's errors: a bad URL, a refused connection, a table race
+            if attempt == 2 or not any(m in str(e) for m in CREATION_RACE):
+                why = " ".join(str(e).split("(Background on this error")[0].split())  # one line
+                raise ConfigError(f"--storage {storage_label(url)}: cannot open the study's database: {why}") from None
+            time.sleep(1.0)  # two workers creating the tables at the same moment: the other one won
+    raise AssertionError("unreachable")
+
+
+def open_study(url: str, name: str, plan: SweepPlan, resume: bool) -> optuna.Study:
+    """Create the study, or (``resume``) load it and check it was made by the same config."""
+    key = config_key(plan.cfg)
+    with _quiet_optuna():
+        storage = open_storage(url)
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=name,
+                directions=plan.directions,
+                sampler=make_sampler(plan, plan.seed),
+                pruner=make_pruner(plan),
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            if not resume:
+                raise RunExistsError(
+                    f"study {name!r} already exists in {storage_label(url)}; pass --resume to continue it (or to add "
+                    "a worker to it), or choose another name (--study NEW)"
+                ) from None
+            # a worker joining a study samples with a seed of its own, else every worker would draw the same values
+            seed = zlib.crc32(f"{plan.seed}/{HOST}/{os.getpid()}".encode())
+            study = optuna.load_study(
+                study_name=name, storage=storage, sampler=make_sampler(plan, seed), pruner=make_pruner(plan)
+            )
+            check_same_sweep(study, plan, key, url)
+            return study
+        study.set_metric_names([o.name for o in plan.objectives])
+        study.set_user_attr(CONFIG_ATTR, key)
+    return study
+
+
+def check_same_sweep(study: optuna.Study, plan: SweepPlan, key: dict[str, Any], url: str) -> None:
+    """A resumed study must optimise the same objectives of the same config."""
+    names = [o.name for o in plan.objectives]
+    wanted = [
+        optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+        for d in plan.directions
+    ]
+    if study.metric_names not in (None, names) or list(study.directions) != wanted:
+        raise ConfigError(
+            f"study {study.study_name!r} in {storage_label(url)} optimises {study.metric_names or 'other objectives'}, "
+            f"this config {names} ({', '.join(plan.directions)}); start another study (--study NEW)"
+        )
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is not None and stored != key:
+        diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+        raise ConfigError(
+            f"study {study.study_name!r} in {storage_label(url)} was started with another config (it differs in: "
+            f"{', '.join(diff)}); resume it with the same config, or start another study (--study NEW or --set name=NEW)"
+        )
+
+
+def config_key(cfg: RunConfig) -> dict[str, Any]:
+    """What must match between the processes of one study: the config without what names or places
+    it, the machine's device and the trial budget."""
+    key = to_dict(cfg)
+    for k in ("name", "output_dir", "cache_dir", "device", "tracking"):
+        key.pop(k, None)
+    key["sweep"].pop("trials", None)
+    return json.loads(json.dumps(key))
+
+
+def make_sampler(plan: SweepPlan, seed: int) -> optuna.samplers.BaseSampler:
+    if plan.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if plan.sampler == "nsga2":  # a small population, else a 20-trial budget never leaves the first generation
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, plan.trials // 4)))
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(plan: SweepPlan) -> optuna.pruners.BasePruner:
+    if plan.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def _states(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def _occupied(study: optuna.Study) -> int:
+    """Trials that finished or are running: the budget they take."""
+    return len(_states(study, (*FINISHED, TrialState.RUNNING)))
+
+
+class Budget:
+    """Stops this process when finished and running trials fill the budget (Optuna's
+    ``MaxTrialsCallback`` counting running trials too, after failing those of dead workers), or
+    when as many trials as the budget failed for their settings (every one diverging, say)."""
+
+    def __init__(self, trials: int, lock: Path) -> None:
+        self.trials, self.lock = trials, lock
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reap(study, self.lock)
+        if _occupied(study) >= self.trials:
+            study.stop()
+        elif sum("error" in t.user_attrs for t in _states(study, (TrialState.FAIL,))) >= self.trials:
+            log.warning("%d trials failed for their settings (see sweep.html); the sweep stops", self.trials)
+            study.stop()
+
+
+# -- dead workers -------------------------------------------------------------------------------------
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue ``trial``'s values again, as a new trial that knows which one it retries."""
+    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+    log.info("trial %d did not finish; its values are enqueued again", trial.number)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a killed child its parent has not waited for yet
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    return True
+
+
+def reap_lock(url: str, out: SweepDir) -> Path:
+    """The lock the workers of one study take turns under to reap: beside an SQLite file (its workers
+    share one machine, whatever their output folders), else in the sweep folder (a server database
+    refuses a second update of a finished trial: its row locks do the rest)."""
+    database = url.split("?", 1)[0].removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    if database and database != ":memory:":
+        path = Path(database)
+        return path.with_name(f"{path.name}.reap.lock")
+    return out.path / ".reap.lock"
+
+
+def reap(study: optuna.Study, lock: Path) -> None:
+    """Fail the running trials of workers that died on this machine and enqueue their values again.
+
+    Under a lock in the sweep folder, so two workers never retry one trial twice (SQLite has no row
+    locks; a server database also refuses a second update of a finished trial)."""
+    with _lock(lock):
+        for t in _states(study, (TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker") or {}
+            pid = worker.get("pid")
+            if worker.get("host") != HOST or not isinstance(pid, int) or pid == os.getpid() or _alive(pid):
+                continue
+            try:
+                study.tell(t.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError):  # another process finished it meanwhile
+                continue
+            retry(study, t)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` between the processes of this machine."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): one worker per sweep folder there
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna's experimental-feature warnings (heartbeats, metric names) say nothing to a user, and
+    its per-trial log lines repeat the sweep's own."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+# -- one trial ----------------------------------------------------------------------------------------
+
+
+class ReportValAccuracy(Callback):
+    """Reports the watched student's validation accuracy to Optuna after every epoch and raises
+    ``optuna.TrialPruned`` when the pruner says so (the epoch's checkpoints are already written)."""
+
+    def __init__(self, trial: optuna.Trial, role: str) -> None:
+        self.trial, self.role = trial, role
+
+    def on_epoch_end(self, role: str, epoch: int, stats: dict[str, Any]) -> None:
+        if role != self.role or stats.get("val_accuracy") is None:
+            return
+        self.trial.report(float(stats["val_accuracy"]), epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"{role}: validation accuracy {stats['val_accuracy']:.4f} after epoch {epoch}")
+
+
+class TeacherLock(Callback):
+    """Holds the sweep's teacher lock until the trial's first student starts training (the teacher is
+    cached by then), so concurrent first trials train the teacher once, not once each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> TeacherLock:
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(_lock(self.path))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def on_train_start(self, role: str, epochs: int) -> None:
+        if role != "teacher":
+            self.release()
+
+
+class TrialRunner:
+    """The study's objective: one trial = one xkd run; returns the objectives read from its records."""
+
+    def __init__(
+        self, study: optuna.Study, plan: SweepPlan, out: SweepDir, lock: Path, progress: bool, console: Console
+    ) -> None:
+        self.study, self.plan, self.out, self.lock = study, plan, out, lock
+        self.progress, self.console = progress, console
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
+        reap(self.study, self.lock)
+        if self._over_budget(trial):
+            trial.set_user_attr("over_budget", True)
+            self.study.stop()
+            raise OverBudget(f"trial {trial.number}: the budget of {self.plan.trials} trials is filled; not run")
+        values = {p.path: p.suggest(trial) for p in self.plan.params}
+        cfg = self.trial_config(trial.number, values)
+        run_dir = RunDir.of(cfg)
+        trial.set_user_attr("run_dir", run_dir.path.name)
+        resume = self._continue_from(trial.user_attrs.get("retry_of"), run_dir)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        self.console.print(f"[bold]trial {trial.number}[/bold]: {shown}")
+        callbacks: list[Callback] = []
+        if self.plan.watched_student is not None:
+            callbacks.append(ReportValAccuracy(trial, self.plan.watched_student))
+        t0 = time.perf_counter()
+        try:
+            with self._teacher_lock(cfg) as lock:
+                run(cfg, resume=resume, progress=self.progress, callbacks=[*callbacks, *([lock] if lock else [])])
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            retry(self.study, _frozen(self.study, trial))
+            raise
+        except RETRYABLE as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        scores = [o.read(run_dir.path) for o in self.plan.objectives]
+        shown = ", ".join(f"{o.name} {v:.4g}" for o, v in zip(self.plan.objectives, scores))
+        self.console.print(f"trial {trial.number}: {shown} ({time.perf_counter() - t0:.0f} s)")
+        return scores[0] if len(scores) == 1 else scores
+
+    def trial_config(self, number: int, values: dict[str, Any]) -> RunConfig:
+        """The sweep's config with the trial's values, run as ``<sweep folder>/trial-NNNN`` with the
+        sweep's teacher cache; its ``sweep`` section is left out (a trial is a plain run)."""
+        raw = with_values(self.plan.cfg, values)
+        raw.pop("sweep", None)
+        raw.update(
+            name=self.out.trial_name(number), output_dir=str(self.out.path), cache_dir=str(cache_root(self.plan.cfg))
+        )
+        cfg = from_dict(RunConfig, raw)
+        validate_config(cfg)
+        return cfg
+
+    def _over_budget(self, trial: optuna.Trial) -> bool:
+        """Whether the trials numbered before this one, finished, running or waiting, fill the budget."""
+        counted = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+        return sum(t.number < trial.number for t in _states(self.study, counted)) >= self.plan.trials
+
+    def _continue_from(self, retry_of: Any, run_dir: RunDir) -> bool:
+        """A retried trial starts from the checkpoints its failed attempt left (same settings)."""
+        if not isinstance(retry_of, int):
+            return False
+        previous = self.out.path / self.out.trial_name(retry_of) / "checkpoints"
+        if not previous.is_dir():
+            return False
+        shutil.copytree(previous, run_dir.checkpoints, dirs_exist_ok=True)
+        return True
+
+    def _teacher_lock(self, cfg: RunConfig) -> contextlib.AbstractContextManager[TeacherLock | None]:
+        cached = Cache(cache_root(cfg)).folder("teachers", teacher_cache_key(cfg)) / BEST
+        if cfg.teacher.checkpoint or cached.is_file():
+            return contextlib.nullcontext()
+        return TeacherLock(self.out.teacher_lock)
+
+
+def _frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
