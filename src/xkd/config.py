@@ -304,6 +304,11 @@ class StudyConfig:
         assistant: the assistant of the teacher -> assistant -> student chain for the largest gap.
         distiller: how every student learns from its teacher (and from the assistant) in that study.
         params: that distiller's parameters.
+        data_fractions: the fractions of the training split that ``xkd study explanation-transfer``
+            distils with (class-stratified; the teacher always trains on the largest).
+        equal_steps: in that study, scale the students' epochs at each smaller fraction so that they
+            take as many optimiser steps as at the largest (a student that sees 5% of the images for
+            the same number of epochs takes 1/20 of the steps and has barely started training).
     """
 
     concepts: DataConfig | None = None
@@ -319,6 +324,8 @@ class StudyConfig:
     assistant: ModelConfig | None = None
     distiller: str = "hinton_kd"
     params: dict[str, Any] = field(default_factory=dict)
+    data_fractions: list[float] = field(default_factory=lambda: [1.0, 0.05])
+    equal_steps: bool = True
 
     def validate(self) -> None:
         if not 0.0 < self.quantile < 1.0:

@@ -16,7 +16,11 @@ from xkd.report.compare import StatCol, fmt_stat, stat_table
 from xkd.report.render import _ENV, load_record
 from xkd.report.tables import cell, fmt, fmt_seconds
 
-TITLES = {"kd-vs-ls": "KD vs label smoothing vs scratch", "capacity-gap": "Capacity gap and teacher assistant"}
+TITLES = {
+    "kd-vs-ls": "KD vs label smoothing vs scratch",
+    "capacity-gap": "Capacity gap and teacher assistant",
+    "explanation-transfer": "Explanation transfer: e2KD vs KD",
+}
 
 
 def load_study(out: Path) -> dict[str, Any]:
@@ -144,11 +148,72 @@ def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
     return {"tables": tables, "figures": [(src, caption)], "facts": facts}
 
 
+def _nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _explanation_transfer(out: Path, st: dict[str, Any]) -> dict[str, Any]:
+    fractions = st["fractions"]
+    ex, metric = st["explainer"], st["metric"]
+    students = list(fractions[0]["students"]) if fractions else []
+    quality_keys = sorted({k for fr in fractions for s in fr["students"].values() for k in s["quality"]})
+    tables = []
+    for fr in fractions:
+        rows = fr["students"]
+        cols = [
+            StatCol("Accuracy", [rows[s].get("accuracy") for s in students], better="high"),
+            StatCol(f"{metric} with the teacher ({ex})", [rows[s].get("agreement") for s in students], better="high"),
+            StatCol(
+                "Closer to the teacher than an independent student",
+                [rows[s].get("closer_to_teacher") for s in students],
+                spec=".1%",
+                better="high",
+                title="share of test images where the teacher's map is closer to this student's than to the "
+                "independent student's (chance 50%)",
+            ),
+        ]
+        cols += [StatCol(k, [rows[s]["quality"].get(k) for s in students]) for k in quality_keys]
+        labels = [cell(s, num=False, sub=rows[s].get("distiller") or "") for s in students]
+        tables.append(
+            stat_table(
+                f"{fr['label']} of the training data ({fmt(fr['train_images'], ',.0f')} images"
+                + (f", {fr['student_epochs']} student epochs" if fr.get("student_epochs") else "")
+                + f"; teacher accuracy {fmt_stat(fr.get('teacher_accuracy'))}), mean ± std over seeds.",
+                labels,
+                cols,
+            )
+        )
+    sizes = [fr["train_images"] for fr in fractions]
+    panels = {}
+    for key, title in (("accuracy", "accuracy"), ("agreement", f"{metric} with the teacher"),
+                       ("closer_to_teacher", "closer to the teacher (share)")):  # fmt: skip
+        panels[title] = {  # a measure without a value (e.g. no image with a defined map) is not drawn
+            s: ([_nan((fr["students"][s].get(key) or {}).get("mean")) for fr in fractions],
+                [_nan((fr["students"][s].get(key) or {}).get("std")) for fr in fractions])
+            for s in students
+            if s != st["roles"]["independent"] or key != "closer_to_teacher"
+        }  # fmt: skip
+    src = "figures/explanation_transfer.png"
+    figures.save_lines_vs_size(out / src, sizes, panels, xlabel="training images")
+    facts = {
+        "Explainer": ex,
+        "Independent student": st["roles"]["independent"],
+        "Data fractions": ", ".join(f"{fr['label']} ({fmt(fr['train_images'], ',.0f')})" for fr in fractions),
+    }
+    caption = (
+        "Each measure against the number of training images the students saw (log scale); the teacher is the same."
+    )
+    return {"tables": tables, "figures": [(src, caption)], "facts": facts}
+
+
+RENDERERS = {"kd-vs-ls": _kd_vs_ls, "capacity-gap": _capacity_gap, "explanation-transfer": _explanation_transfer}
+
+
 def render_study_report(out: str | Path) -> Path:
     """Render ``out/study.html`` (and its figures) from ``out/records/study.json``."""
     out = Path(out)
     st = load_study(out)
-    body = _kd_vs_ls(out, st) if st["study"] == "kd-vs-ls" else _capacity_gap(out, st)
+    body = RENDERERS[st["study"]](out, st)
     ctx = {
         "st": st,
         "title": TITLES.get(st["study"], st["study"]),

@@ -24,14 +24,13 @@ from rich.console import Console
 from xkd.compare import compare, stat
 from xkd.config import ConfigError, RunConfig, StudentConfig, from_dict, to_dict
 from xkd.data import build_dataset
-from xkd.errors import RunExistsError
-from xkd.files import is_writer
 from xkd.metrics.cost import parameter_count
 from xkd.pipeline import build_for
 from xkd.plan import validate_config
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
+from xkd.studies.common import prepare_study_dir
 from xkd.studies.verdict import judge
 
 DIRECT, VIA_ASSISTANT = "direct", "via_assistant"
@@ -56,23 +55,6 @@ def teacher_sizes(cfg: RunConfig) -> list[tuple[int, Any]]:
             "compares teachers of growing capacity; make each teacher larger than the last"
         )
     return sized
-
-
-def _prepare(study: RunDir, resume: bool, overwrite: bool) -> None:
-    out = study.path
-    if not study.is_empty():
-        ours = (out / "teachers").is_dir() or study.has_record("study")
-        if overwrite and ours:
-            if is_writer():
-                study.clear()
-        elif overwrite or (resume and not ours):
-            raise RunExistsError(f"{out} holds something other than an xkd capacity-gap study; choose another name")
-        elif not resume:
-            raise RunExistsError(
-                f"study directory {out} already exists; pass --resume to continue it (finished runs are kept), "
-                "--overwrite to start over, or choose another name (--set name=NEW)"
-            )
-    study.records.mkdir(parents=True, exist_ok=True)
 
 
 def teacher_config(cfg: RunConfig, out: Path, i: int, model: Any, largest: bool) -> RunConfig:
@@ -107,7 +89,7 @@ def run_study(
     sized = teacher_sizes(cfg)
     study = RunDir.of(cfg)
     out = study.path
-    _prepare(study, resume, overwrite)
+    prepare_study_dir(study, resume, overwrite, "capacity-gap", "teachers")
     rows = []
     for i, (params, model) in enumerate(sized):
         c = teacher_config(cfg, out, i, model, largest=i == len(sized) - 1)

@@ -43,6 +43,7 @@ from xkd.report.figures import plot_top_units
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
 from xkd.schema import to_dict
+from xkd.studies.common import students_by_distiller
 from xkd.studies.diffroar import diffroar, float_images
 from xkd.studies.verdict import judge
 
@@ -51,16 +52,12 @@ REQUIRED = {"scratch": "scratch", "label_smoothing": "label smoothing", "hinton_
 
 def roles_by_distiller(cfg: RunConfig) -> dict[str, str]:
     """The first student of each required distiller, by distiller name; a clear error if one is missing."""
-    found: dict[str, str] = {}
-    for s in cfg.students:
-        found.setdefault(s.distiller, s.name)
-    missing = [d for d in REQUIRED if d not in found]
-    if missing:
-        raise ConfigError(
-            f"xkd study kd-vs-ls compares scratch, label smoothing and KD students: add students with distiller "
-            f"{', '.join(repr(m) for m in missing)} to the config (any other registered distiller may be added too)"
-        )
-    return found
+    return students_by_distiller(
+        cfg,
+        REQUIRED,
+        "xkd study kd-vs-ls compares scratch, label smoothing and KD students",
+        "any other registered distiller may be added too",
+    )
 
 
 def preflight(cfg: RunConfig) -> None:

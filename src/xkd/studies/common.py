@@ -1,0 +1,46 @@
+"""What the studies share: the students a study needs, found in its config by distiller, and the
+study folder made ready (new, resumed or overwritten)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from xkd.config import ConfigError, RunConfig
+from xkd.errors import RunExistsError
+from xkd.files import is_writer
+from xkd.rundir import RunDir
+
+
+def students_by_distiller(cfg: RunConfig, required: Iterable[str], purpose: str, others: str) -> dict[str, str]:
+    """The first student of each distiller of the config, by distiller name; one :class:`ConfigError`
+    naming every ``required`` distiller the config lacks (``purpose``: what the study compares;
+    ``others``: which further students it takes)."""
+    found: dict[str, str] = {}
+    for s in cfg.students:
+        found.setdefault(s.distiller, s.name)
+    missing = [d for d in required if d not in found]
+    if missing:
+        raise ConfigError(
+            f"{purpose}: add students with distiller {', '.join(repr(m) for m in missing)} to the config ({others})"
+        )
+    return found
+
+
+def prepare_study_dir(study: RunDir, resume: bool, overwrite: bool, kind: str, marker: str) -> None:
+    """Make the folder of study ``kind`` ready: new, continued (``resume``) or emptied (``overwrite``);
+    a folder is this kind of study when it holds the ``marker`` subfolder or a study record, and any
+    other non-empty folder is refused rather than overwritten."""
+    out = study.path
+    if not study.is_empty():
+        ours = (out / marker).is_dir() or study.has_record("study")
+        if overwrite and ours:
+            if is_writer():
+                study.clear()
+        elif overwrite or (resume and not ours):
+            raise RunExistsError(f"{out} holds something other than an xkd {kind} study; choose another name")
+        elif not resume:
+            raise RunExistsError(
+                f"study directory {out} already exists; pass --resume to continue it (finished runs are kept), "
+                "--overwrite to start over, or choose another name (--set name=NEW)"
+            )
+    study.records.mkdir(parents=True, exist_ok=True)
