@@ -142,6 +142,15 @@ def test_too_many_crd_negatives_fail_before_training(tmp_path, make_tiny_args, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_frozen_e2kd_on_augmented_data_fails_before_training(tmp_path, make_tiny_args, monkeypatch):
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("trained"))
+    student = "{name: e2kd, distiller: e2kd, params: {frozen_explanations: true}}"
+    cfg = load_config(None, make_tiny_args(tmp_path, f"students=[{student}]", "data.augment.hflip=true"))
+    with pytest.raises(ConfigError, match=r"e2kd: frozen_explanations .* but data.augment is on"):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_preflight_runs_no_expensive_setup(tmp_path, make_tiny_args, monkeypatch):
     from xkd.distill.xdistill import XDistillation
 

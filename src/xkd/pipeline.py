@@ -116,7 +116,7 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
         try:
             distiller = build_distiller(spec.distiller, student, source, spec.params)
             distiller.preflight(sample)
-            distiller.check_data(data.train)
+            distiller.check_data(data.train, cfg.data.augment.enabled)
         except LayerNotFoundError as e:
             raise LayerNotFoundError(f"student {spec.name!r} (distiller {spec.distiller!r}): {e}") from None
         except ValueError as e:  # a layer whose output shape the method cannot use: a config mistake

@@ -118,9 +118,11 @@ class Distiller(nn.Module):
         run on ``sample`` shows (e.g. that a layer's output has the shape the method needs). Must not
         run expensive setup (explanations, pre-training). The default does nothing."""
 
-    def check_data(self, train: Any) -> None:
+    def check_data(self, train: Any, augmented: bool = False) -> None:
         """Cheap checks of the training split before anything trains (:func:`xkd.pipeline.preflight`),
-        e.g. that it has enough images for the method's negatives (CRD). The default does nothing."""
+        e.g. that it has enough images for the method's negatives (CRD), or that its images are not
+        augmented when the method caches the teacher's view of them (frozen e2KD). The default does
+        nothing."""
 
     def teacher_outputs(self) -> str | None:
         """How the teacher's outputs reach the loss when the method serves them itself (e2KD's frozen

@@ -354,7 +354,7 @@ class CRD(Distiller):
     def preflight(self, sample: Tensor) -> None:
         self.feature_dims(sample)
 
-    def check_data(self, train: Any) -> None:
+    def check_data(self, train: Any, augmented: bool = False) -> None:
         resolve_nce_k(self.params.nce_k, dataset_labels(train))
 
     def setup(self, context: DistillContext) -> None:

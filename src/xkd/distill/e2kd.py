@@ -26,8 +26,10 @@ Options (:class:`E2KDParams`):
   :class:`xkd.cache.Cache` (``<cache_dir>/e2kd/teacher-<key>.safetensors``) keyed by the teacher's
   weights (``context.teacher_key``), its explained layer and a hash of the training images; maps are
   stored at the layer's resolution and upsampled per batch (the same interpolation as live maps). They
-  are only right for **un-augmented** training images: the first training batch is checked against a
-  per-image checksum and a mismatch stops training with a :class:`~xkd.errors.ConfigError`.
+  are only right for **un-augmented** training images: ``data.augment`` is refused by
+  :meth:`E2KD.check_data` before anything trains, and the first training batch is checked against a
+  per-image checksum (a data set that augments by itself); a mismatch stops training with a
+  :class:`~xkd.errors.ConfigError`.
 * ``guided_step_interval`` = k: as in the authors' code (``distillation_trainstep``: the explanation
   loss is skipped when ``batch_idx % guided_step_interval != 0``), the explanation term is applied only
   on every k-th training step (steps 1, k+1, 2k+1, ... counted over the whole training; the code counts
@@ -59,6 +61,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -349,6 +352,14 @@ class E2KD(Distiller):
             logits.append(z.float().cpu())
             cams.append(cam.float().cpu())
         return torch.cat(logits), torch.cat(cams)
+
+    def check_data(self, train: Any, augmented: bool = False) -> None:
+        if self.params.frozen_explanations and augmented:
+            raise ConfigError(
+                "e2kd: frozen_explanations computes the teacher's explanations once, of the un-augmented training "
+                "images, but data.augment is on; turn augmentation off (data.augment.enabled: false) or set "
+                "frozen_explanations: false"
+            )
 
     def teacher_outputs(self) -> str | None:
         if self.frozen_logits is None:
