@@ -49,10 +49,13 @@ jobs=(
   "compare_kdfmv_gpu|compare --config configs/kdfmv_gpu.yaml --seeds 1 ${small[*]} ${fm[*]}"
   "study_kd_vs_ls|study kd-vs-ls --config configs/study_kd_vs_ls.yaml --seeds 1 ${small[*]}"
   "study_capacity_gap|study capacity-gap --config configs/study_capacity_gap.yaml --seeds 1 ${small[*]} ${fm[*]}"
+  "study_explanation_transfer|study explanation-transfer --config configs/study_explanation_transfer.yaml --seeds 1 ${small[*]} ${fm[*]} --set study.data_fractions=[1.0,0.5]"
+  "study_explanation_transfer_lesions|study explanation-transfer --config configs/study_explanation_transfer_lesions.yaml --seeds 1 ${small[*]} --set study.data_fractions=[1.0,0.5]"
+  "sweep_kd|sweep --config configs/sweep_kd.yaml --trials 3 ${small[*]} ${fm[*]}"
 )
 for extra in configs/*.yaml; do  # configs added after this list was written run as plain runs
   case "$extra" in
-    configs/default.yaml|configs/lesions.yaml|configs/medtex_lesions.yaml|configs/xdistill.yaml|configs/kdfmv_gpu.yaml|configs/study_kd_vs_ls.yaml|configs/study_capacity_gap.yaml) ;;
+    configs/default.yaml|configs/lesions.yaml|configs/medtex_lesions.yaml|configs/xdistill.yaml|configs/kdfmv_gpu.yaml) ;;
     configs/study_*|configs/sweep_*) ;;  # studies and sweeps need their own command: list them above
     *) jobs+=("run_$(basename "$extra" .yaml)|run --config $extra ${small[*]}") ;;
   esac
