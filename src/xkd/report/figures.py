@@ -20,7 +20,7 @@ import contourpy  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from xkd.files import atomic_write_bytes  # noqa: E402
 
@@ -430,23 +430,46 @@ def save_lines_vs_size(
     fig = Figure(figsize=(3.3 * n + 0.4, 3.4))
     axes = fig.subplots(1, n, squeeze=False)[0]
     fig.subplots_adjust(left=0.07, right=0.99, top=0.86, bottom=0.17, wspace=0.3)
-    colors = matplotlib.colormaps["tab10"]
+    style = series_styles([*panels.values(), *(extra or {}).values()])
     for ax, (title, series) in zip(axes, panels.items()):
-        for i, (label, (means, stds)) in enumerate(series.items()):
-            ax.errorbar(list(sizes), list(means), yerr=np.nan_to_num(np.asarray(stds, float)), marker="o",
-                        markersize=4, capsize=3, linewidth=1.2, color=colors(i % 10), label=label)  # fmt: skip
-        for j, (label, (x, m, s)) in enumerate(((extra or {}).get(title) or {}).items()):
+        for label, (means, stds) in series.items():
+            color, line, mark = style[label]
+            ax.errorbar(list(sizes), list(means), yerr=np.nan_to_num(np.asarray(stds, float)), marker=mark,
+                        markersize=4, capsize=3, linewidth=1.2, linestyle=line, color=color, label=label)  # fmt: skip
+        for label, (x, m, s) in ((extra or {}).get(title) or {}).items():
             ax.errorbar([x], [m], yerr=[s or 0.0], marker="*", markersize=11, capsize=3, linestyle="none",
-                        color=colors((len(series) + j) % 10), markeredgecolor="black", label=label)  # fmt: skip
+                        color=style[label][0], markeredgecolor="black", label=label)  # fmt: skip
         ax.set_xscale("log")
+        ax.set_xticks(list(sizes), [_compact(v) for v in sizes])  # the measured sizes, not log decades
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title, fontsize=9.5)
         ax.set_xlabel(xlabel, fontsize=8.5)
         ax.tick_params(labelsize=7.5)
         ax.grid(True, alpha=0.3, linewidth=0.6)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[0].legend(handles, labels, fontsize=7, frameon=True)
+    seen: dict[str, Any] = {}  # the legend names every series, also one the first panel leaves out
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if seen:
+        axes[0].legend(list(seen.values()), list(seen), fontsize=7, frameon=True)
     return _save(fig, path)
+
+
+def series_styles(groups: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Any, str, str]]:
+    """``(colour, line style, marker)`` of each series named in ``groups`` (the panels), in order of
+    first appearance: one style per series in every panel, whichever series a panel leaves out; line
+    and marker differ too, so series with equal values stay visible on top of each other."""
+    colors = matplotlib.colormaps["tab10"]
+    order = list(dict.fromkeys(k for g in groups for k in g))
+    return {k: (colors(i % 10), ("-", "--", ":", "-.")[i % 4], "osD^v"[i % 5]) for i, k in enumerate(order)}
+
+
+def _compact(v: float) -> str:
+    """A tick label for a size: 300, 6k, 1.2M."""
+    for div, unit in ((1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.3g}"
 
 
 def plot_top_units(panels: Mapping[str, Any], path: str | Path) -> Path:
