@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -176,3 +181,39 @@ class ItemByItem(torch.utils.data.Dataset):
 def item_by_item():
     """``item_by_item(dataset)``: ``dataset`` without its batched gathering (see :class:`ItemByItem`)."""
     return ItemByItem
+
+
+def _torchrun_two_cpu_ranks(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``args`` under ``torchrun --standalone --nproc_per_node=2`` (CPU ranks, one
+    thread each); fails the test with the ranks' stderr when they do not exit cleanly."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture
+def torchrun_two_cpu_ranks():
+    """:func:`_torchrun_two_cpu_ranks`, for the tests that train under torchrun."""
+    return _torchrun_two_cpu_ranks
+
+
+def _train_steps(distiller, batch, steps: int, lr: float) -> list[float]:
+    """``steps`` Adam steps of ``distiller`` (train mode) on one ``batch``; the loss of each."""
+    opt = torch.optim.Adam(distiller.trainable_modules().parameters(), lr=lr)
+    distiller.train()
+    losses = []
+    for _ in range(steps):
+        _, terms = distiller(batch)
+        loss = sum(terms.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.fixture
+def train_steps():
+    """:func:`_train_steps`, for the "a few steps reduce the loss" checks of the distillers."""
+    return _train_steps

@@ -243,20 +243,10 @@ def test_gradients_reach_the_student_and_its_classifier_never_the_teacher(tiny_p
 
 
 @pytest.mark.parametrize("ce_weight", [0.0, 1.0])
-def test_a_few_steps_reduce_the_loss(ce_weight, tiny_pair):
+def test_a_few_steps_reduce_the_loss(ce_weight, tiny_pair, train_steps):
     student, teacher = tiny_pair
     d = build_distiller("cat_kd", student, teacher, {"beta": 1.0, "ce_weight": ce_weight}, context())
-    opt = torch.optim.Adam(d.trainable_modules().parameters(), lr=1e-2)
-    batch = fixed_batch()
-    d.train()
-    losses = []
-    for _ in range(30):
-        _, terms = d(batch)
-        loss = sum(terms.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(d, fixed_batch(), 30, lr=1e-2)
     assert losses[-1] < 0.8 * losses[0]  # CAT alone (the authors' onlyCAT) or CE + CAT
 
 

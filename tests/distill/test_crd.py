@@ -317,26 +317,12 @@ torch.save({"init": init, **d.trainable_modules().state_dict()}, sys.argv[1] + f
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_keep_one_memory_bank(tmp_path):
+def test_two_cpu_ranks_keep_one_memory_bank(tmp_path, torchrun_two_cpu_ranks):
     """Under torchrun each rank sees half of the images; the memory updates are gathered, so both
     ranks end with the same banks, every image's row updated, and the same weights."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "crd_ddp.py"
     script.write_text(DDP_SCRIPT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two_cpu_ranks(script, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k

@@ -110,23 +110,14 @@ def test_warmup_ramps_per_training_step_and_is_checkpointed(fixed_logits):
     assert int(fresh.counter.step) == 6 and fresh.ramp() == 1.0
 
 
-def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen(tiny_pair):
+def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen(tiny_pair, train_steps):
     student, teacher = tiny_pair
     teacher.train()
     d = build_distiller("dkd", student, teacher)
     assert isinstance(d, DKD)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     batch = Batch(torch.rand(8, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
-    d.train()
-    opt = torch.optim.Adam(d.trainable_modules().parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        _, terms = d(batch)
-        loss = sum(terms.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(d, batch, 6, lr=1e-2)
     assert losses[-1] < losses[0]
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     for k, v in teacher.state_dict().items():

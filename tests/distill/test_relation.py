@@ -188,22 +188,14 @@ def test_several_layer_pairs_add_up(tiny_pair):
 
 
 @pytest.mark.parametrize("name", ["sp", "rkd", "pkt"])
-def test_training_lowers_the_loss_and_keeps_the_teacher_frozen(name, tiny_pair):
+def test_training_lowers_the_loss_and_keeps_the_teacher_frozen(name, tiny_pair, train_steps):
     student, teacher = tiny_pair
     teacher.train()
     d = build_distiller(name, student, teacher)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     d.train()
     assert not teacher.training and student.training
-    opt = torch.optim.Adam(d.trainable_modules().parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        _, terms = d(BATCH)
-        loss = sum(terms.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(d, BATCH, 6, lr=3e-3)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())

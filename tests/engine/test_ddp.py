@@ -4,9 +4,6 @@ rank 0 writes the run directory."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,21 +11,10 @@ import torch
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_train_identical_weights_and_only_rank0_writes(tmp_path, tiny_args):
+def test_two_cpu_ranks_train_identical_weights_and_only_rank0_writes(tmp_path, tiny_args, torchrun_two_cpu_ranks):
     script = Path(__file__).with_name("ddp_script.py")
     overrides = [*tiny_args, "students=[{name: kd, distiller: hinton_kd}]", "evaluation.num_images=8"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(tmp_path),
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two_cpu_ranks(script, str(tmp_path), *overrides)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(r0) == {"teacher", "kd"} == set(r1)
