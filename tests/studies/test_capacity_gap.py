@@ -21,15 +21,6 @@ STUDY = [
 ]
 
 
-def args_for(tmp_path, make_tiny_args, *extra: str) -> list[str]:
-    config = tmp_path / "c.yaml"
-    config.write_text("name: gap\n")
-    args = ["study", "capacity-gap", "--config", str(config), "--seeds", "2", "--no-progress"]
-    for o in make_tiny_args(tmp_path, *STUDY, "name=gap", *extra):
-        args += ["--set", o]
-    return args
-
-
 def test_teachers_are_ordered_by_size_and_need_three(tiny_args):
     cfg = load_config(None, [*tiny_args, *STUDY])
     sizes = [p for p, _ in teacher_sizes(cfg)]
@@ -44,8 +35,8 @@ def test_teachers_are_ordered_by_size_and_need_three(tiny_args):
 
 
 @pytest.mark.slow
-def test_study_runs_one_comparison_per_teacher_and_judges_from_records(tmp_path, make_tiny_args):
-    assert main(args_for(tmp_path, make_tiny_args)) == 0
+def test_study_runs_one_comparison_per_teacher_and_judges_from_records(tmp_path, study_args):
+    assert main(study_args("capacity-gap", "gap", *STUDY)) == 0
     out = tmp_path / "runs" / "gap"
     st = read_json(out / "records/study.json")
     assert st["kind"] == "study" and st["study"] == "capacity-gap" and st["seeds"] == [0, 1]
@@ -65,7 +56,7 @@ def test_study_runs_one_comparison_per_teacher_and_judges_from_records(tmp_path,
     html = (out / "study.html").read_text()
     assert "Verdicts" in html and "capacity_gap.png" in html and (out / "figures/capacity_gap.png").is_file()
     # resume keeps every finished seed run
-    assert main([*args_for(tmp_path, make_tiny_args), "--resume"]) == 0
+    assert main([*study_args("capacity-gap", "gap", *STUDY), "--resume"]) == 0
     cmp = read_json(out / st["teachers"][0]["dir"] / "records/compare.json")
     assert all(r["reused"] for r in cmp["runs"].values())
     assert main(["report", str(out)]) == 0

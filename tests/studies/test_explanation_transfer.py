@@ -25,15 +25,6 @@ STUDY = [
 ]
 
 
-def args_for(tmp_path, make_tiny_args, *extra: str) -> list[str]:
-    config = tmp_path / "c.yaml"
-    config.write_text("name: transfer\n")
-    args = ["study", "explanation-transfer", "--config", str(config), "--seeds", "2", "--no-progress"]
-    for o in make_tiny_args(tmp_path, *STUDY, "name=transfer", *extra):
-        args += ["--set", o]
-    return args
-
-
 def test_roles_and_fractions_are_checked_before_training(tiny_args):
     cfg = load_config(None, [*tiny_args, *STUDY])
     assert roles(cfg) == {"scratch": "scratch", "hinton_kd": "kd", "e2kd": "e2kd"}
@@ -55,15 +46,15 @@ def test_roles_and_fractions_are_checked_before_training(tiny_args):
             fraction_sizes(load_config(None, [*tiny_args, f"study.data_fractions={bad}"]))
 
 
-def test_a_config_without_an_e2kd_student_fails_before_anything_is_written(tmp_path, make_tiny_args):
-    args = args_for(tmp_path, make_tiny_args, "students=[{name: s, distiller: scratch}]")
+def test_a_config_without_an_e2kd_student_fails_before_anything_is_written(tmp_path, study_args):
+    args = study_args("explanation-transfer", "transfer", *STUDY, "students=[{name: s, distiller: scratch}]")
     assert main(args) == 2
     assert not (tmp_path / "runs" / "transfer").exists()
 
 
 @pytest.mark.slow
-def test_study_compares_each_fraction_with_one_teacher_and_judges_from_records(tmp_path, make_tiny_args):
-    assert main(args_for(tmp_path, make_tiny_args)) == 0
+def test_study_compares_each_fraction_with_one_teacher_and_judges_from_records(tmp_path, study_args):
+    assert main(study_args("explanation-transfer", "transfer", *STUDY)) == 0
     out = tmp_path / "runs" / "transfer"
     st = read_json(out / "records/study.json")
     assert st["kind"] == "study" and st["study"] == "explanation-transfer" and st["seeds"] == [0, 1]
