@@ -40,7 +40,7 @@ bench: setup
 	$(BIN)/python bench/dissection_bench.py
 	@bash scripts/fashion_mnist.sh
 	$(BIN)/python bench/explain_bench.py
-	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/train_bench.py --distillers
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
