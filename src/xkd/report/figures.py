@@ -20,7 +20,7 @@ import contourpy  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from xkd.files import atomic_write_bytes  # noqa: E402
 
@@ -110,7 +110,8 @@ def mask_outline(mask: np.ndarray | None) -> list[np.ndarray]:
     return [np.asarray(ln) for ln in lines if len(ln) > 1]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically, without a timestamp in its metadata)."""
     buf = io.BytesIO()
     fig.savefig(
         buf, format="png", dpi=DPI, facecolor="white", metadata={"Software": None}, pil_kwargs={"compress_level": 3}
@@ -147,7 +148,7 @@ class _Canvas:
         self.ax.add_collection(LineCollection(segs, colors="white", linewidths=1.1))
 
     def save(self, path: str | Path) -> Path:
-        return _save(self.fig, path)
+        return save_figure(self.fig, path)
 
 
 def save_overlay_figure(
@@ -313,7 +314,7 @@ def save_training_curves(path: str | Path, histories: Mapping[str, Mapping[str, 
     handles, labels = axes[1][0].get_legend_handles_labels()
     if handles:
         axes[1][0].legend(handles, labels, fontsize=7, loc="lower right", frameon=True)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_confusion_matrices(path: str | Path, matrices: Mapping[str, Any], class_names: Sequence[str]) -> Path:
@@ -352,7 +353,7 @@ def save_confusion_matrices(path: str | Path, matrices: Mapping[str, Any], class
             ax.set_yticks([])
         ax.set_xlabel("predicted", fontsize=7.5)
     axes[0].set_ylabel("true", fontsize=7.5)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_accuracy_vs_agreement(
@@ -384,92 +385,7 @@ def save_accuracy_vs_agreement(
     ax.set_title(f"Accuracy vs explanation agreement (mean ± std over {n_seeds} seed(s))", fontsize=10)
     ax.grid(True, alpha=0.3, linewidth=0.6)
     ax.tick_params(labelsize=8)
-    return _save(fig, path)
-
-
-def save_grouped_bars(
-    path: str | Path,
-    groups: Sequence[str],
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    ylabel: str,
-    title: str,
-) -> Path:
-    """Grouped bar chart: one group per ``groups`` entry, one bar per series (``{label: (means, stds)}``)
-    with error bars of one standard deviation."""
-    n_groups, n_series = max(1, len(groups)), max(1, len(series))
-    fig = Figure(figsize=(max(5.0, 1.1 + 0.5 * n_groups * n_series + 0.4 * n_groups), 3.8))
-    ax = fig.add_subplot(1, 1, 1)
-    fig.subplots_adjust(left=0.1, right=0.98, top=0.88, bottom=0.16)
-    width = 0.8 / n_series
-    x = np.arange(n_groups)
-    colors = matplotlib.colormaps["tab10"]
-    for i, (label, (means, stds)) in enumerate(series.items()):
-        pos = x - 0.4 + width * (i + 0.5)
-        ax.bar(pos, np.nan_to_num(np.asarray(means, float)), width * 0.92, yerr=np.nan_to_num(np.asarray(stds, float)),
-               capsize=3, color=colors(i % 10), label=label, error_kw={"linewidth": 1.0})  # fmt: skip
-    ax.set_xticks(x, list(groups), fontsize=9)
-    ax.set_ylabel(ylabel, fontsize=9)
-    ax.set_title(title, fontsize=10)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, axis="y", alpha=0.3, linewidth=0.6)
-    ax.legend(fontsize=8, frameon=True)
-    return _save(fig, path)
-
-
-def save_lines_vs_size(
-    path: str | Path,
-    sizes: Sequence[float],
-    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
-    extra: Mapping[str, Mapping[str, tuple[float, float, float]]] | None = None,
-    xlabel: str = "teacher parameters",
-) -> Path:
-    """One panel per measured quantity (``{title: {series: (means, stds)}}``) against ``sizes`` (log x),
-    error bars of one std; ``extra[title][label] = (x, mean, std)`` adds single marked points (the
-    teacher-assistant student)."""
-    n = max(1, len(panels))
-    fig = Figure(figsize=(3.3 * n + 0.4, 3.4))
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    fig.subplots_adjust(left=0.07, right=0.99, top=0.86, bottom=0.17, wspace=0.3)
-    style = series_styles([*panels.values(), *(extra or {}).values()])
-    for ax, (title, series) in zip(axes, panels.items()):
-        for label, (means, stds) in series.items():
-            color, line, mark = style[label]
-            ax.errorbar(list(sizes), list(means), yerr=np.nan_to_num(np.asarray(stds, float)), marker=mark,
-                        markersize=4, capsize=3, linewidth=1.2, linestyle=line, color=color, label=label)  # fmt: skip
-        for label, (x, m, s) in ((extra or {}).get(title) or {}).items():
-            ax.errorbar([x], [m], yerr=[s or 0.0], marker="*", markersize=11, capsize=3, linestyle="none",
-                        color=style[label][0], markeredgecolor="black", label=label)  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xticks(list(sizes), [_compact(v) for v in sizes])  # the measured sizes, not log decades
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(title, fontsize=9.5)
-        ax.set_xlabel(xlabel, fontsize=8.5)
-        ax.tick_params(labelsize=7.5)
-        ax.grid(True, alpha=0.3, linewidth=0.6)
-    seen: dict[str, Any] = {}  # the legend names every series, also one the first panel leaves out
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    if seen:
-        axes[0].legend(list(seen.values()), list(seen), fontsize=7, frameon=True)
-    return _save(fig, path)
-
-
-def series_styles(groups: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Any, str, str]]:
-    """``(colour, line style, marker)`` of each series named in ``groups`` (the panels), in order of
-    first appearance: one style per series in every panel, whichever series a panel leaves out; line
-    and marker differ too, so series with equal values stay visible on top of each other."""
-    colors = matplotlib.colormaps["tab10"]
-    order = list(dict.fromkeys(k for g in groups for k in g))
-    return {k: (colors(i % 10), ("-", "--", ":", "-.")[i % 4], "osD^v"[i % 5]) for i, k in enumerate(order)}
-
-
-def _compact(v: float) -> str:
-    """A tick label for a size: 300, 6k, 1.2M."""
-    for div, unit in ((1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            return f"{v / div:.3g}{unit}"
-    return f"{v:.3g}"
+    return save_figure(fig, path)
 
 
 def plot_top_units(panels: Mapping[str, Any], path: str | Path) -> Path:

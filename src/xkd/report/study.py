@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from xkd.files import atomic_write_text
-from xkd.report import figures
+from xkd.report import study_figures
 from xkd.report.compare import StatCol, fmt_stat, stat_table
 from xkd.report.render import _ENV, load_record
 from xkd.report.tables import cell, fmt, fmt_seconds
@@ -71,7 +71,7 @@ def _kd_vs_ls(out: Path, st: dict[str, Any]) -> dict[str, Any]:
         groups,
     )
     src = "figures/detectors_per_category.png"
-    figures.save_grouped_bars(
+    study_figures.save_grouped_bars(
         out / src,
         cats,
         {
@@ -138,7 +138,7 @@ def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
             v = ta["student"].get(key) or {}
             extra[title] = {"student via the assistant": (rows[-1]["params"], v.get("mean"), v.get("std"))}
     src = "figures/capacity_gap.png"
-    figures.save_lines_vs_size(out / src, sizes, panels, extra)
+    study_figures.save_lines_vs_size(out / src, sizes, panels, extra)
     facts = {"Teachers": ", ".join(f"{t['label']} ({fmt(t['params'], ',.0f')})" for t in rows)}
     if st.get("assistant"):
         facts["Assistant"] = (
@@ -194,7 +194,7 @@ def _explanation_transfer(out: Path, st: dict[str, Any]) -> dict[str, Any]:
             if s != st["roles"]["independent"] or key != "closer_to_teacher"
         }  # fmt: skip
     src = "figures/explanation_transfer.png"
-    figures.save_lines_vs_size(out / src, sizes, panels, xlabel="training images")
+    study_figures.save_lines_vs_size(out / src, sizes, panels, xlabel="training images")
     facts = {
         "Explainer": ex,
         "Independent student": st["roles"]["independent"],
