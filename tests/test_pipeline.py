@@ -123,30 +123,31 @@ def test_wrong_layer_fails_before_anything_trains_or_is_written(tmp_path, make_t
     assert not (tmp_path / "runs").exists()  # no run directory, checkpoint or cached teacher
 
 
-def test_wrong_layer_shape_fails_before_training(tmp_path, make_tiny_args, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["students=[{name: at, distiller: at, params: {layers: [[classifier, layer3]]}}]"],
+            r"student 'at' \(distiller 'at'\).*'classifier' outputs shape",
+        ),
+        (
+            ["students=[{name: crd, distiller: crd, params: {nce_k: 100000}}]"],
+            r"nce_k = 100000 negatives per image, but the training split has \d+ images",
+        ),
+        (
+            [
+                "students=[{name: e2kd, distiller: e2kd, params: {frozen_explanations: true}}]",
+                "data.augment.hflip=true",
+            ],
+            r"e2kd: frozen_explanations .* but data.augment is on",
+        ),
+    ],
+    ids=["layer_shape", "crd_negatives", "frozen_e2kd_augmented"],
+)
+def test_a_distiller_config_error_fails_before_training(tmp_path, make_tiny_args, monkeypatch, overrides, match):
     monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("trained"))
-    cfg = load_config(
-        None, make_tiny_args(tmp_path, "students=[{name: at, distiller: at, params: {layers: [[classifier, layer3]]}}]")
-    )
-    with pytest.raises(ConfigError, match=r"student 'at' \(distiller 'at'\).*'classifier' outputs shape"):
-        P.run(cfg, progress=False)
-    assert not (tmp_path / "runs").exists()
-
-
-def test_too_many_crd_negatives_fail_before_training(tmp_path, make_tiny_args, monkeypatch):
-    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("trained"))
-    student = "{name: crd, distiller: crd, params: {nce_k: 100000}}"
-    cfg = load_config(None, make_tiny_args(tmp_path, f"students=[{student}]"))
-    with pytest.raises(ConfigError, match=r"nce_k = 100000 negatives per image, but the training split has \d+ images"):
-        P.run(cfg, progress=False)
-    assert not (tmp_path / "runs").exists()
-
-
-def test_frozen_e2kd_on_augmented_data_fails_before_training(tmp_path, make_tiny_args, monkeypatch):
-    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("trained"))
-    student = "{name: e2kd, distiller: e2kd, params: {frozen_explanations: true}}"
-    cfg = load_config(None, make_tiny_args(tmp_path, f"students=[{student}]", "data.augment.hflip=true"))
-    with pytest.raises(ConfigError, match=r"e2kd: frozen_explanations .* but data.augment is on"):
+    cfg = load_config(None, make_tiny_args(tmp_path, *overrides))
+    with pytest.raises(ConfigError, match=match):
         P.run(cfg, progress=False)
     assert not (tmp_path / "runs").exists()
 
