@@ -33,7 +33,7 @@ from rich.console import Console
 
 from xkd.compare import compare, seed_config
 from xkd.config import ConfigError, RunConfig, from_dict, to_dict
-from xkd.data import build_dataset
+from xkd.data import DataBundle, build_dataset
 from xkd.plan import validate_config
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
@@ -55,8 +55,9 @@ def roles(cfg: RunConfig) -> dict[str, str]:
     )
 
 
-def fraction_sizes(cfg: RunConfig) -> list[tuple[float, int]]:
-    """``(fraction, training images)`` of each configured data fraction, largest first."""
+def fraction_sizes(cfg: RunConfig, data: DataBundle | None = None) -> list[tuple[float, int]]:
+    """``(fraction, training images)`` of each configured data fraction, largest first (``data``: the
+    config's data set when already built)."""
     fractions = list(cfg.study.data_fractions)
     if not fractions:
         raise ConfigError("study.data_fractions: give at least one fraction of the training data, e.g. [1.0, 0.05]")
@@ -65,7 +66,7 @@ def fraction_sizes(cfg: RunConfig) -> list[tuple[float, int]]:
         raise ConfigError(f"study.data_fractions must lie in (0, 1], got {bad}")
     if len(set(fractions)) != len(fractions):
         raise ConfigError(f"study.data_fractions has a repeated value: {fractions}")
-    data = build_dataset(cfg.data)
+    data = data or build_dataset(cfg.data)
     n, k = len(data.train), data.num_classes
     sizes = []
     for f in sorted(fractions, reverse=True):
@@ -119,8 +120,9 @@ def run_study(
     t0 = time.perf_counter()
     console = Console(stderr=True, quiet=not progress)
     found = roles(cfg)
-    sizes = fraction_sizes(cfg)
-    full = len(build_dataset(cfg.data).train)
+    data = build_dataset(cfg.data)
+    sizes = fraction_sizes(cfg, data)
+    full = len(data.train)
     study = RunDir.of(cfg)
     prepare_study_dir(study, resume, overwrite, "explanation-transfer", "fractions")
     configs = []
