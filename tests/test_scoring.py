@@ -68,10 +68,11 @@ def test_nan_attributions_in_a_run_name_the_test_split_images(tiny_config, monke
     with pytest.raises(NonFiniteAttributionError, match="'grad_cam'.*image index 1, 3 of the batch") as info:
         run(tiny_config, progress=False)
     from xkd.data import build_dataset
-    from xkd.evaluate import all_labels, select_indices  # the images the run explains, in order
+    from xkd.data.base import dataset_labels
+    from xkd.evaluate import select_indices  # the images the run explains, in order
 
     data = build_dataset(tiny_config.data)
-    idx = select_indices(all_labels(data.test), tiny_config.evaluation.num_images, tiny_config.seed)
+    idx = select_indices(dataset_labels(data.test), tiny_config.evaluation.num_images, tiny_config.seed)
     assert info.value.indices == [int(idx[1]), int(idx[3])]
     assert f"test-split indices: {int(idx[1])}, {int(idx[3])}" in str(info.value)
 

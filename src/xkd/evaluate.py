@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from xkd.data import DataBundle, make_loader
-from xkd.data.base import fetch
+from xkd.data.base import dataset_labels, fetch
 from xkd.engine.trained import TrainedModel
 from xkd.errors import NonFiniteAttributionError
 from xkd.files import atomic_write_bytes, library_versions
@@ -49,13 +49,6 @@ def sample_indices(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
     for c in range(num_classes):
         out.append(torch.nonzero(labels == c).flatten()[:per_class])
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-def all_labels(dataset: Any) -> Tensor:
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, Tensor):
-        return labels
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
 
 
 def evaluate_run(
@@ -134,7 +127,7 @@ def evaluate_run(
 
     # -- explanations on a seeded subset of the test split ------------------------------------
     t_explain = time.perf_counter()
-    test_labels = all_labels(data.test)
+    test_labels = dataset_labels(data.test)
     idx = select_indices(test_labels, ev.num_images, cfg.seed)
     batch = fetch(data.test, idx)
     images, labels, masks = batch.images.to(device), batch.labels.to(device), batch.masks
@@ -222,7 +215,7 @@ def write_samples(
 ) -> None:
     """Maps of a few test images per class, and per-layer average feature maps, for the report."""
     ev = plan.cfg.evaluation
-    idx = sample_indices(all_labels(data.test), ev.samples_per_class, data.num_classes)
+    idx = sample_indices(dataset_labels(data.test), ev.samples_per_class, data.num_classes)
     batch = fetch(data.test, idx)
     images, labels, masks = batch.images.to(device), batch.labels.to(device), batch.masks
     tensors: dict[str, Tensor] = {"images": images.float().cpu().contiguous()}

@@ -11,6 +11,7 @@ import copy
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -228,6 +229,15 @@ class DataBundle:
     @property
     def in_channels(self) -> int:
         return self.image_shape[0]
+
+
+def dataset_labels(dataset: Any) -> Tensor:
+    """The labels of a split, as a flat long tensor on the CPU: its ``labels`` tensor (xkd's datasets),
+    else read item by item."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor):
+        return labels.detach().to("cpu", torch.long).flatten()
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:

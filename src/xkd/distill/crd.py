@@ -62,7 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.data.base import Batch
+from xkd.data.base import Batch, dataset_labels
 from xkd.distill.adapters import LayerPairs, check_layer_pairs, model_device, probe_shapes, resolve_layer_pairs
 from xkd.distill.base import DistillContext, Distiller
 from xkd.distill.cat import capture_input, dry_run_input, last_linear
@@ -151,14 +151,6 @@ def sample_negatives(
     pos = keys.topk(k, dim=1, largest=False, sorted=False).indices
     c_start, c_count = start[labels].unsqueeze(1), count[labels].unsqueeze(1)
     return order[pos + (pos >= c_start) * c_count]  # skip the image's own class block
-
-
-def dataset_labels(dataset) -> Tensor:
-    """The labels of a training split: its ``labels`` tensor (xkd's datasets), else read item by item."""
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, Tensor):
-        return labels.detach().to("cpu", torch.long).flatten()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 def world_size() -> int:
