@@ -8,7 +8,8 @@ import torch
 from scipy.stats import binomtest, rankdata, spearmanr
 
 from xkd.files import read_json
-from xkd.metrics.closer import average_ranks, closer_counts, closer_to_teacher, similarity
+from xkd.metrics.closer import closer_counts, closer_to_teacher, similarity
+from xkd.metrics.ranking import average_ranks
 from xkd.registry import METRICS
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 from xkd.metrics.base import metric
-from xkd.metrics.ranking import saliency_order
+from xkd.metrics.ranking import average_ranks, saliency_order
 
 
 def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,9 +81,7 @@ def map_spearman(a: Tensor, b: Tensor, reduction: Literal["mean", "none"] = "mea
     Constant maps give ``nan`` for that image, excluded from the mean (see the module docstring).
     """
     x, y = _flat_pair(a, b)
-    rx = torch.from_numpy(rankdata(x.cpu().numpy(), method="average", axis=1)) if len(x) else x.cpu()
-    ry = torch.from_numpy(rankdata(y.cpu().numpy(), method="average", axis=1)) if len(y) else y.cpu()
-    return _reduce(_pearson_rows(rx, ry), reduction)
+    return _reduce(_pearson_rows(average_ranks(x), average_ranks(y)), reduction)
 
 
 def top_n_mask(flat: Tensor, n: int, seed: int = 0) -> Tensor:

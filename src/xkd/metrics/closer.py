@@ -38,6 +38,7 @@ from scipy.stats import binomtest
 from torch import Tensor
 
 from xkd.metrics.base import Column, metric
+from xkd.metrics.ranking import average_ranks
 
 Distance = Literal["cosine", "rank"]
 
@@ -51,22 +52,6 @@ def _rows(maps: Tensor) -> Tensor:
     # float64 where the device has it: the two similarities are compared exactly (ties)
     dtype = torch.float32 if maps.device.type == "mps" else torch.float64
     return maps.detach().flatten(1).to(dtype)
-
-
-def average_ranks(x: Tensor) -> Tensor:
-    """Ranks ``1..P`` of every row of ``x`` ``(N, P)``, tied values given their average rank (as
-    ``scipy.stats.rankdata(method="average", axis=1)``), computed on ``x``'s device."""
-    n, p = x.shape
-    s, order = x.sort(dim=1)
-    pos = torch.arange(p, device=x.device).expand(n, p)
-    start = torch.ones_like(s, dtype=torch.bool)
-    start[:, 1:] = s[:, 1:] != s[:, :-1]
-    end = torch.ones_like(start)
-    end[:, :-1] = start[:, 1:]
-    first = torch.where(start, pos, 0).cummax(dim=1).values  # where each value's run of ties starts
-    last = torch.where(end, pos, p - 1).flip(1).cummin(dim=1).values.flip(1)  # and where it ends
-    avg = (first + last).to(x.dtype) / 2 + 1
-    return torch.empty_like(avg).scatter_(1, order, avg)
 
 
 def _cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -63,3 +63,21 @@ def check_maps(images: Tensor, maps: Tensor) -> None:
 
 
 __all__ = ["check_maps", "saliency_order", "saliency_ranks", "tie_permutation"]
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks ``1..P`` of every row of ``x`` ``(N, P)``, tied values given their average rank (as
+    ``scipy.stats.rankdata(method="average", axis=1)``), computed on ``x``'s device (rankdata would
+    copy every map to the host): the Spearman correlations of ``rank_correlation`` and of
+    ``closer_to_teacher``'s rank distance."""
+    n, p = x.shape
+    s, order = x.sort(dim=1)
+    pos = torch.arange(p, device=x.device).expand(n, p)
+    start = torch.ones_like(s, dtype=torch.bool)
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    end = torch.ones_like(start)
+    end[:, :-1] = start[:, 1:]
+    first = torch.where(start, pos, 0).cummax(dim=1).values  # where each value's run of ties starts
+    last = torch.where(end, pos, p - 1).flip(1).cummin(dim=1).values.flip(1)  # and where it ends
+    avg = (first + last).to(x.dtype) / 2 + 1
+    return torch.empty_like(avg).scatter_(1, order, avg)
