@@ -34,15 +34,22 @@ def _reduce(scores: Tensor, reduction: str) -> float | Tensor:
     return float(scores.nanmean()) if len(scores) else float("nan")
 
 
+def row_pearson(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Pearson correlation of each row pair of ``x`` and ``y`` ``(N, P)``, and whether it is defined
+    (neither row constant; the test is exact, on the raw values: centring a constant row can leave
+    rounding noise). Undefined rows hold a meaningless finite value."""
+    defined = (x.amax(dim=1) > x.amin(dim=1)) & (y.amax(dim=1) > y.amin(dim=1))
+    x = x - x.mean(dim=1, keepdim=True)
+    y = y - y.mean(dim=1, keepdim=True)
+    den = x.norm(dim=1) * y.norm(dim=1)
+    return (x * y).sum(dim=1) / torch.where(defined, den, torch.ones_like(den)), defined
+
+
 def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
     if x.shape[1] == 0:
         return torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
-    # exact test on the raw values: centring a constant row can leave rounding noise
-    const = (x.amax(dim=1) == x.amin(dim=1)) | (y.amax(dim=1) == y.amin(dim=1))
-    x = x - x.mean(dim=1, keepdim=True)
-    y = y - y.mean(dim=1, keepdim=True)
-    r = (x * y).sum(dim=1) / (x.norm(dim=1) * y.norm(dim=1))
-    return torch.where(const, torch.full_like(r, float("nan")), r.clamp(-1.0, 1.0))
+    r, defined = row_pearson(x, y)
+    return torch.where(defined, r.clamp(-1.0, 1.0), torch.full_like(r, float("nan")))
 
 
 @metric(

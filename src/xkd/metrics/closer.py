@@ -37,6 +37,7 @@ import torch
 from scipy.stats import binomtest
 from torch import Tensor
 
+from xkd.metrics.agreement import row_pearson
 from xkd.metrics.base import Column, metric
 from xkd.metrics.ranking import average_ranks
 
@@ -60,21 +61,13 @@ def _cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return (a * b).sum(dim=1) / torch.where(defined, na * nb, torch.ones_like(na)), defined
 
 
-def _pearson(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    defined = (a.amax(dim=1) > a.amin(dim=1)) & (b.amax(dim=1) > b.amin(dim=1))
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    den = a.norm(dim=1) * b.norm(dim=1)
-    return (a * b).sum(dim=1) / torch.where(defined, den, torch.ones_like(den)), defined
-
-
 def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> tuple[Tensor, Tensor]:
     """Per-image similarity of maps ``a`` and ``b`` ``(N, H, W)``, and whether it is defined:
     the cosine similarity of the flattened maps, or (``"rank"``) their Spearman correlation."""
     if distance == "cosine":
         return _cosine(_rows(a), _rows(b))
     if distance == "rank":
-        return _pearson(average_ranks(_rows(a)), average_ranks(_rows(b)))
+        return row_pearson(average_ranks(_rows(a)), average_ranks(_rows(b)))
     raise ValueError(f"distance must be 'cosine' or 'rank', got {distance!r}")
 
 
