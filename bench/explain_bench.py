@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from xkd.data import build_dataset
-from xkd.data.base import fetch
-from xkd.evaluate import all_labels
+from xkd.data.base import dataset_labels, fetch
 from xkd.files import library_versions, write_json
 from xkd.models import build_model
 from xkd.plan import load_config, resolve
@@ -49,7 +48,7 @@ def main() -> None:
         s.name: build_model(s.model or cfg.student_model, data.num_classes, c, (h, w)).eval() for s in cfg.students
     }
     models = {"teacher": teacher, **students}
-    print(f"{n} test images ({len(all_labels(data.test))} in the split), torch threads {torch.get_num_threads()}")
+    print(f"{n} test images ({len(dataset_labels(data.test))} in the split), torch threads {torch.get_num_threads()}")
     rows, total = [], 0.0
     for e in resolve(cfg).explainers:
         for role, model in models.items():
