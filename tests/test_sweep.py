@@ -23,11 +23,12 @@ from optuna.trial import TrialState
 from xkd.cli import main
 from xkd.config import read_config
 from xkd.errors import ConfigError
-from xkd.files import read_json
+from xkd.files import hide_password, read_json, record, write_json
 from xkd.plan import load_config
-from xkd.sweep.outputs import SweepDir, storage_label
-from xkd.sweep.plan import parse_param, resolve_sweep, with_values, yaml_scalar
-from xkd.sweep.study import ReportValAccuracy, reap, reap_lock
+from xkd.sweep.outputs import SweepDir, best_config, storage_label, write_outputs
+from xkd.sweep.plan import Objective, UndefinedObjectiveError, parse_param, resolve_sweep, with_values, yaml_scalar
+from xkd.sweep.study import ReportValAccuracy, TrialRunner, reap, reap_lock, sweep
+from xkd.tracking import mlflow_uri
 
 # A tiny run that learns something in two epochs (so the scores differ between trials) and scores
 # one explainer with one agreement metric: a trial takes seconds.
@@ -99,6 +100,7 @@ def study_of(folder: Path, name: str = "tiny") -> optuna.Study:
         ({"uniform": [0.1]}, "uniform needs [low, high]"),
         ({"categorical": [0.1]}, "at least two choices"),
         ({"categorical": [1, 1]}, "choices repeat"),
+        ({"categorical": ["1e-3", 0.001]}, "choices repeat"),  # YAML reads 1e-3 as a string: it is the number
         ({"normal": [0, 1]}, "give exactly one of uniform, log_uniform, int, categorical"),
         ({"uniform": [0, 1], "log_uniform": [1, 2]}, "give exactly one of"),
         ({"int": [1, 4], "step": 5}, "step 5 is larger than the range"),
@@ -109,6 +111,13 @@ def test_bad_distributions_are_one_clear_error(spec, message):
     with pytest.raises(ConfigError, match="sweep.params.x.y: ") as e:
         parse_param("x.y", spec)
     assert message in str(e.value)
+
+
+def test_categorical_numbers_in_exponent_notation_are_numbers():
+    lr = parse_param("train.optimizer.lr", {"categorical": yaml.safe_load("[1e-3, 1.0e-2, 5E-4]")})
+    assert lr.choices == (0.001, 0.01, 0.0005)
+    names = parse_param("students.0.distiller", {"categorical": ["hinton_kd", "1e3x", "0.5"]})
+    assert names.choices == ("hinton_kd", "1e3x", "0.5")
 
 
 def test_distributions_are_asked_of_optuna_by_config_path():
@@ -137,6 +146,7 @@ def test_distributions_are_asked_of_optuna_by_config_path():
         ("train.epochs.x", "train.epochs is a value (2), not a section"),
         ("name", "'name' is set by the sweep"),
         ("sweep.trials", "'sweep' is set by the sweep"),
+        ("students.0.name", "a student's name keys its records and the objectives"),
     ],
 )
 def test_a_path_naming_no_config_key_is_one_clear_error(path, message):
@@ -217,6 +227,76 @@ def test_values_are_set_as_set_sets_them():
     assert raw["train"]["optimizer"]["lr"] == 0.0123
 
 
+def test_a_list_a_distiller_leaves_at_its_default_is_set_item_by_item():
+    cfg = tiny(
+        "students=[{name: m, distiller: medex}]",
+        "sweep.params={students.0.params.explainer_widths.1: {int: [4, 12]}}",
+        "sweep.objectives=[{metric: accuracy}]",
+    )
+    plan = resolve_sweep(cfg)  # the edges 4 and 12 validate as lists, not as {'1': 4}
+    assert [p.path for p in plan.params] == ["students.0.params.explainer_widths.1"]
+    raw = with_values(cfg, {"students.0.params.explainer_widths.1": 12})
+    assert raw["students"][0]["params"]["explainer_widths"] == [4, 12, 16]  # medex's default [4, 8, 16]
+    assert cfg.students[0].params == {}  # the caller's config is left alone
+
+
+@pytest.mark.parametrize("kind", ["uniform", "log_uniform"])
+def test_a_float_range_on_an_integer_setting_is_one_clear_error(kind):
+    cfg = tiny(f"sweep.params={{train.batch_size: {{{kind}: [16, 64]}}}}")
+    with pytest.raises(ConfigError, match=r"sweep.params.train.batch_size: the value 16.0 of its range") as e:
+        resolve_sweep(cfg)
+    assert "the setting is an integer: search it with int: [16, 64]" in str(e.value)
+    resolve_sweep(tiny("sweep.params={train.batch_size: {int: [16, 64]}}"))
+
+
+def test_trials_log_to_the_mlflow_store_best_yaml_logs_to(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny(f"output_dir={tmp_path}/runs", "tracking.backend=mlflow")
+    plan = resolve_sweep(cfg)
+    runner = TrialRunner(None, plan, SweepDir.of(cfg), tmp_path / "lock", progress=False, console=None)
+    trial = runner.trial_config(0, {"students.0.params.alpha": 0.3})
+    assert trial.output_dir == str(tmp_path / "runs/tiny-sweep")  # the trials' run folders are in the sweep's
+    best = load_config(None, [f"{k}={yaml_scalar(v)}" for k, v in best_config(cfg, {}).items()])
+    assert trial.tracking.uri == mlflow_uri(best)[0] == f"sqlite:///{(tmp_path / 'runs/mlruns/mlflow.db').resolve()}"
+    assert mlflow_uri(trial)[1] == (tmp_path / "runs/mlruns").resolve()  # its artifacts go beside that store
+    cfg = tiny(f"output_dir={tmp_path}/runs", "tracking.backend=mlflow", "tracking.uri=http://mlflow.lan:5000")
+    runner.plan = resolve_sweep(cfg)
+    assert runner.trial_config(1, {}).tracking.uri == "http://mlflow.lan:5000"
+    assert mlflow_uri(runner.trial_config(1, {}))[1] is None  # a server keeps its own artifacts
+
+
+def write_records(folder: Path, models: dict, explanations: dict) -> Path:
+    (folder / "records").mkdir(parents=True)
+    write_json(folder / "records/models.json", record("models", {"models": models}))
+    write_json(folder / "records/explanations.json", record("explanations", explanations))
+    return folder
+
+
+def test_an_objective_recorded_as_null_fails_the_trial_and_one_never_recorded_stops_the_sweep(tmp_path):
+    plan = resolve_sweep(
+        tiny("sweep.objectives=[{metric: rank_correlation}, {metric: accuracy}, {metric: val_accuracy}]")
+    )
+    rank, acc, val = plan.objectives
+    kd = {"test": {"accuracy": 0.25}, "train": {"history": [{"val_accuracy": 0.5}, {"val_accuracy": 0.75}]}}
+    ok = write_records(tmp_path / "ok", {"kd": kd}, {"agreement": {"kd": {"grad_cam": {"rank_correlation": 0.5}}}})
+    assert (rank.read(ok), acc.read(ok), val.read(ok)) == (0.5, 0.25, 0.75)
+    # a collapsed student: its maps are constant, the rank correlation undefined (NaN is written as null)
+    kd_nan = {"test": {"accuracy": None}, "train": {"history": [{"val_accuracy": None}]}}
+    nan = write_records(
+        tmp_path / "nan", {"kd": kd_nan}, {"agreement": {"kd": {"grad_cam": {"rank_correlation": None}}}}
+    )
+    for o in (rank, acc, val):
+        with pytest.raises(
+            UndefinedObjectiveError, match=f"sweep objective {o.name}: .* recorded None .* marked failed"
+        ):
+            o.read(nan)
+    # no record of it at all: every trial would fail the same way
+    gone = write_records(tmp_path / "gone", {"kd": {"train": {"history": []}}}, {"agreement": {"kd": {}}})
+    for o in (rank, acc, val):
+        with pytest.raises(ConfigError, match=f"sweep objective {o.name}: .* has no record of it"):
+            o.read(gone)
+
+
 def test_bad_input_stops_the_cli_before_anything_is_written(tmp_path, capsys):
     config = write_config(tmp_path, params={"students.0.params.alpha": {"uniform": [0.9, 0.1]}})
     assert sweep_cli(config) == 2
@@ -246,13 +326,26 @@ class FakeTrial:
 
 
 def test_the_pruning_callback_watches_one_student_and_raises_trial_pruned():
-    trial = FakeTrial(prune_at=2)
+    trial = FakeTrial(prune_at=3)
     cb = ReportValAccuracy(trial, "kd")
+    cb.on_train_start("teacher", 9)
+    cb.on_train_start("kd", 4)
     cb.on_epoch_end("teacher", 1, {"val_accuracy": 0.9})  # other models are not reported
     cb.on_epoch_end("kd", 1, {"val_accuracy": 0.4})
-    with pytest.raises(optuna.TrialPruned, match="kd: validation accuracy 0.5000 after epoch 2"):
-        cb.on_epoch_end("kd", 2, {"val_accuracy": 0.5})
-    assert trial.reported == [(0.4, 1), (0.5, 2)]
+    cb.on_epoch_end("kd", 2, {"val_accuracy": 0.6})
+    with pytest.raises(optuna.TrialPruned, match="kd: best validation accuracy 0.6000 after epoch 3 of 4"):
+        cb.on_epoch_end("kd", 3, {"val_accuracy": 0.5})
+    assert trial.reported == [(0.4, 1), (0.6, 2), (0.6, 3)]  # the best so far: what the trial scores
+
+
+def test_the_last_epoch_is_reported_but_never_pruned():
+    trial = FakeTrial(prune_at=1)
+    cb = ReportValAccuracy(trial, "kd")
+    cb.on_train_start("kd", 2)
+    with pytest.raises(optuna.TrialPruned):
+        cb.on_epoch_end("kd", 1, {"val_accuracy": 0.4})
+    cb.on_epoch_end("kd", 2, {"val_accuracy": 0.3})  # finished: kept, scored 0.4
+    assert trial.reported == [(0.4, 1), (0.4, 2)]
 
 
 def dead_pid() -> int:
@@ -291,6 +384,12 @@ def test_storage_urls_are_shown_without_passwords_and_sqlite_workers_lock_beside
         == "postgresql+psycopg://ann:***@db.lan:5432/xkd"
     )
     assert storage_label("sqlite:////tmp/s/study.db") == "sqlite:////tmp/s/study.db"
+    assert storage_label("postgresql://ann:p@ss@db/xkd") == "postgresql://ann:***@db/xkd"  # '@' in the password
+    assert (
+        storage_label("postgresql://ann@db/xkd?sslmode=require&password=s3cret")
+        == "postgresql://ann@db/xkd?sslmode=require&password=***"
+    )
+    assert hide_password("http://ann:tok@mlflow.lan:5000") == "http://ann:***@mlflow.lan:5000"  # tracking.uri
     out = SweepDir(tmp_path / "s")
     assert reap_lock(f"sqlite:///{tmp_path}/shared.db", out) == tmp_path / "shared.db.reap.lock"
     assert reap_lock("postgresql://ann@db/xkd", out) == out.path / ".reap.lock"
@@ -334,10 +433,30 @@ def test_every_trial_is_an_xkd_run_with_its_values_and_one_teacher(swept, cache)
         teachers_trained += not models["teacher"]["train"]["from_cache"]
         history = models["kd"]["train"]["history"]
         assert t.value == max(h["val_accuracy"] for h in history)
-        assert t.intermediate_values == {i + 1: h["val_accuracy"] for i, h in enumerate(history)}
+        best_so_far = [max(h["val_accuracy"] for h in history[: i + 1]) for i in range(len(history))]
+        assert t.intermediate_values == dict(enumerate(best_so_far, start=1))
     assert teachers_trained <= 1 and len(list((cache / "teachers").iterdir())) == 1
     rec = read_json(folder / "records/sweep.json")
     assert rec["kind"] == "sweep" and rec["finished"] == 3 and rec["best"] == [study.best_trial.number]
+
+
+@pytest.mark.slow
+def test_the_callers_config_is_left_alone_and_pruned_trials_show_no_objective_values(tmp_path, cache):
+    cfg = load_config(write_config(tmp_path, cache, objectives=[{"metric": "rank_correlation"}], trials=3))
+    folder = sweep(cfg, trials=2, progress=False)
+    assert cfg.sweep.trials == 3  # --trials applies to this sweep, not to the config object
+    study = study_of(folder)
+    t = study.trials[0]
+    study.add_trial(  # as Optuna records a pruned trial: its last reported validation accuracy as its value
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED, params=t.params, distributions=t.distributions, intermediate_values={1: 0.25}
+        )
+    )
+    write_outputs(study, resolve_sweep(cfg), SweepDir(folder), SweepDir(folder).default_storage())
+    rows = read_json(folder / "records/sweep.json")["trials"]
+    assert [r["state"] for r in rows] == ["complete", "complete", "pruned"]
+    assert rows[0]["values"] == [t.value] and rows[2]["values"] is None
+    assert "pruned after epoch 1 (val accuracy 0.2500)" in (folder / "sweep.html").read_text()
 
 
 @pytest.mark.slow
@@ -398,6 +517,35 @@ def test_two_objectives_give_a_pareto_front_and_its_configs(tmp_path, cache):
     assert best.students[0].params["alpha"] == first.params["students.0.params.alpha"]
     page = (folder / "sweep.html").read_text()
     assert "Pareto front" in page and "Optimisation history: kd.grad_cam.rank_correlation" in page
+
+
+@pytest.mark.slow
+def test_an_undefined_score_fails_its_trial_and_an_error_that_stops_the_sweep_keeps_its_outputs(
+    tmp_path, cache, monkeypatch, capsys
+):
+    read = Objective.read
+    outcomes = iter([UndefinedObjectiveError("kd collapsed"), None, ConfigError("the records went missing")])
+
+    def scripted(self, run_dir):  # trial 0: score undefined; trial 1: as recorded; trial 2: a stopping error
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        return read(self, run_dir)
+
+    monkeypatch.setattr(Objective, "read", scripted)
+    config = write_config(tmp_path, cache, trials=3)
+    assert sweep_cli(config) == 2
+    assert "the records went missing" in capsys.readouterr().err
+    folder = tmp_path / "runs/tiny-sweep"
+    study = study_of(folder)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert study.trials[0].user_attrs["error"] == "kd collapsed"
+    rec = read_json(folder / "records/sweep.json")  # written although the sweep stopped with an error
+    assert rec["best"] == [1] and (folder / "sweep.html").is_file()
+    assert (
+        load_config(folder / "best.yaml").students[0].params["alpha"]
+        == study.trials[1].params["students.0.params.alpha"]
+    )
 
 
 # -- end to end: several processes ------------------------------------------------------------------------

@@ -15,10 +15,41 @@ import math
 import os
 import platform
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 2  # 2: explanations.json keys metrics by registry name
+
+
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token")
+"""Query parameters of a URL whose values :func:`hide_password` masks (matched as substrings)."""
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of its user (``scheme://user:secret@host``) and the values of its
+    password-like query parameters (``?password=secret``) replaced by ``***``, for messages and records.
+
+    Any URL shape works (SQLAlchemy's ``postgresql+psycopg://``, ``http://``, ``sqlite:///path``); text
+    that is not a URL comes back as it is.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(s in k.lower() for k, _ in pairs for s in SECRET_QUERY_KEYS):
+            masked = [(k, "***" if any(s in k.lower() for s in SECRET_QUERY_KEYS) else v) for k, v in pairs]
+            query = urllib.parse.urlencode(masked, safe="*/:")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def is_writer() -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from xkd.config import RunConfig
-from xkd.files import atomic_write_text, record, write_json
+from xkd.files import atomic_write_text, hide_password, record, write_json
 from xkd.sweep.plan import SweepPlan, with_values
 
 log = logging.getLogger("xkd")
@@ -88,7 +87,7 @@ class SweepDir:
 
 def storage_label(url: str) -> str:
     """``url`` without its password, for messages and the report."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    return hide_password(url)
 
 
 def best_config(cfg: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +121,7 @@ def write_outputs(study: optuna.Study, plan: SweepPlan, out: SweepDir, url: str)
         keep = {f"{out.trial_name(t.number)}.yaml" for t in best}
         for stale in out.pareto.glob("*.yaml") if out.pareto.is_dir() else []:
             if stale.name not in keep:  # the front moved on since the last write
-                stale.unlink()
+                stale.unlink(missing_ok=True)  # another worker may have removed it first
         for t in best:
             path = out.pareto / f"{out.trial_name(t.number)}.yaml"
             raw = best_config(plan.cfg, t.params)
@@ -179,7 +178,9 @@ def summarise(
                 "number": t.number,
                 "state": t.state.name.lower(),
                 "params": t.params,
-                "values": t.values,
+                # a pruned trial's value is Optuna's last reported validation accuracy, not a score of
+                # the objectives: its note gives it
+                "values": t.values if t.state == TrialState.COMPLETE else None,
                 "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
                 "run_dir": t.user_attrs.get("run_dir"),
                 "here": bool(t.user_attrs.get("run_dir")) and (out.path / t.user_attrs["run_dir"]).is_dir(),

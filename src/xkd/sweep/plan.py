@@ -21,6 +21,7 @@ Objectives are read from a finished trial's records, never from live models:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -34,7 +35,7 @@ import yaml
 from xkd import registry as R
 from xkd.config import RunConfig, SweepObjective, apply_override
 from xkd.distill.base import distiller_params
-from xkd.errors import ConfigError
+from xkd.errors import ConfigError, XkdError
 from xkd.metrics.base import Column, MetricInfo, declared
 from xkd.plan import resolve, validate_config
 from xkd.rundir import RunDir
@@ -50,6 +51,14 @@ TEACHER_KEYS = ("data", "teacher", "seed")
 """Top-level keys that change the teacher: a sweep over them trains one teacher per value."""
 
 VAL_ACCURACY = "val_accuracy"
+
+MISSING = object()
+"""A record entry that is absent (as opposed to recorded as null)."""
+
+
+class UndefinedObjectiveError(XkdError, ValueError):
+    """A finished trial recorded its objective as null or non-finite; the trial fails, the sweep goes on."""
+
 
 # where a run records each test-split metric of a model (records/models.json, models.<role>)
 TEST_RECORDS: dict[str, tuple[str, ...]] = {
@@ -87,8 +96,13 @@ class SearchParam:
         )
 
     def edges(self) -> list[Any]:
-        """The values at the ends of the range (every choice of a categorical)."""
-        return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
+        """The values at the ends of the range (every choice of a categorical), of the type the
+        sampler gives: floats for ``uniform`` and ``log_uniform`` even with integer bounds."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            return [self.low, self.high]
+        return [float(self.low), float(self.high)]  # type: ignore[arg-type]
 
     def describe(self) -> str:
         if self.kind == "categorical":
@@ -115,13 +129,21 @@ class Objective:
         return ".".join(p for p in parts if p is not None)
 
     def read(self, run_dir: str | Path) -> float:
-        """The score of the finished run in ``run_dir``, from its records."""
+        """The score of the finished run in ``run_dir``, from its records.
+
+        Raises:
+            UndefinedObjectiveError: the run recorded the score as null or non-finite (a collapsed
+                student's rank correlation is undefined): the trial fails, the sweep goes on.
+            ConfigError: the records have no entry for it at all (the explainer does not apply to
+                the student): every trial would fail alike, so the sweep stops.
+        """
         rd = RunDir(run_dir)
         models = rd.read_record("models")["models"]
         model = models.get(self.student) or {}
         if self.scope == VAL_ACCURACY:
-            values = [h.get("val_accuracy") for h in (model.get("train") or {}).get("history") or []]
-            value: Any = max((v for v in values if _is_number(v)), default=None)
+            history = (model.get("train") or {}).get("history") or []
+            values = [h.get("val_accuracy") for h in history]
+            value: Any = max((v for v in values if _is_number(v)), default=None if history else MISSING)
             where = f"models.json models.{self.student}.train.history[*].val_accuracy"
         elif self.scope == "test":
             value, where = _dig(model, TEST_RECORDS[self.metric]), f"models.json models.{self.student}"
@@ -130,17 +152,22 @@ class Objective:
         else:
             expl = rd.read_record("explanations")
             section = {"model": "per_model", "agreement": "agreement", "transfer": "transfer"}[self.scope]
-            entry = (expl.get(section) or {}).get(self.student) or {}
-            if self.explainer is not None:
-                entry = entry.get(self.explainer) or {}
-            value = self.column.value(entry) if self.column is not None else None
+            entry = _dig(expl, (section, self.student) + ((self.explainer,) if self.explainer else ()))
+            assert self.column is not None  # resolve_objective gives every explanation scope its column
+            value = _dig(entry, (self.column.key,) + ((self.column.sub,) if self.column.sub else ()))
             where = f"explanations.json {section}.{self.student}" + (f".{self.explainer}" if self.explainer else "")
         if isinstance(value, dict):  # a record that keeps its headline under the metric's name (RS)
-            value = value.get(self.metric)
-        if not _is_number(value):
+            value = value.get(self.metric, MISSING)
+        if value is MISSING:
             raise ConfigError(
-                f"sweep objective {self.name}: the run in {rd.path} recorded no number for it (looked in {where}); "
+                f"sweep objective {self.name}: the run in {rd.path} has no record of it (looked in {where}); "
                 "does the explainer apply to this student?"
+            )
+        if not _is_number(value):
+            raise UndefinedObjectiveError(
+                f"sweep objective {self.name}: the run in {rd.path} recorded {value!r} for it ({where}): it is "
+                "undefined for this trial's models (a student that predicts one class, constant maps); the trial "
+                "is marked failed"
             )
         return float(value)
 
@@ -188,6 +215,7 @@ def parse_param(path: str, spec: Any) -> SearchParam:
             raise ConfigError(f"{where}: `step` applies to uniform and int ranges, not to categorical")
         if not isinstance(value, list) or len(value) < 2:
             raise ConfigError(f"{where}: categorical needs a list of at least two choices, got {value!r}")
+        value = [_exponent_number(v) for v in value]
         if any(v is not None and not isinstance(v, (bool, int, float, str)) for v in value):
             raise ConfigError(f"{where}: categorical choices must be numbers, strings, booleans or null, got {value!r}")
         if len({repr(v) for v in value}) < len(value):
@@ -233,6 +261,8 @@ def check_path(cfg: RunConfig, tree: dict[str, Any], path: str) -> None:
     parts = path.split(".")
     if parts[0] in SET_BY_SWEEP:
         raise ConfigError(f"{where}: {parts[0]!r} is set by the sweep for every trial; it cannot be searched")
+    if len(parts) == 3 and parts[0] == "students" and parts[2] == "name":
+        raise ConfigError(f"{where}: a student's name keys its records and the objectives; it cannot be searched")
     node: Any = tree
     for i, part in enumerate(parts):
         here = ".".join(parts[:i]) or "the config"
@@ -258,9 +288,21 @@ def check_path(cfg: RunConfig, tree: dict[str, Any], path: str) -> None:
 
 
 def with_values(cfg: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` as plain data with ``values`` set at their config paths (as ``--set`` sets them)."""
+    """``cfg`` as plain data with ``values`` set at their config paths (as ``--set`` sets them).
+
+    A path inside a student's parameter the config leaves at its default
+    (``students.0.params.widths.1``) first gets that default, so the item is set in the default's
+    list or section, not in a new one.
+    """
     raw = to_dict(cfg)
+    tree: dict[str, Any] | None = None
     for path, value in values.items():
+        keys = _keys(path)
+        if len(keys) > 4 and keys[0] == "students" and keys[2] == "params":
+            params = raw["students"][keys[1]].setdefault("params", {})
+            if params.get(keys[3]) is None:
+                tree = tree or config_tree(cfg)
+                params[keys[3]] = copy.deepcopy(tree["students"][keys[1]]["params"][keys[3]])
         apply_override(raw, f"{path}={yaml_scalar(value)}")
     return raw
 
@@ -371,8 +413,12 @@ def resolve_sweep(cfg: RunConfig) -> SweepPlan:
             try:
                 validate_config(from_dict(RunConfig, with_values(cfg, {p.path: value})))
             except ConfigError as e:
+                hint = ""
+                current = _dig(tree, tuple(_keys(p.path)))
+                if p.kind != "int" and isinstance(current, int) and not isinstance(current, bool):
+                    hint = f"; the setting is an integer: search it with int: [{int(p.low)}, {int(p.high)}]"
                 raise ConfigError(
-                    f"sweep.params.{p.path}: the value {value!r} of its range is not valid: {e}"
+                    f"sweep.params.{p.path}: the value {value!r} of its range is not valid: {e}{hint}"
                 ) from None
     tuned = sorted({cfg.students[int(p.path.split(".")[1])].name for p in params if _student_path(p.path)})
     explainers = {e.key: e for e in plan.explainers}
@@ -403,6 +449,21 @@ def _student_path(path: str) -> bool:
     return re.match(r"students\.\d+\.", path) is not None
 
 
+def _keys(path: str) -> list[str | int]:
+    """A config path's keys, list indices as ints."""
+    return [int(k) if k.isdigit() else k for k in path.split(".")]
+
+
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent notation without a dot in its mantissa (``1e-3``), which YAML 1.1 reads as a string."""
+
+
+def _exponent_number(v: Any) -> Any:
+    """A categorical choice written ``1e-3`` as the float it means; every other choice as it is
+    (a choice ``"0.5"`` quoted in YAML stays the string the user wrote)."""
+    return float(v) if isinstance(v, str) and EXPONENT_NUMBER.fullmatch(v) else v
+
+
 def _numeric(v: Any) -> Any:
     """A number written in YAML as ``1e-4`` (which YAML 1.1 reads as a string) as the float it means."""
     if isinstance(v, str):
@@ -418,8 +479,14 @@ def _is_number(v: Any) -> bool:
 
 
 def _dig(d: Any, keys: tuple[Any, ...]) -> Any:
+    """``d[k0][k1]...``; :data:`MISSING` where a key is absent (a recorded null stays ``None``)."""
     for k in keys:
-        if not isinstance(d, dict):
+        if d is None:  # a section recorded as null: every number under it is undefined
             return None
-        d = d.get(k)
+        if isinstance(d, list) and isinstance(k, int) and 0 <= k < len(d):
+            d = d[k]
+        elif isinstance(d, dict) and k in d:
+            d = d[k]
+        else:
+            return MISSING
     return d

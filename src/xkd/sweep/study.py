@@ -23,8 +23,10 @@ records into the trial's scores:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -49,7 +51,8 @@ from xkd.rundir import BEST, RunDir, cache_root
 from xkd.runner import run
 from xkd.schema import from_dict, to_dict
 from xkd.sweep.outputs import SweepDir, storage_label, write_outputs
-from xkd.sweep.plan import SweepPlan, resolve_sweep, teacher_paths, with_values
+from xkd.sweep.plan import SweepPlan, UndefinedObjectiveError, resolve_sweep, teacher_paths, with_values
+from xkd.tracking import mlflow_uri
 
 log = logging.getLogger("xkd")
 
@@ -60,9 +63,10 @@ GRACE_SECONDS = 120
 """After this long without a heartbeat a trial counts as abandoned."""
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RETRYABLE = (NonFiniteLossError, DeviceMemoryError)
-"""Errors a trial's settings can cause (a diverging learning rate, a batch too large): the trial is
-recorded as failed and the sweep goes on. Any other error stops the sweep."""
+RETRYABLE = (NonFiniteLossError, DeviceMemoryError, UndefinedObjectiveError)
+"""Errors a trial's settings can cause (a diverging learning rate, a batch too large, a collapsed
+student whose score is undefined): the trial is recorded as failed and the sweep goes on. Any other
+error stops the sweep (after writing its outputs for the trials that finished)."""
 
 CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
 """What opening a new database says when another worker is creating its tables at the same moment."""
@@ -102,7 +106,7 @@ def sweep(
     if trials is not None:
         if trials < 1:
             raise ConfigError(f"--trials must be >= 1, got {trials}")
-        cfg.sweep.trials = trials
+        cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, trials=trials))  # the caller's is kept
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
     plan = resolve_sweep(cfg)
@@ -126,19 +130,25 @@ def sweep(
     with _quiet_optuna():
         lock = reap_lock(url, out)
         reap(study, lock)
-        if _occupied(study) < plan.trials:
-            console.print(
-                f"[bold]xkd sweep[/bold] {cfg.name!r}: {len(_states(study, FINISHED))} of {plan.trials} trials "
-                f"finished, study {name!r} in {storage_label(url)}"
-            )
-            objective = TrialRunner(study, plan, out, lock, progress, console)
-            study.optimize(
-                objective,
-                timeout=timeout,
-                catch=(OverBudget, *RETRYABLE),
-                callbacks=[Budget(plan.trials, lock)],
-                gc_after_trial=True,
-            )
+        try:
+            if _occupied(study) < plan.trials:
+                console.print(
+                    f"[bold]xkd sweep[/bold] {cfg.name!r}: {len(_states(study, FINISHED))} of {plan.trials} trials "
+                    f"finished, study {name!r} in {storage_label(url)}"
+                )
+                objective = TrialRunner(study, plan, out, lock, progress, console)
+                study.optimize(
+                    objective,
+                    timeout=timeout,
+                    catch=(OverBudget, *RETRYABLE),
+                    callbacks=[Budget(plan.trials, lock)],
+                    gc_after_trial=True,
+                )
+        except BaseException:  # Ctrl-C or an error that stops the sweep: keep what the finished trials found
+            with contextlib.suppress(Exception):
+                write_outputs(study, plan, out, url)
+                console.print(f"sweep stopped; the finished trials are in {out.page}")
+            raise
         page = write_outputs(study, plan, out, url)
     console.print(f"sweep report: {page}  ({time.perf_counter() - t0:.0f} s)")
     return out.path
@@ -361,18 +371,29 @@ def _quiet_optuna() -> Iterator[None]:
 
 
 class ReportValAccuracy(Callback):
-    """Reports the watched student's validation accuracy to Optuna after every epoch and raises
-    ``optuna.TrialPruned`` when the pruner says so (the epoch's checkpoints are already written)."""
+    """Reports the watched student's best validation accuracy so far (the trial's score, when it is
+    the objective) to Optuna after every epoch, and raises ``optuna.TrialPruned`` when the pruner says
+    so (the epoch's checkpoints are already written). After the last epoch it only reports: the
+    training is done, and pruning then would throw away a finished trial."""
 
     def __init__(self, trial: optuna.Trial, role: str) -> None:
         self.trial, self.role = trial, role
+        self.epochs: int | None = None
+        self.best = -math.inf
+
+    def on_train_start(self, role: str, epochs: int) -> None:
+        if role == self.role:
+            self.epochs = epochs
 
     def on_epoch_end(self, role: str, epoch: int, stats: dict[str, Any]) -> None:
         if role != self.role or stats.get("val_accuracy") is None:
             return
-        self.trial.report(float(stats["val_accuracy"]), epoch)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"{role}: validation accuracy {stats['val_accuracy']:.4f} after epoch {epoch}")
+        self.best = max(self.best, float(stats["val_accuracy"]))
+        self.trial.report(self.best, epoch)
+        if epoch != self.epochs and self.trial.should_prune():
+            raise optuna.TrialPruned(
+                f"{role}: best validation accuracy {self.best:.4f} after epoch {epoch} of {self.epochs}"
+            )
 
 
 class TeacherLock(Callback):
@@ -438,19 +459,25 @@ class TrialRunner:
         except RETRYABLE as e:
             trial.set_user_attr("error", str(e))
             raise
-        scores = [o.read(run_dir.path) for o in self.plan.objectives]
+        try:
+            scores = [o.read(run_dir.path) for o in self.plan.objectives]
+        except UndefinedObjectiveError as e:
+            trial.set_user_attr("error", str(e))
+            raise
         shown = ", ".join(f"{o.name} {v:.4g}" for o, v in zip(self.plan.objectives, scores))
         self.console.print(f"trial {trial.number}: {shown} ({time.perf_counter() - t0:.0f} s)")
         return scores[0] if len(scores) == 1 else scores
 
     def trial_config(self, number: int, values: dict[str, Any]) -> RunConfig:
         """The sweep's config with the trial's values, run as ``<sweep folder>/trial-NNNN`` with the
-        sweep's teacher cache; its ``sweep`` section is left out (a trial is a plain run)."""
+        sweep's teacher cache (and MLflow store); its ``sweep`` section is left out (a trial is a plain run)."""
         raw = with_values(self.plan.cfg, values)
         raw.pop("sweep", None)
         raw.update(
             name=self.out.trial_name(number), output_dir=str(self.out.path), cache_dir=str(cache_root(self.plan.cfg))
         )
+        if self.plan.cfg.tracking.backend == "mlflow":  # the store of the sweep's output_dir, as best.yaml's
+            raw["tracking"]["uri"] = mlflow_uri(self.plan.cfg)[0]
         cfg = from_dict(RunConfig, raw)
         validate_config(cfg)
         return cfg

@@ -15,6 +15,7 @@ from typing import Any
 from xkd.config import RunConfig
 from xkd.engine.callbacks import Callback
 from xkd.errors import ConfigError
+from xkd.files import hide_password
 from xkd.rundir import RunDir, mlflow_root
 from xkd.tracking.logged import epoch_scalars, final_scalars, full_history, hyperparameters
 
@@ -35,15 +36,17 @@ def check(cfg: RunConfig) -> None:
         )
 
 
-def mlflow_uri(cfg: RunConfig) -> tuple[str, bool]:
-    """The MLflow tracking URI and whether it is xkd's local store: ``tracking.uri``; else
-    ``$MLFLOW_TRACKING_URI``; else a SQLite store under ``output_dir`` (:func:`xkd.rundir.mlflow_root`;
-    MLflow 3 refuses its plain-file store unless told otherwise)."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri, False
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"], False
-    return f"sqlite:///{(mlflow_root(cfg) / 'mlflow.db').resolve()}", True
+def mlflow_uri(cfg: RunConfig) -> tuple[str, Path | None]:
+    """The MLflow tracking URI, and the folder of its store when that is a SQLite file (created when
+    missing; a new experiment keeps its artifacts beside it, in ``artifacts/``, not in the working
+    directory): ``tracking.uri``; else ``$MLFLOW_TRACKING_URI``; else a SQLite store under
+    ``output_dir`` (:func:`xkd.rundir.mlflow_root`; MLflow 3 refuses its plain-file store unless
+    told otherwise)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        uri = f"sqlite:///{(mlflow_root(cfg) / 'mlflow.db').resolve()}"
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
+    return uri, (Path(path).parent if path else None)
 
 
 def _key(name: str) -> str:
@@ -70,19 +73,19 @@ class MLflow(Callback):
 
         self.Metric = Metric
         self.cfg, self.run_dir = cfg, run_dir
-        self.uri, local = mlflow_uri(cfg)
+        self.uri, folder = mlflow_uri(cfg)
         self.first_epoch: dict[str, int] = {}
         self.complete: set[str] = set()
         path = str(run_dir.path.resolve())
         try:
-            if local:
-                mlflow_root(cfg).mkdir(parents=True, exist_ok=True)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
             if exp is not None:
                 exp_id = exp.experiment_id
             else:  # the local store keeps its artifacts beside it, not in the working directory
-                where = (mlflow_root(cfg) / "artifacts").resolve().as_uri() if local else None
+                where = (folder / "artifacts").resolve().as_uri() if folder is not None else None
                 exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=where)
             found = []
             if resume and "'" not in path:  # the MLflow run this run folder logged to before
@@ -99,10 +102,10 @@ class MLflow(Callback):
                     self.client.log_batch(self.run_id, params=batch)
         except Exception as e:  # any failure to reach or use the store: the URI or the server is wrong
             raise ConfigError(
-                f"tracking: cannot log to MLflow at {self.uri!r} ({type(e).__name__}: {e}); check tracking.uri "
+                f"tracking: cannot log to MLflow at {hide_password(self.uri)!r} ({type(e).__name__}: {e}); check tracking.uri "
                 "or set tracking.backend: none"
             ) from e
-        log.info("MLflow: run %s in experiment %r at %s", self.run_id, cfg.tracking.experiment, self.uri)
+        log.info("MLflow: run %s in experiment %r at %s", self.run_id, cfg.tracking.experiment, hide_password(self.uri))
         self.open = {"run": True}  # a run stopped before its end (a pruned trial) is marked KILLED
         weakref.finalize(self, _kill, self.client, self.run_id, self.open)
 
