@@ -271,8 +271,26 @@ def test_clear_errors(tiny_pair, tiny_data):
     with pytest.raises(ValueError, match="indices"):
         d(hand_made)
     one_class = TensorImageDataset(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ConfigError, match="two classes"):
+    with pytest.raises(ConfigError, match="two classes .* has 4 images, all of one class"):
         d.setup(DistillContext(sample=torch.zeros(2, 1, 16, 16), train=one_class))
+    empty = TensorImageDataset(torch.rand(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ConfigError, match="two classes .* has no images"):
+        d.setup(DistillContext(sample=torch.zeros(2, 1, 16, 16), train=empty))
+
+
+def test_indices_outside_the_memory_bank_are_one_clear_error_in_training_and_evaluation(tiny_pair, tiny_data):
+    d = build(tiny_pair, tiny_data)
+    beyond = batch_of(tiny_data, [3, N_TRAIN + 2], n=N_TRAIN + 4)  # a batch of a larger (other) split
+    for training in (True, False):
+        d.train(training)
+        with pytest.raises(ValueError, match=f"indices 3..{N_TRAIN + 2} are not indices of the {N_TRAIN} training"):
+            d(beyond)
+    d.train()
+    d(batch_of(tiny_data, [0, 1]))  # checked once in training, then never again (no host sync per step)
+    assert d._index_checked
+    d.eval()
+    with pytest.raises(ValueError, match="not indices of the"):  # evaluation checks every batch
+        d(beyond)
 
 
 def test_layers_pick_other_features(tiny_pair, tiny_data):

@@ -250,6 +250,25 @@ def test_frozen_explanations_give_the_live_loss(pair, data, tmp_path, standardiz
     torch.testing.assert_close(by_hand["exp"], expected["exp"], rtol=1e-5, atol=1e-6)
 
 
+def test_in_evaluation_mode_the_frozen_variant_explains_live(pair, data, tmp_path):
+    # a validation batch's indices are not the training set's: reading the cache by them would pair
+    # its images with other images' teacher logits and maps
+    student, teacher = pair
+    params = {**PARAMS, "layer": STUDENT_LAYER}
+    live = build_distiller("e2kd", student, teacher, params)
+    frozen = build_distiller("e2kd", student, teacher, {**params, "frozen_explanations": True}, context(data, tmp_path))
+    other = type(data)(data.images.flip(-1)[:5], data.labels[:5])  # other images, indices 0..4
+    batch = other.batch(torch.arange(5))
+    live.eval(), frozen.eval()
+    _, expected = live(batch)
+    _, got = frozen(batch)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    frozen.train()
+    _, cached = frozen(data.batch(torch.arange(5)))  # in training it reads the cache (checked)
+    assert frozen._checked
+
+
 def test_frozen_explanations_are_cached_and_reused(pair, data, tmp_path):
     student, teacher = pair
     params = {"layer": STUDENT_LAYER, "frozen_explanations": True}
@@ -400,6 +419,27 @@ def test_models_without_a_conv_layer_are_refused_before_training(tiny_model):
         build_distiller("e2kd", flat, tiny_model("teacher", 0))
     with pytest.raises(ConfigError, match="teacher.*no nn.Conv2d"):
         build_distiller("e2kd", tiny_model("student", 0), nn.Sequential(nn.Flatten(), nn.Linear(256, 3)))
+
+
+class SideBranch(nn.Module):
+    """A model with a convolution that runs but does not feed the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.side, self.fc = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.side(x)  # computed and dropped
+        return self.fc(self.main(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_layer_that_does_not_feed_the_logits_is_one_clear_error(create_graph):
+    model, x = SideBranch(), torch.rand(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="layer 'side' of SideBranch does not feed its logits"):
+        grad_cam(model, "side", x, create_graph=create_graph)
+    _, cams = grad_cam(model, "main", x, create_graph=create_graph)
+    assert cams.shape == (2, 6, 6)
 
 
 def test_preflight_names_a_layer_that_gives_no_map(pair):

@@ -64,6 +64,9 @@ def test_standardize_logits_is_the_z_score_with_the_unbiased_std(logits):
     np.testing.assert_allclose(got.std(axis=1, ddof=1), 1.0, rtol=1e-5)
     # constant logits stay finite (the eps): all zeros after centring
     assert torch.equal(standardize_logits(torch.full((1, 4), 3.0)), torch.zeros(1, 4))
+    # one class has no spread to divide by (its unbiased std is NaN): an error, not a NaN loss
+    with pytest.raises(ValueError, match=r"needs logits of shape \(N, classes >= 2\), got \(3, 1\)"):
+        standardize_logits(torch.zeros(3, 1))
 
 
 @pytest.mark.parametrize("t", [1.0, 2.0, 4.0])

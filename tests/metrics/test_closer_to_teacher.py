@@ -52,6 +52,19 @@ def test_counts_share_and_p_value_by_hand_with_ties_and_undefined_images():
     assert none["images"] == 0 and none["share"] is None and none["p_value"] is None
 
 
+@pytest.mark.parametrize("distance", ["cosine", "rank"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_map_with_inf_or_nan_is_undefined_never_dropped(distance, bad):
+    teacher, other = rand_maps(0, n=5), rand_maps(1, n=5)
+    student, independent = teacher.clone(), other.clone()  # 5 closer
+    student[1, 0, 0], independent[3, 2, 2] = bad, bad
+    counts = closer_counts(teacher, student, independent, distance).tolist()
+    if distance == "rank" and bad == float("inf"):  # inf still has a rank: the maps are orderable
+        assert counts == [5, 0, 0, 0]
+    else:  # every image counted once: images 1 and 3 undefined
+        assert counts == [3, 0, 0, 2]
+
+
 def test_the_rank_option_ignores_scale_where_the_cosine_does_not(device):
     teacher = rand_maps(0).to(device) + 0.1
     monotone = teacher**3  # the same pixel order: Spearman 1, cosine about 0.92

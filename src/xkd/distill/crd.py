@@ -275,7 +275,8 @@ def resolve_nce_k(requested: int | None, labels: Tensor) -> int:
     n, most = labels.numel(), max_negatives(labels) if labels.numel() else 0
     if most < 1:
         raise ConfigError(
-            f"crd needs training images of at least two classes to draw negatives from; the training split has {n} images of one class"
+            "crd needs training images of at least two classes to draw negatives from; the training split has "
+            + (f"{n} images, all of one class" if n else "no images")
         )
     if requested is None:
         return min(PAPER_K, most)
@@ -310,6 +311,7 @@ class CRD(Distiller):
         self.seed = 0
         self._generator: torch.Generator | None = None
         self._z_ready = False
+        self._index_checked = False
 
     # -- features ----------------------------------------------------------------------------
     def _features(self, model: nn.Module, path: str, images: Tensor, detach: bool) -> tuple[Tensor, Tensor]:
@@ -407,6 +409,17 @@ class CRD(Distiller):
             head.memory_t = momentum_update(head.memory_t, index, new_t, m, inplace=not dense)
         return loss
 
+    def _check_index(self, index: Tensor) -> None:
+        """Batch indices must name rows of the memory bank: images of the training split it was sized for."""
+        n = self.head.n_data
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(
+                f"crd: batch indices {int(index.min())}..{int(index.max())} are not indices of the {n} training "
+                "images its memory bank holds; feed it batches of the training split (DistillContext.train), "
+                "also in evaluation mode (its contrastive term is defined on the training images only)"
+            )
+        self._index_checked = self.training
+
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         if self.head is None:
             raise RuntimeError(
@@ -424,6 +437,8 @@ class CRD(Distiller):
         with torch.no_grad():
             t_logits, f_t = self._features(self.teacher, t_path, batch.images, True)
         index = batch.indices.to(self.head.memory_s.device, torch.long)
+        if not self._index_checked or not self.training:  # once in training (no host sync per step)
+            self._check_index(index)
         with torch.autocast(index.device.type, enabled=False):
             v_s, v_t = self.head.embed(f_s.float(), f_t.float())
             negatives = sample_negatives(

@@ -136,7 +136,12 @@ def grad_cam(
         targets = logits.detach().argmax(dim=1)
     with torch.enable_grad():
         selected = logits.gather(1, targets.to(logits.device).long()[:, None]).sum()
-        (grads,) = torch.autograd.grad(selected, acts, create_graph=create_graph)
+        (grads,) = torch.autograd.grad(selected, acts, create_graph=create_graph, allow_unused=True)
+        if grads is None:
+            raise ConfigError(
+                f"layer {layer!r} of {type(model).__name__} does not feed its logits (its output is not used "
+                "on the way to them), so it has no Grad-CAM; name a convolutional layer the logits depend on"
+            )
         cams = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1))
     if not create_graph:
         return logits.detach(), cams.detach()
@@ -367,9 +372,10 @@ class E2KD(Distiller):
         return "frozen logits and Grad-CAMs (computed once, cached)"
 
     def _frozen(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
-        """The cached teacher logits and layer-resolution maps of ``batch`` (None: not frozen, or a
-        batch without indices, which is then explained live)."""
-        if self.frozen_logits is None or batch.indices is None:
+        """The cached teacher logits and layer-resolution maps of ``batch`` (None: not frozen, a batch
+        without indices, or evaluation mode, where the indices are not those of the training set; such a
+        batch is explained live)."""
+        if self.frozen_logits is None or batch.indices is None or not self.training:
             return None
         idx = batch.indices.to(self.frozen_logits.device)
         if not self._checked and self.training:

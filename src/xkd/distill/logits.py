@@ -38,6 +38,11 @@ def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
     the student match the teacher's logit *relations* without matching their range. Needs at least
     2 classes.
     """
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"logit standardization z-scores each sample's logits over its classes, so it needs logits of "
+            f"shape (N, classes >= 2), got {tuple(logits.shape)}; set standardize: false for such a model"
+        )
     z = logits.float()
     return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
 

@@ -66,8 +66,10 @@ def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> tuple[Ten
     the cosine similarity of the flattened maps, or (``"rank"``) their Spearman correlation."""
     if distance == "cosine":
         return _cosine(_rows(a), _rows(b))
-    if distance == "rank":
-        return row_pearson(average_ranks(_rows(a)), average_ranks(_rows(b)))
+    if distance == "rank":  # NaN has no rank (scipy's spearmanr gives NaN); inf does
+        ra, rb = _rows(a), _rows(b)
+        sim, defined = row_pearson(average_ranks(ra), average_ranks(rb))
+        return sim, defined & ~ra.isnan().any(dim=1) & ~rb.isnan().any(dim=1)
     raise ValueError(f"distance must be 'cosine' or 'rank', got {distance!r}")
 
 
@@ -80,7 +82,8 @@ def closer_counts(teacher: Tensor, student: Tensor, independent: Tensor, distanc
         raise ValueError(f"maps must all be (N, H, W) of one shape, got {sorted(shapes)}")
     to_student, ok_s = similarity(teacher, student, distance)
     to_independent, ok_i = similarity(teacher, independent, distance)
-    defined = ok_s & ok_i
+    # a map with inf or NaN gives a NaN similarity, which no comparison counts: undefined, not lost
+    defined = ok_s & ok_i & to_student.isfinite() & to_independent.isfinite()
     return torch.stack(
         [
             (defined & (to_student > to_independent)).sum(),
