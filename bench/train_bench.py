@@ -1,6 +1,7 @@
 """Training throughput, measured side by side in one run: xkd's engine against a bare hand-written
 loop, a KD epoch against a scratch epoch (teacher logits cached, and the teacher run per batch), and
-bf16 autocast against fp32; with ``--distillers``, also the epochs of e2KD (live and with frozen
+bf16 autocast against fp32, and the tensor operators (kernel launches on a GPU) per step of the engine
+and of the bare loop; with ``--distillers``, also the epochs of e2KD (live and with frozen
 explanations), CAT-KD and CRD against scratch and against KD (the frozen e2KD's one-off pass over the
 training images, done by its setup, is reported apart, as the teacher-logit cache is).
 
@@ -47,20 +48,52 @@ def load_data(cfg_data: DataConfig):
         return build_dataset(fallback), "digits (28 px; Fashion-MNIST package missing)"
 
 
-def bare_epoch(student: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int) -> float:
-    """One epoch of the plainest loop: data already on the device, no bookkeeping."""
+def bare_epoch(
+    student: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    seed: int,
+    steps: int | None = None,
+) -> float:
+    """One epoch (or its first ``steps``) of the plainest loop: data already on the device, no bookkeeping."""
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
     student.train()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(images.device)
     sync(images.device)
     t0 = time.perf_counter()
-    for idx in order.split(batch):
+    for idx in order.split(batch)[:steps]:
         loss = F.cross_entropy(student(images[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     sync(images.device)
     return time.perf_counter() - t0
+
+
+# Operators that launch no kernel (views, metadata, dtype no-ops) are not counted.
+NO_KERNEL = {
+    "aten::view", "aten::slice", "aten::select", "aten::t", "aten::transpose", "aten::expand", "aten::as_strided",
+    "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::empty",
+    "aten::empty_strided", "aten::empty_like", "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view",
+    "aten::permute", "aten::flatten", "aten::split", "aten::narrow", "aten::result_type", "aten::to",
+    "aten::_to_copy", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::resize_",
+}  # fmt: skip
+
+
+def operators(run) -> int:
+    """How many tensor operators that launch a kernel ``run()`` calls (torch.profiler, outermost
+    ``aten::`` calls only, views and metadata left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(
+        e.name.startswith("aten::")
+        and e.name not in NO_KERNEL
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        for e in prof.events()
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -125,6 +158,26 @@ def main() -> None:
             "engine_cat_kd": lambda r: engine("cat_kd", {}, False),
             "engine_crd": lambda r: engine("crd", {}, False),
         }
+
+    # Launch cost, which bounds a small model's step on a GPU, measured on any device: the operators
+    # (each at least one kernel) per step of the engine and of the bare loop, from the difference of a
+    # 40-step and a 20-step run (which cancels what runs once: set-up, validation, first-step state).
+    def engine_steps(steps: int) -> None:
+        d = build_distiller("scratch", student())
+        cfg = TrainConfig(
+            epochs=1, batch_size=budget.batch_size, optimizer=budget.optimizer, amp="off", max_steps_per_epoch=steps
+        )
+        Trainer(d, data.train, data.val, cfg, device=device, progress=False).fit()
+
+    ops = {
+        "bare_loop": (
+            operators(lambda: bare_epoch(student(), images, labels, budget.batch_size, 0, 40))
+            - operators(lambda: bare_epoch(student(), images, labels, budget.batch_size, 0, 20))
+        )
+        / 20,
+        "engine_scratch": (operators(lambda: engine_steps(40)) - operators(lambda: engine_steps(20))) / 20,
+    }
+    print(f"operators per step: bare loop {ops['bare_loop']:.1f}, engine {ops['engine_scratch']:.1f}", flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for name, run in variants.items():
@@ -160,6 +213,7 @@ def main() -> None:
             "teacher_logit_cache_seconds": cache_seconds,
             "setup_seconds_median": {k: statistics.median(v) for k, v in setup_seconds.items()},
             "ratios": ratios,
+            "operators_per_step": ops,
             "targets": {"engine_over_bare_throughput": ">= 0.9", "kd_cached_over_scratch_epoch": "<= 1.15"},
             "epoch_seconds": times,
             "versions": library_versions(),

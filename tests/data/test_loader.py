@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xkd.data.base import BatchLoader, resolve_workers
+from xkd.data.base import BatchLoader, TensorImageDataset, resolve_workers
 from xkd.engine.trainer import on_device
 
 
@@ -43,3 +43,23 @@ def test_a_dataset_on_the_device_batches_there(tiny_data, device):
 def test_the_trainer_holds_in_memory_data_on_the_gpu(tiny_data):
     held = on_device(tiny_data(n=6), torch.device("cuda"))
     assert held.images.is_cuda
+
+
+def test_scaled_images_give_the_batches_uint8_images_give(device):
+    images = torch.randint(0, 256, (7, 1, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = TensorImageDataset(images, torch.arange(7) % 3).to(device)
+    scaled = ds.scaled()
+    assert scaled.images.dtype == torch.float32 and ds.images.dtype == torch.uint8
+    assert scaled.scaled() is scaled  # float images are kept as they are
+    index = torch.tensor([6, 0, 3])
+    a, b = ds.batch(index), scaled.batch(index)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # bit for bit
+    assert torch.equal(a.images.cpu(), images[index].float().div_(255.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_uint8_data_held_on_the_gpu_is_scaled_once():
+    ds = TensorImageDataset(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
+    held = on_device(ds, torch.device("cuda"))
+    assert held.images.is_cuda and held.images.dtype == torch.float32 and ds.images.dtype == torch.uint8

@@ -80,6 +80,15 @@ class TensorImageDataset(Dataset):
         ds.masks = None if self.masks is None else self.masks.to(device)
         return ds
 
+    def scaled(self) -> TensorImageDataset:
+        """The same items with float images in [0, 1] (uint8 images divided by 255 once, here, not
+        per batch; float images are shared, not copied)."""
+        if self.images.dtype != torch.uint8:
+            return self
+        ds = copy.copy(self)
+        ds.images = self.images / 255.0
+        return ds
+
     def nbytes(self) -> int:
         """Bytes of the images, labels and masks."""
         tensors = [self.images, self.labels] + ([] if self.masks is None else [self.masks])
@@ -90,7 +99,7 @@ class TensorImageDataset(Dataset):
         index = index.to(self.images.device)
         images = self.images[index]
         if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
+            images = images / 255.0  # one kernel (as float().div_(), to the bit)
         masks = None if self.masks is None else self.masks[index]
         return Batch(images, self.labels[index], masks, index)
 

@@ -109,11 +109,16 @@ DEVICE_DATA_SHARE = 0.25
 
 def on_device(dataset: Dataset, device: torch.device) -> Dataset:
     """``dataset`` held on ``device`` once (an in-memory dataset on a GPU with room for it: batches
-    are then gathered there, with no copy per step); otherwise ``dataset`` itself."""
+    are then gathered there, with no copy per step; uint8 images are scaled to float there once when
+    that fits too, one kernel less per step); otherwise ``dataset`` itself."""
     if device.type != "cuda" or not isinstance(dataset, TensorImageDataset):
         return dataset
     free, _ = torch.cuda.mem_get_info(device)
-    return dataset.to(device) if dataset.nbytes() <= DEVICE_DATA_SHARE * free else dataset
+    if dataset.nbytes() > DEVICE_DATA_SHARE * free:
+        return dataset
+    held = dataset.to(device)
+    as_float = held.nbytes() + 4 * held.images.numel()  # the float images beside the uint8 ones, at the peak
+    return held.scaled() if held.images.dtype == torch.uint8 and as_float <= DEVICE_DATA_SHARE * free else held
 
 
 def device_name(device: torch.device) -> str:
@@ -393,13 +398,14 @@ class Trainer:
         t0 = time.perf_counter()
         # Bookkeeping stays on the device and is read every SYNC_EVERY steps: no host sync per step, and
         # few kernels per step (on a GPU a small model's step is launch-bound, so each one counts). Each
-        # step's loss and terms go into one row of `window` (one kernel) and are added, weighted by the
-        # batch size, to `sums` (one kernel). A NaN/inf loss makes `sums` non-finite for the rest of the
-        # epoch, so one check per window finds it, and the window's rows tell which step it was.
+        # step's loss, terms and number of correct predictions go into one row of `window` (argmax, eq,
+        # sum and one stack: 4 kernels); at every check the window's rows are weighted by their batch
+        # sizes (kept on the host) and added to `sums`. A NaN/inf loss makes `sums` non-finite for the
+        # rest of the epoch, so one check per window finds it, and the window's rows tell which step.
         n = 0
-        sums: Tensor | None = None  # (1 + terms,) float64: loss and terms, summed over images
-        window: Tensor | None = None  # (SYNC_EVERY, 1 + terms): the rows of the steps since the last check
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        sums: Tensor | None = None  # (1 + terms + 1,) float64: loss and terms summed over images, correct
+        window: Tensor | None = None  # (SYNC_EVERY, 1 + terms + 1): loss, terms, correct of recent steps
+        sizes: list[int] = []  # the batch sizes of the window's steps
         names: list[str] = []
         draws = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         autocast = (
@@ -421,10 +427,10 @@ class Trainer:
                 loss = loss + t
             if window is None:
                 names = list(terms)
-                window = torch.zeros((SYNC_EVERY, 1 + len(parts)), dtype=torch.float32, device=self.device)
-                sums = torch.zeros(1 + len(parts), dtype=torch.float64, device=self.device)
-            row = window[(step - 1) % SYNC_EVERY]
-            torch.stack([loss.detach(), *(t.detach() for t in parts)], out=row)
+                window = torch.zeros((SYNC_EVERY, 2 + len(parts)), dtype=torch.float32, device=self.device)
+                sums = torch.zeros(2 + len(parts), dtype=torch.float64, device=self.device)
+            hits = (logits.detach().argmax(1) == batch.labels).sum()
+            torch.stack([loss.detach(), *(t.detach() for t in parts), hits], out=window[len(sizes)])
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -435,20 +441,21 @@ class Trainer:
                 self.optimizer.step()
             b = len(batch)
             n += b
-            sums.add_(row, alpha=b)
-            correct += (logits.detach().argmax(1) == batch.labels).sum()
-            if step % SYNC_EVERY == 0 or step == steps:
+            sizes.append(b)
+            if len(sizes) == SYNC_EVERY or step == steps:
+                rows = window[: len(sizes)]
+                weights = torch.tensor(sizes, dtype=torch.float64).to(self.device, non_blocking=True)
+                sums[:-1].add_((rows[:, :-1].double() * weights[:, None]).sum(dim=0))
+                sums[-1].add_(rows[:, -1].double().sum())
                 if not bool(torch.isfinite(sums).all()):
-                    first = (step - 1) // SYNC_EVERY * SYNC_EVERY  # index of the window's first step - 1
-                    rows = window[: step - first]
                     bad = int((~torch.isfinite(rows[:, 0])).nonzero()[0, 0])
-                    self._non_finite(epoch, first + bad + 1, rows[bad], names)
+                    self._non_finite(epoch, step - len(sizes) + bad + 1, rows[bad, :-1], names)
+                sizes.clear()
                 progress.update(
-                    task, completed=step, stats=f"loss {float(sums[0]) / n:.4f}  acc {int(correct) / n:.3f}"
+                    task, completed=step, stats=f"loss {float(sums[0]) / n:.4f}  acc {float(sums[-1]) / n:.3f}"
                 )
-        totals = [0.0] * (1 + len(names)) if sums is None else sums.tolist()
-        loss_sum, term_sums = totals[0], dict(zip(names, totals[1:]))
-        correct = int(correct)
+        totals = [0.0] * (2 + len(names)) if sums is None else sums.tolist()
+        loss_sum, term_sums, correct = totals[0], dict(zip(names, totals[1:-1])), int(totals[-1])
         return {
             "epoch": epoch,
             "train_loss": loss_sum / max(n, 1),
