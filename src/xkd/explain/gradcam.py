@@ -229,10 +229,13 @@ class GradCAMPlusPlus(CAMExplainer):
     Params = CAMParams
 
     def channel_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        g2 = gradients.pow(2)
-        denom = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * g2 * gradients
-        alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
-        return (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)
+        # alpha * ReLU(g) = g^2 ReLU(g) / (g^2 (2 + S g)) = ReLU(g) / (2 + S g), S = sum_ab A_ab: the g^2
+        # cancels (0 where 2 + S g = 0, where eq. 19's denominator is 0 too; where g = 0, ReLU(g) = 0).
+        # 8 element-wise kernels instead of 15 (the GPU run measured Grad-CAM++ on the KD-FMV student at
+        # 1.43x one forward+backward), and no g^3, which under- and overflows in float32 first.
+        d = (activations.sum(dim=(2, 3), keepdim=True) * gradients).add_(2.0)
+        ratio = F.relu(gradients) / d
+        return torch.where(d != 0, ratio, 0.0).sum(dim=(2, 3), keepdim=True)
 
 
 @EXPLAINERS.register("layer_cam")
