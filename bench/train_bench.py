@@ -19,11 +19,14 @@ Run: ``python bench/train_bench.py [--device cuda] [--repeats 3] [--distillers]`
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's "no GPU" error lines on a CUDA build without one
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from xkd.config import DataConfig, TrainConfig

@@ -2,7 +2,8 @@
 # The GPU checks of xkd, as one prepared script for a session that is lent a CUDA machine:
 #   1. the tests' CUDA cases (make test-gpu),
 #   2. bench/gradcam_bench.py on the GPU (Grad-CAM family vs captum / pytorch-grad-cam / one forward+backward),
-#   3. bench/train_bench.py on the GPU (engine vs bare loop, KD vs scratch epoch, bf16 vs fp32),
+#   3. bench/train_bench.py on the GPU (engine vs bare loop and their operators per step, KD, e2KD, CAT-KD,
+#      CRD vs scratch epoch, bf16 vs fp32; 5 repeats: a GPU epoch here takes well under a second),
 #   4. every config in configs/ at small sizes with device=cuda (runs, comparisons over one seed, studies),
 #      four at a time (they share the GPU; the benches before them run alone, so their timings are clean).
 # Every step has its own time limit (STEP_LIMIT seconds, the tests TEST_LIMIT), so one slow step does not
@@ -34,8 +35,7 @@ if [ "$DEVICE" = cuda ]; then
   run test_gpu "$TEST_LIMIT" $PY -m pytest -q -m cuda -p no:cacheprovider
 fi
 run gradcam_bench "$STEP_LIMIT" $PY bench/gradcam_bench.py --device "$DEVICE" --out "$OUT/gradcam.json"
-run train_bench "$STEP_LIMIT" $PY bench/train_bench.py --device "$DEVICE" --repeats 3
-cp bench/results/train.json "$OUT/train.json" 2>/dev/null || true
+run train_bench "$STEP_LIMIT" $PY bench/train_bench.py --device "$DEVICE" --repeats 5 --distillers --out "$OUT/train.json"
 
 small=(--set device="$DEVICE" --set output_dir="$OUT/runs" --set train.epochs=1 --set teacher.train.epochs=1
        --set evaluation.num_images=32 --set evaluation.met_images=8 --set evaluation.sanity_images=4 --no-progress)

@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -17,3 +18,12 @@ def test_bench_script_imports(script):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # runs the imports, not main()
     assert callable(module.main)
+
+
+def test_the_train_bench_counts_operators_that_launch_kernels_not_views():
+    spec = importlib.util.spec_from_file_location("bench_train_bench", BENCH / "train_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, w = torch.ones(4), torch.eye(4)
+    assert bench.operators(lambda: (x.view(2, 2) + 1).sum()) == 2  # add and sum; the view launches nothing
+    assert bench.operators(lambda: torch.nn.functional.linear(x, w)) == 1  # the ops inside linear count once
