@@ -27,7 +27,8 @@ from xkd.files import hide_password, read_json, record, write_json
 from xkd.plan import load_config
 from xkd.sweep.outputs import SweepDir, best_config, storage_label, write_outputs
 from xkd.sweep.plan import Objective, UndefinedObjectiveError, parse_param, resolve_sweep, with_values, yaml_scalar
-from xkd.sweep.study import ReportValAccuracy, TrialRunner, reap, reap_lock, sweep
+from xkd.sweep.study import ReportValAccuracy, TrialRunner, sweep
+from xkd.sweep.workers import reap, reap_lock
 from xkd.tracking import mlflow_uri
 
 # A tiny run that learns something in two epochs (so the scores differ between trials) and scores

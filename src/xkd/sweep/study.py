@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 import warnings
 import zlib
@@ -52,6 +51,7 @@ from xkd.runner import run
 from xkd.schema import from_dict, to_dict
 from xkd.sweep.outputs import SweepDir, storage_label, write_outputs
 from xkd.sweep.plan import SweepPlan, UndefinedObjectiveError, resolve_sweep, teacher_paths, with_values
+from xkd.sweep.workers import FINISHED, HOST, Budget, file_lock, occupied, reap, reap_lock, retry, states
 from xkd.tracking import mlflow_uri
 
 log = logging.getLogger("xkd")
@@ -62,7 +62,6 @@ workers share one machine, where a dead worker is found by its process id at onc
 GRACE_SECONDS = 120
 """After this long without a heartbeat a trial counts as abandoned."""
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RETRYABLE = (NonFiniteLossError, DeviceMemoryError, UndefinedObjectiveError)
 """Errors a trial's settings can cause (a diverging learning rate, a batch too large, a collapsed
 student whose score is undefined): the trial is recorded as failed and the sweep goes on. Any other
@@ -71,7 +70,6 @@ error stops the sweep (after writing its outputs for the trials that finished)."
 CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
 """What opening a new database says when another worker is creating its tables at the same moment."""
 
-HOST = socket.gethostname()
 CONFIG_ATTR = "xkd_config"
 
 
@@ -131,9 +129,9 @@ def sweep(
         lock = reap_lock(url, out)
         reap(study, lock)
         try:
-            if _occupied(study) < plan.trials:
+            if occupied(study) < plan.trials:
                 console.print(
-                    f"[bold]xkd sweep[/bold] {cfg.name!r}: {len(_states(study, FINISHED))} of {plan.trials} trials "
+                    f"[bold]xkd sweep[/bold] {cfg.name!r}: {len(states(study, FINISHED))} of {plan.trials} trials "
                     f"finished, study {name!r} in {storage_label(url)}"
                 )
                 objective = TrialRunner(study, plan, out, lock, progress, console)
@@ -260,99 +258,6 @@ def make_pruner(plan: SweepPlan) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _states(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=states)
-
-
-def _occupied(study: optuna.Study) -> int:
-    """Trials that finished or are running: the budget they take."""
-    return len(_states(study, (*FINISHED, TrialState.RUNNING)))
-
-
-class Budget:
-    """Stops this process when finished and running trials fill the budget (Optuna's
-    ``MaxTrialsCallback`` counting running trials too, after failing those of dead workers), or
-    when as many trials as the budget failed for their settings (every one diverging, say)."""
-
-    def __init__(self, trials: int, lock: Path) -> None:
-        self.trials, self.lock = trials, lock
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        reap(study, self.lock)
-        if _occupied(study) >= self.trials:
-            study.stop()
-        elif sum("error" in t.user_attrs for t in _states(study, (TrialState.FAIL,))) >= self.trials:
-            log.warning("%d trials failed for their settings (see sweep.html); the sweep stops", self.trials)
-            study.stop()
-
-
-# -- dead workers -------------------------------------------------------------------------------------
-
-
-def retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Enqueue ``trial``'s values again, as a new trial that knows which one it retries."""
-    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-    log.info("trial %d did not finish; its values are enqueued again", trial.number)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a killed child its parent has not waited for yet
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    return True
-
-
-def reap_lock(url: str, out: SweepDir) -> Path:
-    """The lock the workers of one study take turns under to reap: beside an SQLite file (its workers
-    share one machine, whatever their output folders), else in the sweep folder (a server database
-    refuses a second update of a finished trial: its row locks do the rest)."""
-    database = url.split("?", 1)[0].removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-    if database and database != ":memory:":
-        path = Path(database)
-        return path.with_name(f"{path.name}.reap.lock")
-    return out.path / ".reap.lock"
-
-
-def reap(study: optuna.Study, lock: Path) -> None:
-    """Fail the running trials of workers that died on this machine and enqueue their values again.
-
-    Under a lock in the sweep folder, so two workers never retry one trial twice (SQLite has no row
-    locks; a server database also refuses a second update of a finished trial)."""
-    with _lock(lock):
-        for t in _states(study, (TrialState.RUNNING,)):
-            worker = t.user_attrs.get("worker") or {}
-            pid = worker.get("pid")
-            if worker.get("host") != HOST or not isinstance(pid, int) or pid == os.getpid() or _alive(pid):
-                continue
-            try:
-                study.tell(t.number, state=TrialState.FAIL)
-            except (ValueError, RuntimeError):  # another process finished it meanwhile
-                continue
-            retry(study, t)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` between the processes of this machine."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): one worker per sweep folder there
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
     """Optuna's experimental-feature warnings (heartbeats, metric names) say nothing to a user, and
@@ -406,7 +311,7 @@ class TeacherLock(Callback):
 
     def __enter__(self) -> TeacherLock:
         self._held = contextlib.ExitStack()
-        self._held.enter_context(_lock(self.path))
+        self._held.enter_context(file_lock(self.path))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -485,7 +390,7 @@ class TrialRunner:
     def _over_budget(self, trial: optuna.Trial) -> bool:
         """Whether the trials numbered before this one, finished, running or waiting, fill the budget."""
         counted = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-        return sum(t.number < trial.number for t in _states(self.study, counted)) >= self.plan.trials
+        return sum(t.number < trial.number for t in states(self.study, counted)) >= self.plan.trials
 
     def _continue_from(self, retry_of: Any, run_dir: RunDir) -> bool:
         """A retried trial starts from the checkpoints its failed attempt left (same settings)."""
