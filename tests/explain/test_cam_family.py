@@ -216,3 +216,41 @@ def test_unknown_layer_lists_candidates(cls, tiny_model):
 def test_params_are_validated(name, params, message, tiny_model):
     with pytest.raises(ConfigError, match=message):
         build_explainer(name, tiny_model("student", 0), params)
+
+
+class SideBranch(nn.Module):
+    """A convolution that runs but does not feed the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.side, self.fc = nn.Conv2d(1, 2, 3), nn.Conv2d(1, 2, 3), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.side(x)
+        return self.fc(self.main(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ["grad_cam", "grad_cam_pp", "layer_cam"])
+def test_a_layer_that_does_not_feed_the_logits_is_one_clear_error(name):
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="layer 'side' does not feed the logits of SideBranch"):
+        build_explainer(name, SideBranch(), {"layer": "side"}).explain(x, None)
+    assert build_explainer(name, SideBranch(), {"layer": "main"}).explain(x, None).maps.shape == (2, 8, 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["grad_cam", "grad_cam_pp", "layer_cam"])
+def test_a_cam_batch_on_the_gpu_never_waits_for_the_host(name):
+    model, x = TwoObjects().cuda().eval(), two_object_images(8).cuda()
+    with build_explainer(name, model, {"layer": "features.1"}) as ex:
+        ex._explain_chunk(x, None)  # warm-up: cuDNN and cuBLAS set themselves up once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+        try:
+            maps = ex._explain_chunk(x, None)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(
+        maps.cpu(), build_explainer(name, TwoObjects(), {"layer": "features.1"})._explain_chunk(x.cpu(), None)
+    )

@@ -137,7 +137,12 @@ class CAMExplainer(Explainer):
         if targets is None:
             targets = logits.argmax(dim=1)
         with torch.enable_grad():
-            (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), store["a"])
+            (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), store["a"], allow_unused=True)
+        if grads is None:
+            raise ValueError(
+                f"layer {self.layer!r} does not feed the logits of {type(self.model).__name__} (its output is not used "
+                "on the way to them), so it has no class activation map; name a layer the logits depend on"
+            )
         return store["a"].detach(), grads
 
     def close(self) -> None:
