@@ -41,13 +41,14 @@ small=(--set device="$DEVICE" --set output_dir="$OUT/runs" --set train.epochs=1 
        --set evaluation.num_images=32 --set evaluation.met_images=8 --set evaluation.sanity_images=4 --no-progress)
 fm=(--set data.train_size=2000 --set data.val_size=500 --set data.test_size=500)
 lesions='--set "data.params={num_per_class: 60, size: 64}"'
+concepts='--set "data.params={num_per_class: 120, size: 64}"'
 jobs=(
   "run_default|run --config configs/default.yaml ${small[*]} ${fm[*]}"
   "run_lesions|run --config configs/lesions.yaml ${small[*]}"
   "compare_medtex|compare --config configs/medtex_lesions.yaml --seeds 1 ${small[*]}"
   "compare_xdistill|compare --config configs/xdistill.yaml --seeds 1 ${small[*]}"
   "compare_kdfmv_gpu|compare --config configs/kdfmv_gpu.yaml --seeds 1 ${small[*]} ${fm[*]}"
-  "study_kd_vs_ls|study kd-vs-ls --config configs/study_kd_vs_ls.yaml --seeds 1 ${small[*]}"
+  "study_kd_vs_ls|study kd-vs-ls --config configs/study_kd_vs_ls.yaml --seeds 1 ${small[*]} --set study.diffroar.epochs=1"
   "study_capacity_gap|study capacity-gap --config configs/study_capacity_gap.yaml --seeds 1 ${small[*]} ${fm[*]}"
   "study_explanation_transfer|study explanation-transfer --config configs/study_explanation_transfer.yaml --seeds 1 ${small[*]} ${fm[*]} --set study.data_fractions=[1.0,0.5]"
   "study_explanation_transfer_lesions|study explanation-transfer --config configs/study_explanation_transfer_lesions.yaml --seeds 1 ${small[*]} --set study.data_fractions=[1.0,0.5]"
@@ -65,7 +66,10 @@ running=0
 for job in "${jobs[@]}"; do
   name=${job%%|*}
   args=${job#*|}
-  case "$name" in *lesions*|*medtex*) args="$args $lesions" ;; esac
+  case "$name" in
+    *lesions*|*medtex*) args="$args $lesions" ;;
+    *kd_vs_ls*) args="$args $concepts" ;;  # 18 DiffROAR retrainings: the full concepts set ran past 150 s on the H200
+  esac
   # word splitting of $args is intended; the data.params override is passed as one argument
   ( eval "run $name $STEP_LIMIT $PY -m xkd.cli $args" ) &
   running=$((running + 1))
