@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,6 +74,27 @@ def device(request) -> torch.device:
     """Where a contract test runs: the CPU, and a CUDA device when there is one (the ``cuda`` cases
     are marked ``cuda``; ``make test-gpu`` runs them, and they skip without a GPU)."""
     return torch.device(request.param)
+
+
+@contextlib.contextmanager
+def _no_host_sync(device: torch.device):
+    """On a CUDA device, any host-device synchronisation inside the block raises; elsewhere a no-op
+    (so the block's code still runs, and is checked, on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.fixture(scope="session")
+def no_host_sync():
+    """``with no_host_sync(device): ...``: the block may not wait for the GPU (checked on CUDA only)."""
+    return _no_host_sync
 
 
 @pytest.fixture(autouse=True)

@@ -102,12 +102,14 @@ def test_warmup_ramps_per_training_step_and_is_checkpointed(fixed_logits):
     d.eval()  # evaluation and no-grad passes do not advance the ramp
     with torch.no_grad():
         d(batch)
-    assert int(d.counter.step) == 6
+    assert d.counter.count == 6  # counted on the host: reading it never waits for a GPU
     modules = d.trainable_modules()
     assert set(modules) == {"student", "dkd_state"}
+    state = modules.state_dict()
+    assert int(state["dkd_state.step"]) == 6  # the checkpoint carries the count
     fresh = build_distiller("dkd", fixed_logits([logs(P_S)]), fixed_logits([logs(P_T)]), {"warmup_steps": 4})
-    fresh.trainable_modules().load_state_dict(modules.state_dict())
-    assert int(fresh.counter.step) == 6 and fresh.ramp() == 1.0
+    fresh.trainable_modules().load_state_dict(state)
+    assert fresh.counter.count == 6 and fresh.ramp() == 1.0
 
 
 def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen(tiny_pair, train_steps):
@@ -139,3 +141,15 @@ def test_dkd_trains_a_tiny_student_and_keeps_the_teacher_frozen(tiny_pair, train
 def test_bad_dkd_parameters_are_rejected(params, match, fixed_logits):
     with pytest.raises(ConfigError, match=match):
         build_distiller("dkd", fixed_logits([[0.0, 1.0]]), fixed_logits([[0.0, 1.0]]), params)
+
+
+def test_a_dkd_step_with_warm_up_never_waits_for_the_host(device, fixed_logits, no_host_sync):
+    d = build_distiller(
+        "dkd", fixed_logits([logs(P_S)]), fixed_logits([logs(P_T)]), {"warmup_steps": 4, "temperature": 2.0}
+    ).to(device)
+    batch = Batch(torch.zeros(1, 1, 4, 4), torch.tensor([0])).to(device)
+    d.train()
+    d(batch)  # warm-up
+    with no_host_sync(device):
+        _, terms = d(batch)  # the ramp reads the step count on the host
+    assert d.counter.count == 2 and float(terms["nckd"]) > 0

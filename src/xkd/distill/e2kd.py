@@ -398,13 +398,13 @@ class E2KD(Distiller):
         k = self.params.guided_step_interval
         if k <= 1 or not self.training:
             return True
-        return (int(self.counter.step) - 1) % k == 0
+        return (self.counter.count - 1) % k == 0
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: E2KDParams = self.params
         grad_on = torch.is_grad_enabled()
         if self.training and grad_on:
-            self.counter.step += 1
+            self.counter.tick()
         explain = self.explains_now() and p.teacher_weight * p.exp_weight > 0
         images = batch.images
         frozen = self._frozen(batch)

@@ -171,7 +171,8 @@ def dkd_terms(
     if standardize:
         zs, zt = standardize_logits(zs), standardize_logits(zt)
     zs, zt = zs / t, zt / t
-    gt = F.one_hot(labels, zs.shape[1]).bool()
+    # the label mask by scatter: F.one_hot may check the labels' range on the host (a sync per step)
+    gt = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, labels.long()[:, None], True)
 
     def binary_log_probs(z: Tensor) -> Tensor:
         lse = torch.logsumexp(z, dim=1, keepdim=True)
@@ -226,11 +227,28 @@ class DKDParams:
 
 
 class StepCounter(nn.Module):
-    """Counts training steps in a buffer, so the count is checkpointed and restored on resume."""
+    """Counts training steps on the host (``count``), so reading it never waits for a GPU; the buffer
+    ``step`` carries the count into checkpoints (written when the state dict is taken) and back on
+    resume (read from the loaded state dict, a CPU tensor as checkpoints are loaded)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.count = 0
+
+    def tick(self) -> int:
+        """Count one training step; returns the new count."""
+        self.count += 1
+        return self.count
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.step.fill_(self.count)  # a host scalar: no synchronisation
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if isinstance(state_dict.get(prefix + "step"), Tensor):
+            self.count = int(state_dict[prefix + "step"])
 
 
 @DISTILLERS.register("dkd")
@@ -260,14 +278,14 @@ class DKD(Distiller):
     def ramp(self) -> float:
         """The warm-up factor for the current step (1 without warm-up)."""
         w = self.params.warmup_steps
-        return 1.0 if w <= 0 else min(int(self.counter.step) / w, 1.0)
+        return 1.0 if w <= 0 else min(self.counter.count / w, 1.0)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: DKDParams = self.params
         logits = self.student(batch.images)
         teacher_logits = self.teacher_logits(batch)
         if self.training and torch.is_grad_enabled():
-            self.counter.step += 1
+            self.counter.tick()
         tckd, nckd = dkd_terms(logits, teacher_logits, batch.labels, p.temperature, p.standardize)
         r = self.ramp()
         return logits, {
