@@ -35,6 +35,18 @@ def test_same_seed_same_batch_and_different_seeds_differ():
     assert not torch.equal(first, second)
 
 
+def test_draws_from_a_generator_on_the_images_device_never_wait_for_the_host(device, no_host_sync):
+    # the trainer's generator lives on the training device: on a GPU no draw is copied from the host
+    x = batch().to(device)
+    aug = BatchAugment(ALL_ON, (3, 16, 16))
+    aug(x, torch.Generator(device=device).manual_seed(0))  # warm-up
+    with no_host_sync(device):
+        out = aug(x, torch.Generator(device=device).manual_seed(1))
+    assert out.device == x.device and out.shape == x.shape and not torch.equal(out, x)
+    again = aug(x, torch.Generator(device=device).manual_seed(1))
+    assert torch.equal(out, again)
+
+
 def test_the_global_rng_is_neither_used_nor_moved():
     x = batch()
     aug = BatchAugment(ALL_ON, (3, 16, 16))

@@ -185,7 +185,8 @@ class Trainer:
         progress: show rich progress bars (rank 0 only).
         augment: random augmentation of the training batches, on the device (``data.augment``);
             epoch ``e``'s draws come from a generator seeded by the seed and ``e``, so a resumed run
-            sees the batches it would have seen. Validation never augments.
+            sees the batches it would have seen (on a GPU the generator is the GPU's: the same seed
+            gives other draws there than on the CPU). Validation never augments.
         callbacks: :class:`~xkd.engine.callbacks.Callback` hooks called at the start, after every
             epoch (once its checkpoints are written) and at the end of training, on rank 0.
     """
@@ -407,7 +408,10 @@ class Trainer:
         window: Tensor | None = None  # (SYNC_EVERY, 1 + terms + 1): loss, terms, correct of recent steps
         sizes: list[int] = []  # the batch sizes of the window's steps
         names: list[str] = []
-        draws = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # on a GPU the draws are made there: copying CPU draws from pageable memory would make the
+        # stream wait for the device at every augmented step
+        draws = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
+        draws.manual_seed(self.seed * 1_000_003 + epoch)
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
         )
