@@ -86,14 +86,18 @@ NO_KERNEL = {
 
 def operators(run) -> int:
     """How many tensor operators that launch a kernel ``run()`` calls (torch.profiler, outermost
-    ``aten::`` calls only, views and metadata left out)."""
+    ``aten::`` calls only; views and metadata left out, but a ``to``/``reshape``/... that copies, i.e.
+    calls ``aten::copy_`` inside, counted)."""
     from torch.profiler import ProfilerActivity, profile
+
+    def copies(e) -> bool:
+        return any(c.name == "aten::copy_" or copies(c) for c in e.cpu_children)
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     return sum(
         e.name.startswith("aten::")
-        and e.name not in NO_KERNEL
+        and (e.name not in NO_KERNEL or copies(e))
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
         for e in prof.events()
     )

@@ -27,3 +27,6 @@ def test_the_train_bench_counts_operators_that_launch_kernels_not_views():
     x, w = torch.ones(4), torch.eye(4)
     assert bench.operators(lambda: (x.view(2, 2) + 1).sum()) == 2  # add and sum; the view launches nothing
     assert bench.operators(lambda: torch.nn.functional.linear(x, w)) == 1  # the ops inside linear count once
+    assert bench.operators(lambda: x.double()) == 1  # a conversion copies
+    assert bench.operators(lambda: x.float()) == 0  # already float32: no copy
+    assert bench.operators(lambda: w.t().reshape(16)) == 1  # a reshape that must copy

@@ -264,6 +264,14 @@ def test_trials_log_to_the_mlflow_store_best_yaml_logs_to(tmp_path, monkeypatch)
     runner.plan = resolve_sweep(cfg)
     assert runner.trial_config(1, {}).tracking.uri == "http://mlflow.lan:5000"
     assert mlflow_uri(runner.trial_config(1, {}))[1] is None  # a server keeps its own artifacts
+    # a URI from the environment (with its password) reaches the trials through the environment, never
+    # through their config.yaml
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://xkd:s3cret@db.lan/mlflow")
+    runner.plan = resolve_sweep(tiny(f"output_dir={tmp_path}/runs", "tracking.backend=mlflow"))
+    trial = runner.trial_config(2, {})
+    assert trial.tracking.uri is None and mlflow_uri(trial)[:2] == ("postgresql://xkd:s3cret@db.lan/mlflow", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///:memory:")
+    assert mlflow_uri(trial)[1] is None  # an in-memory store has no folder
 
 
 def write_records(folder: Path, models: dict, explanations: dict) -> Path:
@@ -339,6 +347,16 @@ def test_the_pruning_callback_watches_one_student_and_raises_trial_pruned():
     assert trial.reported == [(0.4, 1), (0.6, 2), (0.6, 3)]  # the best so far: what the trial scores
 
 
+def test_a_resumed_retry_reports_the_best_accuracy_of_its_whole_history():
+    # the failed attempt reported epochs 1-2 (best 0.3125); the retry resumes from its checkpoints
+    trial = FakeTrial(prune_at=99)
+    cb = ReportValAccuracy(trial, "kd", earlier={2: 0.3125, 1: 0.3125})
+    cb.on_train_start("kd", 4)
+    cb.on_epoch_end("kd", 3, {"val_accuracy": 0.21875})
+    cb.on_epoch_end("kd", 4, {"val_accuracy": 0.28125})
+    assert trial.reported == [(0.3125, 1), (0.3125, 2), (0.3125, 3), (0.3125, 4)]  # what the trial scores
+
+
 def test_the_last_epoch_is_reported_but_never_pruned():
     trial = FakeTrial(prune_at=1)
     cb = ReportValAccuracy(trial, "kd")
@@ -391,6 +409,8 @@ def test_storage_urls_are_shown_without_passwords_and_sqlite_workers_lock_beside
         == "postgresql://ann@db/xkd?sslmode=require&password=***"
     )
     assert hide_password("http://ann:tok@mlflow.lan:5000") == "http://ann:***@mlflow.lan:5000"  # tracking.uri
+    assert hide_password("postgresql:///xkd?password=s3cret") == "postgresql:///xkd?password=***"  # '///' kept
+    assert hide_password("postgresql://ann:s3cret@[::1/xkd") == "postgresql://ann:***@[::1/xkd"  # unparsable
     out = SweepDir(tmp_path / "s")
     assert reap_lock(f"sqlite:///{tmp_path}/shared.db", out) == tmp_path / "shared.db.reap.lock"
     assert reap_lock("postgresql://ann@db/xkd", out) == out.path / ".reap.lock"

@@ -251,7 +251,8 @@ def test_mlflow_logs_params_epochs_and_final_metrics(tmp_path, make_tiny_args, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     extra = ("tracking.backend=mlflow", "tracking.experiment=t", "train.epochs=2")
     cfg = load_config(None, make_tiny_args(tmp_path, *FAST, *extra))
-    uri, folder = tracking.mlflow_uri(cfg)
+    uri, folder, default = tracking.mlflow_uri(cfg)
+    assert default
     assert uri == f"sqlite:///{(tmp_path / 'runs' / 'mlruns' / 'mlflow.db').resolve()}"
     assert folder == (tmp_path / "runs" / "mlruns").resolve()
     with pytest.raises(Stop):  # interrupted after kd's first epoch (a pruned trial, a crash)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -30,26 +31,24 @@ def hide_password(url: str) -> str:
     """``url`` with the password of its user (``scheme://user:secret@host``) and the values of its
     password-like query parameters (``?password=secret``) replaced by ``***``, for messages and records.
 
-    Any URL shape works (SQLAlchemy's ``postgresql+psycopg://``, ``http://``, ``sqlite:///path``); text
-    that is not a URL comes back as it is.
+    Any URL shape works (SQLAlchemy's ``postgresql+psycopg://``, ``http://``, ``sqlite:///path``); the
+    rest of the text is kept as it is. Text the URL parser refuses still has a ``user:secret@`` masked.
     """
     try:
         parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    netloc = parts.netloc
-    user, at, host = netloc.rpartition("@")
+    except ValueError:  # e.g. an unclosed IPv6 bracket: mask what looks like credentials
+        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    out = url
+    user, at, _ = parts.netloc.rpartition("@")
     if at and ":" in user:
-        netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if any(s in k.lower() for k, _ in pairs for s in SECRET_QUERY_KEYS):
-            masked = [(k, "***" if any(s in k.lower() for s in SECRET_QUERY_KEYS) else v) for k, v in pairs]
-            query = urllib.parse.urlencode(masked, safe="*/:")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+        out = out.replace(f"//{user}@", f"//{user.split(':', 1)[0]}:***@", 1)
+    if parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        secret = [any(s in k.lower() for s in SECRET_QUERY_KEYS) for k, _ in pairs]
+        if any(secret):
+            masked = [(k, "***" if hide else v) for (k, v), hide in zip(pairs, secret)]
+            out = out.replace(f"?{parts.query}", f"?{urllib.parse.urlencode(masked, safe='*/:')}", 1)
+    return out
 
 
 def is_writer() -> bool:

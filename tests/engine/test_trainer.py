@@ -137,6 +137,46 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_epoch_loss_and_accuracy_weigh_every_image_once_with_a_partial_last_batch(student):
+    # learning rate 0 and no batch norm: every step sees the same weights, so the epoch's loss and
+    # accuracy are the per-image means over the whole split, computed here in one pass.
+    # 803 images in batches of 16: 51 steps (two full 25-step windows and one of 1 step), the last 3 images.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    data = blobs(803)
+    cfg = TrainConfig(epochs=1, batch_size=16, optimizer=OptimizerConfig("sgd", lr=0.0, weight_decay=0.0))
+    h = Trainer(build_distiller("scratch", model), data, blobs(32, 1), cfg, progress=False).fit().history[0]
+    with torch.no_grad():
+        logits = model(data.images)
+    per_image = nn.functional.cross_entropy(logits, data.labels, reduction="none")
+    assert h["images"] == 803
+    assert h["train_loss"] == pytest.approx(float(per_image.double().mean()), rel=1e-6)
+    assert h["terms"]["ce"] == pytest.approx(h["train_loss"], rel=1e-12)
+    assert h["train_accuracy"] == pytest.approx(float((logits.argmax(1) == data.labels).double().mean()), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("fail_after", "cap", "where"),
+    [
+        (25, None, "epoch 1, step 26"),  # the first step of the second window
+        (50, None, "epoch 1, step 51"),  # the last, partial window (1 step, 3 images)
+        (30 + 28, 30, "epoch 2, step 29"),  # epochs capped at 30 steps: 25 + a window of 5
+    ],
+)
+def test_a_nan_loss_is_reported_at_its_exact_step_in_any_window(fail_after, cap, where, student):
+    cfg = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=cap)
+    tr = Trainer(
+        FailAfter(student(), fail_after, "nan"),
+        blobs(803),
+        blobs(32, 1),
+        cfg,
+        progress=False,
+        role="kd",
+    )
+    with pytest.raises(NonFiniteLossError, match=f"kd: the loss became nan at {where} "):
+        tr.fit()
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, fit, tiny_model):
     fit(tmp_path, epochs=1)
     other = tiny_model("student", num_classes=4, size=8, widths=[4, 16])

@@ -86,7 +86,7 @@ class TensorImageDataset(Dataset):
         if self.images.dtype != torch.uint8:
             return self
         ds = copy.copy(self)
-        ds.images = self.images / 255.0
+        ds.images = self.images.float().div_(255.0)  # once, not per batch: two kernels are fine here
         return ds
 
     def nbytes(self) -> int:
@@ -99,7 +99,8 @@ class TensorImageDataset(Dataset):
         index = index.to(self.images.device)
         images = self.images[index]
         if images.dtype == torch.uint8:
-            images = images / 255.0  # one kernel (as float().div_(), to the bit)
+            # one kernel, equal to float().div_() to the bit; float32 whatever torch's default dtype
+            images = images / 255.0 if torch.get_default_dtype() == torch.float32 else images.float().div_(255.0)
         masks = None if self.masks is None else self.masks[index]
         return Batch(images, self.labels[index], masks, index)
 

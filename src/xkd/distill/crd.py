@@ -364,7 +364,7 @@ class CRD(Distiller):
         s_dim, t_dim = self.feature_dims(context.sample)
         self.seed = context.seed
         self.head = ContrastHead(s_dim, t_dim, p.feat_dim, labels, context.seed).to(model_device(self.student))
-        self._generator, self._z_ready = None, False
+        self._generator, self._z_ready, self._index_checked = None, False, False
         # under torchrun every rank applies every rank's memory updates (gather_updates): DDP must not
         # overwrite the banks with rank 0's at each step (a broadcast of 2 N x feat_dim floats)
         names = [f"head.{n}" for n, _ in self.head.named_buffers()]
@@ -410,7 +410,11 @@ class CRD(Distiller):
         return loss
 
     def _check_index(self, index: Tensor) -> None:
-        """Batch indices must name rows of the memory bank: images of the training split it was sized for."""
+        """Batch indices must name rows of the memory bank: images of the training split it was sized for.
+
+        Checked on the first training batch after :meth:`setup` (a host sync; xkd's loaders then keep
+        to the split) and on every batch in evaluation mode; a later training batch from another
+        split fails in the gather (an IndexError on the CPU, a device-side assert on a GPU)."""
         n = self.head.n_data
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise ValueError(

@@ -13,6 +13,7 @@ Distillation", CVPR 2024, for the ``standardize`` option of ``hinton_kd`` and ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -281,10 +281,15 @@ class ReportValAccuracy(Callback):
     so (the epoch's checkpoints are already written). After the last epoch it only reports: the
     training is done, and pruning then would throw away a finished trial."""
 
-    def __init__(self, trial: optuna.Trial, role: str) -> None:
+    def __init__(self, trial: optuna.Trial, role: str, earlier: dict[int, float] | None = None) -> None:
+        """``earlier``: the values a failed attempt of this trial reported, by epoch (a retried trial
+        resumes from its checkpoints, so its history, and its score, start with those epochs)."""
         self.trial, self.role = trial, role
         self.epochs: int | None = None
         self.best = -math.inf
+        for epoch, value in sorted((earlier or {}).items()):
+            self.best = max(self.best, value)
+            trial.report(self.best, epoch)
 
     def on_train_start(self, role: str, epochs: int) -> None:
         if role == self.role:
@@ -352,7 +357,8 @@ class TrialRunner:
         self.console.print(f"[bold]trial {trial.number}[/bold]: {shown}")
         callbacks: list[Callback] = []
         if self.plan.watched_student is not None:
-            callbacks.append(ReportValAccuracy(trial, self.plan.watched_student))
+            earlier = _frozen(self.study, trial.user_attrs["retry_of"]).intermediate_values if resume else None
+            callbacks.append(ReportValAccuracy(trial, self.plan.watched_student, earlier))
         t0 = time.perf_counter()
         try:
             with self._teacher_lock(cfg) as lock:
@@ -381,7 +387,9 @@ class TrialRunner:
         raw.update(
             name=self.out.trial_name(number), output_dir=str(self.out.path), cache_dir=str(cache_root(self.plan.cfg))
         )
-        if self.plan.cfg.tracking.backend == "mlflow":  # the store of the sweep's output_dir, as best.yaml's
+        if self.plan.cfg.tracking.backend == "mlflow" and mlflow_uri(self.plan.cfg)[2]:
+            # the local store of the sweep's output_dir, as best.yaml's (a URI the user gave, in the config
+            # or $MLFLOW_TRACKING_URI, reaches the trials as it is, and is never written into their configs)
             raw["tracking"]["uri"] = mlflow_uri(self.plan.cfg)[0]
         cfg = from_dict(RunConfig, raw)
         validate_config(cfg)
@@ -409,5 +417,6 @@ class TrialRunner:
         return TeacherLock(self.out.teacher_lock)
 
 
-def _frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+def _frozen(study: optuna.Study, trial: optuna.Trial | int) -> FrozenTrial:
+    number = trial if isinstance(trial, int) else trial.number
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)

@@ -36,17 +36,19 @@ def check(cfg: RunConfig) -> None:
         )
 
 
-def mlflow_uri(cfg: RunConfig) -> tuple[str, Path | None]:
-    """The MLflow tracking URI, and the folder of its store when that is a SQLite file (created when
+def mlflow_uri(cfg: RunConfig) -> tuple[str, Path | None, bool]:
+    """The MLflow tracking URI; the folder of its store when that is a SQLite file (created when
     missing; a new experiment keeps its artifacts beside it, in ``artifacts/``, not in the working
-    directory): ``tracking.uri``; else ``$MLFLOW_TRACKING_URI``; else a SQLite store under
-    ``output_dir`` (:func:`xkd.rundir.mlflow_root`; MLflow 3 refuses its plain-file store unless
-    told otherwise)."""
+    directory); and whether it is xkd's default store: ``tracking.uri``; else
+    ``$MLFLOW_TRACKING_URI``; else (the default) a SQLite store under ``output_dir``
+    (:func:`xkd.rundir.mlflow_root`; MLflow 3 refuses its plain-file store unless told otherwise)."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if not uri:
+    default = not uri
+    if default:
         uri = f"sqlite:///{(mlflow_root(cfg) / 'mlflow.db').resolve()}"
     path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
-    return uri, (Path(path).parent if path else None)
+    local = path not in ("", ":memory:")
+    return uri, (Path(path).parent if local else None), default
 
 
 def _key(name: str) -> str:
@@ -73,7 +75,7 @@ class MLflow(Callback):
 
         self.Metric = Metric
         self.cfg, self.run_dir = cfg, run_dir
-        self.uri, folder = mlflow_uri(cfg)
+        self.uri, folder, _ = mlflow_uri(cfg)
         self.first_epoch: dict[str, int] = {}
         self.complete: set[str] = set()
         path = str(run_dir.path.resolve())
