@@ -239,6 +239,33 @@ def test_memory_bank_is_a_checkpointed_buffer_and_resume_restores_it(tiny_pair, 
         assert torch.equal(getattr(fresh.head, name), getattr(d.head, name)), name
 
 
+def test_a_resumed_run_draws_the_negatives_the_uninterrupted_one_draws(tiny_pair, tiny_data, monkeypatch):
+    import xkd.distill.crd as crd_module
+
+    drawn: list[torch.Tensor] = []
+    sample = crd_module.sample_negatives
+    monkeypatch.setattr(crd_module, "sample_negatives", lambda *a: drawn.append(sample(*a)) or drawn[-1])
+    batches = [batch_of(tiny_data, [i, i + 1, i + 2]) for i in (0, 3, 6, 9)]
+
+    def steps(d, which):
+        d.train()
+        for b in which:
+            d(b)
+
+    straight = build(tiny_pair, tiny_data)
+    steps(straight, batches)
+    uninterrupted, drawn[:] = list(drawn), []
+    first = build(tiny_pair, tiny_data)
+    steps(first, batches[:2])
+    state = first.trainable_modules().state_dict()
+    assert int(state["crd_state.step"]) == 2
+    resumed = build(tiny_pair, tiny_data)
+    load_weights(resumed.trainable_modules(), state, "state")
+    assert resumed.counter.count == 2
+    steps(resumed, batches[2:])
+    assert len(drawn) == 4 and all(torch.equal(a, b) for a, b in zip(uninterrupted, drawn, strict=True))
+
+
 def test_a_few_steps_reduce_the_loss(tiny_pair, tiny_data):
     d = build(tiny_pair, tiny_data, {"ce_weight": 0.0})
     opt = torch.optim.Adam(d.trainable_modules().parameters(), lr=1e-2)

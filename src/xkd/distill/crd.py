@@ -42,8 +42,9 @@ buffers of :attr:`CRD.head`, which :meth:`CRD.trainable_modules` returns: they f
 and are saved in checkpoints, so ``--resume`` continues with the same memory. Cost: RepDistiller
 gathers ``2 x B x (K + 1) x feat_dim`` memory floats per step (0.5 GiB each at B = 64, K = 16384);
 xkd scores against the whole memory by one matrix product instead when ``N <= 8 (K + 1)``
-(:func:`contrast_exp`), which gives the same numbers. The draws of negatives restart from the
-seed after ``--resume`` (the generator's state is not checkpointed).
+(:func:`contrast_exp`), which gives the same numbers. The negatives of training step ``t`` are
+drawn from a generator seeded by the seed, the rank and ``t``, and the step count is checkpointed
+(``crd_state``), so a resumed run draws the negatives the uninterrupted one would have drawn.
 
 Under ``torchrun`` every rank gathers all ranks' embeddings and indices before updating its memory
 (:func:`gather_updates`) and the first step's ``Z`` is averaged over the ranks, so the banks stay
@@ -66,7 +67,7 @@ from xkd.data.base import Batch, dataset_labels
 from xkd.distill.adapters import LayerPairs, check_layer_pairs, model_device, probe_shapes, resolve_layer_pairs
 from xkd.distill.base import DistillContext, Distiller
 from xkd.distill.cat import capture_input, dry_run_input, last_linear
-from xkd.distill.logits import kd_loss
+from xkd.distill.logits import StepCounter, kd_loss
 from xkd.distill.relation import embed
 from xkd.errors import ConfigError
 from xkd.models.hooks import capture_features
@@ -310,6 +311,7 @@ class CRD(Distiller):
         self.nce_k: int | None = None
         self.seed = 0
         self._generator: torch.Generator | None = None
+        self.counter = StepCounter()
         self._z_ready = False
         self._index_checked = False
 
@@ -374,13 +376,19 @@ class CRD(Distiller):
         modules = {"student": self.student}
         if self.head is not None:
             modules["crd"] = self.head  # its buffers (memory bank, Z) go into checkpoints with it
+            modules["crd_state"] = self.counter  # the step count the negatives' draws are seeded by
         return nn.ModuleDict(modules)
 
     # -- the loss ----------------------------------------------------------------------------
-    def _rng(self, device: torch.device) -> torch.Generator:
+    def _rng(self, device: torch.device, step: int | None = None) -> torch.Generator:
+        """The generator of the negatives, on ``device``; seeded anew for training step ``step`` (a
+        host-side seed: no synchronisation), so the draws of a step do not depend on the steps before."""
         if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            step = self.counter.count if step is None else step
+        if step is not None:
             rank = dist.get_rank() if world_size() > 1 else 0
-            self._generator = torch.Generator(device=device).manual_seed(self.seed + 1 + 7919 * rank)
+            self._generator.manual_seed(((self.seed + 1 + 7919 * rank) * 1_000_003 + step) % 2**63)
         return self._generator
 
     def contrast(self, v_s: Tensor, v_t: Tensor, index: Tensor, negatives: Tensor) -> Tensor:
@@ -451,7 +459,7 @@ class CRD(Distiller):
                 self.head.start,
                 self.head.count,
                 self.nce_k,
-                self._rng(index.device),
+                self._rng(index.device, self.counter.tick() if self.training and torch.is_grad_enabled() else None),
             )
             crd = self.contrast(v_s, v_t, index, negatives)
         terms = {"ce": p.ce_weight * F.cross_entropy(logits, batch.labels), "crd": p.beta * crd}
