@@ -382,6 +382,19 @@ def test_guided_step_interval_applies_the_explanation_term_every_kth_step(pair, 
     assert set(build_distiller("e2kd", student, teacher).trainable_modules()) == {"student"}
 
 
+def test_an_e2kd_step_never_waits_for_the_host(pair, data, device, no_host_sync):
+    student, teacher = pair
+    params = {**PARAMS, "layer": STUDENT_LAYER, "guided_step_interval": 2}
+    d = build_distiller("e2kd", student, teacher, params).to(device)
+    batch = data.batch(torch.arange(6)).to(device)
+    d.train()
+    d(batch)  # warm-up; step 1 explains
+    with no_host_sync(device):  # the guided-step rhythm is counted on the host
+        _, plain = d(batch)  # step 2: the logit terms only
+        _, guided = d(batch)  # step 3: explains again
+    assert float(plain["exp"]) == 0.0 and float(guided["exp"]) > 0.0
+
+
 def test_zero_explanation_weight_explains_nothing(pair, data, monkeypatch):
     calls = []
     monkeypatch.setattr(e2kd_module, "grad_cam", lambda *a, **k: calls.append(1))
