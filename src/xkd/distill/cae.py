@@ -76,16 +76,15 @@ def train_cae(
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(epochs):
-        order = torch.randperm(len(images), generator=g)
-        total = 0.0
+        order = torch.randperm(len(images), generator=g).to(images.device)  # one copy per epoch
+        total = torch.zeros((), dtype=torch.float64, device=images.device)  # read once per epoch: no sync per step
         for idx in order.split(batch_size):
-            idx = idx.to(images.device)
             loss = F.l1_loss(cae(images[idx])[:, 0], targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / len(images))
+            total += loss.detach().double() * len(idx)
+        history.append(float(total) / len(images))
     opt.zero_grad(set_to_none=True)
     cae.requires_grad_(False)
     cae.eval()
