@@ -25,7 +25,7 @@ from xkd.config import read_config
 from xkd.errors import ConfigError
 from xkd.files import hide_password, read_json, record, write_json
 from xkd.plan import load_config
-from xkd.sweep.outputs import SweepDir, best_config, storage_label, write_outputs
+from xkd.sweep.outputs import SweepDir, best_config, write_outputs
 from xkd.sweep.plan import Objective, UndefinedObjectiveError, parse_param, resolve_sweep, with_values, yaml_scalar
 from xkd.sweep.study import ReportValAccuracy, TrialRunner, sweep
 from xkd.sweep.workers import reap, reap_lock
@@ -399,13 +399,13 @@ def test_a_dead_workers_trial_is_failed_and_its_values_enqueued_once(tmp_path):
 
 def test_storage_urls_are_shown_without_passwords_and_sqlite_workers_lock_beside_the_file(tmp_path):
     assert (
-        storage_label("postgresql+psycopg://ann:s3cr:et@db.lan:5432/xkd")
+        hide_password("postgresql+psycopg://ann:s3cr:et@db.lan:5432/xkd")
         == "postgresql+psycopg://ann:***@db.lan:5432/xkd"
     )
-    assert storage_label("sqlite:////tmp/s/study.db") == "sqlite:////tmp/s/study.db"
-    assert storage_label("postgresql://ann:p@ss@db/xkd") == "postgresql://ann:***@db/xkd"  # '@' in the password
+    assert hide_password("sqlite:////tmp/s/study.db") == "sqlite:////tmp/s/study.db"
+    assert hide_password("postgresql://ann:p@ss@db/xkd") == "postgresql://ann:***@db/xkd"  # '@' in the password
     assert (
-        storage_label("postgresql://ann@db/xkd?sslmode=require&password=s3cret")
+        hide_password("postgresql://ann@db/xkd?sslmode=require&password=s3cret")
         == "postgresql://ann@db/xkd?sslmode=require&password=***"
     )
     assert hide_password("http://ann:tok@mlflow.lan:5000") == "http://ann:***@mlflow.lan:5000"  # tracking.uri

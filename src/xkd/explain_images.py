@@ -9,6 +9,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from xkd.data.base import unit_float
 from xkd.data.imagefolder import GRAY_MODES
 from xkd.data.imagefolder import load_image as decode_image
 from xkd.errors import ImageInputError
@@ -35,7 +36,7 @@ def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
                 f"image {str(path)!r} has {found} channel(s) (mode {mode}) but the run's models take "
                 f"{channels}-channel images; {fix} and try again"
             )
-        return decode_image(path, channels, size).float().div_(255.0)
+        return unit_float(decode_image(path, channels, size))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         if isinstance(e, ImageInputError):
             raise

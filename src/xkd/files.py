@@ -51,6 +51,15 @@ def hide_password(url: str) -> str:
     return out
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (query left out); None for an in-memory
+    database or any other kind of URL."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path not in ("", ":memory:") else None
+
+
 def is_writer() -> bool:
     """True on the process that owns the run directory (rank 0, or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0

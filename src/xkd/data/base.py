@@ -48,6 +48,14 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+def unit_float(images: Tensor) -> Tensor:
+    """uint8 pixels (0..255) as float32 in [0, 1]: one division (one kernel per batch), equal to
+    ``images.float() / 255`` to the bit, float32 whatever torch's default dtype."""
+    if torch.get_default_dtype() == torch.float32:
+        return images / 255.0
+    return images.float().div_(255.0)
+
+
 class TensorImageDataset(Dataset):
     """An in-memory split: ``images`` (N, C, H, W) float32 in [0, 1] (or uint8, scaled on access),
     ``labels`` (N,) int64 and optional ``masks`` (N, H, W) bool."""
@@ -69,7 +77,7 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int, Tensor | None]:
         img = self.images[i]
         if img.dtype == torch.uint8:
-            img = img.float().div_(255.0)
+            img = unit_float(img)
         return img, int(self.labels[i]), None if self.masks is None else self.masks[i]
 
     def to(self, device: torch.device | str) -> TensorImageDataset:
@@ -86,7 +94,7 @@ class TensorImageDataset(Dataset):
         if self.images.dtype != torch.uint8:
             return self
         ds = copy.copy(self)
-        ds.images = self.images.float().div_(255.0)  # once, not per batch: two kernels are fine here
+        ds.images = unit_float(self.images)
         return ds
 
     def nbytes(self) -> int:
@@ -99,8 +107,7 @@ class TensorImageDataset(Dataset):
         index = index.to(self.images.device)
         images = self.images[index]
         if images.dtype == torch.uint8:
-            # one kernel, equal to float().div_() to the bit; float32 whatever torch's default dtype
-            images = images / 255.0 if torch.get_default_dtype() == torch.float32 else images.float().div_(255.0)
+            images = unit_float(images)
         masks = None if self.masks is None else self.masks[index]
         return Batch(images, self.labels[index], masks, index)
 

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from xkd.config import DataConfig
-from xkd.data.base import DataBundle, DataError, TensorImageDataset, stratified_split
+from xkd.data.base import DataBundle, DataError, TensorImageDataset, stratified_split, unit_float
 from xkd.data.builtin import SPLIT_70_20_10, check_image_size, check_params, finish_bundle, resize_images, resize_masks
 from xkd.registry import DATASETS
 
@@ -124,7 +124,7 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, Tensor | None]:
-        img = load_image(self.files[i], self.channels, self.size).float().div_(255.0)
+        img = unit_float(load_image(self.files[i], self.channels, self.size))
         mask = None if self.mask_files is None else load_mask(self.mask_files[i], self.size)
         return img, int(self.labels[i]), mask
 

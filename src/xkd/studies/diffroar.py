@@ -69,13 +69,6 @@ def keep_pixels(images: Tensor, maps: Tensor, fraction: float, side: str, fill: 
     return torch.where(keep.to(images.device), images, fill.view(1, c, 1, 1).to(images))
 
 
-def float_images(ds: TensorImageDataset) -> TensorImageDataset:
-    """``ds`` with float32 images in [0, 1] (uint8 storage is scaled)."""
-    if ds.images.dtype == torch.uint8:
-        return TensorImageDataset(ds.images.float().div_(255.0), ds.labels, ds.masks)
-    return ds
-
-
 def retrain_accuracy(
     model_cfg: ModelConfig,
     num_classes: int,
@@ -128,7 +121,7 @@ def diffroar(
         ``{"fractions", "keep_top", "keep_bottom", "diffroar", "cached"}`` (lists aligned with
         ``fractions``; accuracies of the retrained models).
     """
-    splits = {name: float_images(ds) for name, ds in splits.items()}
+    splits = {name: ds.scaled() for name, ds in splits.items()}
     fill = splits["train"].images.float().mean(dim=(0, 2, 3))
     maps: dict[str, Tensor] = {}
     out: dict[str, Any] = {

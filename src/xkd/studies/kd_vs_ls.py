@@ -44,7 +44,7 @@ from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
 from xkd.schema import to_dict
 from xkd.studies.common import students_by_distiller
-from xkd.studies.diffroar import diffroar, float_images
+from xkd.studies.diffroar import diffroar
 from xkd.studies.verdict import judge
 
 REQUIRED = {"scratch": "scratch", "label_smoothing": "label smoothing", "hinton_kd": "KD"}
@@ -132,7 +132,7 @@ def measure(
     st = cfg.study
     data = build_dataset(cfg.data)
     concepts = data if st.concepts is None else build_dataset(st.concepts)
-    splits = {n: float_images(_tensor_split(getattr(data, n))) for n in ("train", "val", "test")}
+    splits = {n: _tensor_split(getattr(data, n)).scaled() for n in ("train", "val", "test")}
     test_images, test_labels, test_masks = _region_masks(cfg, data)
     device = torch.device("cpu")
     retrain = st.diffroar.model or cfg.student_model

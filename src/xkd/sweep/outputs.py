@@ -85,11 +85,6 @@ class SweepDir:
         return not self.path.exists() or not any(self.path.iterdir())
 
 
-def storage_label(url: str) -> str:
-    """``url`` without its password, for messages and the report."""
-    return hide_password(url)
-
-
 def best_config(cfg: RunConfig, values: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with ``values`` as plain data ready for ``xkd run``: named ``<name>-best``, in the
     sweep's ``output_dir`` (so it finds the sweep's teacher in the cache), without its ``sweep`` section."""
@@ -152,7 +147,7 @@ def summarise(
     return {
         "name": plan.cfg.name,
         "study": study.study_name,
-        "storage": storage_label(url),
+        "storage": hide_password(url),
         "sampler": plan.sampler,
         "pruner": plan.pruner,
         "seed": plan.seed,

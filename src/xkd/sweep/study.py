@@ -44,12 +44,13 @@ from xkd.cache import Cache
 from xkd.config import RunConfig, save_config
 from xkd.engine.callbacks import Callback
 from xkd.errors import ConfigError, DeviceMemoryError, NonFiniteLossError, RunExistsError
+from xkd.files import hide_password
 from xkd.pipeline import teacher_cache_key
 from xkd.plan import validate_config
 from xkd.rundir import BEST, RunDir, cache_root
 from xkd.runner import run
 from xkd.schema import from_dict, to_dict
-from xkd.sweep.outputs import SweepDir, storage_label, write_outputs
+from xkd.sweep.outputs import SweepDir, write_outputs
 from xkd.sweep.plan import SweepPlan, UndefinedObjectiveError, resolve_sweep, teacher_paths, with_values
 from xkd.sweep.workers import FINISHED, HOST, Budget, file_lock, occupied, reap, reap_lock, retry, states
 from xkd.tracking import mlflow_uri
@@ -132,7 +133,7 @@ def sweep(
             if occupied(study) < plan.trials:
                 console.print(
                     f"[bold]xkd sweep[/bold] {cfg.name!r}: {len(states(study, FINISHED))} of {plan.trials} trials "
-                    f"finished, study {name!r} in {storage_label(url)}"
+                    f"finished, study {name!r} in {hide_password(url)}"
                 )
                 objective = TrialRunner(study, plan, out, lock, progress, console)
                 study.optimize(
@@ -171,13 +172,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except ImportError as e:
             raise ConfigError(
-                f"--storage {storage_label(url)}: its database driver is not installed ({e}); for PostgreSQL "
+                f"--storage {hide_password(url)}: its database driver is not installed ({e}); for PostgreSQL "
                 "`pip install 'psycopg[binary]'` and write postgresql+psycopg://..., or `pip install psycopg2-binary`"
             ) from None
         except Exception as e:  # SQLAlchemy's errors: a bad URL, a refused connection, a table race
             if attempt == 2 or not any(m in str(e) for m in CREATION_RACE):
                 why = " ".join(str(e).split("(Background on this error")[0].split())  # one line
-                raise ConfigError(f"--storage {storage_label(url)}: cannot open the study's database: {why}") from None
+                raise ConfigError(f"--storage {hide_password(url)}: cannot open the study's database: {why}") from None
             time.sleep(1.0)  # two workers creating the tables at the same moment: the other one won
     raise AssertionError("unreachable")
 
@@ -198,7 +199,7 @@ def open_study(url: str, name: str, plan: SweepPlan, resume: bool) -> optuna.Stu
         except optuna.exceptions.DuplicatedStudyError:
             if not resume:
                 raise RunExistsError(
-                    f"study {name!r} already exists in {storage_label(url)}; pass --resume to continue it (or to add "
+                    f"study {name!r} already exists in {hide_password(url)}; pass --resume to continue it (or to add "
                     "a worker to it), or choose another name (--study NEW)"
                 ) from None
             # a worker joining a study samples with a seed of its own, else every worker would draw the same values
@@ -222,14 +223,14 @@ def check_same_sweep(study: optuna.Study, plan: SweepPlan, key: dict[str, Any], 
     ]
     if study.metric_names not in (None, names) or list(study.directions) != wanted:
         raise ConfigError(
-            f"study {study.study_name!r} in {storage_label(url)} optimises {study.metric_names or 'other objectives'}, "
+            f"study {study.study_name!r} in {hide_password(url)} optimises {study.metric_names or 'other objectives'}, "
             f"this config {names} ({', '.join(plan.directions)}); start another study (--study NEW)"
         )
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is not None and stored != key:
         diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
         raise ConfigError(
-            f"study {study.study_name!r} in {storage_label(url)} was started with another config (it differs in: "
+            f"study {study.study_name!r} in {hide_password(url)} was started with another config (it differs in: "
             f"{', '.join(diff)}); resume it with the same config, or start another study (--study NEW or --set name=NEW)"
         )
 
@@ -387,10 +388,11 @@ class TrialRunner:
         raw.update(
             name=self.out.trial_name(number), output_dir=str(self.out.path), cache_dir=str(cache_root(self.plan.cfg))
         )
-        if self.plan.cfg.tracking.backend == "mlflow" and mlflow_uri(self.plan.cfg)[2]:
+        uri, _, default_store = mlflow_uri(self.plan.cfg)
+        if self.plan.cfg.tracking.backend == "mlflow" and default_store:
             # the local store of the sweep's output_dir, as best.yaml's (a URI the user gave, in the config
             # or $MLFLOW_TRACKING_URI, reaches the trials as it is, and is never written into their configs)
-            raw["tracking"]["uri"] = mlflow_uri(self.plan.cfg)[0]
+            raw["tracking"]["uri"] = uri
         cfg = from_dict(RunConfig, raw)
         validate_config(cfg)
         return cfg

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from xkd.files import sqlite_path
 from xkd.sweep.outputs import SweepDir
 
 log = logging.getLogger("xkd")
@@ -69,11 +70,8 @@ def reap_lock(url: str, out: SweepDir) -> Path:
     """The lock the workers of one study take turns under to reap: beside an SQLite file (its workers
     share one machine, whatever their output folders), else in the sweep folder (a server database
     refuses a second update of a finished trial: its row locks do the rest)."""
-    database = url.split("?", 1)[0].removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-    if database and database != ":memory:":
-        path = Path(database)
-        return path.with_name(f"{path.name}.reap.lock")
-    return out.path / ".reap.lock"
+    database = sqlite_path(url)
+    return database.with_name(f"{database.name}.reap.lock") if database is not None else out.path / ".reap.lock"
 
 
 def reap(study: optuna.Study, lock: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from xkd.config import RunConfig
 from xkd.engine.callbacks import Callback
 from xkd.errors import ConfigError
-from xkd.files import hide_password
+from xkd.files import hide_password, sqlite_path
 from xkd.rundir import RunDir, mlflow_root
 from xkd.tracking.logged import epoch_scalars, final_scalars, full_history, hyperparameters
 
@@ -46,9 +46,8 @@ def mlflow_uri(cfg: RunConfig) -> tuple[str, Path | None, bool]:
     default = not uri
     if default:
         uri = f"sqlite:///{(mlflow_root(cfg) / 'mlflow.db').resolve()}"
-    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
-    local = path not in ("", ":memory:")
-    return uri, (Path(path).parent if local else None), default
+    database = sqlite_path(uri)
+    return uri, (database.parent if database is not None else None), default
 
 
 def _key(name: str) -> str:
