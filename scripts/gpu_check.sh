@@ -3,7 +3,8 @@
 #   1. the tests' CUDA cases (make test-gpu),
 #   2. bench/gradcam_bench.py on the GPU (Grad-CAM family vs captum / pytorch-grad-cam / one forward+backward),
 #   3. bench/train_bench.py on the GPU (engine vs bare loop and their operators per step, KD, e2KD, CAT-KD,
-#      CRD vs scratch epoch, bf16 vs fp32; 5 repeats: a GPU epoch here takes well under a second),
+#      CRD vs scratch epoch, bf16 vs fp32, fused vs default optimiser; 5 repeats: a GPU epoch here takes well
+#      under a second), then again at configs/kdfmv_gpu.yaml's scale on 20,000 images,
 #   4. every config in configs/ at small sizes with device=cuda (runs, comparisons over one seed, studies),
 #      four at a time (they share the GPU; the benches before them run alone, so their timings are clean).
 # Every step has its own time limit (STEP_LIMIT seconds, the tests TEST_LIMIT), so one slow step does not
@@ -36,6 +37,9 @@ if [ "$DEVICE" = cuda ]; then
 fi
 run gradcam_bench "$STEP_LIMIT" $PY bench/gradcam_bench.py --device "$DEVICE" --out "$OUT/gradcam.json"
 run train_bench "$STEP_LIMIT" $PY bench/train_bench.py --device "$DEVICE" --repeats 5 --distillers --out "$OUT/train.json"
+# the same measures at KD-FMV's own scale (DenseNet121 teacher, the wide student, batch 256) on 20,000 images
+run train_bench_kdfmv "$STEP_LIMIT" $PY bench/train_bench.py --device "$DEVICE" --config configs/kdfmv_gpu.yaml \
+  --set data.train_size=20000 --repeats 3 --out "$OUT/train_kdfmv.json"
 
 small=(--set device="$DEVICE" --set output_dir="$OUT/runs" --set train.epochs=1 --set teacher.train.epochs=1
        --set evaluation.num_images=32 --set evaluation.met_images=8 --set evaluation.sanity_images=4 --no-progress)

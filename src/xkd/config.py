@@ -113,10 +113,13 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
+    """``fused``: torch's one-kernel update (``auto``: on a GPU, where small models are launch-bound)."""
+
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    fused: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -406,11 +409,10 @@ class TrackingConfig:
 class RunConfig:
     """A whole run: data, teacher, students, training budget, evaluation.
 
-    ``train`` is the students' budget; the teacher has its own under ``teacher.train``.
-    ``student_model`` is the default architecture of every student. ``compare`` is read by
-    ``xkd compare`` only, ``study`` by ``xkd study`` only, ``sweep`` by ``xkd sweep`` only. ``deterministic`` asks torch for
-    deterministic algorithms (same seed, same numbers; see the README for what may still differ on
-    a GPU).
+    ``train`` is the students' budget; the teacher has its own under ``teacher.train``. ``student_model`` is the
+    default architecture of every student. ``compare`` is read by ``xkd compare`` only, ``study`` by ``xkd study``
+    only, ``sweep`` by ``xkd sweep`` only. ``deterministic`` asks torch for deterministic algorithms (same seed,
+    same numbers; see the README for what may still differ on a GPU).
     """
 
     name: str = "default"
@@ -460,18 +462,16 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
                     f"override {key!r}: {'.'.join(parts[:i]) or 'config'} has {len(node)} items; "
                     f"index {part!r} is not one of 0..{len(node) - 1}"
                 )
-            idx = int(part)
             if last:
-                node[idx] = value
+                node[int(part)] = value
             else:
-                node = node[idx]
+                node = node[int(part)]
+        elif last:
+            node[part] = value
         else:
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 def read_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -31,8 +31,9 @@ from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
+from xkd.engine.runtime import configure_determinism, predict_logits
 from xkd.engine.trained import TrainedModel
-from xkd.engine.trainer import Trainer, TrainResult, configure_determinism, predict_logits
+from xkd.engine.trainer import Trainer, TrainResult
 from xkd.errors import ConfigError, LayerNotFoundError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
@@ -64,6 +65,8 @@ def train_key(train: TrainConfig) -> dict[str, Any]:
     for name, default in (("amp", "auto"), ("channels_last", False), ("compile", False)):
         if key.get(name) == default:
             key.pop(name)
+    if key["optimizer"].get("fused") == "auto":
+        key["optimizer"].pop("fused")
     return key
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xkd.data.base import BatchLoader, TensorImageDataset, resolve_workers
-from xkd.engine.trainer import on_device
+from xkd.engine.runtime import on_device
 
 
 def test_workers_only_for_data_that_decodes_lazily(tiny_data, item_by_item, monkeypatch):
@@ -63,3 +63,4 @@ def test_uint8_data_held_on_the_gpu_is_scaled_once():
     ds = TensorImageDataset(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
     held = on_device(ds, torch.device("cuda"))
     assert held.images.is_cuda and held.images.dtype == torch.float32 and ds.images.dtype == torch.uint8
+

@@ -10,7 +10,8 @@ from xkd.config import TrainConfig
 from xkd.distill import build_distiller
 from xkd.distill.logits import kd_loss
 from xkd.engine import trainer as T
-from xkd.engine.trainer import Trainer, resolve_amp
+from xkd.engine.runtime import configure_determinism, resolve_amp
+from xkd.engine.trainer import Trainer
 from xkd.errors import ConfigError, DeviceMemoryError, XkdError
 
 CPU = torch.device("cpu")
@@ -122,10 +123,10 @@ def test_out_of_memory_names_the_batch_size_and_keeps_the_last_checkpoint(tiny_m
 
 def test_deterministic_flag_turns_torch_determinism_on_and_off_leaves_it_alone():
     assert not torch.are_deterministic_algorithms_enabled()
-    T.configure_determinism(False)
+    configure_determinism(False)
     assert not torch.are_deterministic_algorithms_enabled()
     try:
-        T.configure_determinism(True)
+        configure_determinism(True)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     finally:
         torch.use_deterministic_algorithms(False)

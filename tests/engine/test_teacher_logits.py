@@ -9,7 +9,8 @@ import torch
 from xkd.data import BatchLoader, make_loader
 from xkd.data.base import Batch
 from xkd.distill import build_distiller
-from xkd.engine.trainer import Trainer, predict_logits
+from xkd.engine.runtime import predict_logits
+from xkd.engine.trainer import Trainer
 from xkd.files import read_json
 from xkd.plan import load_config
 from xkd.registry import DISTILLERS

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,11 +24,12 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from xkd.config import ConfigError, TrainConfig
 from xkd.data.augment import BatchAugment
-from xkd.data.base import BatchLoader, TensorImageDataset
+from xkd.data.base import BatchLoader
 from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from xkd.engine.runtime import PRECISION_NAMES, build_optimizer, build_scheduler, device_name, on_device, resolve_amp
 from xkd.errors import DeviceMemoryError, NonFiniteLossError
 from xkd.metrics.classification import evaluate_model
 from xkd.rundir import BEST, LAST
@@ -74,100 +74,6 @@ class TrainResult:
 
 SYNC_EVERY = 25
 """Training steps between two reads of the running loss and accuracy (each read waits for the device)."""
-
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
-
-    Raises:
-        ConfigError: ``fp16`` off a CUDA device, or ``bf16`` on a GPU without bf16.
-    """
-    if amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError(
-                f"train.amp: fp16 needs a CUDA device (it trains with a gradient scaler); on {device.type} use "
-                "bf16 or off"
-            )
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            f"train.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 (with a "
-            "gradient scaler) or off"
-        )
-    return torch.bfloat16
-
-
-DEVICE_DATA_SHARE = 0.25
-"""In-memory data is held on a GPU when it takes at most this share of the device's free memory."""
-
-
-def on_device(dataset: Dataset, device: torch.device) -> Dataset:
-    """``dataset`` held on ``device`` once (an in-memory dataset on a GPU with room for it: batches
-    are then gathered there, with no copy per step; uint8 images are scaled to float there once when
-    that fits too, one kernel less per step); otherwise ``dataset`` itself."""
-    if device.type != "cuda" or not isinstance(dataset, TensorImageDataset):
-        return dataset
-    free, _ = torch.cuda.mem_get_info(device)
-    if dataset.nbytes() > DEVICE_DATA_SHARE * free:
-        return dataset
-    held = dataset.to(device)
-    as_float = held.nbytes() + 4 * held.images.numel()  # the float images beside the uint8 ones, at the peak
-    return held.scaled() if held.images.dtype == torch.uint8 and as_float <= DEVICE_DATA_SHARE * free else held
-
-
-def device_name(device: torch.device) -> str:
-    """``cuda:0 (NVIDIA H200)``, or ``cpu (2 threads)``."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({torch.get_num_threads()} threads)"
-
-
-def configure_determinism(on: bool) -> None:
-    """Ask torch for deterministic algorithms (``deterministic: true``): same seed, same numbers on
-    the CPU; on a GPU, operations without a deterministic implementation warn instead of failing."""
-    if not on:  # leave torch's settings as the caller has them
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> Tensor:
-    """``model``'s logits (float32, on the CPU) for every item of ``dataset``, in index order, in
-    eval mode; the model's train/eval flag is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model(b.images.to(device)).float().cpu() for b in BatchLoader(dataset, batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
-    s = cfg.scheduler
-    if s.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if s.name == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
-    return None
 
 
 class Trainer:
@@ -227,7 +133,7 @@ class Trainer:
             )
         self.modules = distiller.trainable_modules()
         params = [p for p in self.modules.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, cfg)
+        self.optimizer = build_optimizer(params, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.amp = resolve_amp(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None

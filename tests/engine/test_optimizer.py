@@ -1,0 +1,122 @@
+"""The optimiser the trainer builds: torch's fused implementation on a GPU (``train.optimizer.fused:
+auto``), torch's default elsewhere, the same algorithm either way, and checkpoints that resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xkd.config import OptimizerConfig, TrainConfig, read_config
+from xkd.distill import build_distiller
+from xkd.engine import runtime as R
+from xkd.engine.runtime import build_optimizer
+from xkd.engine.trainer import Trainer
+from xkd.errors import ConfigError
+from xkd.pipeline import train_key
+
+NAMES = ["adam", "adamw", "sgd"]
+
+
+def params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_auto_is_fused_on_a_gpu_only(name):
+    # the parameters are on the CPU (the trainer builds its optimiser before moving the model);
+    # torch accepts fused=True for them and runs the fused kernel of whatever device they are on
+    cfg = TrainConfig(optimizer=OptimizerConfig(name))
+    assert build_optimizer(params(), cfg, "cuda").defaults["fused"] is True
+    assert not build_optimizer(params(), cfg, "cpu").defaults["fused"]
+    off = TrainConfig(optimizer=OptimizerConfig(name, fused=False))
+    assert not build_optimizer(params(), off, "cuda").defaults["fused"]
+    on = TrainConfig(optimizer=OptimizerConfig(name, fused=True))
+    assert build_optimizer(params(), on, "cpu").defaults["fused"] is True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_is_the_same_update(name):
+    """Fused and default optimisers get the same hyper-parameters: four steps on a fixed quadratic
+    land on the same weights (to float32 rounding)."""
+    out = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        ps = params()
+        cfg = TrainConfig(optimizer=OptimizerConfig(name, lr=0.05, weight_decay=0.1, momentum=0.8, fused=fused))
+        opt = build_optimizer(ps, cfg, "cpu")
+        for _ in range(4):
+            opt.zero_grad()
+            sum(((p - 1.0) ** 2).sum() for p in ps).backward()
+            opt.step()
+        out.append([p.detach().clone() for p in ps])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out[0][0], params()[0])  # the steps moved the weights
+
+
+def test_fused_training_resumes_to_the_same_weights(tiny_model, tiny_data, tmp_path):
+    data = tiny_data(n=24)
+
+    def trainer(model, epochs, folder):
+        cfg = TrainConfig(epochs=epochs, batch_size=8, optimizer=OptimizerConfig(lr=0.01, fused=True))
+        return Trainer(build_distiller("scratch", model), data, data, cfg, checkpoint_dir=folder, progress=False)
+
+    straight = tiny_model("student", 0)
+    trainer(straight, 3, tmp_path / "straight").fit()
+    trainer(tiny_model("student", 0), 2, tmp_path / "split").fit()
+    resumed = tiny_model("student", 5)
+    split = trainer(resumed, 3, tmp_path / "split")
+    assert split.optimizer.defaults["fused"] is True
+    assert [h["epoch"] for h in split.fit(resume=True).history] == [1, 2, 3]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def refusing_fused(cls):
+    """``cls`` as a torch that has no fused kernel for it."""
+
+    def build(*args, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return cls(*args, **kw)
+
+    return build
+
+
+def test_fused_true_without_a_fused_kernel_is_one_clear_error(monkeypatch):
+    sgd = torch.optim.SGD
+    monkeypatch.setattr(R.torch.optim, "SGD", refusing_fused(sgd))
+    with pytest.raises(
+        ConfigError, match=r"fused: true is not supported for sgd on cpu .*set train.optimizer.fused: auto"
+    ):
+        build_optimizer(params(), TrainConfig(optimizer=OptimizerConfig("sgd", fused=True)), "cpu")
+    # auto falls back to torch's default where this torch has no fused kernel
+    opt = build_optimizer(params(), TrainConfig(optimizer=OptimizerConfig("sgd")), "cuda")
+    assert isinstance(opt, sgd) and not opt.defaults["fused"]
+
+
+def test_fused_setting_is_checked_and_left_out_of_cache_keys_at_auto():
+    with pytest.raises(ConfigError, match="fused"):
+        read_config(None, ["train.optimizer.fused=sometimes"])
+    auto, on = read_config(None), read_config(None, ["train.optimizer.fused=true"])
+    assert on.train.optimizer.fused is True
+    assert "fused" not in train_key(auto.train)["optimizer"]  # teachers cached before the setting stay valid
+    assert train_key(on.train)["optimizer"]["fused"] is True
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_on_a_gpu_steps_with_the_fused_optimizer(tiny_model, tiny_data, no_host_sync):
+    cuda = torch.device("cuda")
+    data = tiny_data(n=16)
+    model = tiny_model("student", 0)
+    trainer = Trainer(
+        build_distiller("scratch", model), data, data, TrainConfig(epochs=1, batch_size=8), device=cuda, progress=False
+    )
+    assert trainer.optimizer.defaults["fused"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit()
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, model.parameters()))
+    with no_host_sync(cuda):  # one fused step waits for nothing
+        trainer.optimizer.step()
