@@ -333,6 +333,32 @@ def test_errors_name_the_problem_and_the_fix():
     assert torch.count_nonzero(maps) == 0
 
 
+def test_one_class_batch_warns_once_per_call_and_zeroes_only_its_own_maps(recwarn):
+    student, teacher = pair()
+    images, labels = region_batch(16)
+    mixed = torch.cat([torch.arange(4), torch.nonzero(labels == 1).flatten()[:4]])  # chunk 2 all of class 1
+    with UniCAM(student, {"batch_size": 4}, teacher=teacher) as uc:
+        uc.explain(images[:8], labels[:8])  # both chunks hold two classes
+        assert not [w for w in recwarn if "same class" in str(w.message)]
+        with pytest.warns(UserWarning, match="same class.*unicam.batch_size: 4") as caught:
+            maps = uc.explain(images[mixed], labels[mixed]).maps
+    assert sum("same class" in str(w.message) for w in caught) == 1  # one warning, read once per call
+    assert torch.count_nonzero(maps[:4]) > 0 and torch.count_nonzero(maps[4:]) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_unicam_chunk_does_not_wait_for_the_gpu(no_host_sync):
+    student, teacher = pair()
+    images, labels = (t.cuda() for t in region_batch(8))
+    with UniCAM(student.cuda(), {}, teacher=teacher.cuda()) as uc:
+        uc._explain_chunk(images, labels, ("residual",), [])  # warm-up
+        flags: list[torch.Tensor] = []
+        with no_host_sync(images.device):
+            cams = uc._explain_chunk(images, labels, ("residual",), flags)
+    assert cams["residual"].shape == (8, 16, 16) and not bool(flags[0])
+
+
 def test_fewer_images_than_unicam_needs_are_padded_and_only_their_maps_returned():
     student, teacher = pair()
     x, y = region_batch(8)

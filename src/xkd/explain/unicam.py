@@ -239,11 +239,20 @@ class UniCAM(Explainer):
             for m in (self.model, self.teacher, self.base):
                 if m is not None:
                     stack.enter_context(eval_mode(m))
+            one_class: list[Tensor] = []  # per chunk, on the device: read once below, not once per chunk
             for start, stop in chunk_bounds(n, self.params.batch_size):
                 chunk = images[start:stop].to(device)
                 tgt = None if targets is None else targets[start:stop].to(device).long()
-                for k, cam in self._explain_chunk(chunk, tgt, kinds).items():
+                for k, cam in self._explain_chunk(chunk, tgt, kinds, one_class).items():
                     out[k].append(cam.detach().float().to(images.device))
+        uses_target = [k for k in kinds if k in TARGET_KINDS]
+        if uses_target and bool(torch.stack(one_class).any()):
+            warnings.warn(
+                "unicam: all images of a batch have the same class, so the class target is constant and "
+                f"the {', '.join(uses_target)} maps of that batch are zero; put images of several classes in each "
+                f"batch (unicam.batch_size: {self.params.batch_size})",
+                stacklevel=3,
+            )
         return {
             k: Attribution(
                 torch.cat(v),
@@ -305,7 +314,11 @@ class UniCAM(Explainer):
             )
         return store["a"], feats, output
 
-    def _explain_chunk(self, images: Tensor, targets: Tensor | None, kinds: tuple[str, ...]) -> dict[str, Tensor]:
+    def _explain_chunk(
+        self, images: Tensor, targets: Tensor | None, kinds: tuple[str, ...], one_class: list[Tensor]
+    ) -> dict[str, Tensor]:
+        """The maps of ``kinds`` for one chunk; appends to ``one_class`` whether its images (when a kind
+        uses the class target) are all of one class, as a device tensor (no host sync per chunk)."""
         device = images.device
         acts, feats, logits = self._grad_forward(
             self.model, (self.layer, self.feature_layer), (self.module, self.feature_module), images
@@ -332,12 +345,7 @@ class UniCAM(Explainer):
             stats: dict[str, tuple[Tensor, Tensor]] = {}  # kind -> (statistic, activations it is mapped at)
             u_y = u_t = None
             if uses_target:
-                if int(targets.unique().numel()) < 2:
-                    warnings.warn(
-                        "unicam: all images of a batch have the same class, so the class target is constant and "
-                        f"the {', '.join(uses_target)} maps are zero; put images of several classes in each batch",
-                        stacklevel=4,
-                    )
+                one_class.append((targets == targets[0]).all())
                 k = logits.shape[1] if isinstance(logits, Tensor) and logits.ndim == 2 else None
                 u_y = u_centered(distance_matrix(class_target(targets, self.params.target, k, t_feats)))
             if t_feats is not None:
