@@ -64,3 +64,17 @@ def test_uint8_data_held_on_the_gpu_is_scaled_once():
     held = on_device(ds, torch.device("cuda"))
     assert held.images.is_cuda and held.images.dtype == torch.float32 and ds.images.dtype == torch.uint8
 
+
+def test_a_batch_moves_to_the_device_and_back_whole(tiny_data, device):
+    """To a GPU the copy does not wait; back to the CPU it does: the CPU batch holds the values right away
+    (a non-blocking copy from a GPU could be read before it arrived). A batch large enough that a copy takes
+    a while, behind a kernel still running, makes the race visible on a GPU."""
+    images = torch.rand(64, 3, 128, 128)
+    batch = TensorImageDataset(images, torch.arange(64) % 3).batch(torch.arange(64))
+    there = batch.to(device)
+    assert there.images.device.type == device.type and there.indices.device.type == device.type
+    there.images = there.images @ there.images.transpose(2, 3) @ there.images  # keeps a GPU busy
+    back = there.to("cpu")
+    read_at_once = back.images.clone()  # a CPU read, before anything else waits for the GPU
+    assert back.images.device.type == "cpu" and back.masks is None
+    assert torch.equal(read_at_once, there.images.cpu()) and torch.equal(back.labels, batch.labels)

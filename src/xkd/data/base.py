@@ -32,12 +32,11 @@ class Batch:
     indices: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.images.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            None if self.masks is None else self.masks.to(device, non_blocking=True),
-            None if self.indices is None else self.indices.to(device, non_blocking=True),
-        )
+        """The batch on ``device``; copies to a GPU do not wait (from pinned memory), copies to the CPU
+        do (a non-blocking copy from a GPU could be read before it has arrived)."""
+        nb = torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else t.to(device, non_blocking=nb)  # noqa: E731
+        return Batch(move(self.images), move(self.labels), move(self.masks), move(self.indices))
 
     def pin_memory(self) -> Batch:
         """Page-locked copies, for fast asynchronous copies to a GPU (the DataLoader calls this)."""
