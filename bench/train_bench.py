@@ -177,7 +177,8 @@ def main() -> None:
 
     # Launch cost, which bounds a small model's step on a GPU, measured on any device: the operators
     # (each at least one kernel) per step of the engine and of the bare loop, from the difference of a
-    # 40-step and a 20-step run (which cancels what runs once: set-up, validation, first-step state).
+    # 40-step and a 20-step run (which cancels what runs once: set-up, validation, first-step state;
+    # fewer steps when the epoch is shorter).
     def engine_steps(steps: int) -> None:
         d = build_distiller("scratch", student())
         cfg = TrainConfig(
@@ -185,15 +186,19 @@ def main() -> None:
         )
         Trainer(d, data.train, data.val, cfg, device=device, progress=False).fit()
 
-    ops = {
-        "bare_loop": (
-            operators(lambda: bare_epoch(student(), images, labels, budget, 0, 40))
-            - operators(lambda: bare_epoch(student(), images, labels, budget, 0, 20))
-        )
-        / 20,
-        "engine_scratch": (operators(lambda: engine_steps(40)) - operators(lambda: engine_steps(20))) / 20,
-    }
-    print(f"operators per step: bare loop {ops['bare_loop']:.1f}, engine {ops['engine_scratch']:.1f}", flush=True)
+    hi = min(40, n // budget.batch_size)
+    lo = hi // 2
+    ops: dict[str, float | None] = {"bare_loop": None, "engine_scratch": None}
+    if lo >= 1:
+        ops = {
+            "bare_loop": (
+                operators(lambda: bare_epoch(student(), images, labels, budget, 0, hi))
+                - operators(lambda: bare_epoch(student(), images, labels, budget, 0, lo))
+            )
+            / (hi - lo),
+            "engine_scratch": (operators(lambda: engine_steps(hi)) - operators(lambda: engine_steps(lo))) / (hi - lo),
+        }
+        print(f"operators per step: bare loop {ops['bare_loop']:.1f}, engine {ops['engine_scratch']:.1f}", flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for name, run in variants.items():
