@@ -67,7 +67,13 @@ def test_fused_training_resumes_to_the_same_weights(tiny_model, tiny_data, tmp_p
     resumed = tiny_model("student", 5)
     split = trainer(resumed, 3, tmp_path / "split")
     assert split.optimizer.defaults["fused"] is True
-    assert [h["epoch"] for h in split.fit(resume=True).history] == [1, 2, 3]
+    result = split.fit(resume=True)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.record()["optimizer"] == "adam (fused)"  # recorded per model, shown by the report
+    default = Trainer(
+        build_distiller("scratch", tiny_model("student", 1)), data, data, TrainConfig(epochs=1), progress=False
+    )
+    assert default.fit().optimizer == "adam"  # auto on the CPU: torch's default
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

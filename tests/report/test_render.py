@@ -218,3 +218,14 @@ def test_training_table_shows_total_time_its_parts_and_loaded_teacher(run_dir):
         lambda d: [d["models"]["kd"]["train"].pop(k) for k in ("loop_seconds", "setup_seconds")],
     )
     assert "17.5 s" in _section(render_report(run_dir).read_text(), "training")
+
+
+def test_training_table_names_the_device_precision_and_a_fused_optimiser(run_dir):
+    def change(d):
+        d["models"]["kd"]["train"].update(device="cuda:0 (NVIDIA H200)", precision="bf16", optimizer="adam (fused)")
+        d["models"]["scratch"]["train"].update(device="cuda:0 (NVIDIA H200)", precision="bf16", optimizer="adam")
+
+    _edit(run_dir / "records/models.json", change)
+    training = _section(render_report(run_dir).read_text(), "training")
+    assert "cuda:0 (NVIDIA H200), bf16, fused optimiser" in training
+    assert training.count("fused optimiser") == 1  # torch's default optimiser is not named

@@ -55,6 +55,7 @@ class TrainResult:
     device: str | None = None
     precision: str | None = None
     peak_memory_bytes: int | None = None
+    optimizer: str | None = None
 
     def images_per_second(self) -> float | None:
         """Training throughput: images per second of the training loop, over every epoch run."""
@@ -69,6 +70,7 @@ class TrainResult:
             "precision": self.precision,
             "images_per_second": self.images_per_second(),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "optimizer": self.optimizer,
         }
 
 
@@ -215,6 +217,8 @@ class Trainer:
             model = torch.compile(model)
         result.device = device_name(self.device)
         result.precision = PRECISION_NAMES[self.amp]
+        fused = " (fused)" if self.optimizer.defaults.get("fused") else ""
+        result.optimizer = f"{type(self.optimizer).__name__.lower()}{fused}"
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()

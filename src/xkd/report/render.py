@@ -257,7 +257,8 @@ def _training(run_dir: Path, roles: list[str], models: dict, run: dict, class_na
     if any(trains[r].get("device") for r in roles):
         table["head"].append(head("Device, precision", False))
         for row, r in zip(table["rows"], roles):
-            how = ", ".join(str(v) for v in (trains[r].get("device"), trains[r].get("precision")) if v)
+            fused = "fused optimiser" if "(fused)" in str(trains[r].get("optimizer")) else None
+            how = ", ".join(str(v) for v in (trains[r].get("device"), trains[r].get("precision"), fused) if v)
             outputs = trains[r].get("teacher_outputs")
             row.append(cell(how or DASH, num=False, sub=f"teacher: {outputs}" if outputs else None))
     table["head"].append(head("Checkpoint", False))
