@@ -249,3 +249,28 @@ def test_relation_methods_need_a_teacher(tiny_pair):
     student, _ = tiny_pair
     with pytest.raises(ConfigError, match="needs a teacher"):
         SP(student, None)
+
+
+@pytest.mark.parametrize(
+    "name,fns",
+    [
+        ("sp", {"sp": (sp_loss, 3000.0)}),
+        ("pkt", {"pkt": (pkt_loss, 3e4)}),
+        ("rkd", {"rkd_distance": (rkd_distance_loss, 25.0), "rkd_angle": (rkd_angle_loss, 50.0)}),
+    ],
+)
+def test_relation_terms_are_fp32_under_autocast(name, fns, tiny_pair):
+    """Under bf16 autocast (the GPU default) the features come in bf16, but the Gram matrices, distances
+    and kernels are computed in fp32: in bf16 RKD's distances and PKT's near-1 kernels lose their digits
+    (PKT's KL came out negative) and SP's Gram matrix overflows fp16."""
+    student, teacher = tiny_pair
+    d = build_distiller(name, student, teacher)
+    d.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, terms = d(BATCH)
+        with torch.no_grad():
+            _, s_embs, t_embs = d.features(BATCH.images)
+    for term, (fn, weight) in fns.items():
+        assert terms[term].dtype == torch.float32
+        exact = weight * float(fn(s_embs[0].float(), t_embs[0].float()))  # fp32 maths on the bf16 features
+        assert float(terms[term].detach()) == pytest.approx(exact, rel=1e-5), term

@@ -179,7 +179,11 @@ class _RelationDistiller(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits, s_embs, t_embs = self.features(batch.images)
         terms = {"ce": self.params.ce_weight * F.cross_entropy(logits, batch.labels)}
-        terms.update(self.relation_terms(s_embs, t_embs))
+        # fp32 also under autocast, which would run the Gram matrices in bf16/fp16: RKD's distances
+        # (|a|^2 + |b|^2 - 2 a.b) and PKT's kernels (all near 1) cancel away their digits in bf16
+        # (PKT's KL came out negative on ResNet-20 -> 8), and SP's Gram matrix overflows fp16
+        with torch.autocast(batch.images.device.type, enabled=False):
+            terms.update(self.relation_terms([e.float() for e in s_embs], [t.float() for t in t_embs]))
         return logits, terms
 
 
