@@ -8,7 +8,7 @@ from torch import nn
 
 from xkd.config import ConfigError
 from xkd.explain.base import build_explainer, check_maps
-from xkd.explain.occlusion import Occlusion
+from xkd.explain.occlusion import Occlusion, window_masks
 
 BACKENDS = ["captum", "xkd"]
 
@@ -99,6 +99,19 @@ def test_backends_agree(window, stride, baseline):
     ref = Occlusion(model, {**params, "backend": "captum"}).explain(x, t).maps
     assert ref.abs().max() > 0
     assert (own - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_only_the_xkd_backend_builds_the_window_masks(monkeypatch):
+    # the dense masks take (positions x H x W) floats: 2.3 GiB at 224 px, window 4, stride 2
+    import xkd.explain.occlusion as O
+
+    built = []
+    monkeypatch.setattr(O, "window_masks", lambda *a: built.append(a) or window_masks(*a))
+    model, x = small_cnn(), torch.rand(2, 3, 12, 14)
+    Occlusion(model, {"window": 4, "stride": 2, "backend": "captum"}).explain(x, None)
+    assert built == []
+    Occlusion(model, {"window": 4, "stride": 2, "backend": "xkd"}).explain(x, None)
+    assert built == [((12, 14), (4, 4), (2, 2))]
 
 
 R1 = (slice(2, 7), slice(2, 7))  # a bright square: the evidence of class 0
