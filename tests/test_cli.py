@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from xkd.cli import main
 from xkd.files import read_json
+from xkd.pipeline import load_run_models
 
 
 def cli(*argv: str, overrides: list[str] = ()) -> int:
@@ -111,6 +114,34 @@ def test_explain_user_images(run_dir, tmp_path, capsys):
     assert (tmp_path / "out/explanations.png").is_file()
     rec = read_json(tmp_path / "out/explanations.json")
     assert set(rec["predictions"]) == {"teacher", "scratch", "kd", "ls"} and len(rec["target"]) == 2
+
+
+@pytest.mark.slow
+def test_explain_runs_the_models_where_asked(run_dir, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 20)) * 255).astype("uint8"), "L").save(image)
+    args = ("explain", "--run", str(run_dir), "--images", str(image))
+    assert cli(*args, "--device", "cpu", "--out", str(tmp_path / "cpu")) == 0
+    _, models, _ = load_run_models(run_dir, "meta")  # any device: the models follow
+    assert all(p.device.type == "meta" for m in models.values() for p in m.parameters())
+    if not torch.cuda.is_available():
+        assert cli(*args, "--device", "cuda") == 2
+        assert "device: 'cuda' requested but no GPU is available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_explain_on_the_gpu_gives_the_cpu_maps(run_dir, tmp_path):
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 20)) * 255).astype("uint8"), "L").save(image)
+    maps = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        assert cli("explain", "--run", str(run_dir), "--images", str(image), "--device", device, "--out", str(out)) == 0
+        maps[device] = load_file(str(out / "maps.safetensors"))
+    for key, cpu in maps["cpu"].items():
+        torch.testing.assert_close(maps["cuda"][key], cpu, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow

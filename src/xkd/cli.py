@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
     e.add_argument("--explainer", default="grad_cam", help="registered explainer (default grad_cam)")
     e.add_argument("--out", help="output folder (default RUN/explanations)")
+    e.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run (auto: the GPU if any)"
+    )
 
     rep = sub.add_parser(
         "report", help="re-render the report of RUN_DIR from its records (a run, a comparison or a study)"
@@ -160,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for page in api.render_dir(args.run_dir):
                 print(page)
         elif args.command == "explain":
-            print(api.explain_images(args.run, [Path(p) for p in args.images], args.explainer, args.out))
+            print(api.explain_images(args.run, [Path(p) for p in args.images], args.explainer, args.out, args.device))
     except XkdError as e:
         # plain print: no line wrapping, and no markup parsing of "[0]" in key paths
         print(f"xkd: error: {e}", file=sys.stderr)

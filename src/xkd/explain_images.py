@@ -12,9 +12,11 @@ from torch import Tensor
 from xkd.data.base import unit_float
 from xkd.data.imagefolder import GRAY_MODES
 from xkd.data.imagefolder import load_image as decode_image
+from xkd.engine.distributed import resolve_device
 from xkd.errors import ImageInputError
 from xkd.explain import build_explainer
 from xkd.files import atomic_write_bytes, record, write_json
+from xkd.models.state import model_device
 from xkd.pipeline import load_run_models
 from xkd.report.figures import save_overlay_figure
 
@@ -44,17 +46,22 @@ def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
 
 
 def explain_images(
-    run_dir: str | Path, paths: list[Path], explainer: str = "grad_cam", out: str | Path | None = None
+    run_dir: str | Path,
+    paths: list[Path],
+    explainer: str = "grad_cam",
+    out: str | Path | None = None,
+    device: str = "auto",
 ) -> Path:
     """Explain ``paths`` with every model of ``run_dir``; write a figure and records to ``out``.
 
     Every model explains the class the **teacher** predicts, so the maps in one column answer the
-    same question. Images are resized to the run's input size.
+    same question. Images are resized to the run's input size. The models run on ``device``
+    (``auto``: the GPU when there is one); images, maps and records stay on the CPU.
 
     Returns:
         The path of the figure (``explanations.png``).
     """
-    cfg, models, run_record = load_run_models(run_dir)
+    cfg, models, run_record = load_run_models(run_dir, resolve_device(device))
     params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
     c, h, w = run_record["dataset"]["image_shape"]
     class_names = run_record["dataset"]["class_names"]
@@ -63,7 +70,9 @@ def explain_images(
             raise ImageInputError(f"image {str(p)!r} does not exist")
     images = torch.stack([load_image(p, c, (h, w)) for p in paths])
     with torch.no_grad():
-        probs = {role: torch.softmax(m(images), 1) for role, m in models.items()}
+        probs = {
+            role: torch.softmax(m(images.to(model_device(m, images.device))), 1).cpu() for role, m in models.items()
+        }
     targets = probs["teacher"].argmax(1)
     maps = {}
     for role, m in models.items():

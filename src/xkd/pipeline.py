@@ -435,8 +435,11 @@ def run(
     return run_dir.path
 
 
-def load_run_models(run_dir: str | Path | RunDir) -> tuple[RunConfig, dict[str, nn.Module], dict[str, Any]]:
-    """Rebuild the teacher and students of a finished run from its config and best checkpoints.
+def load_run_models(
+    run_dir: str | Path | RunDir, device: torch.device | str = "cpu"
+) -> tuple[RunConfig, dict[str, nn.Module], dict[str, Any]]:
+    """Rebuild the teacher and students of a finished run from its config and best checkpoints, on
+    ``device``, in eval mode.
 
     Returns the config, the models by role, and the run record.
     """
@@ -460,4 +463,6 @@ def load_run_models(run_dir: str | Path | RunDir) -> tuple[RunConfig, dict[str, 
         path = run_dir.checkpoint(role)
         load_weights(model, model_weights(load_checkpoint(path)), str(path))
         models[role] = model.eval()
+    for model in models.values():  # after loading: a student may share modules with the teacher
+        model.to(device)
     return cfg, models, record

@@ -4,7 +4,9 @@ DiffROAR per student and seed, aggregated with the comparison, verdicts computed
 from __future__ import annotations
 
 import pytest
+import torch
 
+import xkd.studies.kd_vs_ls as K
 from xkd.cli import main
 from xkd.config import ConfigError
 from xkd.files import read_json
@@ -59,13 +61,18 @@ def test_study_data_without_masks_fails_before_any_training(tmp_path, make_tiny_
 
 
 @pytest.mark.slow
-def test_study_measures_every_student_and_seed(tmp_path, make_tiny_args):
+def test_study_measures_every_student_and_seed(tmp_path, make_tiny_args, monkeypatch):
+    asked, loaded_on = [], []  # the study measures on the config's device (it was pinned to the CPU)
+    monkeypatch.setattr(K, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    load = K.load_run_models
+    monkeypatch.setattr(K, "load_run_models", lambda d, device: loaded_on.append(device) or load(d, device))
     config = tmp_path / "c.yaml"
     config.write_text("name: kdls\n")
     args = ["study", "kd-vs-ls", "--config", str(config), "--seeds", "2", "--no-progress"]
     for o in make_tiny_args(tmp_path, *TINY_STUDY, "name=kdls"):
         args += ["--set", o]
     assert main(args) == 0
+    assert asked == ["auto"] and loaded_on == [torch.device("cpu")] * 2
     out = tmp_path / "runs" / "kdls"
     st = read_json(out / "records/study.json")
     assert st["study"] == "kd-vs-ls" and st["seeds"] == [0, 1]

@@ -32,6 +32,7 @@ from xkd.config import RunConfig
 from xkd.data import build_dataset
 from xkd.data.base import TensorImageDataset, fetch
 from xkd.distill import build_distiller
+from xkd.engine.distributed import resolve_device
 from xkd.errors import ConfigError
 from xkd.explain import build_explainer
 from xkd.metrics.dissection import check_concept_data, concept_detectors, top_unit_panels
@@ -134,13 +135,13 @@ def measure(
     concepts = data if st.concepts is None else build_dataset(st.concepts)
     splits = {n: _tensor_split(getattr(data, n)).scaled() for n in ("train", "val", "test")}
     test_images, test_labels, test_masks = _region_masks(cfg, data)
-    device = torch.device("cpu")
+    device = resolve_device(cfg.device)  # dissection, maps and DiffROAR's retraining run there
     retrain = st.diffroar.model or cfg.student_model
     per_role: dict[str, list[dict[str, Any]]] = {r: [] for r in cmp["roles"]}
     empty: list[str] = []
     for s in cmp["seeds"]:
         run_dir = RunDir(out / cmp["runs"][str(s)]["dir"])
-        _, models, _ = load_run_models(run_dir)
+        _, models, _ = load_run_models(run_dir, device)
         for role, model in models.items():
             if role == "teacher" and per_role[role]:  # one teacher for every seed: measured once (n = 1)
                 continue
