@@ -106,3 +106,19 @@ def test_evaluate_model_on_batches():
     assert out["preds"].tolist() == [0] * 5 and out["labels"].tolist() == labels.tolist()
     torch.testing.assert_close(out["probs"], torch.full((5, 2), 0.5))
     assert model.training
+
+
+@pytest.mark.parametrize("batches", [2, 4])
+def test_evaluate_model_reads_the_device_once_not_per_batch(device, batches, monkeypatch):
+    """On a GPU each read (``.cpu()``) waits for the device: the batches' outputs stay there until the
+    loop has queued them all, then the logits and the labels are read once each."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).to(device)
+    n = 3 * batches
+    images, labels = torch.rand(n, 1, 2, 2, device=device), (torch.arange(n) % 3).to(device)
+    loader = [Batch(images[i : i + 3], labels[i : i + 3]) for i in range(0, n, 3)]
+    moved = []
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: moved.append(tuple(t.shape)) or real(t, *a, **k))
+    out = evaluate_model(model, loader, 3, device)
+    assert moved[:2] == [(n, 3), (n,)] and (3, 3) not in moved and (3,) not in moved  # no batch read alone
+    assert out["labels"].tolist() == (torch.arange(n) % 3).tolist() and out["probs"].shape == (n, 3)

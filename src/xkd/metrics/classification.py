@@ -130,12 +130,12 @@ def evaluate_model(
     device = torch.device(device) if device is not None else model_device(model, torch.device("cpu"))
     logits_all, labels_all = [], []
     with eval_mode(model), torch.no_grad():
-        for batch in loader:
+        for batch in loader:  # outputs stay on the device until every batch is queued: no sync per batch
             images, labels = _unpack(batch)
-            logits_all.append(model(images.to(device)).float().cpu())
-            labels_all.append(torch.as_tensor(labels).long().cpu())
-    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, num_classes)
-    labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long)
+            logits_all.append(model(images.to(device)).float())
+            labels_all.append(torch.as_tensor(labels).long())
+    logits = torch.cat(logits_all).cpu() if logits_all else torch.zeros(0, num_classes)
+    labels = torch.cat(labels_all).cpu() if labels_all else torch.zeros(0, dtype=torch.long)
     preds = logits.argmax(dim=1)
     return {
         "accuracy": accuracy(preds, labels),
