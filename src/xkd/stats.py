@@ -245,9 +245,11 @@ def class_target(
             raise ValueError("target='class_mean' needs embeddings (e.g. the teacher's features) to average per class")
         check_same_samples(labels, embeddings)
         e = F.normalize(embeddings.detach().reshape(embeddings.shape[0], -1).double(), dim=1)
-        classes, inverse = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros(len(classes), e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, inverse, e)
-        return F.normalize(sums, dim=1)[inverse]  # the mean's direction: normalising it drops the count
+        if num_classes is None:  # unique reads the device: with num_classes, no host sync
+            _, labels = torch.unique(labels, return_inverse=True)
+        k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
+        sums = torch.zeros(k, e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, labels, e)
+        return F.normalize(sums, dim=1)[labels]  # the mean's direction: normalising it drops the count
     raise ValueError(f"target must be 'onehot' or 'class_mean', got {target!r}")
 
 

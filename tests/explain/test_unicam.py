@@ -348,10 +348,11 @@ def test_one_class_batch_warns_once_per_call_and_zeroes_only_its_own_maps(recwar
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_a_unicam_chunk_does_not_wait_for_the_gpu(no_host_sync):
+@pytest.mark.parametrize("target", ["onehot", "class_mean"])
+def test_a_unicam_chunk_does_not_wait_for_the_gpu(target, no_host_sync):
     student, teacher = pair()
     images, labels = (t.cuda() for t in region_batch(8))
-    with UniCAM(student.cuda(), {}, teacher=teacher.cuda()) as uc:
+    with UniCAM(student.cuda(), {"target": target}, teacher=teacher.cuda()) as uc:
         uc._explain_chunk(images, labels, ("residual",), [])  # warm-up
         flags: list[torch.Tensor] = []
         with no_host_sync(images.device):

@@ -229,6 +229,12 @@ def test_class_targets():
     proto0 = [2 / math.sqrt(5), 1 / math.sqrt(5)]
     expected = torch.tensor([proto0, [0.5**0.5, 0.5**0.5], proto0, [7 / 50**0.5, 1 / 50**0.5]], dtype=torch.float64)
     torch.testing.assert_close(class_target(labels, "class_mean", embeddings=emb), expected)
+    # with the class count (UniCAM passes it: no unique(), no host sync) the same rows, also for
+    # labels that skip classes
+    assert torch.equal(class_target(labels, "class_mean", 3, emb), class_target(labels, "class_mean", embeddings=emb))
+    gaps = torch.tensor([5, 0, 3, 0])
+    assert torch.equal(class_target(gaps, "class_mean", 6, emb), class_target(gaps, "class_mean", embeddings=emb))
+    assert torch.equal(class_target(gaps, "class_mean", 6, emb)[1], class_target(gaps, "class_mean", 6, emb)[3])
     with pytest.raises(ValueError, match="'onehot' or 'class_mean'"):
         class_target(labels, "clip")
     with pytest.raises(ValueError, match="needs embeddings"):
