@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xkd.data.base import BatchLoader, TensorImageDataset, resolve_workers
+from xkd.data.base import Batch, BatchLoader, TensorImageDataset, resolve_workers
 from xkd.engine.runtime import on_device
 
 
@@ -78,3 +78,58 @@ def test_a_batch_moves_to_the_device_and_back_whole(tiny_data, device):
     read_at_once = back.images.clone()  # a CPU read, before anything else waits for the GPU
     assert back.images.device.type == "cpu" and back.masks is None
     assert torch.equal(read_at_once, there.images.cpu()) and torch.equal(back.labels, batch.labels)
+
+
+class _Wrapping(torch.utils.data.Dataset):
+    """A split that wraps an in-memory one, as an image folder with concept masks does."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(free, cached)``: torch.cuda's memory figures, and ``TensorImageDataset.to`` recording
+    the device instead of copying (no GPU here)."""
+    moved = []
+
+    def setup(free: int, cached: int) -> list:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free, 10 * free))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 5000 + cached)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 5000)
+        monkeypatch.setattr(TensorImageDataset, "to", lambda self, device: moved.append(device) or self)
+        return moved
+
+    return setup
+
+
+def test_on_device_counts_torchs_cached_memory_as_free(tiny_data, fake_gpu):
+    ds = tiny_data(n=6)  # float images: nbytes() bytes
+    cuda = torch.device("cuda")
+    moved = fake_gpu(free=2 * ds.nbytes(), cached=0)
+    assert on_device(ds, cuda) is ds and moved == []  # 2x the data > a quarter of the free memory
+    moved = fake_gpu(free=2 * ds.nbytes(), cached=2 * ds.nbytes())
+    assert on_device(ds, cuda) is ds and moved == [cuda]  # torch's cached, unused blocks are free too
+
+
+def test_on_device_holds_the_in_memory_split_a_wrapper_carries(tiny_data, fake_gpu):
+    ds = tiny_data(n=6)
+    cuda = torch.device("cuda")
+    moved = fake_gpu(free=100 * ds.nbytes(), cached=0)
+    assert on_device(_Wrapping(ds), cuda) is ds and moved == [cuda]
+    lazy = _Wrapping([(torch.zeros(1, 4, 4), 0, None)])  # wraps no in-memory split: kept as it is
+    assert on_device(lazy, cuda) is lazy
+
+
+def test_in_memory_batches_are_pinned_for_a_gpu(tiny_data, monkeypatch):
+    pinned = []
+    monkeypatch.setattr(Batch, "pin_memory", lambda self: pinned.append(len(self)) or self)
+    ds = tiny_data(n=10)
+    assert [len(b) for b in BatchLoader(ds, 4)] == [4, 4, 2] and pinned == []
+    assert [len(b) for b in BatchLoader(ds, 4, pin_memory=True)] == [4, 4, 2] and pinned == [4, 4, 2]

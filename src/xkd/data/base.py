@@ -150,8 +150,8 @@ class BatchLoader:
     The items come in the order ``order`` (any index sequence; default: all, in order), or, with a
     ``generator``, in a fresh permutation drawn from it at every pass. In-memory datasets are
     gathered by index in this process; other datasets (image folders that decode lazily) go through
-    a :class:`~torch.utils.data.DataLoader` with ``num_workers`` processes and, when ``pin_memory``,
-    page-locked batches.
+    a :class:`~torch.utils.data.DataLoader` with ``num_workers`` processes. With ``pin_memory``, batches
+    on the CPU come page-locked either way (for copies to a GPU that do not wait).
     """
 
     def __init__(
@@ -187,7 +187,9 @@ class BatchLoader:
         chunks = order.split(self.batch_size)
         if hasattr(self.dataset, "batch"):
             for index in chunks:
-                yield self.dataset.batch(index)
+                b = self.dataset.batch(index)
+                # pinned, the copy to the GPU does not make the host wait (from pageable memory it does)
+                yield b.pin_memory() if self.pin_memory and b.images.device.type == "cpu" else b
             return
         yield from DataLoader(
             _Indexed(self.dataset),

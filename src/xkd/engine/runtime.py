@@ -50,10 +50,18 @@ DEVICE_DATA_SHARE = 0.25
 def on_device(dataset: Dataset, device: torch.device) -> Dataset:
     """``dataset`` held on ``device`` once (an in-memory dataset on a GPU with room for it: batches
     are then gathered there, with no copy per step; uint8 images are scaled to float there once when
-    that fits too, one kernel less per step); otherwise ``dataset`` itself."""
-    if device.type != "cuda" or not isinstance(dataset, TensorImageDataset):
+    that fits too, one kernel less per step); otherwise ``dataset`` itself. A split that wraps an
+    in-memory one (an image folder with concept masks) is held as the split it wraps: training reads
+    images and labels only."""
+    if device.type != "cuda":
         return dataset
+    if not isinstance(dataset, TensorImageDataset):
+        wrapped = dataset.__dict__.get("base")
+        if not isinstance(wrapped, TensorImageDataset):
+            return dataset
+        dataset = wrapped
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cached blocks
     if dataset.nbytes() > DEVICE_DATA_SHARE * free:
         return dataset
     held = dataset.to(device)
