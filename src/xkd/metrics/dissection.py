@@ -287,36 +287,42 @@ def concept_detectors(
         # pass 1: thresholds (streaming quantile) and each unit's most activating images
         task = bar.add_task(f"dissect {layer}: quantiles", total=len(batches))
         stream: StreamingTopQuantile | None = None
-        best_val = best_idx = None
-        for index in batches:
+        best_val = best_idx = finite = None  # finite: a device-side flag, read once after the pass (no sync per batch)
+        non_finite = f"layer {layer!r} produced non-finite activations (nan or inf)"
+        for start, index in zip(range(0, n, batch_size), batches):
             a = reader(load(index, False)[0])
             if stream is None:
                 units, fh, fw = a.shape[1:]
                 stream = StreamingTopQuantile(units, n * fh * fw, quantile, max_buffer)
             elif a.shape[1:] != (units, fh, fw):
+                if not bool(finite):  # an earlier batch's error comes first
+                    raise DissectionError(non_finite)
                 raise DissectionError(
                     f"layer {layer!r} output {tuple(a.shape[1:])} for some images and {(units, fh, fw)} for others; "
                     "dissection needs images of one size (set data.image_size)"
                 )
-            if not torch.isfinite(a).all():
-                raise DissectionError(f"layer {layer!r} produced non-finite activations (nan or inf)")
+            ok = torch.isfinite(a).all()
+            finite = ok if finite is None else finite & ok
             stream.update(a.transpose(0, 1).reshape(units, -1))
             peak = a.amax(dim=(2, 3)).T  # (units, B)
-            cand_i = index.to(peak.device).expand_as(peak)
+            cand_i = torch.arange(start, start + len(index), device=peak.device).expand_as(peak)  # = index
             if best_val is not None:
                 peak, cand_i = torch.cat([best_val, peak], 1), torch.cat([best_idx, cand_i], 1)
             keep = peak.topk(min(top_images, peak.shape[1]), dim=1)
             best_val, best_idx = keep.values, cand_i.gather(1, keep.indices)
             bar.advance(task)
         assert stream is not None and stream.min is not None and best_idx is not None
+        if not bool(finite):
+            raise DissectionError(non_finite)
         thresholds = stream.result()
         strict = thresholds <= stream.min
         # pass 2: IoU of the binarised, upsampled maps with every concept, summed over the data
         task = bar.add_task(f"dissect {layer}: IoU", total=len(batches))
         k = len(names)
-        inter = torch.zeros(units, k, dtype=torch.float64)
-        unit_area = torch.zeros(units, dtype=torch.float64)
-        concept_area = torch.zeros(k, dtype=torch.float64)
+        # summed on the activations' device, copied to the CPU once after the pass (no sync per batch or slice)
+        inter = torch.zeros(units, k, dtype=torch.float64, device=thresholds.device)
+        unit_area = torch.zeros(units, dtype=torch.float64, device=thresholds.device)
+        concept_area = torch.zeros(k, dtype=torch.float64, device=thresholds.device)
         image_size = None
         for index in batches:
             images, masks = load(index, True)
@@ -329,17 +335,18 @@ def concept_detectors(
                     "the masks must be at the images' resolution, one per concept"
                 )
             m = masks.to(a.device).flatten(2).float()  # (B, K, P)
-            concept_area += m.sum(dim=(0, 2)).double().cpu()
+            concept_area += m.sum(dim=(0, 2)).double()
             step = max(1, _UPSAMPLE_BUDGET // (len(index) * h * w))
             for u0 in range(0, units, step):
                 sl = slice(u0, min(units, u0 + step))
                 up = F.interpolate(a[:, sl], size=(h, w), mode="bilinear", align_corners=False)
                 on = _binarise(up, thresholds[sl], strict[sl]).flatten(2).float()  # (B, u, P)
-                unit_area[sl] += on.sum(dim=(0, 2)).double().cpu()
-                inter[sl] += torch.einsum("bup,bkp->uk", on, m).double().cpu()
+                unit_area[sl] += on.sum(dim=(0, 2)).double()
+                inter[sl] += torch.einsum("bup,bkp->uk", on, m).double()
             bar.advance(task)
     return _summarise(
-        layer, names, categories, thresholds.cpu(), strict.cpu(), inter, unit_area, concept_area, best_idx.cpu(),
+        layer, names, categories, thresholds.cpu(), strict.cpu(), inter.cpu(), unit_area.cpu(), concept_area.cpu(),
+        best_idx.cpu(),
         quantile, iou_threshold, n, image_size, (int(fh), int(fw)), time.perf_counter() - t0,
     )  # fmt: skip
 
