@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from xkd.metrics.base import Column, metric
-from xkd.metrics.ranking import check_maps, saliency_ranks
+from xkd.metrics.ranking import check_maps, saliency_ranks, tie_permutation
 from xkd.models.state import eval_mode, model_device
 
 
@@ -120,19 +120,23 @@ def fidelity(
     n_pix = images.shape[2] * images.shape[3]
     n_keep = max(1, round(keep * n_pix))
     device = model_device(model, images.device)
-    kept_all, ratio_all = [], []
+    # once per call, not per chunk: each host-to-device copy (and each .cpu()) blocks the host on a GPU
+    base = torch.as_tensor(baseline, dtype=images.dtype, device=device)
+    perm = tie_permutation(n_pix, tie_seed).to(device)
+    results = []  # (b, 2): kept, ratio; on the device until the end
     with eval_mode(model), torch.no_grad():
         for s in range(0, images.shape[0], batch_size):
             x = images[s : s + batch_size].to(device)
-            ranks = saliency_ranks(maps[s : s + batch_size].to(device), tie_seed)
+            ranks = saliency_ranks(maps[s : s + batch_size].to(device), tie_seed, perm)
             keep_mask = (ranks < n_keep).view(x.shape[0], 1, *x.shape[2:])
             p_orig = _probs(model, x)
-            p_mask = _probs(model, torch.where(keep_mask, x, torch.as_tensor(baseline, dtype=x.dtype, device=device)))
+            p_mask = _probs(model, torch.where(keep_mask, x, base))
             c = p_orig.argmax(dim=1, keepdim=True)
-            kept_all.append((p_mask.argmax(dim=1, keepdim=True) == c)[:, 0].float().cpu())
+            kept = (p_mask.argmax(dim=1, keepdim=True) == c)[:, 0].double()
             ratio = p_mask.gather(1, c).double() / p_orig.gather(1, c).double().clamp_min(1e-300)
-            ratio_all.append(ratio[:, 0].cpu())
-    kept, ratio = torch.cat(kept_all).double(), torch.cat(ratio_all)
+            results.append(torch.stack([kept, ratio[:, 0]], dim=1))
+    both = torch.cat(results).cpu() if results else torch.zeros(0, 2, dtype=torch.float64)
+    kept, ratio = both[:, 0], both[:, 1]
     labels = torch.as_tensor(labels).long().cpu()
 
     def summary(sel: Tensor) -> dict[str, Any]:
@@ -186,22 +190,25 @@ def perturbation_curves(
     device = model_device(model, images.device)
     counts = torch.linspace(0, h * w, steps + 1, device=device).round().long()
     per_chunk = max(1, batch_size // (steps + 1))
-    curves = []
+    # once per call, not per chunk: each host-to-device copy (and each .cpu()) blocks the host on a GPU
+    base = torch.as_tensor(baseline, dtype=images.dtype, device=device)
+    perm = tie_permutation(h * w, tie_seed).to(device)
+    targets = targets.to(device).long() if targets is not None else None
+    curves = []  # on the device until the end
     with eval_mode(model), torch.no_grad():
         for s in range(0, n, per_chunk):
             x = images[s : s + per_chunk].to(device)
             b = x.shape[0]
-            base = torch.as_tensor(baseline, dtype=x.dtype, device=device)
-            top = saliency_ranks(maps[s : s + per_chunk].to(device), tie_seed)[None] < counts[:, None, None]
+            top = saliency_ranks(maps[s : s + per_chunk].to(device), tie_seed, perm)[None] < counts[:, None, None]
             top = top.view(steps + 1, b, 1, h, w)
             xs = torch.where(top, base, x[None]) if mode == "deletion" else torch.where(top, x[None], base)
             probs = _probs(model, xs.reshape((steps + 1) * b, ch, h, w)).view(steps + 1, b, -1)
             if targets is not None:
-                tgt = targets[s : s + per_chunk].to(device).long()
+                tgt = targets[s : s + per_chunk]
             else:  # the original image is step 0 of deletion and the last step of insertion
                 tgt = probs[0 if mode == "deletion" else -1].argmax(dim=1)
-            curves.append(probs.gather(2, tgt.view(1, b, 1).expand(steps + 1, b, 1))[..., 0].t().double().cpu())
-    curve = torch.cat(curves) if curves else torch.zeros(0, steps + 1, dtype=torch.float64)
+            curves.append(probs.gather(2, tgt.view(1, b, 1).expand(steps + 1, b, 1))[..., 0].t().double())
+    curve = torch.cat(curves).cpu() if curves else torch.zeros(0, steps + 1, dtype=torch.float64)
     return curve, counts.double().cpu() / (h * w)
 
 

@@ -36,21 +36,26 @@ def tie_permutation(p: int, seed: int = 0) -> Tensor:
     return torch.randperm(p, generator=torch.Generator().manual_seed(int(seed)))
 
 
-def saliency_order(flat: Tensor, seed: int = 0) -> Tensor:
+def saliency_order(flat: Tensor, seed: int = 0, perm: Tensor | None = None) -> Tensor:
     """Indices ``(N, P)`` that sort each row of ``flat`` ``(N, P)`` by decreasing value, equal values
-    in the seeded random order of :func:`tie_permutation` (see the module docstring)."""
-    perm = tie_permutation(flat.shape[1], seed).to(flat.device)
+    in the seeded random order of :func:`tie_permutation` (see the module docstring).
+
+    ``perm``: ``tie_permutation(P, seed)`` already on ``flat``'s device, for callers that rank chunk
+    after chunk (drawing it on the CPU and copying it over each time blocks the host); None draws it.
+    """
+    if perm is None:
+        perm = tie_permutation(flat.shape[1], seed).to(flat.device)
     # a stable sort of the permuted rows keeps equal values in permutation order: the lexicographic
     # order on (value, position in the permutation), without touching the values
     order = torch.sort(flat[:, perm], dim=1, descending=True, stable=True).indices
     return perm[order]
 
 
-def saliency_ranks(maps: Tensor, seed: int = 0) -> Tensor:
+def saliency_ranks(maps: Tensor, seed: int = 0, perm: Tensor | None = None) -> Tensor:
     """Rank ``(N, H*W)`` of every pixel in decreasing saliency (0 = most salient); ties in the seeded
-    random order of ``seed`` (see the module docstring)."""
+    random order of ``seed`` (see the module docstring). ``perm`` as in :func:`saliency_order`."""
     flat = maps.flatten(1)
-    order = saliency_order(flat, seed)
+    order = saliency_order(flat, seed, perm)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
     return ranks
