@@ -17,6 +17,8 @@ from xkd.distill.crd import (
     CRD,
     PAPER_K,
     contrast_exp,
+    gather_updates,
+    momentum_update,
     nce_loss,
     resolve_nce_k,
     sample_negatives,
@@ -335,6 +337,32 @@ def test_layers_pick_other_features(tiny_pair, tiny_data):
 def test_bad_params_are_config_errors(params, tiny_pair):
     with pytest.raises(ConfigError):
         build_distiller("crd", *tiny_pair, params)
+
+
+def test_gathered_updates_give_a_repeated_image_its_first_row(monkeypatch):
+    """Two ranks (simulated): the sampler pads rank 1's batch with image 2, already in rank 0's. Every
+    copy of image 2 carries rank 0's row, so the bank's update is the same whichever copy lands last,
+    and equals updating each image once with its first row."""
+    import xkd.distill.crd as C
+
+    ranks = {
+        0: (torch.tensor([2, 5, 0]), torch.arange(6.0).view(3, 2)),
+        1: (torch.tensor([4, 2, 1]), -torch.arange(6.0).view(3, 2)),
+    }
+
+    def all_gather(parts, t):  # rank 0's call: every rank's tensor of the kind passed (index or values)
+        for r, part in enumerate(parts):
+            part.copy_(ranks[r][0] if t.dtype == torch.long else ranks[r][1])
+
+    monkeypatch.setattr(C, "world_size", lambda: 2)
+    monkeypatch.setattr(C.dist, "all_gather", all_gather)
+    index, values = gather_updates(*ranks[0], rows=7)
+    assert index.tolist() == [2, 5, 0, 4, 2, 1]
+    assert torch.equal(values[4], values[0]) and torch.equal(values[0], torch.tensor([0.0, 1.0]))
+    assert torch.equal(values[3], torch.tensor([-0.0, -1.0]))  # rank 1's own images keep their rows
+    memory = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
+    once = momentum_update(memory.clone(), torch.tensor([2, 5, 0, 4, 1]), values[[0, 1, 2, 3, 5]], 0.5)
+    assert torch.equal(momentum_update(memory.clone(), index, values, 0.5), once)
 
 
 DDP_SCRIPT = """

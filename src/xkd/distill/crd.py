@@ -160,11 +160,12 @@ def world_size() -> int:
 
 
 @torch.no_grad()
-def gather_updates(index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+def gather_updates(index: Tensor, *values: Tensor, rows: int) -> tuple[Tensor, ...]:
     """Under ``torchrun``: every rank's ``index`` and ``values`` (rows matching ``index``), so every
     rank applies the same memory updates and the memory banks stay identical; an image that appears
-    twice (the sampler pads the last batches) keeps its first row. Unchanged in one process. Every
-    rank must pass the same batch size (xkd's sharded loaders do)."""
+    twice (the sampler pads the last batches) gets its first row at every appearance, so a bank's
+    ``index_copy_`` writes the same values whichever copy lands last. Unchanged in one process. Every
+    rank must pass the same batch size (xkd's sharded loaders do); ``rows``: the banks' row count."""
     world = world_size()
     if world == 1:
         return (index, *values)
@@ -174,10 +175,12 @@ def gather_updates(index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
         dist.all_gather(parts, t.contiguous())
         out.append(torch.cat(parts))
     index, values = out[0], out[1:]
-    uniq, inverse = torch.unique(index, return_inverse=True)
+    # the first position of each image, by scatter over the bank's rows (unique() would make the host
+    # wait for the device at every step)
     position = torch.arange(index.numel(), device=index.device)
-    first = torch.full_like(uniq, index.numel()).scatter_reduce_(0, inverse, position, "amin")
-    return (index[first], *(v[first] for v in values))
+    first = torch.full((rows,), index.numel(), dtype=position.dtype, device=index.device)
+    first = first.scatter_reduce_(0, index, position, "amin")[index]
+    return (index, *(v[first] for v in values))
 
 
 class ContrastHead(nn.Module):
@@ -412,7 +415,7 @@ class CRD(Distiller):
         loss = nce_loss(exp_s / head.z_s, head.n_data) + nce_loss(exp_t / head.z_t, head.n_data)
         if self.training:  # the dense product's backward reads the memory as it was: update a copy
             m = self.params.nce_m
-            index, new_s, new_t = gather_updates(index, v_s.detach(), v_t.detach())
+            index, new_s, new_t = gather_updates(index, v_s.detach(), v_t.detach(), rows=head.n_data)
             head.memory_s = momentum_update(head.memory_s, index, new_s, m, inplace=not dense)
             head.memory_t = momentum_update(head.memory_t, index, new_t, m, inplace=not dense)
         return loss
