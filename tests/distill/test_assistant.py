@@ -9,6 +9,7 @@ from torch import nn
 from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill import TeacherAssistant, build_distiller
+from xkd.distill.base import DistillContext
 from xkd.files import read_json
 from xkd.plan import load_config
 from xkd.runner import run
@@ -93,3 +94,18 @@ def test_pipeline_trains_the_assistant_first_and_records_it(tiny_args):
     assert a["params"] > rec["params"]  # widths [8, 8, 8] vs the student's [4, 8, 8]
     assert 0.0 <= rec["test_last"]["accuracy"] <= 1.0
     assert rec["distiller"] == "teacher_assistant"
+
+
+def test_ddp_skips_the_inner_methods_memory_banks_through_the_wrapper(tiny_pair, tiny_data):
+    """DDP reads the ignore list of the module it wraps, the assistant wrapper: CRD's banks (kept equal
+    on every rank by gathering the updates) must not be broadcast from rank 0 at every step."""
+    student, teacher = tiny_pair
+    context = DistillContext(sample=torch.zeros(2, 1, 16, 16), train=tiny_data(n=24))
+    d = build_distiller(
+        "teacher_assistant", student, teacher, {"assistant": ASSISTANT, "distiller": "crd", "params": {"feat_dim": 8}},
+        context,
+    )  # fmt: skip
+    ignored = set(d._ddp_params_and_buffers_to_ignore)
+    assert {"inner.head.memory_s", "inner.head.memory_t"} <= ignored
+    buffers = {n for n, _ in d.named_buffers()}
+    assert ignored <= buffers  # names DDP finds on the wrapper

@@ -100,6 +100,10 @@ class TeacherAssistant(Distiller):
     def setup(self, context: DistillContext) -> None:
         self.inner.setup(context)
         self.setup_reused_seconds = self.inner.setup_reused_seconds
+        ignored = getattr(self.inner, "_ddp_params_and_buffers_to_ignore", None)
+        if ignored:  # DDP reads the list of the module it wraps, this one (e.g. CRD's memory banks)
+            names = [f"inner.{n}" for n in ignored]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
 
     def preflight(self, sample: Tensor) -> None:
         self.inner.preflight(sample)
