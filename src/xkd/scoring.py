@@ -33,9 +33,11 @@ from xkd.explain.base import ExplainerSpec
 from xkd.explain.superpixel import SuperpixelParams, slic_segments
 from xkd.metrics.base import MetricInfo, declared
 from xkd.metrics.localisation import medtex_k_values
-from xkd.metrics.transfer import pair_features
+from xkd.metrics.transfer import model_features
+from xkd.models.hooks import default_layer
 from xkd.plan import RunPlan
 from xkd.schema import from_dict
+from xkd.stats import check_same_samples
 
 
 def explain(
@@ -326,25 +328,22 @@ def score_transfer(
 ) -> dict[str, Any]:
     """Transfer metrics (UniCAM's FSS and RS) of each student against the teacher at matched layers."""
     layers = sc.ev.transfer_layers
+    t_layer = layers.get("teacher") or default_layer(teacher.model)
+    t_feats, _ = model_features(teacher.model, images, t_layer, sc.ev.batch_size)  # once for every student
     out = {}
     for s in students:
-        feats = pair_features(
-            s.model,
-            teacher.model,
-            images,
-            student_layer=layers.get("student"),
-            teacher_layer=layers.get("teacher"),
-            batch_size=sc.ev.batch_size,
-        )
+        s_layer = layers.get("student") or default_layer(s.model)
+        s_feats, _ = model_features(s.model, images, s_layer, sc.ev.batch_size)
+        check_same_samples(s_feats, t_feats)
         # the statistics run where the features are (model_features returns them on the CPU)
-        device = feats.student.device
+        device = s_feats.device
         values = {
             **common,
             "labels": common["labels"].to(device),
-            "student_features": feats.student,
-            "teacher_features": feats.teacher.to(device),
+            "student_features": s_feats,
+            "teacher_features": t_feats.to(device),
         }
-        entry: dict[str, Any] = {"student_layer": feats.student_layer, "teacher_layer": feats.teacher_layer}
+        entry: dict[str, Any] = {"student_layer": s_layer, "teacher_layer": t_layer}
         out[s.role] = entry | sc.score(sc.of("transfer"), values)
     return out
 

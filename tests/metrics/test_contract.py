@@ -112,3 +112,23 @@ def test_every_metric_is_scored_with_finite_plain_numbers(name, inputs):
         assert v is None or isinstance(v, (bool, int, float, str)), f"{name}{path} is a {type(v).__name__}"
         if isinstance(v, float):
             assert math.isfinite(v), f"{name}{path} = {v}"
+
+
+def test_transfer_scores_read_the_teachers_features_once_for_every_student(inputs):
+    x = inputs
+    sc = Scorer(EvaluationConfig(metrics=["fss", "rs"], batch_size=4))
+    common = run_inputs(sc, x.images, x.labels, x.masks, CLASS_NAMES)
+    calls = []
+    handle = x.teacher.register_forward_hook(lambda *_: calls.append(1))
+    teacher = SimpleNamespace(role="teacher", model=x.teacher)
+    students = [
+        SimpleNamespace(role=r, model=m) for r, m in (("a", x.student), ("b", x.random_labels), ("c", x.student))
+    ]
+    try:
+        out = score_transfer(sc, common, teacher, students, x.images)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # 4 images, batch 4: one forward of the teacher for the three students
+    assert out["a"] == out["c"] and out["a"] != out["b"]
+    alone = score_transfer(sc, common, teacher, students[1:2], x.images)
+    assert alone["b"] == out["b"]
