@@ -18,12 +18,7 @@ from xkd.models import LayerNotFoundError
 CAMS = [GradCAMPlusPlus, LayerCAM]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # helpers as in test_gradcam.py (pytest's importlib mode cannot import a sibling test module)

@@ -11,13 +11,7 @@ from xkd.explain import FeatureMaps, build_explainer
 from xkd.explain.base import check_maps
 from xkd.models import LayerNotFoundError, conv_layer_paths
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_conv_model() -> nn.Module:

@@ -17,13 +17,7 @@ from xkd.models import LayerNotFoundError
 BACKENDS = ["xkd", "captum"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and idle threads spin when other processes load the CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 R1 = (slice(2, 7), slice(2, 7))  # class 0 evidence: a bright square

@@ -13,13 +13,7 @@ from xkd.config import ConfigError
 from xkd.explain.base import build_explainer, check_maps
 from xkd.explain.gradients import DeepSHAP, GradientSHAP, IntegratedGradients, gaussian_blur, make_baselines
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BOX = (slice(2, 6), slice(3, 8))  # the only pixels the linear model looks at

@@ -13,12 +13,7 @@ from xkd.explain.occlusion import Occlusion, window_masks
 BACKENDS = ["captum", "xkd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Linear(nn.Module):

@@ -22,13 +22,7 @@ from xkd.explain.perturbation import (
 )
 from xkd.explain.superpixel import slic_segments
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid_segments(n: int, h: int = 8, w: int = 12, rows: int = 2, cols: int = 3) -> torch.Tensor:

@@ -19,13 +19,7 @@ from xkd.registry import EXPLAINERS
 from xkd.scoring import explain
 from xkd.stats import distance_matrix, u_centered, u_correlation, u_residual
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 R1 = (slice(2, 7), slice(2, 7))  # the teacher's feature: the student's channel 0 copies it

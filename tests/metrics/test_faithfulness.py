@@ -12,13 +12,7 @@ from torch import nn
 from xkd.metrics import deletion_auc, fidelity, insertion_auc, saliency_ranks
 from xkd.metrics.road import linear_imputation, road
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RegionModel(nn.Module):

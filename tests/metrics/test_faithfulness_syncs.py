@@ -20,12 +20,7 @@ faithfulness = importlib.import_module("xkd.metrics.faithfulness")
 ranking = importlib.import_module("xkd.metrics.ranking")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,13 +10,7 @@ from xkd.explain.base import Attribution, Explainer
 from xkd.explain.gradcam import GradCAM
 from xkd.metrics.sanity import cascade_layers, data_randomisation_sanity, randomisation_sanity, similarity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def net(seed: int) -> nn.Module:
