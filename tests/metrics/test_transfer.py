@@ -290,6 +290,16 @@ def test_metrics_are_registered():
     assert METRICS.get("rs").fn is rs and METRICS.get("rs").higher_is_better is True
 
 
+def test_features_are_read_from_the_device_once_not_per_batch(tiny_pair, monkeypatch):
+    student, _ = tiny_pair
+    images = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    moved = []
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: moved.append(t.shape[0]) or real(t, *a, **k))
+    s, _ = model_features(student, images, "blocks.2.0", batch_size=3)
+    assert moved == [12] and s.device.type == "cpu" and s.shape[0] == 12  # one read for the four batches
+
+
 def test_features_of_two_models_and_transfer_scores(tiny_pair):
     student, teacher = tiny_pair
     images = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0))

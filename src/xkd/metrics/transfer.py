@@ -230,8 +230,8 @@ def model_features(
     get_module(model, layer)  # unknown layer -> LayerNotFoundError listing candidates
     feats, labels = [], []
     device = model_device(model, torch.device("cpu"))
-    with eval_mode(model), torch.no_grad():
-        with capture_features(model, [layer], detach=True, reduce=lambda _p, o: o.flatten(1).float().cpu()) as got:
+    with eval_mode(model), torch.no_grad():  # features stay on the device until every batch is queued
+        with capture_features(model, [layer], detach=True, reduce=lambda _p, o: o.flatten(1).float()) as got:
             for images, lab in _batches(data, batch_size):
                 got.clear()
                 model(images.to(device))
@@ -242,7 +242,7 @@ def model_features(
     if not feats:
         raise ValueError("data yielded no images")
     have = [x is not None for x in labels]
-    return torch.cat(feats), torch.cat([x.cpu() for x in labels]) if all(have) else None
+    return torch.cat(feats).cpu(), torch.cat([x.cpu() for x in labels]) if all(have) else None
 
 
 @dataclass
