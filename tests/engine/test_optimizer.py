@@ -78,6 +78,36 @@ def test_fused_training_resumes_to_the_same_weights(tiny_model, tiny_data, tmp_p
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("before", "after"), [(False, True), (True, "auto")])
+def test_a_resumed_run_steps_with_its_own_optimiser_not_the_checkpoints(before, after, tiny_model, tiny_data, tmp_path):
+    """torch's load_state_dict restores the saved groups' ``fused`` flag: a checkpoint written unfused
+    (or before the setting existed) would resume unfused on a GPU, and a GPU's fused one fused on the
+    CPU, while the record said otherwise. The run's own choice wins, and the record tells the truth."""
+    data = tiny_data(n=16)
+
+    def trainer(epochs, fused):
+        cfg = TrainConfig(epochs=epochs, batch_size=8, optimizer=OptimizerConfig(lr=0.01, fused=fused))
+        model = tiny_model("student", 0)
+        return Trainer(build_distiller("scratch", model), data, data, cfg, checkpoint_dir=tmp_path, progress=False)
+
+    trainer(1, before).fit()
+    resumed = trainer(2, after)
+    result = resumed.fit(resume=True)
+    want = after is True
+    assert bool(resumed.optimizer.param_groups[0]["fused"]) is want
+    assert result.optimizer == ("adam (fused)" if want else "adam")
+    step = resumed.optimizer.state[resumed.optimizer.param_groups[0]["params"][0]]["step"]
+    assert float(step) == 4  # two epochs of two steps: the restored state went on counting
+
+
+def test_the_optimiser_is_built_on_the_training_device(tiny_model, tiny_data):
+    # torch 2.3 checks a fused optimiser's parameter devices when it is built (CPU ones are refused
+    # there): the trainer moves its modules first ("meta" stands in for a GPU here)
+    data = tiny_data(n=8)
+    trainer = Trainer(build_distiller("scratch", tiny_model("student", 0)), data, data, TrainConfig(), device="meta")
+    assert {p.device.type for g in trainer.optimizer.param_groups for p in g["params"]} == {"meta"}
+
+
 def refusing_fused(cls):
     """``cls`` as a torch that has no fused kernel for it."""
 
@@ -93,7 +123,8 @@ def test_fused_true_without_a_fused_kernel_is_one_clear_error(monkeypatch):
     sgd = torch.optim.SGD
     monkeypatch.setattr(R.torch.optim, "SGD", refusing_fused(sgd))
     with pytest.raises(
-        ConfigError, match=r"fused: true is not supported for sgd on cpu .*set train.optimizer.fused: auto"
+        ConfigError,
+        match=r"optimizer.fused: true is not supported for sgd on cpu .*set fused: auto in that train.optimizer",
     ):
         build_optimizer(params(), TrainConfig(optimizer=OptimizerConfig("sgd", fused=True)), "cpu")
     # auto falls back to torch's default where this torch has no fused kernel

@@ -123,8 +123,8 @@ def build_optimizer(
         if o.fused == "auto":
             return build_optimizer(params, replace(cfg, optimizer=replace(o, fused=False)), device)
         raise ConfigError(
-            f"train.optimizer.fused: true is not supported for {o.name} on {torch.device(device).type} by torch "
-            f"{torch.__version__} ({e}); set train.optimizer.fused: auto"
+            f"optimizer.fused: true is not supported for {o.name} on {torch.device(device).type} by torch "
+            f"{torch.__version__} ({e}); set fused: auto in that train.optimizer (train or teacher.train)"
         ) from None
 
 

@@ -134,6 +134,7 @@ class Trainer:
                 "`num_classes` attribute (xkd's build_model sets one)"
             )
         self.modules = distiller.trainable_modules()
+        self.modules.to(self.device)  # before the optimiser: older torch checks a fused one's devices here
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -186,7 +187,10 @@ class Trainer:
         if state.get("format") == "state_dict":
             raise CheckpointError(f"{path} holds bare weights, not a resumable xkd checkpoint")
         load_weights(self.modules, state["model"], str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        for group in saved["param_groups"]:  # this run's implementation (fused or not), not the checkpoint's
+            group.update({k: self.optimizer.defaults[k] for k in ("fused", "foreach") if k in self.optimizer.defaults})
+        self.optimizer.load_state_dict(saved)
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
@@ -217,7 +221,7 @@ class Trainer:
             model = torch.compile(model)
         result.device = device_name(self.device)
         result.precision = PRECISION_NAMES[self.amp]
-        fused = " (fused)" if self.optimizer.defaults.get("fused") else ""
+        fused = " (fused)" if self.optimizer.param_groups[0].get("fused") else ""
         result.optimizer = f"{type(self.optimizer).__name__.lower()}{fused}"
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
