@@ -3,6 +3,8 @@ ranking negative; results are cached by key."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -123,3 +125,29 @@ def test_oracle_ranking_is_positive_reversed_is_negative_and_cached(tmp_path):
     assert bad["diffroar"][0] == pytest.approx(-good["diffroar"][0])
     again = diffroar(model, "oracle", cfg=cfg, **kwargs)
     assert again["cached"] == [True, True] and again["diffroar"] == good["diffroar"]
+
+
+def test_the_cache_key_names_a_gpu_not_the_cpu(monkeypatch):
+    """A GPU retrains in bf16 (amp: auto), so its accuracies are cached apart; CPU keys are unchanged
+    (results cached before the study followed the configured device stay valid)."""
+    import xkd.studies.diffroar as R
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def key(what):
+        seen.append(dict(what))
+        raise Stop
+
+    monkeypatch.setattr(R.Cache, "key", staticmethod(key))
+    splits = {"train": squares(8, 0), "val": squares(4, 1), "test": squares(4, 2)}
+    cfg = DiffROARConfig(explainer="test_brightness", fractions=[0.5])
+    for device in ("cpu", "meta"):
+        with pytest.raises(Stop):
+            diffroar(
+                nn.Identity(), "m", splits, 2, cfg, ModelConfig("kdfmv_cnn"), "d", 0, torch.device(device), Path(".")
+            )
+    assert "device" not in seen[0] and seen[1]["device"] == "meta"
+    assert {k: v for k, v in seen[1].items() if k != "device"} == seen[0]

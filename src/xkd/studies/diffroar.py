@@ -139,6 +139,8 @@ def diffroar(
                 side=side, data=data_key, retrain=to_dict(retrain_model), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, ranking="magnitude", tie_seed=tie_seed,
             )  # fmt: skip
+            if device.type != "cpu":  # a GPU retrains in bf16 (amp: auto): its results are its own
+                what["device"] = device.type
             key = Cache.key(what)
             folder = Cache(cache_dir).folder("diffroar", key)
             result_path = folder / "result.json"
