@@ -126,7 +126,7 @@ def test_explain_runs_the_models_where_asked(run_dir, tmp_path, capsys):
     assert all(p.device.type == "meta" for m in models.values() for p in m.parameters())
     if not torch.cuda.is_available():
         assert cli(*args, "--device", "cuda") == 2
-        assert "device: 'cuda' requested but no GPU is available" in capsys.readouterr().err
+        assert "--device cuda: no GPU is available here; use --device auto or --device cpu" in capsys.readouterr().err
 
 
 @pytest.mark.slow

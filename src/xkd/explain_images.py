@@ -13,7 +13,7 @@ from xkd.data.base import unit_float
 from xkd.data.imagefolder import GRAY_MODES
 from xkd.data.imagefolder import load_image as decode_image
 from xkd.engine.distributed import resolve_device
-from xkd.errors import ImageInputError
+from xkd.errors import ConfigError, ImageInputError
 from xkd.explain import build_explainer
 from xkd.files import atomic_write_bytes, record, write_json
 from xkd.models.state import model_device
@@ -61,6 +61,8 @@ def explain_images(
     Returns:
         The path of the figure (``explanations.png``).
     """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no GPU is available here; use --device auto or --device cpu")
     cfg, models, run_record = load_run_models(run_dir, resolve_device(device))
     params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
     c, h, w = run_record["dataset"]["image_shape"]

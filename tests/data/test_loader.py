@@ -133,3 +133,16 @@ def test_in_memory_batches_are_pinned_for_a_gpu(tiny_data, monkeypatch):
     ds = tiny_data(n=10)
     assert [len(b) for b in BatchLoader(ds, 4)] == [4, 4, 2] and pinned == []
     assert [len(b) for b in BatchLoader(ds, 4, pin_memory=True)] == [4, 4, 2] and pinned == [4, 4, 2]
+
+
+def test_batch_copies_wait_only_when_they_go_to_the_cpu(monkeypatch):
+    """A non-blocking copy to a GPU lets the host run ahead (from pinned memory); one to the CPU could
+    be read before it arrives, so it must block."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, device, non_blocking=False: calls.append(non_blocking) or t)
+    batch = Batch(torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long), None, torch.arange(2))
+    batch.to("cuda")
+    assert calls == [True, True, True]  # images, labels, indices (no masks)
+    calls.clear()
+    batch.to(torch.device("cpu"))
+    assert calls == [False, False, False]
