@@ -120,6 +120,8 @@ def build_optimizer(
             return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
     except (RuntimeError, TypeError) as e:  # this torch has no fused kernel for this optimiser or device
+        if not kw:  # not about the fused kernel: torch's own error
+            raise
         if o.fused == "auto":
             return build_optimizer(params, replace(cfg, optimizer=replace(o, fused=False)), device)
         raise ConfigError(
