@@ -61,9 +61,11 @@ def explain_images(
     Returns:
         The path of the figure (``explanations.png``).
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no GPU is available here; use --device auto or --device cpu")
-    cfg, models, run_record = load_run_models(run_dir, resolve_device(device))
+    try:
+        where = resolve_device(device)
+    except ConfigError:  # its message names the config key; here the user gave the flag
+        raise ConfigError(f"--device {device}: no GPU is available here; use --device auto or --device cpu") from None
+    cfg, models, run_record = load_run_models(run_dir, where)
     params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
     c, h, w = run_record["dataset"]["image_shape"]
     class_names = run_record["dataset"]["class_names"]
