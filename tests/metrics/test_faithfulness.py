@@ -399,6 +399,37 @@ def test_road_backends_agree():
     assert a["road"] == pytest.approx(b["road"], abs=1e-6)
 
 
+def test_road_imputes_on_the_models_device_and_matches_the_cpu(device, monkeypatch):
+    # the "torch" solver runs where the images are (a GPU run used to copy every chunk to the host and
+    # solve in float64 there); same masks, same CPU-drawn noise, so the scores match the CPU's
+    road_module = importlib.import_module("xkd.metrics.road")
+    solved_on = []
+    real = road_module._impute_torch
+
+    def recording(x, *args):
+        solved_on.append(x.device)
+        return real(x, *args)
+
+    monkeypatch.setattr(road_module, "_impute_torch", recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 5)).eval()
+    x, maps = torch.rand(3, 3, 12, 12), torch.rand(3, 12, 12)
+    ref = road(model, x, maps, percentages=[0.2, 0.6])
+    solved_on.clear()
+    out = road(model.to(device), x, maps, percentages=[0.2, 0.6])  # images on the host, model on the device
+    assert solved_on and all(d.type == device.type for d in solved_on)
+    for key in ("morf_per_image", "lerf_per_image", "original"):
+        assert out[key].device.type == "cpu"
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=0)
+    # the imputation itself: output on the images' device, noise from the (CPU) generators as on the host
+    removed = _road_masks(2, 0.5, seed=5)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    imgs = torch.rand(4, 2, 28, 28, generator=torch.Generator().manual_seed(1))
+    on_device = linear_imputation(imgs.to(device), removed.to(device), 0.01, 8, gens())
+    assert on_device.device.type == device.type and on_device.dtype == torch.float32
+    torch.testing.assert_close(on_device.cpu(), linear_imputation(imgs, removed, 0.01, 8, gens()), atol=1e-5, rtol=0)
+
+
 def test_road_bad_arguments():
     x, right = box_data(1)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):

@@ -20,7 +20,7 @@ from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
 from xkd.metrics.base import Column, headline, metric
-from xkd.metrics.ranking import check_maps, saliency_ranks
+from xkd.metrics.ranking import check_maps, saliency_ranks, tie_permutation
 from xkd.models.state import eval_mode, model_device
 
 # ROAD's neighbour weights (Rong et al. 2022, §4.2; the reference code's ``NoisyLinearImputer``):
@@ -64,7 +64,7 @@ def linear_imputation(
     Backends:
 
     - ``"torch"`` (default): Jacobi-preconditioned conjugate gradient on ``A``, batched over every
-      image and channel, each product ``A p`` a masked 3x3 stencil (shifted adds; ``F.conv2d`` in float64
+      image and channel, on the images' device (the CPU for MPS, which has no float64), each product ``A p`` a masked 3x3 stencil (shifted adds; ``F.conv2d`` in float64
       was 15x slower). Mixed precision: CG runs in float32, the residual ``b - A u`` is recomputed in
       float64 and the correction re-solved (iterative refinement) until ``||b - A u|| <= tol ||b||`` per
       system; converged systems leave the batch. ``tol = 1e-7`` keeps the result within ~1e-6 of the
@@ -105,7 +105,9 @@ def linear_imputation(
     if backend not in ("torch", "scipy"):
         raise ValueError(f"backend must be 'torch' or 'scipy', got {backend!r}")
     n, c, h, w = images.shape
-    r = removed.detach().cpu().bool()
+    # the torch solver runs where the images are (float64 residuals: not on MPS, which lacks float64)
+    solve_on = images.device if backend == "torch" and images.device.type != "mps" else torch.device("cpu")
+    r = removed.detach().to(solve_on).bool()
     if not bool(r.any()):
         return images.clone()
     if bool(r.flatten(1).all(dim=1).any()):
@@ -113,22 +115,25 @@ def linear_imputation(
             "linear imputation is undetermined: a removed region touches no kept pixel "
             "(remove less than the whole image)"
         )
-    x = images.detach().cpu().double()
+    x = images.detach().to(solve_on, torch.float64)
     if backend == "scipy":
         out = _impute_scipy(x, r, neighbours)
     else:
         out = _impute_torch(x, r[:, None].expand(n, c, h, w), neighbours, tol, max_iter)
     if noise:
         ni, hi, wi = torch.nonzero(r, as_tuple=True)  # (n, h, w) order, the order of the scipy equations
+        # the noise is drawn on each generator's device (the CPU's by default) and then moved, so a
+        # seed gives the same noise whichever device solves
         if generator is None or isinstance(generator, torch.Generator):
-            eps = torch.randn(len(ni), c, generator=generator, dtype=torch.float64)
+            where = None if generator is None else generator.device
+            eps = torch.randn(len(ni), c, generator=generator, dtype=torch.float64, device=where).to(solve_on)
         else:
             if len(generator) != n:
                 raise ValueError(f"got {len(generator)} generators for {n} images")
-            eps = torch.stack([torch.randn(c, h, w, generator=g, dtype=torch.float64) for g in generator])
-            eps = eps[ni, :, hi, wi]
+            draws = [torch.randn(c, h, w, generator=g, dtype=torch.float64, device=g.device) for g in generator]
+            eps = torch.stack([d.to(solve_on) for d in draws])[ni, :, hi, wi]
         out[ni, :, hi, wi] += noise * eps
-    return out.to(images.dtype).to(images.device)
+    return out.to(images.device, images.dtype)
 
 
 def _impute_scipy(x: Tensor, removed: Tensor, neighbours: int) -> Tensor:
@@ -161,14 +166,16 @@ def _impute_scipy(x: Tensor, removed: Tensor, neighbours: int) -> Tensor:
 
 
 class _Stencil:
-    """``(W p)_i = sum_{j in N(i)} w_ij p_j`` for ``(S, 1, H, W)`` fields, zero outside the image, with
-    reusable buffers (fresh multi-MB temporaries cost page faults each CG iteration)."""
+    """``(W p)_i = sum_{j in N(i)} w_ij p_j`` for ``(S, 1, H, W)`` fields like ``like`` (shape, dtype,
+    device), zero outside the image, with reusable buffers (fresh multi-MB temporaries cost page faults
+    each CG iteration)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, neighbours: int):
-        s, _, h, w = shape
-        self.pad = torch.zeros(s, 1, h + 2, w + 2, dtype=dtype)
-        self.rows = torch.empty(s, 1, h + 2, w, dtype=dtype)
-        self.out = torch.empty(s, 1, h, w, dtype=dtype)
+    def __init__(self, like: Tensor, neighbours: int):
+        s, _, h, w = like.shape
+        kw = {"dtype": like.dtype, "device": like.device}
+        self.pad = torch.zeros(s, 1, h + 2, w + 2, **kw)
+        self.rows = torch.empty(s, 1, h + 2, w, **kw)
+        self.out = torch.empty(s, 1, h, w, **kw)
         self.neighbours = neighbours
 
     def __call__(self, p: Tensor) -> Tensor:
@@ -191,13 +198,13 @@ def _pcg(rhs: Tensor, rf: Tensor, deg: Tensor, tol: Tensor, max_iter: int, neigh
     s = rhs.shape[0]
     dot = lambda a, b: (a * b).flatten(1).sum(dim=1)  # noqa: E731
     tiny = torch.finfo(rhs.dtype).tiny
-    u_all, used = torch.zeros_like(rhs), torch.full((s,), max_iter)
-    idx, r, u = torch.arange(s), rhs.clone(), torch.zeros_like(rhs)
+    u_all, used = torch.zeros_like(rhs), torch.full((s,), max_iter, device=rhs.device)
+    idx, r, u = torch.arange(s, device=rhs.device), rhs.clone(), torch.zeros_like(rhs)
     inv = rf / deg
     z = r * inv
     p, ap, rz = z.clone(), torch.empty_like(r), dot(r, z)
     goal = tol * rhs.flatten(1).norm(dim=1)
-    stencil = _Stencil(r.shape, r.dtype, neighbours)
+    stencil = _Stencil(r, neighbours)
     for it in range(1, max_iter + 1):
         torch.mul(deg, p, out=ap).sub_(stencil(p)).mul_(rf)
         alpha = (rz / dot(p, ap).clamp_min(tiny)).view(-1, 1, 1, 1)
@@ -211,7 +218,7 @@ def _pcg(rhs: Tensor, rf: Tensor, deg: Tensor, tol: Tensor, max_iter: int, neigh
                 break
             keep = ~done
             idx, u, r, p, rz, goal, rf, inv, ap, z = (t[keep] for t in (idx, u, r, p, rz, goal, rf, inv, ap, z))
-            stencil = _Stencil(r.shape, r.dtype, neighbours)
+            stencil = _Stencil(r, neighbours)
         torch.mul(r, inv, out=z)
         rz, rz_old = dot(r, z), rz
         p.mul_((rz / rz_old.clamp_min(tiny)).view(-1, 1, 1, 1)).add_(z)
@@ -230,8 +237,9 @@ def _impute_torch(x: Tensor, removed: Tensor, neighbours: int, tol: float, max_i
     n, c, h, w = x.shape
     xs = x.reshape(n * c, 1, h, w)
     rf = removed.reshape(n * c, 1, h, w).to(torch.float64)
-    deg = _Stencil((1, 1, h, w), torch.float64, neighbours)(torch.ones(1, 1, h, w, dtype=torch.float64)).clone()
-    op = _Stencil(xs.shape, torch.float64, neighbours)
+    ones = torch.ones(1, 1, h, w, dtype=torch.float64, device=x.device)
+    deg = _Stencil(ones, neighbours)(ones).clone()
+    op = _Stencil(xs, neighbours)
     b = op(xs * (1 - rf)) * rf  # the kept neighbours, on the right-hand side
     kept_mean = (xs * (1 - rf)).sum(dim=(1, 2, 3), keepdim=True) / (1 - rf).sum(dim=(1, 2, 3), keepdim=True)
     u = kept_mean * rf  # start from the image's mean: removes the smoothest, slowest-converging error
@@ -240,9 +248,10 @@ def _impute_torch(x: Tensor, removed: Tensor, neighbours: int, tol: float, max_i
     # black background) the solution is 0 and ||b|| gives no scale: use the kept pixels' norm instead
     kept_norm = (xs * (1 - rf)).flatten(1).norm(dim=1)
     b_norm = torch.where(b_norm > 0, b_norm, kept_norm).clamp_min(torch.finfo(torch.float64).tiny)
-    todo, iters = torch.arange(n * c), torch.zeros(n * c, dtype=torch.long)
+    todo, iters = torch.arange(n * c, device=x.device), torch.zeros(n * c, dtype=torch.long, device=x.device)
     while True:
-        res = b[todo] - rf[todo] * (deg * u[todo] - _Stencil(u[todo].shape, torch.float64, neighbours)(u[todo]))
+        u_todo = u[todo]
+        res = b[todo] - rf[todo] * (deg * u_todo - _Stencil(u_todo, neighbours)(u_todo))
         res_norm = res.flatten(1).norm(dim=1)
         left = res_norm > tol * b_norm[todo]
         todo, res, res_norm = todo[left], res[left], res_norm[left]
@@ -319,7 +328,9 @@ def road(
     :func:`linear_imputation`. With ``"torch"``, the ``2 P`` masks of up to ``2**20 / (2 P C H W)``
     images are imputed in one batched solve (``"scipy"``: ``batch_size // (2 P + 1)`` images, at least
     one); the ``2 P + 1`` versions of each image (original, MoRF and LeRF at every ``p``) then go
-    through the model ``batch_size`` at a time.
+    through the model ``batch_size`` at a time. Ranks, masks and the ``"torch"`` solve run on the
+    model's device; the noise is drawn on the CPU, so a GPU run imputes the same images (to the
+    solver's tolerance).
 
     Measured (256 images 1x28x28, 9 percentages, tiny ``kdfmv_cnn`` widths (16, 32, 64), one torch
     thread, machine shared, min of 2, three runs): the 19 forward passes alone 4.8-6.6 ms per image
@@ -349,12 +360,15 @@ def road(
     per_chunk = max(1, batch_size // (2 * n_p + 1))
     if backend == "torch":  # the batched solver gains from many systems at once; 2**20 values ~ 100 MB of CG state
         per_chunk = max(per_chunk, 2**20 // (2 * n_p * ch * h * w))
+    counts = counts.to(device)
+    perm = tie_permutation(h * w, tie_seed).to(device)
     scores = []
     with eval_mode(model), torch.no_grad():
         for s in range(0, n, per_chunk):
-            x = images[s : s + per_chunk].detach().cpu()
+            # masks and imputation where the model is (the "torch" solver runs on the images' device)
+            x = images[s : s + per_chunk].detach().to(device)
             b = x.shape[0]
-            ranks = saliency_ranks(maps[s : s + per_chunk].detach().cpu(), tie_seed)  # (b, HW)
+            ranks = saliency_ranks(maps[s : s + per_chunk].detach().to(device), tie_seed, perm)  # (b, HW)
             morf = ranks[None] < counts[:, None, None]  # (P, b, HW)
             lerf = ranks[None] >= (h * w - counts)[:, None, None]
             removed = torch.cat([morf, lerf]).view(2 * n_p * b, h, w)
@@ -362,7 +376,7 @@ def road(
             imputed = linear_imputation(
                 x.repeat(2 * n_p, 1, 1, 1), removed, noise, neighbours, gens, backend, tol, max_iter
             )
-            xs = torch.cat([x, imputed]).to(device)  # (b + 2 P b, C, H, W): original first
+            xs = torch.cat([x, imputed])  # (b + 2 P b, C, H, W): original first
             logits = torch.cat([model(xs[i : i + batch_size]) for i in range(0, xs.shape[0], batch_size)])
             logits = logits.float().view(2 * n_p + 1, b, -1)
             tgt = logits[0].argmax(dim=1) if targets is None else targets[s : s + per_chunk].to(device).long()
