@@ -30,6 +30,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's "no GPU" error 
 
 import torch  # noqa: E402
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xkd.config import DataConfig, TrainConfig
 from xkd.data import build_dataset
@@ -79,33 +80,34 @@ def bare_epoch(
     return time.perf_counter() - t0
 
 
-# Operators that launch no kernel (views, metadata, dtype no-ops) are not counted.
+# Operators that launch no kernel (views, metadata, allocation) or are not a kernel (a host read).
 NO_KERNEL = {
-    "aten::view", "aten::slice", "aten::select", "aten::t", "aten::transpose", "aten::expand", "aten::as_strided",
-    "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::empty",
-    "aten::empty_strided", "aten::empty_like", "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view",
-    "aten::permute", "aten::flatten", "aten::split", "aten::narrow", "aten::result_type", "aten::to",
-    "aten::_to_copy", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::resize_",
+    "view", "slice", "select", "t", "transpose", "expand", "as_strided", "unsqueeze", "squeeze", "detach", "alias",
+    "lift_fresh", "empty", "empty_strided", "empty_like", "_reshape_alias", "_unsafe_view", "permute", "split",
+    "narrow", "unbind", "squeeze_", "unsqueeze_", "t_", "transpose_", "as_strided_", "_local_scalar_dense",
+    "is_nonzero", "item", "resize_", "set_",
 }  # fmt: skip
 
 
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten" and func.overloadpacket.__name__ not in NO_KERNEL:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
 def operators(run) -> int:
-    """How many tensor operators that launch a kernel ``run()`` calls (torch.profiler, outermost
-    ``aten::`` calls only; views and metadata left out, but a ``to``/``reshape``/... that copies, i.e.
-    calls ``aten::copy_`` inside, counted)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def copies(e) -> bool:
-        return any(c.name == "aten::copy_" or copies(c) for c in e.cpu_children)
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    """How many tensor operators that launch a kernel ``run()`` calls, forward and backward: the
+    operators torch dispatches to a device kernel, after composite operators are decomposed (a
+    ``kl_div`` counts as its sub, exp, mul and sum, as it launches them), views, metadata and host
+    reads left out."""
+    with _Count() as count:
         run()
-    return sum(
-        e.name.startswith("aten::")
-        and (e.name not in NO_KERNEL or copies(e))
-        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-        for e in prof.events()
-    )
+    return count.n
 
 
 def sync(device: torch.device) -> None:
@@ -179,26 +181,28 @@ def main() -> None:
     # (each at least one kernel) per step of the engine and of the bare loop, from the difference of a
     # 40-step and a 20-step run (which cancels what runs once: set-up, validation, first-step state;
     # fewer steps when the epoch is shorter).
-    def engine_steps(steps: int) -> None:
-        d = build_distiller("scratch", student())
+    def engine_steps(steps: int, name: str = "scratch", params: dict | None = None) -> None:
+        d = build_distiller(name, student(), teacher if name != "scratch" else None, params or {})
+        if name != "scratch":
+            d.use_teacher_logits(cached)
         cfg = TrainConfig(
             epochs=1, batch_size=budget.batch_size, optimizer=budget.optimizer, amp="off", max_steps_per_epoch=steps
         )
         Trainer(d, data.train, data.val, cfg, device=device, progress=False).fit()
 
+    def per_step(run) -> float:
+        return (operators(lambda: run(hi)) - operators(lambda: run(lo))) / (hi - lo)
+
     hi = min(40, n // budget.batch_size)
     lo = hi // 2
-    ops: dict[str, float | None] = {"bare_loop": None, "engine_scratch": None}
+    ops: dict[str, float | None] = {"bare_loop": None, "engine_scratch": None, "engine_kd_cached": None}
     if lo >= 1:
         ops = {
-            "bare_loop": (
-                operators(lambda: bare_epoch(student(), images, labels, budget, 0, hi))
-                - operators(lambda: bare_epoch(student(), images, labels, budget, 0, lo))
-            )
-            / (hi - lo),
-            "engine_scratch": (operators(lambda: engine_steps(hi)) - operators(lambda: engine_steps(lo))) / (hi - lo),
+            "bare_loop": per_step(lambda s: bare_epoch(student(), images, labels, budget, 0, s)),
+            "engine_scratch": per_step(engine_steps),
+            "engine_kd_cached": per_step(lambda s: engine_steps(s, "hinton_kd", {"alpha": 0.7, "temperature": 5.0})),
         }
-        print(f"operators per step: bare loop {ops['bare_loop']:.1f}, engine {ops['engine_scratch']:.1f}", flush=True)
+        print("operators per step: " + ", ".join(f"{k} {v:.1f}" for k, v in ops.items()), flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for name, run in variants.items():

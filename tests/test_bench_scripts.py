@@ -30,3 +30,8 @@ def test_the_train_bench_counts_operators_that_launch_kernels_not_views():
     assert bench.operators(lambda: x.double()) == 1  # a conversion copies
     assert bench.operators(lambda: x.float()) == 0  # already float32: no copy
     assert bench.operators(lambda: w.t().reshape(16)) == 1  # a reshape that must copy
+    # a composite operator counts as the kernels it launches: kl_div is a sub, an exp, a mul and a sum
+    log_p = torch.zeros(2, 3)
+    assert bench.operators(lambda: torch.nn.functional.kl_div(log_p, log_p, reduction="sum", log_target=True)) == 4
+    y = torch.ones(2, 3, requires_grad=True)
+    assert bench.operators(lambda: (y * 2).sum().backward()) == 4  # the backward's kernels count too

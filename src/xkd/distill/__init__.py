@@ -15,7 +15,17 @@ from xkd.distill.cat import CATKD
 from xkd.distill.crd import CRD
 from xkd.distill.e2kd import E2KD
 from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
-from xkd.distill.logits import DIST, DKD, HintonKD, LabelSmoothing, Scratch, dist_terms, dkd_terms, kd_loss
+from xkd.distill.logits import (
+    DIST,
+    DKD,
+    HintonKD,
+    LabelSmoothing,
+    Scratch,
+    dist_terms,
+    dkd_terms,
+    kd_loss,
+    soft_log_targets,
+)
 from xkd.distill.medtex import (
     ExplainerNet,
     MaskedStudent,
@@ -62,5 +72,6 @@ __all__ = [
     "dist_terms",
     "dkd_terms",
     "kd_loss",
+    "soft_log_targets",
     "teacher_cross_entropy",
 ]

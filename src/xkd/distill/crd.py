@@ -467,5 +467,5 @@ class CRD(Distiller):
             crd = self.contrast(v_s, v_t, index, negatives)
         terms = {"ce": p.ce_weight * F.cross_entropy(logits, batch.labels), "crd": p.beta * crd}
         if p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * kd_loss(logits, t_logits, p.temperature)
+            terms["kd"] = kd_loss(logits, t_logits, p.temperature, weight=p.kd_weight)
         return logits, terms

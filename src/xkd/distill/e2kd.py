@@ -423,9 +423,9 @@ class E2KD(Distiller):
         else:
             logits = self.student(images)
             exp = logits.new_zeros((), dtype=torch.float32)
-        kd = kd_loss(logits, teacher_logits, p.temperature, p.standardize)
+        kd = kd_loss(logits, teacher_logits, p.temperature, p.standardize, weight=p.teacher_weight * p.logit_weight)
         return logits, {
             "ce": p.ce_weight * F.cross_entropy(logits, batch.labels),
             "exp": p.teacher_weight * p.exp_weight * exp,
-            "kd": p.teacher_weight * p.logit_weight * kd,
+            "kd": kd,
         }

@@ -392,7 +392,7 @@ class FeatureDistiller(Distiller):
             self.term: p.beta * self.feature_scale * feat,
         }
         if p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * kd_loss(logits, teacher_logits, p.temperature)
+            terms["kd"] = kd_loss(logits, teacher_logits, p.temperature, weight=p.kd_weight)
         return logits, terms
 
 

@@ -48,23 +48,50 @@ def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
     return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
-    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, mean over the batch.
+def soft_log_targets(teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
+    """KD's soft targets as log-probabilities, ``log softmax(z_t / T)`` in fp32 (z-scored first with
+    ``standardize``): what :func:`kd_loss` computes from the teacher's logits, for callers that compute
+    it once (a cache of every training image's logits) instead of at every step."""
+    zt = teacher_logits.float()  # in fp32 also under autocast
+    if standardize:
+        zt = standardize_logits(zt)
+    return F.log_softmax(zt / temperature, dim=1)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float,
+    standardize: bool = False,
+    weight: float = 1.0,
+    log_targets: Tensor | None = None,
+) -> Tensor:
+    """``weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, mean over the batch.
 
     The ``T^2`` factor keeps the soft term's gradient scale independent of ``T`` (Hinton 2015, §2).
     Both distributions are computed from **logits** (the code published with KD-FMV, Jiang et al.
     2025, applies the temperature to probabilities, which we do not copy). With ``standardize`` both
     logit vectors are z-scored first (:func:`standardize_logits`, Sun et al. 2024), so ``T`` is then a
-    base temperature applied to unit-variance logits.
+    base temperature applied to unit-variance logits. ``log_targets``: the teacher's side already
+    computed (:func:`soft_log_targets` with the same ``T`` and ``standardize``); ``teacher_logits`` is
+    then not read.
+
+    The KL is summed and scaled once by ``weight * T^2 / batch``: on a GPU a small student's step is
+    bound by kernel launches, and "batchmean" followed by two products cost four kernels more per step
+    (forward and backward) for the same value.
     """
     t = temperature
     # in fp32 also under autocast: bf16's 8-bit mantissa loses the soft targets' small probabilities
-    zs, zt = student_logits.float(), teacher_logits.float()
+    zs = student_logits.float()
     if standardize:
-        zs, zt = standardize_logits(zs), standardize_logits(zt)
+        zs = standardize_logits(zs)
     log_p_s = F.log_softmax(zs / t, dim=1)
-    log_p_t = F.log_softmax(zt / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    if log_targets is None:
+        if teacher_logits is None:
+            raise ValueError("kd_loss needs the teacher's logits or its log_targets")
+        log_targets = soft_log_targets(teacher_logits, t, standardize)
+    kl = F.kl_div(log_p_s, log_targets, reduction="sum", log_target=True)
+    return kl * (weight * t * t / max(zs.shape[0], 1))
 
 
 @DISTILLERS.register("scratch")
@@ -116,14 +143,25 @@ class HintonKD(Distiller):
     Params = HintonKDParams
     teacher_logits_only = True
 
+    _log_targets: Tensor | None = None
+
+    def use_teacher_logits(self, logits: Tensor | None) -> None:
+        """Also turns the cached logits into soft targets once (:func:`soft_log_targets`), so a step
+        reads its rows instead of dividing and normalising the teacher's logits again."""
+        super().use_teacher_logits(logits)
+        p: HintonKDParams = self.params
+        self._log_targets = None if logits is None else soft_log_targets(logits, p.temperature, p.standardize)
+
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: HintonKDParams = self.params
         logits = self.student(batch.images)
-        teacher_logits = self.teacher_logits(batch)
-        return logits, {
-            "ce": p.alpha * F.cross_entropy(logits, batch.labels),
-            "kd": (1.0 - p.alpha) * kd_loss(logits, teacher_logits, p.temperature, p.standardize),
-        }
+        table = self._log_targets
+        if table is not None and batch.indices is not None:
+            teacher_logits, log_targets = None, table[batch.indices.to(table.device)].to(logits.device)
+        else:
+            teacher_logits, log_targets = self.teacher_logits(batch), None
+        kd = kd_loss(logits, teacher_logits, p.temperature, p.standardize, 1.0 - p.alpha, log_targets)
+        return logits, {"ce": p.alpha * F.cross_entropy(logits, batch.labels), "kd": kd}
 
 
 @dataclass

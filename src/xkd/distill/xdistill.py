@@ -410,6 +410,6 @@ class XDistillation(Distiller):
         teacher_logits = self.teacher_logits(batch)
         return logits, {
             "ce": F.cross_entropy(logits, batch.labels),
-            "kd": (1.0 - p.alpha) * kd_loss(logits, teacher_logits, p.temperature),
+            "kd": kd_loss(logits, teacher_logits, p.temperature, weight=1.0 - p.alpha),
             "fr": p.lam * self.student.cnn_weight().pow(2).sum(),
         }
