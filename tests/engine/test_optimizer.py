@@ -100,6 +100,35 @@ def test_a_resumed_run_steps_with_its_own_optimiser_not_the_checkpoints(before, 
     assert float(step) == 4  # two epochs of two steps: the restored state went on counting
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_a_run_resumed_with_the_other_memory_layout_keeps_moments_in_its_parameters_layout(
+    before, tiny_model, tiny_data, tmp_path
+):
+    """Adam's moments are saved in the layout of the run that wrote them; torch's fused kernels (fused:
+    auto on a GPU) refuse a parameter and a moment of different layouts, so a resume that flips
+    ``train.channels_last`` brings the moments into the parameters' layout (same values)."""
+    data = tiny_data(n=16)
+
+    def trainer(epochs, channels_last):
+        cfg = TrainConfig(epochs=epochs, batch_size=8, channels_last=channels_last)
+        model = tiny_model("student", 0)
+        return Trainer(build_distiller("scratch", model), data, data, cfg, checkpoint_dir=tmp_path, progress=False)
+
+    first = trainer(1, before)
+    first.fit()
+    saved = {id(p): {k: v.clone() for k, v in first.optimizer.state[p].items()} for p in first.modules.parameters()}
+    resumed = trainer(1, not before)
+    resumed.fit(resume=True)  # nothing left to train: the state is as loaded
+    flipped = 0
+    for p_old, p in zip(first.modules.parameters(), resumed.modules.parameters()):
+        for key, value in resumed.optimizer.state[p].items():
+            if value.shape == p.shape:
+                flipped += saved[id(p_old)][key].stride() != p.stride()
+                assert value.stride() == p.stride(), key
+                torch.testing.assert_close(value, saved[id(p_old)][key], rtol=0, atol=0)
+    assert flipped  # some moments were saved in the other layout (a conv's, with more than one input channel)
+
+
 def test_the_optimiser_is_built_on_the_training_device(tiny_model, tiny_data):
     # torch 2.3 checks a fused optimiser's parameter devices when it is built (CPU ones are refused
     # there): the trainer moves its modules first ("meta" stands in for a GPU here)

@@ -191,6 +191,12 @@ class Trainer:
         for group in saved["param_groups"]:  # this run's implementation (fused or not), not the checkpoint's
             group.update({k: self.optimizer.defaults[k] for k in ("fused", "foreach") if k in self.optimizer.defaults})
         self.optimizer.load_state_dict(saved)
+        # moments saved under the other train.channels_last keep that memory layout; torch's fused
+        # kernels (fused: auto on a GPU) refuse a parameter and a moment of different layouts
+        for param, slots in self.optimizer.state.items():
+            for key, value in slots.items():
+                if isinstance(value, Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
