@@ -211,6 +211,23 @@ def test_terms_match_an_independent_computation(tiny_pair):
         assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_maps_are_fp32_under_autocast(tiny_pair):
+    # on a GPU amp: auto runs the einsum of the maps in bf16; they are computed in fp32 as without amp
+    student, teacher = tiny_pair
+    d = build_distiller("cat_kd", student, teacher, {}, context()).eval()
+    batch = fixed_batch()
+    src_s, _ = d.sources
+    with torch.no_grad(), capture_features(student, [src_s.layer], detach=True) as fs:
+        student(batch.images)
+    feat = fs[src_s.layer]
+    exact = d.cams(student, src_s, feat)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = d.cams(student, src_s, feat.bfloat16())
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, d.cams(student, src_s, feat.bfloat16().float()), rtol=0, atol=0)
+    assert (mixed - exact).abs().max() < 0.02 * exact.abs().max()  # only the features' rounding
+
+
 @pytest.mark.parametrize(("binarize", "normalize"), [(True, False), (False, True)])
 def test_binarize_and_normalize_options(binarize, normalize, tiny_pair):
     student, teacher = tiny_pair

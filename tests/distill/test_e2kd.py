@@ -164,6 +164,19 @@ def test_grad_cam_agrees_with_the_grad_cam_explainer(pair, data, role, layer):
     torch.testing.assert_close(with_graph.detach(), cams, rtol=1e-5, atol=1e-7)
 
 
+def test_live_maps_are_fp32_under_autocast(pair, data):
+    # frozen teacher maps are computed without autocast; live ones under amp: auto (bf16 on a GPU) are
+    # computed in fp32 from the bf16 activations and gradients, so the two compare alike
+    model = pair[1].eval()
+    x, targets = data.images[:6], torch.tensor([0, 1, 2, 0, 1, 2])
+    _, exact = grad_cam(model, "layer3", x, targets)
+    for create_graph in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, mixed = grad_cam(model, "layer3", x, targets, create_graph=create_graph)
+        assert mixed.dtype == torch.float32
+        assert (mixed.detach() - exact).abs().max() < 0.05 * exact.abs().max() + 1e-6
+
+
 def test_explanation_term_trains_the_student_through_its_gradients(pair, data):
     student, teacher = pair
     d = build_distiller("e2kd", student, teacher, {**PARAMS, "layer": STUDENT_LAYER})

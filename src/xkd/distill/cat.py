@@ -307,7 +307,9 @@ class CATKD(Distiller):
                 f"cat_kd: layer {source.layer!r} gave a {tuple(feat.shape[1:])} map, but the classifier reads a "
                 f"flattened {source.shape} map; train on images of the size setup() saw"
             )
-        return class_activation_maps(feat, weight, source.kind, source.relu)
+        # fp32 also under autocast (the einsum would run in bf16/fp16), as the maps of a run without amp
+        with torch.autocast(feat.device.type, enabled=False):
+            return class_activation_maps(feat.float(), weight.float(), source.kind, source.relu)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         if self.sources is None:

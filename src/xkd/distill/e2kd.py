@@ -142,7 +142,9 @@ def grad_cam(
                 f"layer {layer!r} of {type(model).__name__} does not feed its logits (its output is not used "
                 "on the way to them), so it has no Grad-CAM; name a convolutional layer the logits depend on"
             )
-        cams = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1))
+        # fp32 also under autocast (bf16 activations and gradients): live maps then match the frozen
+        # ones, which are computed without autocast
+        cams = F.relu((grads.float().mean(dim=(2, 3), keepdim=True) * acts.float()).sum(dim=1))
     if not create_graph:
         return logits.detach(), cams.detach()
     return logits, cams

@@ -131,7 +131,7 @@ def linear_imputation(
             if len(generator) != n:
                 raise ValueError(f"got {len(generator)} generators for {n} images")
             draws = [torch.randn(c, h, w, generator=g, dtype=torch.float64, device=g.device) for g in generator]
-            eps = torch.stack([d.to(solve_on) for d in draws])[ni, :, hi, wi]
+            eps = torch.stack(draws).to(solve_on)[ni, :, hi, wi]  # one copy, not one per image
         out[ni, :, hi, wi] += noise * eps
     return out.to(images.device, images.dtype)
 
