@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import xkd.metrics.transfer as transfer_module
 from xkd.metrics.transfer import fss, fss_unbiased, model_features, pair_features, rs, transfer_scores
 from xkd.models import LayerNotFoundError
 from xkd.registry import METRICS
@@ -298,6 +299,11 @@ def test_features_are_read_from_the_device_once_not_per_batch(tiny_pair, monkeyp
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: moved.append(t.shape[0]) or real(t, *a, **k))
     s, _ = model_features(student, images, "blocks.2.0", batch_size=3)
     assert moved == [12] and s.device.type == "cpu" and s.shape[0] == 12  # one read for the four batches
+    # past FEATURE_FLUSH_BYTES the features go to the host (a GPU is not filled by an early layer's)
+    moved.clear()
+    monkeypatch.setattr(transfer_module, "FEATURE_FLUSH_BYTES", 2 * s[:3].nbytes)
+    again, _ = model_features(student, images, "blocks.2.0", batch_size=3)
+    assert moved == [6, 6] and torch.equal(again, s)
 
 
 def test_features_of_two_models_and_transfer_scores(tiny_pair):

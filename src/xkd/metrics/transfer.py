@@ -217,6 +217,10 @@ def _batches(data: Tensor | Iterable[Any], batch_size: int) -> Iterable[tuple[Te
             )
 
 
+FEATURE_FLUSH_BYTES = 256 * 2**20
+"""Device memory :func:`model_features` fills with features before it copies them to the host."""
+
+
 def model_features(
     model: nn.Module, data: Tensor | Iterable[Any], layer: str | None = None, batch_size: int = 64
 ) -> tuple[Tensor, Tensor | None]:
@@ -228,21 +232,30 @@ def model_features(
     """
     layer = default_layer(model) if layer is None else layer
     get_module(model, layer)  # unknown layer -> LayerNotFoundError listing candidates
-    feats, labels = [], []
+    feats, pending, labels = [], [], []
+    pending_bytes = 0
     device = model_device(model, torch.device("cpu"))
-    with eval_mode(model), torch.no_grad():  # features stay on the device until every batch is queued
+    # features stay on the device while batches are queued (no host sync per batch) and go to the host
+    # every FEATURE_FLUSH_BYTES, so an early layer's features of many images do not fill a GPU
+    with eval_mode(model), torch.no_grad():
         with capture_features(model, [layer], detach=True, reduce=lambda _p, o: o.flatten(1).float()) as got:
             for images, lab in _batches(data, batch_size):
                 got.clear()
                 model(images.to(device))
                 if layer not in got:
                     raise RuntimeError(f"layer {layer!r} was not called in the forward pass of {type(model).__name__}")
-                feats.append(got[layer])
+                pending.append(got[layer])
+                pending_bytes += got[layer].nbytes
                 labels.append(lab)
+                if pending_bytes >= FEATURE_FLUSH_BYTES:
+                    feats.append(torch.cat(pending).cpu())  # one read of the device per flush
+                    pending, pending_bytes = [], 0
+    if pending:
+        feats.append(torch.cat(pending).cpu())
     if not feats:
         raise ValueError("data yielded no images")
     have = [x is not None for x in labels]
-    return torch.cat(feats).cpu(), torch.cat([x.cpu() for x in labels]) if all(have) else None
+    return torch.cat(feats), torch.cat([x.cpu() for x in labels]) if all(have) else None
 
 
 @dataclass
