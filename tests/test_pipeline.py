@@ -152,6 +152,37 @@ def test_a_distiller_config_error_fails_before_training(tmp_path, make_tiny_args
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.amp=fp16"], r"^train\.amp: fp16 needs a CUDA device.*on cpu use bf16 or off"),
+        (["teacher.train.amp=fp16"], r"^teacher\.train\.amp: fp16 needs a CUDA device"),
+        (["train.optimizer.fused=true"], r"^train\.optimizer\.fused: true is not supported for adam on cpu"),
+    ],
+    ids=["students_fp16", "teacher_fp16", "fused_unsupported"],
+)
+def test_a_precision_or_optimiser_the_device_lacks_fails_before_the_teacher_trains(
+    tmp_path, make_tiny_args, monkeypatch, overrides, match
+):
+    # fp16 on the CPU was reported only when the students' training began, after the teacher's
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail(f"{self.role} trained"))
+    if "fused" in overrides[0]:  # a torch without a fused CPU kernel (torch < 2.4)
+        real = torch.optim.Adam
+
+        def adam(params, **kw):
+            if kw.get("fused"):
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices"
+                )
+            return real(params, **kw)
+
+        monkeypatch.setattr(torch.optim, "Adam", adam)
+    cfg = load_config(None, make_tiny_args(tmp_path, *overrides))
+    with pytest.raises(ConfigError, match=match):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_preflight_runs_no_expensive_setup(tmp_path, make_tiny_args, monkeypatch):
     from xkd.distill.xdistill import XDistillation
 

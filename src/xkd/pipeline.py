@@ -31,7 +31,7 @@ from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
-from xkd.engine.runtime import configure_determinism, predict_logits
+from xkd.engine.runtime import build_optimizer, configure_determinism, predict_logits, resolve_amp
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
 from xkd.errors import ConfigError, LayerNotFoundError
@@ -129,6 +129,19 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
     for s in plan.students:
         source = teacher if s.assistant is None else check(s.assistant, teacher)
         check(s, source)
+
+
+def check_training_settings(cfg: RunConfig, device: torch.device) -> None:
+    """The precision and optimiser of the teacher's and the students' training on ``device``, checked
+    before anything trains: ``fp16`` off a GPU, ``bf16`` on a GPU without it or a ``fused: true`` that
+    torch cannot build there would otherwise fail only when that model's training starts."""
+    probe = [nn.Parameter(torch.zeros(1, device=device))]
+    for key, train in (("teacher.train", cfg.teacher.train), ("train", cfg.train)):
+        resolve_amp(train.amp, device, f"{key}.amp")
+        try:
+            build_optimizer(probe, train, device)
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e}") from None
 
 
 def train_teacher(
@@ -400,6 +413,7 @@ def run(
     if data.skipped_files:
         log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])
     preflight(plan, data)  # wrong layer names and shapes fail here, before any training or file
+    check_training_settings(cfg, device)
     prepare_run_dir(run_dir, cfg, resume, overwrite)
     # TensorBoard, MLflow; first, so an epoch is logged before a caller's callback may stop the run there
     callbacks = [*tracking.callbacks_for(cfg, run_dir, resume), *callbacks]

@@ -18,8 +18,9 @@ from xkd.data.base import BatchLoader, TensorImageDataset
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
+def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision); ``key`` names the
+    setting in errors (``teacher.train.amp`` for the teacher's).
 
     Raises:
         ConfigError: ``fp16`` off a CUDA device, or ``bf16`` on a GPU without bf16.
@@ -31,13 +32,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16":
         if device.type != "cuda":
             raise ConfigError(
-                f"train.amp: fp16 needs a CUDA device (it trains with a gradient scaler); on {device.type} use "
-                "bf16 or off"
+                f"{key}: fp16 needs a CUDA device (it trains with a gradient scaler); on {device.type} use bf16 or off"
             )
         return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
-            f"train.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 (with a "
+            f"{key}: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 (with a "
             "gradient scaler) or off"
         )
     return torch.bfloat16
