@@ -79,6 +79,16 @@ def test_superpixel_form_and_labels_are_accepted():
         (["train.epochs=0"], r"train.epochs must be >= 1"),
         (["students=[]"], r"at least one student"),
         (["students.1.name=scratch"], r"names must be unique"),
+        # a name is a folder of the run: "../x" wrote checkpoints outside output_dir
+        (["students.1.name=../../escaped"], r"students\[1\].name '\.\./\.\./escaped'.*may not .* start with '\.'"),
+        (["students.0.name=a/b"], r"students\[0\].name 'a/b'.*contain '/'"),
+        (["students.0.name=''"], r"students\[0\].name ''.*may not be empty"),
+        # 0 trained every student on nothing; a step scheduler with step_size 0 failed after the teacher
+        (["train.max_steps_per_epoch=0"], r"train.max_steps_per_epoch must be >= 1 or null, got 0"),
+        (["teacher.train.scheduler={name: step, step_size: 0}"], r"teacher.train.scheduler: step needs step_size >= 1"),
+        (["train.scheduler={name: step, gamma: -1}"], r"train.scheduler: step needs .* gamma > 0.*gamma -1"),
+        # a missing teacher checkpoint trained a teacher from scratch, and config.yaml named the file
+        (["teacher.checkpoint=/no/such/teacher.pt"], r"teacher.checkpoint: '/no/such/teacher.pt' is not a file"),
         (["train.batch_size=true"], r"expected an integer, got True"),
         (["train.epochs"], r"must look like key.path=value"),
     ],

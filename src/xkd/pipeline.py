@@ -162,7 +162,7 @@ def train_teacher(
     ckpt = run_dir.checkpoint("teacher")
     cached = Cache(cache_root(cfg)).folder("teachers", teacher_cache_key(cfg))
     given = cfg.teacher.checkpoint
-    source = Path(given) if given else cached / BEST
+    source = Path(given).expanduser() if given else cached / BEST
     if source.is_file():
         state = load_checkpoint(source)
         load_weights(teacher, model_weights(state), str(source))

@@ -97,6 +97,12 @@ def resolve(cfg: RunConfig) -> RunPlan:
         raise ConfigError(f"students: names must be unique, {sorted(dup)} repeated")
     if "teacher" in names:
         raise ConfigError("students: 'teacher' is reserved for the teacher; rename that student")
+    for i, n in enumerate(names):  # a name is a folder of the run (checkpoints, TensorBoard): never a path
+        if not n or n.startswith(".") or any(c in n for c in "/\\:"):
+            raise ConfigError(
+                f"students[{i}].name {n!r}: a name labels the student's folders, so it may not be empty, start "
+                "with '.' or contain '/', '\\' or ':'; use letters, digits, '_', '-' and spaces"
+            )
     students = [_student(cfg, i, check_name) for i in range(len(cfg.students))]
     explainers = []
     for i, e in enumerate(cfg.evaluation.explainers):
@@ -113,6 +119,18 @@ def resolve(cfg: RunConfig) -> RunPlan:
             raise ConfigError(f"{path}.batch_size must be >= 1, got {t.batch_size}")
         if t.optimizer.lr <= 0:
             raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
+        if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 1:
+            raise ConfigError(f"{path}.max_steps_per_epoch must be >= 1 or null, got {t.max_steps_per_epoch}")
+        if t.scheduler.name == "step" and (t.scheduler.step_size < 1 or not t.scheduler.gamma > 0):
+            raise ConfigError(
+                f"{path}.scheduler: step needs step_size >= 1 and gamma > 0 (the lr is multiplied by gamma every "
+                f"step_size epochs), got step_size {t.scheduler.step_size}, gamma {t.scheduler.gamma}"
+            )
+    if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).expanduser().is_file():
+        raise ConfigError(
+            f"teacher.checkpoint: {cfg.teacher.checkpoint!r} is not a file; give the path of a saved teacher "
+            "(e.g. runs/NAME/checkpoints/teacher/best.pt), or remove it to train the teacher"
+        )
     ev = cfg.evaluation
     _validate_metrics(ev, check_name)
     independent = independent_students(cfg, students, defaulted)
