@@ -191,3 +191,49 @@ def test_preflight_runs_no_expensive_setup(tmp_path, make_tiny_args, monkeypatch
         None, make_tiny_args(tmp_path, "students=[{name: x, distiller: xdistill}, {name: f, distiller: fitnets}]")
     )
     P.preflight(resolve(cfg), build_dataset(cfg.data))
+
+
+class _Trained(Exception):
+    """Raised by a stubbed Trainer.fit: the run got past its checks to training."""
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (["students.1.params.alpha=0.2"], r"students\[kd\]\.params: .*'alpha': 0\.7.* -> .*'alpha': 0\.2"),
+        (["students.1.distiller=dkd"], r"students\[kd\]\.distiller: hinton_kd -> dkd"),
+        (["teacher.model.params={depth: 14, width: 8}"], r"teacher\.model: .*'depth': 8.* -> .*'depth': 14"),
+        (["student_model.params={widths: [4, 8, 16]}"], r"students\[scratch\]\.model: .*students\[kd\]\.model"),
+        (["train.optimizer.lr=0.5"], r"students\[scratch\]\.train: .*'lr': 0\.002.* -> .*'lr': 0\.5"),
+        (["seed=3"], r"seed: 0 -> 3"),
+    ],
+    ids=["distiller_params", "distiller", "teacher", "student_model", "students_lr", "seed"],
+)
+def test_resume_refuses_a_run_trained_with_other_settings(tmp_path, make_tiny_args, monkeypatch, change, match):
+    # --resume kept the finished models and recorded them under the new config (alpha 0.2 written into
+    # config.yaml and models.json for a student trained with 0.7)
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail(f"{self.role} trained"))
+    students = "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd, params: {alpha: 0.7}}]"
+    first = load_config(None, make_tiny_args(tmp_path, students, "train.optimizer.lr=0.002"))
+    RunDir.of(first).create(first)  # the run's saved config, as a run that trained writes it
+    cfg = load_config(None, make_tiny_args(tmp_path, students, "train.optimizer.lr=0.002", *change))
+    with pytest.raises(ConfigError, match=rf"--resume: .*tiny holds models trained with other settings.*{match}"):
+        P.run(cfg, resume=True, progress=False)
+    with pytest.raises(_Trained):  # --overwrite starts over
+        monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: (_ for _ in ()).throw(_Trained()))
+        P.run(cfg, overwrite=True, progress=False)
+
+
+def test_resume_may_change_epochs_evaluation_and_how_steps_run(tmp_path, make_tiny_args, monkeypatch):
+    first = load_config(None, make_tiny_args(tmp_path))
+    RunDir.of(first).create(first)
+    more = [
+        "train.epochs=3", "teacher.train.epochs=4", "train.amp=bf16", "train.channels_last=true",
+        "evaluation.num_images=12", "evaluation.explainers=[{name: grad_cam}]",
+        "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}, {name: new, distiller: at}]",
+    ]  # fmt: skip
+    cfg = load_config(None, make_tiny_args(tmp_path, *more))
+    assert [s.name for s in first.students] == ["scratch", "kd", "ls"]  # ls dropped, new added: not conflicts
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: (_ for _ in ()).throw(_Trained()))
+    with pytest.raises(_Trained):
+        P.run(cfg, resume=True, progress=False)

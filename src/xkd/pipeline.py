@@ -39,7 +39,7 @@ from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
 from xkd.metrics.classification import evaluate_model
 from xkd.models import build_model
-from xkd.plan import RunPlan, StudentSpec, resolve
+from xkd.plan import RunPlan, StudentSpec, check_resume, resolve
 from xkd.rundir import BEST, LAST, RunDir, cache_root, read_train_info, write_train_info
 from xkd.schema import to_dict
 
@@ -409,6 +409,8 @@ def run(
     console = Console(stderr=True)
     run_dir = RunDir.of(cfg)
     run_dir.check(resume, overwrite)
+    if resume and not overwrite and run_dir.config.is_file():
+        check_resume(run_dir.config, cfg)
     data = build_dataset(cfg.data)
     if data.skipped_files:
         log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])

@@ -9,6 +9,7 @@ a study needs. Every error names the key path and the allowed values.
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from xkd.errors import ConfigError
 from xkd.explain.base import ExplainerSpec, resolve_explainer, split_name
 from xkd.explain.superpixel import SuperpixelParams
 from xkd.metrics.base import declared, default_metrics
-from xkd.schema import from_dict
+from xkd.schema import from_dict, to_dict
+
+log = logging.getLogger("xkd")
 
 
 def agreement_metrics() -> list[str]:
@@ -329,3 +332,50 @@ def _validate_min_images(ev: EvaluationConfig) -> None:
 
 def _is_import_path(name: str) -> bool:
     return ":" in name or "." in name
+
+
+def _trained_with(cfg: RunConfig) -> dict[str, Any]:
+    """What decides a run's trained weights, flattened to ``key: value``: the seed, the data, the
+    teacher (architecture, checkpoint, training) and each student (architecture, distiller and its
+    parameters, training). Epochs are left out (a resumed run may train on to more), and so are the
+    settings that change how a step runs, not what it computes (precision, memory layout, compile,
+    fused optimiser, workers, TensorBoard)."""
+
+    def training(t: Any) -> dict[str, Any]:
+        opt = {k: v for k, v in to_dict(t.optimizer).items() if k != "fused"}
+        return {"batch_size": t.batch_size, "optimizer": opt, "scheduler": to_dict(t.scheduler),
+                "max_steps_per_epoch": t.max_steps_per_epoch}  # fmt: skip
+
+    out = {"seed": cfg.seed, "data": to_dict(cfg.data), "teacher.model": to_dict(cfg.teacher.model)}
+    out |= {"teacher.checkpoint": cfg.teacher.checkpoint, "teacher.train": training(cfg.teacher.train)}
+    for s in cfg.students:
+        model = s.model or cfg.student_model
+        out |= {f"students[{s.name}].model": to_dict(model), f"students[{s.name}].distiller": s.distiller}
+        out |= {f"students[{s.name}].params": s.params, f"students[{s.name}].train": training(cfg.train)}
+    return out
+
+
+def resume_conflicts(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from those ``saved`` trained its models with (see
+    :func:`_trained_with`), as ``key: old -> new``; students only one of them has are not conflicts
+    (a resumed run trains a new student and ignores a dropped one)."""
+    old, new = _trained_with(saved), _trained_with(cfg)
+    return [f"{k}: {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
+
+
+def check_resume(saved_config: Path, cfg: RunConfig) -> None:
+    """``--resume`` of a run (its ``config.yaml`` at ``saved_config``) whose models were trained with
+    other settings would keep those models and record them under ``cfg``: refuse, naming what changed
+    (evaluation settings and epochs may change)."""
+    try:
+        saved = read_config(saved_config)
+    except ConfigError as e:  # written by an older xkd whose keys this one does not read
+        log.warning("cannot compare %s with this config (%s); resuming without the check", saved_config, e)
+        return
+    changed = resume_conflicts(saved, cfg)
+    if changed:
+        raise ConfigError(
+            f"--resume: {saved_config.parent} holds models trained with other settings, and resuming would keep "
+            f"them under the new ones: {'; '.join(changed)}. Restore those settings, pass --overwrite to train "
+            "again, or choose another name (--set name=NEW)"
+        )
