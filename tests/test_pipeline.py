@@ -126,6 +126,36 @@ def test_wrong_layer_fails_before_anything_trains_or_is_written(tmp_path, make_t
 @pytest.mark.parametrize(
     "overrides, match",
     [
+        (  # a teacher's layer named for every model: Grad-CAM found no layer3 in the student after training
+            ["evaluation.explainers=[{name: grad_cam, params: {layer: layer3}}]"],
+            r"evaluation.explainers\[0\] \(grad_cam\) on scratch: .*'layer3' not found in KDFMVStudent.*leave it unset",
+        ),
+        (
+            ["evaluation.explainers=[{name: feature_maps, params: {layers: [blocks.2, nope]}}]"],
+            r"evaluation.explainers\[0\] \(feature_maps\) on teacher: .*'blocks.2' not found",
+        ),
+        (
+            ["evaluation.explainers=[{name: unicam, params: {layer: nope}}]"],
+            r"evaluation.explainers\[0\] \(unicam\) on scratch: .*'nope' not found",
+        ),
+        (["evaluation.transfer_layers={student: nope}"], r"evaluation.transfer_layers.student on scratch: .*'nope'"),
+        (["evaluation.transfer_layers={teacher: blocks.2}"], r"evaluation.transfer_layers.teacher on teacher: .*"),
+    ],
+    ids=["explainer_layer", "feature_maps_layers", "unicam_layer", "transfer_student", "transfer_teacher"],
+)
+def test_an_evaluation_layer_missing_from_a_model_fails_before_training(
+    tmp_path, make_tiny_args, monkeypatch, overrides, match
+):
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail(f"{self.role} trained"))
+    cfg = load_config(None, make_tiny_args(tmp_path, *overrides))
+    with pytest.raises(LayerNotFoundError, match=match):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
         (
             ["students=[{name: at, distiller: at, params: {layers: [[classifier, layer3]]}}]"],
             r"student 'at' \(distiller 'at'\).*'classifier' outputs shape",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from xkd import tracking
 from xkd.cache import Cache
-from xkd.config import ModelConfig, RunConfig, TrainConfig
+from xkd.config import RunConfig, TrainConfig
 from xkd.data import DataBundle, build_dataset, make_loader
 from xkd.data.augment import BatchAugment
 from xkd.distill import build_distiller
@@ -31,15 +31,16 @@ from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
-from xkd.engine.runtime import build_optimizer, configure_determinism, predict_logits, resolve_amp
+from xkd.engine.runtime import configure_determinism, predict_logits
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
-from xkd.errors import ConfigError, LayerNotFoundError
+from xkd.errors import ConfigError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
 from xkd.metrics.classification import evaluate_model
 from xkd.models import build_model
 from xkd.plan import RunPlan, StudentSpec, check_resume, resolve
+from xkd.prepare import build_for, check_training_settings, preflight
 from xkd.rundir import BEST, LAST, RunDir, cache_root, read_train_info, write_train_info
 from xkd.schema import to_dict
 
@@ -83,13 +84,6 @@ def teacher_cache_key(cfg: RunConfig) -> str:
     )
 
 
-def build_for(cfg: ModelConfig, data: DataBundle, seed: int) -> nn.Module:
-    """Build ``cfg`` for ``data``'s shape with a seeded initialisation."""
-    torch.manual_seed(seed)
-    c, h, w = data.image_shape
-    return build_model(cfg, data.num_classes, c, h if h == w else (h, w))
-
-
 def prepare_run_dir(run_dir: RunDir, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     """Check, clear (``overwrite``) and create the run directory; only rank 0 writes."""
     run_dir.check(resume, overwrite)
@@ -99,49 +93,6 @@ def prepare_run_dir(run_dir: RunDir, cfg: RunConfig, resume: bool, overwrite: bo
     if is_writer():
         run_dir.create(cfg)
     D.barrier()
-
-
-def preflight(plan: RunPlan, data: DataBundle) -> None:
-    """Check every student's distiller on UNTRAINED models before anything trains or is written.
-
-    Builds the teacher, each student (and each teacher assistant) architecture and each distiller
-    without its setup, so every ``layers`` path is resolved (a wrong one raises
-    :class:`~xkd.errors.LayerNotFoundError` listing the model's module paths) and runs the
-    distiller's cheap :meth:`~xkd.distill.base.Distiller.preflight` (a dry run checking feature
-    shapes). Nothing expensive runs (no XDistillation explanations or CAE training).
-    """
-    cfg = plan.cfg
-    sample = torch.zeros(2, *data.image_shape)
-    teacher = build_for(cfg.teacher.model, data, cfg.seed).eval()
-
-    def check(spec: StudentSpec, source: nn.Module) -> nn.Module:
-        student = build_for(spec.model, data, cfg.seed)
-        try:
-            distiller = build_distiller(spec.distiller, student, source, spec.params)
-            distiller.preflight(sample)
-            distiller.check_data(data.train, cfg.data.augment.enabled)
-        except LayerNotFoundError as e:
-            raise LayerNotFoundError(f"student {spec.name!r} (distiller {spec.distiller!r}): {e}") from None
-        except ValueError as e:  # a layer whose output shape the method cannot use: a config mistake
-            raise ConfigError(f"student {spec.name!r} (distiller {spec.distiller!r}): {e}") from e
-        return student.eval()
-
-    for s in plan.students:
-        source = teacher if s.assistant is None else check(s.assistant, teacher)
-        check(s, source)
-
-
-def check_training_settings(cfg: RunConfig, device: torch.device) -> None:
-    """The precision and optimiser of the teacher's and the students' training on ``device``, checked
-    before anything trains: ``fp16`` off a GPU, ``bf16`` on a GPU without it or a ``fused: true`` that
-    torch cannot build there would otherwise fail only when that model's training starts."""
-    probe = [nn.Parameter(torch.zeros(1, device=device))]
-    for key, train in (("teacher.train", cfg.teacher.train), ("train", cfg.train)):
-        resolve_amp(train.amp, device, f"{key}.amp")
-        try:
-            build_optimizer(probe, train, device)
-        except ConfigError as e:
-            raise ConfigError(f"{key}.{e}") from None
 
 
 def train_teacher(

@@ -113,13 +113,13 @@ class Distiller(nn.Module):
         (or frozen)."""
 
     def preflight(self, sample: Tensor) -> None:
-        """Cheap checks before anything trains (:func:`xkd.pipeline.preflight`), on untrained models:
+        """Cheap checks before anything trains (:func:`xkd.prepare.preflight`), on untrained models:
         layer paths are already resolved by ``__init__``; methods override this to check what a dry
         run on ``sample`` shows (e.g. that a layer's output has the shape the method needs). Must not
         run expensive setup (explanations, pre-training). The default does nothing."""
 
     def check_data(self, train: Any, augmented: bool = False) -> None:
-        """Cheap checks of the training split before anything trains (:func:`xkd.pipeline.preflight`),
+        """Cheap checks of the training split before anything trains (:func:`xkd.prepare.preflight`),
         e.g. that it has enough images for the method's negatives (CRD), or that its images are not
         augmented when the method caches the teacher's view of them (frozen e2KD). The default does
         nothing."""

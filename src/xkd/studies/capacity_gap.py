@@ -25,8 +25,8 @@ from xkd.compare import compare, stat
 from xkd.config import ConfigError, RunConfig, StudentConfig, from_dict, to_dict
 from xkd.data import build_dataset
 from xkd.metrics.cost import parameter_count
-from xkd.pipeline import build_for
 from xkd.plan import validate_config
+from xkd.prepare import build_for
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root

@@ -38,7 +38,8 @@ from xkd.explain import build_explainer
 from xkd.metrics.dissection import check_concept_data, concept_detectors, top_unit_panels
 from xkd.metrics.localisation import region_precision_recall
 from xkd.models.hooks import default_layer, get_module
-from xkd.pipeline import build_for, load_run_models, weights_key
+from xkd.pipeline import load_run_models, weights_key
+from xkd.prepare import build_for
 from xkd.registry import STUDIES
 from xkd.report.figures import plot_top_units
 from xkd.report.study import render_study_report

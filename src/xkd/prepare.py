@@ -1,0 +1,97 @@
+"""Building a run's models and checking the run before anything trains or is written: every
+layer path (distillers', explainers', transfer layers) resolved on untrained models, each
+distiller's dry run, and each training's precision and optimiser on the device. A mistake found
+here costs seconds; found after training, it cost the whole training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xkd.config import ModelConfig, RunConfig
+from xkd.data import DataBundle
+from xkd.distill import build_distiller
+from xkd.engine.runtime import build_optimizer, resolve_amp
+from xkd.errors import ConfigError, LayerNotFoundError
+from xkd.models import build_model
+from xkd.models.hooks import get_module
+from xkd.plan import RunPlan, StudentSpec
+
+
+def build_for(cfg: ModelConfig, data: DataBundle, seed: int) -> nn.Module:
+    """Build ``cfg`` for ``data``'s shape with a seeded initialisation."""
+    torch.manual_seed(seed)
+    c, h, w = data.image_shape
+    return build_model(cfg, data.num_classes, c, h if h == w else (h, w))
+
+
+def preflight(plan: RunPlan, data: DataBundle) -> None:
+    """Check every student's distiller on UNTRAINED models before anything trains or is written.
+
+    Builds the teacher, each student (and each teacher assistant) architecture and each distiller
+    without its setup, so every ``layers`` path is resolved (a wrong one raises
+    :class:`~xkd.errors.LayerNotFoundError` listing the model's module paths) and runs the
+    distiller's cheap :meth:`~xkd.distill.base.Distiller.preflight` (a dry run checking feature
+    shapes). Nothing expensive runs (no XDistillation explanations or CAE training).
+    """
+    cfg = plan.cfg
+    sample = torch.zeros(2, *data.image_shape)
+    teacher = build_for(cfg.teacher.model, data, cfg.seed).eval()
+
+    def check(spec: StudentSpec, source: nn.Module) -> nn.Module:
+        student = build_for(spec.model, data, cfg.seed)
+        try:
+            distiller = build_distiller(spec.distiller, student, source, spec.params)
+            distiller.preflight(sample)
+            distiller.check_data(data.train, cfg.data.augment.enabled)
+        except LayerNotFoundError as e:
+            raise LayerNotFoundError(f"student {spec.name!r} (distiller {spec.distiller!r}): {e}") from None
+        except ValueError as e:  # a layer whose output shape the method cannot use: a config mistake
+            raise ConfigError(f"student {spec.name!r} (distiller {spec.distiller!r}): {e}") from e
+        return distiller.student.eval()  # the evaluated model: a method may wrap the student (MED-TEX)
+
+    models = {"teacher": teacher}
+    for s in plan.students:
+        source = teacher if s.assistant is None else check(s.assistant, teacher)
+        models[s.name] = check(s, source)
+    preflight_evaluation(plan, models)
+
+
+def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module]) -> None:
+    """The layer paths of the evaluation (explainers' ``layer``/``layers``, ``transfer_layers``)
+    resolved on every untrained model they will be used on: a wrong one used to fail after every
+    model had trained."""
+    ev, teacher = plan.cfg.evaluation, models["teacher"]
+    for i, e in enumerate(plan.explainers):
+        for role, model in models.items():
+            if (e.pair and role == "teacher") or not e.applies(model):
+                continue
+            try:
+                with e.build(model, teacher=teacher, base=model):
+                    pass
+            except LayerNotFoundError as err:
+                raise LayerNotFoundError(
+                    f"evaluation.explainers[{i}] ({e.key}) on {role}: {err}. A layer set in an explainer's params is "
+                    "looked up in every model it explains; leave it unset to use each model's default layer"
+                ) from None
+    for side, key in (("teacher", "teacher"), ("student", "student")):
+        path = ev.transfer_layers.get(key)
+        for role, model in models.items():
+            if path and (role == "teacher") == (side == "teacher"):
+                try:
+                    get_module(model, path)
+                except LayerNotFoundError as err:
+                    raise LayerNotFoundError(f"evaluation.transfer_layers.{key} on {role}: {err}") from None
+
+
+def check_training_settings(cfg: RunConfig, device: torch.device) -> None:
+    """The precision and optimiser of the teacher's and the students' training on ``device``, checked
+    before anything trains: ``fp16`` off a GPU, ``bf16`` on a GPU without it or a ``fused: true`` that
+    torch cannot build there would otherwise fail only when that model's training starts."""
+    probe = [nn.Parameter(torch.zeros(1, device=device))]
+    for key, train in (("teacher.train", cfg.teacher.train), ("train", cfg.train)):
+        resolve_amp(train.amp, device, f"{key}.amp")
+        try:
+            build_optimizer(probe, train, device)
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e}") from None
