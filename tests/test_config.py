@@ -72,6 +72,13 @@ def test_superpixel_form_and_labels_are_accepted():
         (["evaluation.explainers=[{name: grad_cam}, {name: grad_cam}]"], r"listed twice; give each entry a distinct"),
         (["evaluation.metrics=[accuracy, roadd]"], r"evaluation.metrics\[1\]: unknown metric 'roadd'"),
         (["evaluation.metric_params={road: {stepz: 3}}"], r"metric_params.road.stepz: unknown argument"),
+        # a metric argument's value against its annotation: these failed inside the metric, after training
+        (["evaluation.metric_params={road: {percentages: x}}"], r"metric_params.road.percentages: expected a list"),
+        (["evaluation.metric_params={road: {noise: cheap}}"], r"metric_params.road.noise: expected a number"),
+        (
+            ["evaluation.metric_params={road: {neighbours: 6}}"],
+            r"road.neighbours: 6 is not allowed; allowed values: 4, 8",
+        ),
         (["evaluation.transfer_layers={teacherr: x}"], r"unknown key; allowed keys: teacher, student"),
         (["evaluation.sanity_images=-1"], r"sanity_images must be >= 0"),
         (["teacher.model.name=vgg"], r"teacher.model.name: unknown model 'vgg'; registered: cifar_resnet"),
@@ -158,3 +165,13 @@ def test_unicam_needs_four_images_per_call_checked_before_training(tmp_path):
         load_config(None, [*base, "evaluation.sanity_images=3"])
     load_config(None, [*base, "evaluation.sanity_images=0", "evaluation.samples_per_class=1"])  # samples are padded
     load_config(None, [f"output_dir={tmp_path}", "evaluation.met_images=1"])  # grad_cam alone: one image is fine
+
+
+def test_floats_in_scientific_notation_are_numbers():
+    # YAML 1.1 reads 1e-3 as a string (a float needs a dot and a signed exponent there): `--set
+    # train.optimizer.lr=1e-3` failed with "expected a number, got '1e-3'"
+    cfg = load_config(None, ["train.optimizer.lr=1e-3", "train.optimizer.weight_decay=5E-4"])
+    assert cfg.train.optimizer.lr == 0.001 and cfg.train.optimizer.weight_decay == 0.0005
+    cfg = load_config(None, ["evaluation.metric_params={road: {tol: 1e-6, percentages: [.2, 5e-1]}}"])
+    assert cfg.evaluation.metric_params["road"] == {"tol": 1e-6, "percentages": [0.2, 0.5]}
+    assert load_config(None, ["name='1e3'"]).name == "1e3"  # quoted: still a string

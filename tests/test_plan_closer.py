@@ -65,7 +65,7 @@ def test_the_independent_student_needs_a_distilled_student_of_its_architecture(t
 def test_the_distance_is_checked_before_training(tmp_path, make_tiny_args):
     bad = "evaluation.metric_params={closer_to_teacher: {distance: euclidean}}"
     with pytest.raises(
-        ConfigError, match="closer_to_teacher.distance: 'euclidean' is not allowed; allowed: 'cosine', 'rank'"
+        ConfigError, match="closer_to_teacher.distance: 'euclidean' is not allowed; allowed values: 'cosine', 'rank'"
     ):
         load_config(None, make_tiny_args(tmp_path, bad))
     ok = load_config(None, make_tiny_args(tmp_path, "evaluation.metric_params={closer_to_teacher: {distance: rank}}"))

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
 from xkd.config import RunConfig, save_config
 from xkd.errors import RunExistsError
-from xkd.files import is_writer
+from xkd.files import is_writer, load_yaml
 from xkd.metrics.base import Column, declared
 from xkd.plan import agreement_metrics, validate_for_compare
 from xkd.registry import METRICS
@@ -103,7 +102,7 @@ def seed_config(cfg: RunConfig, compare_dir: Path, seed: int, teacher_checkpoint
 
 def _same_config(run_dir: RunDir, cfg: RunConfig) -> bool:
     """Whether ``run_dir`` was written by ``cfg`` (its saved ``config.yaml`` equals ``cfg``)."""
-    return run_dir.config.is_file() and yaml.safe_load(run_dir.config.read_text()) == to_dict(cfg)
+    return run_dir.config.is_file() and load_yaml(run_dir.config.read_text()) == to_dict(cfg)
 
 
 def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunDir:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from xkd.errors import ConfigError
-from xkd.files import atomic_write_text
+from xkd.files import atomic_write_text, load_yaml
 from xkd.schema import from_dict, to_dict
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.path=value")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text != "" else ""
+    value = load_yaml(text) if text != "" else ""
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):
@@ -484,7 +484,7 @@ def read_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):

@@ -20,6 +20,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 SCHEMA_VERSION = 2  # 2: explanations.json keys metrics by registry name
 
 
@@ -130,3 +132,22 @@ def library_versions() -> dict[str, str]:
 def record(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Wrap ``payload`` with the schema version and kind, as every file in ``records/`` is."""
     return {"schema_version": SCHEMA_VERSION, "kind": kind, **payload}
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 writes them: YAML 1.1 needs a dot and a
+    signed exponent, so ``lr: 1e-3`` (and ``--set train.optimizer.lr=1e-3``) came back a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML (safe: plain data only), ``1e-3`` read as a number."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import xkd.data  # noqa: F401  (registers the datasets)
 import xkd.distill  # noqa: F401  (registers the distillers)
@@ -28,7 +28,7 @@ from xkd.errors import ConfigError
 from xkd.explain.base import ExplainerSpec, resolve_explainer, split_name
 from xkd.explain.superpixel import SuperpixelParams
 from xkd.metrics.base import declared, default_metrics
-from xkd.schema import from_dict, to_dict
+from xkd.schema import check_value, from_dict, to_dict
 
 log = logging.getLogger("xkd")
 
@@ -287,12 +287,11 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
             if key not in sig:
                 allowed = ", ".join(p for p in sig)
                 raise ConfigError(f"evaluation.metric_params.{name}.{key}: unknown argument; arguments: {allowed}")
-            choices = _literal_choices(fn, key)
-            if choices is not None and kwargs[key] not in choices:
-                raise ConfigError(
-                    f"evaluation.metric_params.{name}.{key}: {kwargs[key]!r} is not allowed; allowed: "
-                    + ", ".join(map(repr, choices))
-                )
+            # the value against the argument's annotation: a string for ROAD's percentages failed with
+            # a ValueError from inside the metric, after every model had trained
+            hint = _argument_type(fn, key)
+            if hint is not None:
+                check_value(hint, kwargs[key], f"evaluation.metric_params.{name}.{key}")
     from_dict(SuperpixelParams, ev.superpixel, "evaluation.superpixel").validate()
     for key in ev.transfer_layers:
         if key not in ("teacher", "student"):
@@ -304,13 +303,12 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
     _validate_min_images(ev)
 
 
-def _literal_choices(fn: Any, param: str) -> tuple[Any, ...] | None:
-    """The allowed values of ``fn``'s parameter ``param`` when it is annotated with a ``Literal``."""
+def _argument_type(fn: Any, param: str) -> Any:
+    """The annotation of ``fn``'s parameter ``param`` (None when it has none or it does not resolve)."""
     try:
-        hint = typing.get_type_hints(fn).get(param)
+        return typing.get_type_hints(fn).get(param)
     except Exception:  # an annotation that does not resolve here: no check
         return None
-    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 def _validate_min_images(ev: EvaluationConfig) -> None:

@@ -26,11 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from xkd.config import RunConfig, save_config
 from xkd.errors import RunExistsError
-from xkd.files import atomic_write_bytes, read_json, record, write_json
+from xkd.files import atomic_write_bytes, load_yaml, read_json, record, write_json
 from xkd.schema import from_dict
 
 log = logging.getLogger("xkd")
@@ -171,7 +169,7 @@ class RunDir:
 
     def read_config(self) -> RunConfig:
         """The config the run was written with."""
-        return from_dict(RunConfig, yaml.safe_load(self.config.read_text()))
+        return from_dict(RunConfig, load_yaml(self.config.read_text()))
 
 
 def cache_root(cfg: RunConfig) -> Path:

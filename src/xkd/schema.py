@@ -92,6 +92,28 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
 
+def _concrete(tp: Any) -> Any:
+    """``tp`` with abstract sequences (``Sequence[float]``, as functions annotate their arguments)
+    read as lists, the form a config gives them."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Sequence:
+        return list[_concrete(args[0])] if args else list
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_concrete(a) for a in args)]  # noqa: UP007  (built from a tuple)
+    return tp
+
+
+def check_value(tp: Any, value: Any, path: str) -> bool:
+    """Check ``value`` against the annotation ``tp`` as a config field is checked (one
+    :class:`ConfigError` naming ``path``). Returns False, having checked nothing, for a type a config
+    cannot hold (a tensor, a module): the function that receives it checks it."""
+    try:
+        _convert(_concrete(tp), value, path)
+    except TypeError:
+        return False
+    return True
+
+
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 
