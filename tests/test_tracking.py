@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gc
 import io
+import socket
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from xkd.config import ConfigError
 from xkd.engine.callbacks import Callback
 from xkd.plan import load_config
 from xkd.rundir import RunDir
+from xkd.tracking import mlflow_log
 
 FAST = (
     "students=[{name: kd, distiller: hinton_kd}]",
@@ -290,6 +293,25 @@ def test_a_wrong_mlflow_uri_fails_before_training(tmp_path, make_tiny_args):
     cfg = load_config(None, make_tiny_args(tmp_path, *FAST, "tracking.backend=mlflow", "tracking.uri=nosuchscheme://x"))
     with pytest.raises(ConfigError, match=r"tracking: cannot log to MLflow at 'nosuchscheme://x'"):
         tracking.callbacks_for(cfg, RunDir.of(cfg))
+
+
+def test_an_unreachable_mlflow_server_fails_in_seconds_not_minutes():
+    # MLflow's client retried a closed port for 253 s before reporting it
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        t0 = time.perf_counter()
+        with pytest.raises(
+            ConfigError, match=rf"cannot reach the MLflow server at 'http://127.0.0.1:{port}'.*backend: none"
+        ):
+            mlflow_log.probe_server(f"http://127.0.0.1:{port}", timeout=2.0)
+        assert time.perf_counter() - t0 < 30
+    with socket.socket() as server:  # a listening server passes; file and database URIs are MLflow's to check
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        mlflow_log.probe_server(f"http://127.0.0.1:{server.getsockname()[1]}")
+    mlflow_log.probe_server("sqlite:///x.db")
+    mlflow_log.probe_server("file:///tmp/mlruns")
 
 
 def test_jet_runs_blue_to_red():

@@ -6,7 +6,10 @@ import importlib.util
 import logging
 import os
 import re
+import socket
 import time
+import urllib.parse
+import urllib.request
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -50,6 +53,26 @@ def mlflow_uri(cfg: RunConfig) -> tuple[str, Path | None, bool]:
     return uri, (database.parent if database is not None else None), default
 
 
+def probe_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise :class:`ConfigError` at once when the MLflow server of an ``http(s)`` ``uri`` takes no
+    TCP connection within ``timeout`` seconds: MLflow's own client retries for minutes (253 s for a
+    closed local port) before it reports the same. Other URIs, and servers behind a configured proxy,
+    are left to MLflow."""
+    u = urllib.parse.urlparse(uri)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return
+    if urllib.request.getproxies().get(u.scheme) and not urllib.request.proxy_bypass(u.hostname):
+        return
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(
+            f"tracking: cannot reach the MLflow server at {hide_password(uri)!r} ({e}); start it, check "
+            "tracking.uri, or set tracking.backend: none"
+        ) from None
+
+
 def _key(name: str) -> str:
     """A metric or param name MLflow accepts (letters, digits, ``_ - . : /`` and spaces)."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
@@ -78,6 +101,7 @@ class MLflow(Callback):
         self.first_epoch: dict[str, int] = {}
         self.complete: set[str] = set()
         path = str(run_dir.path.resolve())
+        probe_server(self.uri)
         try:
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
