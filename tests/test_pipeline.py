@@ -267,3 +267,17 @@ def test_resume_may_change_epochs_evaluation_and_how_steps_run(tmp_path, make_ti
     monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: (_ for _ in ()).throw(_Trained()))
     with pytest.raises(_Trained):
         P.run(cfg, resume=True, progress=False)
+
+
+def test_sizes_larger_than_the_data_are_said_before_training(tmp_path, make_tiny_args, caplog):
+    # they were clamped without a word: 100,000 training images asked, 240 used
+    over = ["data.train_size=100000", "evaluation.num_images=1000", "evaluation.met_images=500"]
+    cfg = load_config(None, make_tiny_args(tmp_path, *over))
+    with caplog.at_level("WARNING", logger="xkd"):
+        data = build_dataset(cfg.data)
+        P.preflight(resolve(cfg), data)
+    text = caplog.text
+    assert f"data.train_size 100000: digits has {len(data.train)} train images; all of them are used" in text
+    assert "evaluation.num_images 1000: the test split has 60 images; all of them are used" in text
+    assert "evaluation.met_images 500: the run explains 60 images" in text
+    assert "sanity_images" not in text  # within bounds: nothing said

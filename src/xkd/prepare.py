@@ -5,6 +5,8 @@ here costs seconds; found after training, it cost the whole training."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ from xkd.errors import ConfigError, LayerNotFoundError
 from xkd.models import build_model
 from xkd.models.hooks import get_module
 from xkd.plan import RunPlan, StudentSpec
+
+log = logging.getLogger("xkd")
 
 
 def build_for(cfg: ModelConfig, data: DataBundle, seed: int) -> nn.Module:
@@ -55,6 +59,13 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
         source = teacher if s.assistant is None else check(s.assistant, teacher)
         models[s.name] = check(s, source)
     preflight_evaluation(plan, models)
+    ev, n_test = cfg.evaluation, len(data.test)
+    explained = n_test if ev.num_images is None else min(ev.num_images, n_test)
+    for key, cap, what in (("num_images", n_test, "the test split has"), ("met_images", explained, "the run explains"),
+                           ("sanity_images", explained, "the run explains")):  # fmt: skip
+        want = getattr(ev, key)
+        if want is not None and want > cap:
+            log.warning("evaluation.%s %d: %s %d images; all of them are used", key, want, what, cap)
 
 
 def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module]) -> None:

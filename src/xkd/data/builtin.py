@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import os
 import zlib
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from torch import Tensor
 from xkd.config import DataConfig
 from xkd.data.base import DataBundle, DataError, TensorImageDataset, stratified_split, take_subset
 from xkd.registry import DATASETS
+
+log = logging.getLogger("xkd")
 
 FASHION_CLASSES = [
     "T-shirt/top",
@@ -152,6 +155,10 @@ def finish_bundle(
         want = getattr(cfg, f"{split}_size")
         if want is not None:
             check_int(want, f"data.{split}_size", 1)
+            if want > len(ds):
+                log.warning(
+                    "data.%s_size %d: %s has %d %s images; all of them are used", split, want, cfg.name, len(ds), split
+                )
         ds = take_subset(ds, want, cfg.seed)
         if isinstance(ds, TensorImageDataset) and size is not None:
             masks = None if ds.masks is None else resize_masks(ds.masks, size)
