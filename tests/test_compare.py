@@ -10,6 +10,7 @@ import yaml
 from xkd.cli import main
 from xkd.compare import _ranks, agreement_test_stats, agreement_value, rank, stat
 from xkd.config import ConfigError
+from xkd.engine.trainer import Trainer
 from xkd.files import read_json
 from xkd.plan import load_config, validate_for_compare
 
@@ -188,7 +189,7 @@ def test_resume_reuses_finished_seeds_and_report_rerenders(compared, make_tiny_a
 
 
 @pytest.mark.slow
-def test_resume_reruns_only_seeds_whose_config_changed(tmp_path, make_tiny_args):
+def test_resume_reruns_only_seeds_whose_config_changed(tmp_path, make_tiny_args, monkeypatch):
     assert main(compare_args(tmp_path, make_tiny_args)) == 0
     out = tmp_path / "runs" / "tiny"
     changed = compare_args(tmp_path, make_tiny_args, "students.1.params={alpha: 0.2, temperature: 3.0}")
@@ -198,3 +199,14 @@ def test_resume_reruns_only_seeds_whose_config_changed(tmp_path, make_tiny_args)
     assert cmp["methods"]["kd"]["distiller_params"] == {"alpha": 0.2, "temperature": 3.0, "standardize": False}
     assert main([*changed, "--resume"]) == 0
     assert all(info["reused"] for info in read_json(out / "records/compare.json")["runs"].values())
+    # only an evaluation setting changed: the seeds are evaluated again with their trained models (they
+    # used to be trained again from scratch)
+    best = sorted((out / "seeds").glob("seed_*/checkpoints/*/best.pt"))
+    stamps = [p.read_bytes() for p in best]
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda *a, **k: pytest.fail("a model trained again"))
+    assert main([*changed, "--set", "evaluation.num_images=12", "--resume"]) == 0
+    assert [p.read_bytes() for p in best] == stamps  # the same weights (the teacher's is copied again)
+    cmp = read_json(out / "records/compare.json")
+    assert not any(info["reused"] for info in cmp["runs"].values())  # evaluated again, not reused as they were
+    seed = read_json(out / "seeds/seed_0/records/explanations.json")
+    assert seed["num_images"] == 12

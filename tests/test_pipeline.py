@@ -236,8 +236,10 @@ class _Trained(Exception):
         (["student_model.params={widths: [4, 8, 16]}"], r"students\[scratch\]\.model: .*students\[kd\]\.model"),
         (["train.optimizer.lr=0.5"], r"students\[scratch\]\.train: .*'lr': 0\.002.* -> .*'lr': 0\.5"),
         (["seed=3"], r"seed: 0 -> 3"),
+        # a teacher trained on for more epochs is not the teacher the finished students learnt from
+        (["teacher.train.epochs=4"], r"teacher\.train\.epochs: 2 -> 4"),
     ],
-    ids=["distiller_params", "distiller", "teacher", "student_model", "students_lr", "seed"],
+    ids=["distiller_params", "distiller", "teacher", "student_model", "students_lr", "seed", "teacher_epochs"],
 )
 def test_resume_refuses_a_run_trained_with_other_settings(tmp_path, make_tiny_args, monkeypatch, change, match):
     # --resume kept the finished models and recorded them under the new config (alpha 0.2 written into
@@ -258,7 +260,7 @@ def test_resume_may_change_epochs_evaluation_and_how_steps_run(tmp_path, make_ti
     first = load_config(None, make_tiny_args(tmp_path))
     RunDir.of(first).create(first)
     more = [
-        "train.epochs=3", "teacher.train.epochs=4", "train.amp=bf16", "train.channels_last=true",
+        "train.epochs=3", "train.amp=bf16", "train.channels_last=true", "teacher.train.channels_last=true",
         "evaluation.num_images=12", "evaluation.explainers=[{name: grad_cam}]",
         "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}, {name: new, distiller: at}]",
     ]  # fmt: skip

@@ -24,11 +24,11 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd.config import RunConfig, save_config
-from xkd.errors import RunExistsError
+from xkd.config import RunConfig, read_config, save_config
+from xkd.errors import ConfigError, RunExistsError
 from xkd.files import is_writer, load_yaml
 from xkd.metrics.base import Column, declared
-from xkd.plan import agreement_metrics, validate_for_compare
+from xkd.plan import agreement_metrics, resume_conflicts, validate_for_compare
 from xkd.registry import METRICS
 from xkd.report.compare import render_compare_report
 from xkd.rundir import RunDir, cache_root
@@ -105,6 +105,16 @@ def _same_config(run_dir: RunDir, cfg: RunConfig) -> bool:
     return run_dir.config.is_file() and load_yaml(run_dir.config.read_text()) == to_dict(cfg)
 
 
+def _retrains(run_dir: RunDir, cfg: RunConfig) -> bool:
+    """Whether ``cfg`` changes what trained ``run_dir``'s models (:func:`xkd.plan.resume_conflicts`):
+    then the seed runs again; otherwise (evaluation settings, more epochs for the students) it resumes
+    with its models."""
+    try:
+        return bool(resume_conflicts(read_config(run_dir.config), cfg))
+    except ConfigError:  # no config, or one this xkd cannot read: run it again
+        return True
+
+
 def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunDir:
     out = RunDir.of(cfg)
     if not out.is_empty():
@@ -158,9 +168,14 @@ def compare(
             console.print(f"seed {s}: finished run found in {run_dir.path}, reused")
             runs.append(SeedRun(s, run_dir.path, True))
         else:
-            if resume and run_dir.path.exists() and not same:  # its checkpoints belong to another config
-                console.print(f"seed {s}: the config changed since {run_dir.path} was written; it is run again")
-            fresh = resume and run_dir.path.exists() and not same
+            changed = resume and run_dir.path.exists() and not same
+            fresh = changed and _retrains(run_dir, c)
+            if fresh:  # its checkpoints belong to models trained with other settings
+                console.print(
+                    f"seed {s}: the models' settings changed since {run_dir.path} was written; it is run again"
+                )
+            elif changed:
+                console.print(f"seed {s}: only settings that keep its trained models changed; they are reused")
             runs.append(SeedRun(s, run(c, resume=resume and not fresh, overwrite=fresh, progress=progress), False))
         if teacher_ckpt is None:  # every later seed distils from this seed's teacher
             teacher_ckpt = str(run_dir.checkpoint("teacher"))

@@ -335,9 +335,10 @@ def _is_import_path(name: str) -> bool:
 def _trained_with(cfg: RunConfig) -> dict[str, Any]:
     """What decides a run's trained weights, flattened to ``key: value``: the seed, the data, the
     teacher (architecture, checkpoint, training) and each student (architecture, distiller and its
-    parameters, training). Epochs are left out (a resumed run may train on to more), and so are the
-    settings that change how a step runs, not what it computes (precision, memory layout, compile,
-    fused optimiser, workers, TensorBoard)."""
+    parameters, training). The students' epochs are left out (a resumed run may train them on to
+    more; the teacher's stay in: finished students were distilled from the teacher as it was), and so
+    are the settings that change how a step runs, not what it computes (precision, memory layout,
+    compile, fused optimiser, workers, TensorBoard)."""
 
     def training(t: Any) -> dict[str, Any]:
         opt = {k: v for k, v in to_dict(t.optimizer).items() if k != "fused"}
@@ -346,6 +347,7 @@ def _trained_with(cfg: RunConfig) -> dict[str, Any]:
 
     out = {"seed": cfg.seed, "data": to_dict(cfg.data), "teacher.model": to_dict(cfg.teacher.model)}
     out |= {"teacher.checkpoint": cfg.teacher.checkpoint, "teacher.train": training(cfg.teacher.train)}
+    out |= {"teacher.train.epochs": cfg.teacher.train.epochs}
     for s in cfg.students:
         model = s.model or cfg.student_model
         out |= {f"students[{s.name}].model": to_dict(model), f"students[{s.name}].distiller": s.distiller}
