@@ -85,10 +85,10 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module]) -> None:
                     f"evaluation.explainers[{i}] ({e.key}) on {role}: {err}. A layer set in an explainer's params is "
                     "looked up in every model it explains; leave it unset to use each model's default layer"
                 ) from None
-    for side, key in (("teacher", "teacher"), ("student", "student")):
+    for key in ("teacher", "student"):
         path = ev.transfer_layers.get(key)
         for role, model in models.items():
-            if path and (role == "teacher") == (side == "teacher"):
+            if path and (role == "teacher") == (key == "teacher"):
                 try:
                     get_module(model, path)
                 except LayerNotFoundError as err:

@@ -103,15 +103,14 @@ def _concrete(tp: Any) -> Any:
     return tp
 
 
-def check_value(tp: Any, value: Any, path: str) -> bool:
+def check_value(tp: Any, value: Any, path: str) -> None:
     """Check ``value`` against the annotation ``tp`` as a config field is checked (one
-    :class:`ConfigError` naming ``path``). Returns False, having checked nothing, for a type a config
-    cannot hold (a tensor, a module): the function that receives it checks it."""
+    :class:`ConfigError` naming ``path``). A type a config cannot hold (a tensor, a module) is not
+    checked here: the function that receives the value checks it."""
     try:
         _convert(_concrete(tp), value, path)
     except TypeError:
-        return False
-    return True
+        pass
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:

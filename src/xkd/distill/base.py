@@ -51,6 +51,14 @@ class DistillContext:
     progress: bool = False
 
 
+def cached_rows(table: Tensor | None, batch: Batch) -> Tensor | None:
+    """The rows of ``table`` (one per training image, by dataset index) of ``batch``'s images, on the
+    images' device; None when there is no table or the batch carries no indices."""
+    if table is None or batch.indices is None:
+        return None
+    return table[batch.indices.to(table.device)].to(batch.images.device)
+
+
 class Distiller(nn.Module):
     """Base class of every distillation method.
 
@@ -94,9 +102,9 @@ class Distiller(nn.Module):
     def teacher_logits(self, batch: Batch) -> Tensor:
         """The teacher's logits of ``batch`` (no gradient): read by sample index from the cached
         logits when there are some and the batch carries indices, else computed."""
-        cached = self.cached_teacher_logits
-        if cached is not None and batch.indices is not None:
-            return cached[batch.indices.to(cached.device)].to(batch.images.device)
+        cached = cached_rows(self.cached_teacher_logits, batch)
+        if cached is not None:
+            return cached
         with torch.no_grad():
             return self.teacher(batch.images)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xkd.data.base import Batch
-from xkd.distill.base import Distiller, NoParams
+from xkd.distill.base import Distiller, NoParams, cached_rows
 from xkd.errors import ConfigError
 from xkd.registry import DISTILLERS
 
@@ -155,11 +155,8 @@ class HintonKD(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: HintonKDParams = self.params
         logits = self.student(batch.images)
-        table = self._log_targets
-        if table is not None and batch.indices is not None:
-            teacher_logits, log_targets = None, table[batch.indices.to(table.device)].to(logits.device)
-        else:
-            teacher_logits, log_targets = self.teacher_logits(batch), None
+        log_targets = cached_rows(self._log_targets, batch)
+        teacher_logits = self.teacher_logits(batch) if log_targets is None else None
         kd = kd_loss(logits, teacher_logits, p.temperature, p.standardize, 1.0 - p.alpha, log_targets)
         return logits, {"ce": p.alpha * F.cross_entropy(logits, batch.labels), "kd": kd}
 
