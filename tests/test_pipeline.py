@@ -153,6 +153,19 @@ def test_an_evaluation_layer_missing_from_a_model_fails_before_training(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("name", ["occlusion", "occlusion+superpixel"])
+def test_an_occlusion_window_larger_than_the_images_fails_before_training(tmp_path, make_tiny_args, monkeypatch, name):
+    # the ValueError came at explain time, after every model had trained (the tiny run: 16x16 digits)
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail(f"{self.role} trained"))
+    over = f"evaluation.explainers=[{{name: grad_cam}}, {{name: {name}, params: {{window: [4, 17], stride: 2}}}}]"
+    cfg = load_config(None, make_tiny_args(tmp_path, over))
+    with pytest.raises(
+        ConfigError, match=r"explainers\[1\] \(occlusion.*window \[4, 17\] is larger than the images \[16, 16\]"
+    ):
+        P.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -283,3 +296,12 @@ def test_sizes_larger_than_the_data_are_said_before_training(tmp_path, make_tiny
     assert "evaluation.num_images 1000: the test split has 60 images; all of them are used" in text
     assert "evaluation.met_images 500: the run explains 60 images" in text
     assert "sanity_images" not in text  # within bounds: nothing said
+    assert "masks" not in text  # the default metric list: its mask metrics are skipped without a word
+
+
+def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path, make_tiny_args, caplog):
+    # pointing_game listed on digits (no masks) gave no number and no word
+    cfg = load_config(None, make_tiny_args(tmp_path, "evaluation.metrics=[rank_correlation, pointing_game, mask_mass]"))
+    with caplog.at_level("WARNING", logger="xkd"):
+        P.preflight(resolve(cfg), build_dataset(cfg.data))
+    assert "evaluation.metrics: pointing_game, mask_mass need ground-truth masks and digits has none" in caplog.text

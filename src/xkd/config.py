@@ -203,7 +203,7 @@ class EvaluationConfig:
             gives any explainer's XDistillation superpixel form; ``unicam`` runs on students only).
         metrics: registered metrics to compute (``xkd list``); None: every metric declared on by
             default (the plan writes the list out). Those that need masks are skipped on data
-            without masks, and the test-split metrics (accuracy, cost) always run.
+            without masks (with a warning when listed), and the test-split metrics (accuracy, cost) always run.
         metric_params: keyword arguments per metric, e.g. ``{road: {percentages: [0.2, 0.5]}}``.
         superpixel: SLIC options of the superpixel metrics (``n_segments`` = XDistillation's k, 19).
         num_images: test images explained for the explanation metrics (None = whole test set).

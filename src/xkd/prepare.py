@@ -15,9 +15,11 @@ from xkd.data import DataBundle
 from xkd.distill import build_distiller
 from xkd.engine.runtime import build_optimizer, resolve_amp
 from xkd.errors import ConfigError, LayerNotFoundError
+from xkd.metrics.base import declared, default_metrics
 from xkd.models import build_model
 from xkd.models.hooks import get_module
 from xkd.plan import RunPlan, StudentSpec
+from xkd.registry import METRICS
 
 log = logging.getLogger("xkd")
 
@@ -58,7 +60,7 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
     for s in plan.students:
         source = teacher if s.assistant is None else check(s.assistant, teacher)
         models[s.name] = check(s, source)
-    preflight_evaluation(plan, models)
+    preflight_evaluation(plan, models, data)
     ev, n_test = cfg.evaluation, len(data.test)
     explained = n_test if ev.num_images is None else min(ev.num_images, n_test)
     for key, cap, what in (("num_images", n_test, "the test split has"), ("met_images", explained, "the run explains"),
@@ -68,23 +70,38 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
             log.warning("evaluation.%s %d: %s %d images; all of them are used", key, want, what, cap)
 
 
-def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module]) -> None:
-    """The layer paths of the evaluation (explainers' ``layer``/``layers``, ``transfer_layers``)
-    resolved on every untrained model they will be used on: a wrong one used to fail after every
-    model had trained."""
+def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: DataBundle) -> None:
+    """The evaluation checked on every untrained model it will be used on: the layer paths
+    (explainers' ``layer``/``layers``, ``transfer_layers``) and each explainer's params against the
+    images' shape (an occlusion window larger than the images); a wrong one used to fail after every
+    model had trained. Metrics listed in ``evaluation.metrics`` that need masks the data does not
+    have are warned about (the default list relies on their being skipped, so no warning then)."""
     ev, teacher = plan.cfg.evaluation, models["teacher"]
     for i, e in enumerate(plan.explainers):
         for role, model in models.items():
             if (e.pair and role == "teacher") or not e.applies(model):
                 continue
             try:
-                with e.build(model, teacher=teacher, base=model):
-                    pass
+                with e.build(model, teacher=teacher, base=model) as explainer:
+                    explainer.check_image_shape(data.image_shape)
             except LayerNotFoundError as err:
                 raise LayerNotFoundError(
                     f"evaluation.explainers[{i}] ({e.key}) on {role}: {err}. A layer set in an explainer's params is "
                     "looked up in every model it explains; leave it unset to use each model's default layer"
                 ) from None
+            except ConfigError as err:
+                raise ConfigError(f"evaluation.explainers[{i}] ({e.key}): {err}") from None
+    listed = set(ev.metrics or ())
+    # the default list (written out by resolve, less the metrics needing an independent student)
+    defaulted = {m for m in default_metrics() if "independent_maps" not in METRICS.get(m).needs} <= listed
+    unmasked = [m.name for m in declared() if m.name in listed and "masks" in m.needs]
+    if unmasked and not data.has_masks and not defaulted:
+        log.warning(
+            "evaluation.metrics: %s need ground-truth masks and %s has none, so they are skipped; use data with "
+            "masks (lesions, concepts, an image folder with masks) or drop them",
+            ", ".join(unmasked),
+            data.name,
+        )
     for key in ("teacher", "student"):
         path = ev.transfer_layers.get(key)
         for role, model in models.items():

@@ -132,6 +132,10 @@ class Explainer:
         """Maps for ``images`` (N, C, H, W) explaining class ``targets`` (N,) (None: the predicted class)."""
         raise NotImplementedError
 
+    def check_image_shape(self, shape: tuple[int, int, int]) -> None:
+        """Raise :class:`~xkd.errors.ConfigError` when images of ``shape`` ``(C, H, W)`` cannot be explained
+        with these params (a run checks this before anything trains); the default accepts every shape."""
+
     def __call__(self, images: Tensor, targets: Tensor | None) -> Attribution:
         return self.explain(images, targets)
 
@@ -295,6 +299,9 @@ class SuperpixelForm(Explainer):
         reduce = "mean" if self.inner.map_form == "superpixel" else "sum"
         maps = superpixel_maps(a.maps, segments, reduce=reduce)
         return Attribution(maps, method=self.registry_name, layer=a.layer, role=a.role)
+
+    def check_image_shape(self, shape: tuple[int, int, int]) -> None:
+        self.inner.check_image_shape(shape)
 
     def close(self) -> None:
         self.inner.close()

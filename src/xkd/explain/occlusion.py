@@ -120,14 +120,21 @@ class Occlusion(Explainer):
             logits = logits.softmax(dim=1)
         return logits.gather(1, targets[:, None])[:, 0]
 
+    def check_image_shape(self, shape: tuple[int, int, int]) -> None:
+        window, hw = _pair(self.params.window, "window"), tuple(shape[1:])
+        if window[0] > hw[0] or window[1] > hw[1]:
+            raise ConfigError(
+                f"occlusion window {list(window)} is larger than the images {list(hw)}; lower the explainer's "
+                "'window' (and 'stride') to at most the image size"
+            )
+
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
         """Maps ``(N, H, W)`` of the mean score drop for class ``targets`` (None: predicted class)."""
         check_inputs(images, targets)
         p = self.params
         window, stride = _pair(p.window, "window"), _pair(p.stride, "stride")
         hw = tuple(images.shape[2:])
-        if window[0] > hw[0] or window[1] > hw[1]:
-            raise ValueError(f"occlusion window {list(window)} is larger than the images {list(hw)}; lower 'window'")
+        self.check_image_shape(tuple(images.shape[1:]))
         device = model_device(self.model, images.device)
         # the dense window masks only serve the xkd backend (at 224 px, window 4, stride 2: 2.3 GiB)
         masks = window_masks(hw, window, stride).to(device) if p.backend == "xkd" else None
