@@ -1,7 +1,8 @@
 """Training throughput, measured side by side in one run: xkd's engine against a bare hand-written
-loop, a KD epoch against a scratch epoch (teacher logits cached, and the teacher run per batch),
-bf16 autocast against fp32, on a GPU the fused optimiser against torch's default, and the tensor
-operators (kernel launches on a GPU) per step of the engine and of the bare loop; with ``--distillers``, also the epochs of e2KD (live and with frozen
+loop, a KD epoch against a scratch epoch (teacher logits cached, and the teacher run per batch), a
+DKD epoch (cached) against scratch, bf16 autocast against fp32, on a GPU the fused optimiser against
+torch's default, and the tensor operators (kernel launches on a GPU) per step of the engine, of the
+bare loop and of cached KD and DKD; with ``--distillers``, also the epochs of e2KD (live and with frozen
 explanations), CAT-KD and CRD against scratch and against KD (the frozen e2KD's one-off pass over the
 training images, done by its setup, is reported apart, as the teacher-logit cache is).
 
@@ -152,7 +153,7 @@ def main() -> None:
         d = build_distiller(name, student(), teacher if name != "scratch" else None, params, context)
         setup_seconds.setdefault(label or name, []).append(time.perf_counter() - t_setup)
         if use_cache:
-            d.use_teacher_logits(cached)
+            d.use_teacher_logits(cached, labels)
         trainer = Trainer(d, data.train, data.val, train_cfg, device=device, progress=False)
         return float(trainer.fit().history[0]["seconds"])
 
@@ -162,6 +163,7 @@ def main() -> None:
         "engine_scratch_bf16": lambda r: engine("scratch", {}, False, mixed),
         "engine_kd_cached": lambda r: engine("hinton_kd", {"alpha": 0.7, "temperature": 5.0}, True),
         "engine_kd_teacher_forward": lambda r: engine("hinton_kd", {"alpha": 0.7, "temperature": 5.0}, False),
+        "engine_dkd_cached": lambda r: engine("dkd", {}, True),
         "engine_at": lambda r: engine("at", {}, False),
     }
     if device.type == "cuda":  # on the CPU `fused: auto` is the default optimiser: nothing to compare
@@ -184,7 +186,7 @@ def main() -> None:
     def engine_steps(steps: int, name: str = "scratch", params: dict | None = None) -> None:
         d = build_distiller(name, student(), teacher if name != "scratch" else None, params or {})
         if name != "scratch":
-            d.use_teacher_logits(cached)
+            d.use_teacher_logits(cached, labels)
         cfg = TrainConfig(
             epochs=1, batch_size=budget.batch_size, optimizer=budget.optimizer, amp="off", max_steps_per_epoch=steps
         )
@@ -195,12 +197,15 @@ def main() -> None:
 
     hi = min(40, n // budget.batch_size)
     lo = hi // 2
-    ops: dict[str, float | None] = {"bare_loop": None, "engine_scratch": None, "engine_kd_cached": None}
+    ops: dict[str, float | None] = dict.fromkeys(
+        ("bare_loop", "engine_scratch", "engine_kd_cached", "engine_dkd_cached")
+    )
     if lo >= 1:
         ops = {
             "bare_loop": per_step(lambda s: bare_epoch(student(), images, labels, budget, 0, s)),
             "engine_scratch": per_step(engine_steps),
             "engine_kd_cached": per_step(lambda s: engine_steps(s, "hinton_kd", {"alpha": 0.7, "temperature": 5.0})),
+            "engine_dkd_cached": per_step(lambda s: engine_steps(s, "dkd")),
         }
         print("operators per step: " + ", ".join(f"{k} {v:.1f}" for k, v in ops.items()), flush=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -212,6 +217,7 @@ def main() -> None:
     ratios = {
         "engine_over_bare_throughput": med["bare_loop"] / med["engine_scratch"],
         "kd_cached_over_scratch_epoch": med["engine_kd_cached"] / med["engine_scratch"],
+        "dkd_cached_over_scratch_epoch": med["engine_dkd_cached"] / med["engine_scratch"],
         "kd_teacher_forward_over_scratch_epoch": med["engine_kd_teacher_forward"] / med["engine_scratch"],
         "at_over_scratch_epoch": med["engine_at"] / med["engine_scratch"],
         "bf16_over_fp32_epoch": med["engine_scratch_bf16"] / med["engine_scratch"],

@@ -26,6 +26,7 @@ from xkd.cache import Cache
 from xkd.config import RunConfig, TrainConfig
 from xkd.data import DataBundle, build_dataset, make_loader
 from xkd.data.augment import BatchAugment
+from xkd.data.base import dataset_labels
 from xkd.distill import build_distiller
 from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
@@ -254,7 +255,7 @@ def distil(
         outputs = "forward per batch (augmented images)" if augmented else "forward per batch"
         if distiller.teacher_logits_only and not augmented:  # one teacher pass serves every epoch
             logits, built = cached_teacher_logits(cfg, data, teacher, device)
-            distiller.use_teacher_logits(logits.to(device))
+            distiller.use_teacher_logits(logits.to(device), dataset_labels(data.train))
             reused += built
             outputs = "cached logits"
         outputs = distiller.teacher_outputs() or outputs

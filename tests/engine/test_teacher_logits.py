@@ -46,19 +46,23 @@ def test_the_epoch_order_is_the_seeded_random_sampler_order(tiny_data):
 LOGITS_ONLY = [n for n in DISTILLERS if DISTILLERS.get(n).teacher_logits_only and n != "xdistill"]
 
 
+@pytest.mark.parametrize("with_labels", [False, True], ids=["logits", "logits_and_labels"])
 @pytest.mark.parametrize("name", LOGITS_ONLY)
-def test_cached_logits_give_the_loss_of_the_teacher_forward(name, tiny_pair, tiny_data):
+def test_cached_logits_give_the_loss_of_the_teacher_forward(name, with_labels, tiny_pair, tiny_data):
+    # with the labels a method may also compute its label-dependent teacher terms once (DKD's table)
     student, teacher = tiny_pair
     data = tiny_data(n=8)
     d = build_distiller(name, student, teacher, {})
     batch = data.batch(torch.tensor([5, 2, 7, 0]))
     _, direct = d(batch)
-    d.use_teacher_logits(predict_logits(teacher, data, torch.device("cpu")))
+    d.use_teacher_logits(predict_logits(teacher, data, torch.device("cpu")), data.labels if with_labels else None)
     calls = []
     hook = teacher.register_forward_hook(lambda *a: calls.append(1))
     _, cached = d(batch)
     hook.remove()
     assert not calls  # the teacher did not run
+    if name == "dkd":  # its teacher side is read by index only when the labels were given
+        assert (d._teacher_side is not None) == with_labels
     for k in direct:
         torch.testing.assert_close(cached[k], direct[k], rtol=1e-6, atol=1e-7)
     # a batch built by hand has no indices: the teacher runs

@@ -92,9 +92,11 @@ class Distiller(nn.Module):
         self.params = params if params is not None else self.Params()
         self.cached_teacher_logits: Tensor | None = None
 
-    def use_teacher_logits(self, logits: Tensor | None) -> None:
+    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
         """Read the teacher's logits from ``logits`` (one row per training image, by dataset index)
-        instead of running the teacher; only valid when the training images are fed unaugmented."""
+        instead of running the teacher; only valid when the training images are fed unaugmented.
+        ``labels``: the training images' labels, by the same index (methods whose teacher-side terms
+        depend on the label, DKD, then compute them once)."""
         if logits is not None and not self.teacher_logits_only:
             raise ValueError(f"distiller {self.registry_name!r} needs the teacher's forward pass, not only its logits")
         self.cached_teacher_logits = logits

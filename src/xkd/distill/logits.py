@@ -145,10 +145,10 @@ class HintonKD(Distiller):
 
     _log_targets: Tensor | None = None
 
-    def use_teacher_logits(self, logits: Tensor | None) -> None:
+    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
         """Also turns the cached logits into soft targets once (:func:`soft_log_targets`), so a step
         reads its rows instead of dividing and normalising the teacher's logits again."""
-        super().use_teacher_logits(logits)
+        super().use_teacher_logits(logits, labels)
         p: HintonKDParams = self.params
         self._log_targets = None if logits is None else soft_log_targets(logits, p.temperature, p.standardize)
 
@@ -185,10 +185,49 @@ class LabelSmoothing(Distiller):
         return logits, {"ce_smooth": F.cross_entropy(logits, batch.labels, label_smoothing=self.params.epsilon)}
 
 
+def _dkd_log_probs(z: Tensor, y: Tensor, gt: Tensor) -> Tensor:
+    """``(N, K + 2)``: the log non-target distribution (0 at the target) and the log binary
+    distribution ``(log p_target, log (1 - p_target))`` of logits ``z`` (already divided by ``T``),
+    from log-sum-exps (not mdistiller's ``- 1000 * gt_mask`` trick; the values are the same)."""
+    others = z.masked_fill(gt, float("-inf"))
+    log_q = F.log_softmax(others, dim=1).masked_fill(gt, 0.0)
+    log_b = torch.cat([z.gather(1, y), torch.logsumexp(others, dim=1, keepdim=True)], 1)
+    return torch.cat([log_q, log_b - torch.logsumexp(z, dim=1, keepdim=True)], 1)
+
+
+def _target_mask(z: Tensor, y: Tensor) -> Tensor:
+    # by scatter: F.one_hot may check the labels' range on the host (a sync per step)
+    return torch.zeros_like(z, dtype=torch.bool).scatter_(1, y, True)
+
+
+def dkd_teacher_side(teacher_logits: Tensor, labels: Tensor, temperature: float, standardize: bool = False) -> Tensor:
+    """Everything Decoupled KD reads of the teacher, per image, as one fp32 table ``(N, 2K + 4)``: the
+    log non-target distribution (K columns, 0 at the target) and the log binary distribution (2),
+    then both as probabilities (the non-target one 0 at the target), at temperature ``T`` (z-scored
+    first with ``standardize``). :func:`dkd_terms` computes it from the teacher's logits at every
+    step; a cache of every training image's logits, with their labels, lets :class:`DKD` compute it
+    once."""
+    zt = teacher_logits.float()  # in fp32 also under autocast
+    if standardize:
+        zt = standardize_logits(zt)
+    z, y = zt / temperature, labels.long()[:, None]
+    gt = _target_mask(z, y)
+    logs = _dkd_log_probs(z, y, gt)
+    k = z.shape[1]
+    return torch.cat([logs, logs[:, :k].exp().masked_fill(gt, 0.0), logs[:, k:].exp()], 1)
+
+
 def dkd_terms(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, standardize: bool = False
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    standardize: bool = False,
+    weights: tuple[float, float] = (1.0, 1.0),
+    teacher_side: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Decoupled KD's two parts, ``(TCKD, NCKD)``, each ``T^2 * KL`` averaged over the batch.
+    """Decoupled KD's two parts, ``(TCKD, NCKD)``, each ``T^2 * KL`` averaged over the batch and
+    multiplied by its weight of ``weights`` (one product each instead of two more per step).
 
     Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, eq. (1)-(3), at temperature ``T``:
 
@@ -200,31 +239,23 @@ def dkd_terms(
     are computed in log space (log-sum-exp) rather than by mdistiller's ``- 1000 * gt_mask`` trick;
     the values are the same. Needs at least 2 classes (NCKD is 0 with exactly 2). With
     ``standardize`` both logit vectors are z-scored over all classes first (:func:`standardize_logits`,
-    Sun et al. 2024, as their DKD code does), then divided by ``T``.
+    Sun et al. 2024, as their DKD code does), then divided by ``T``. ``teacher_side``: the teacher's
+    part already computed (:func:`dkd_teacher_side` with the same labels, ``T`` and ``standardize``);
+    ``teacher_logits`` is then not read.
     """
     t = temperature
-    zs, zt = student_logits.float(), teacher_logits.float()  # fp32 also under autocast
+    zs = student_logits.float()  # fp32 also under autocast
     if standardize:
-        zs, zt = standardize_logits(zs), standardize_logits(zt)
-    zs, zt = zs / t, zt / t
-    # the label mask by scatter: F.one_hot may check the labels' range on the host (a sync per step)
-    gt = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, labels.long()[:, None], True)
-
-    def binary_log_probs(z: Tensor) -> Tensor:
-        lse = torch.logsumexp(z, dim=1, keepdim=True)
-        target = z.gather(1, labels.unsqueeze(1))
-        others = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1, keepdim=True)
-        return torch.cat([target, others], dim=1) - lse
-
-    def non_target_log_probs(z: Tensor) -> Tensor:
-        return F.log_softmax(z.masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
-
-    n = zs.shape[0]
-    log_bs, log_bt = binary_log_probs(zs), binary_log_probs(zt)
-    tckd = (log_bt.exp() * (log_bt - log_bs)).sum() / n * (t * t)
-    log_qs, log_qt = non_target_log_probs(zs), non_target_log_probs(zt)
-    nckd = (log_qt.exp().masked_fill(gt, 0.0) * (log_qt - log_qs)).sum() / n * (t * t)
-    return tckd, nckd
+        zs = standardize_logits(zs)
+    s, y = zs / t, labels.long()[:, None]
+    if teacher_side is None:
+        teacher_side = dkd_teacher_side(teacher_logits, labels, t, standardize)
+    k = s.shape[1]
+    log_t, p_t = teacher_side.split([k + 2, k + 2], dim=1)
+    # the log-ratios of the teacher's and the student's distributions, summed weighted by the teacher's
+    ratio = p_t * (log_t - _dkd_log_probs(s, y, _target_mask(s, y)))
+    scale = t * t / s.shape[0]
+    return ratio[:, k:].sum() * (weights[0] * scale), ratio[:, :k].sum() * (weights[1] * scale)
 
 
 @dataclass
@@ -304,12 +335,22 @@ class DKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: DKDParams | None = None) -> None:
         super().__init__(student, teacher, params)
         self.counter = StepCounter()
+        self._teacher_side: Tensor | None = None
 
     def trainable_modules(self) -> nn.ModuleDict:
         modules = super().trainable_modules()
         if self.params.warmup_steps > 0:
             modules["dkd_state"] = self.counter
         return modules
+
+    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
+        """With the training images' ``labels`` (by dataset index), also computes the teacher's side of
+        both KLs once (:func:`dkd_teacher_side`), so a step reads its rows instead of recomputing it."""
+        super().use_teacher_logits(logits, labels)
+        p: DKDParams = self.params
+        self._teacher_side = None
+        if logits is not None and labels is not None:
+            self._teacher_side = dkd_teacher_side(logits, labels.to(logits.device), p.temperature, p.standardize)
 
     def ramp(self) -> float:
         """The warm-up factor for the current step (1 without warm-up)."""
@@ -319,16 +360,15 @@ class DKD(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: DKDParams = self.params
         logits = self.student(batch.images)
-        teacher_logits = self.teacher_logits(batch)
+        side = cached_rows(self._teacher_side, batch)
+        teacher_logits = self.teacher_logits(batch) if side is None else None
         if self.training and torch.is_grad_enabled():
             self.counter.tick()
-        tckd, nckd = dkd_terms(logits, teacher_logits, batch.labels, p.temperature, p.standardize)
         r = self.ramp()
-        return logits, {
-            "ce": p.ce_weight * F.cross_entropy(logits, batch.labels),
-            "tckd": r * p.alpha * tckd,
-            "nckd": r * p.beta * nckd,
-        }
+        tckd, nckd = dkd_terms(
+            logits, teacher_logits, batch.labels, p.temperature, p.standardize, (r * p.alpha, r * p.beta), side
+        )
+        return logits, {"ce": p.ce_weight * F.cross_entropy(logits, batch.labels), "tckd": tckd, "nckd": nckd}
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
