@@ -203,9 +203,12 @@ def _road_masks(n: int, frac: float, seed: int) -> torch.Tensor:
     return torch.cat([scattered, blob.view(n, 28, 28)])
 
 
+@pytest.mark.parametrize("check_every", [1, 8], ids=["cpu_checks", "gpu_checks"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("frac", [0.1, 0.5, 0.9])
-def test_torch_backend_matches_scipy(channels, frac):
+def test_torch_backend_matches_scipy(channels, frac, check_every, monkeypatch):
+    # a GPU checks CG's convergence every GPU_CHECK_EVERY iterations (each check reads the device)
+    monkeypatch.setattr(importlib.import_module("xkd.metrics.road"), "_check_every", lambda device: check_every)
     g = torch.Generator().manual_seed(int(frac * 10) + channels)
     removed = _road_masks(4, frac, seed=channels)
     x = torch.rand(8, channels, 28, 28, generator=g, dtype=torch.float64)

@@ -189,11 +189,25 @@ class _Stencil:
         return o.mul_(0.25)
 
 
-def _pcg(rhs: Tensor, rf: Tensor, deg: Tensor, tol: Tensor, max_iter: int, neighbours: int) -> tuple[Tensor, Tensor]:
+GPU_CHECK_EVERY = 8
+"""CG iterations between two convergence checks off the CPU: each check reads the device (the count of
+converged systems), which on a GPU stalls the launch queue; a converged system iterates a few more
+times meanwhile (its residual only shrinks). On the CPU every iteration is checked, as reading costs
+nothing there."""
+
+
+def _check_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else GPU_CHECK_EVERY
+
+
+def _pcg(
+    rhs: Tensor, rf: Tensor, deg: Tensor, tol: Tensor, max_iter: int, neighbours: int, check_every: int = 1
+) -> tuple[Tensor, Tensor]:
     """Jacobi-preconditioned CG for ``A u = rhs``, ``A p = rf * (deg * p - W p)``, batched over systems.
 
     ``rhs``, ``rf`` (1 on removed pixels) ``(S, 1, H, W)``; ``tol`` ``(S,)`` relative residual per
-    system. Systems leave the batch once converged. Returns ``(u, iterations used per system)``.
+    system. Convergence is checked every ``check_every`` iterations (and at the last); systems leave
+    the batch once converged. Returns ``(u, iterations used per system)``.
     """
     s = rhs.shape[0]
     dot = lambda a, b: (a * b).flatten(1).sum(dim=1)  # noqa: E731
@@ -210,15 +224,16 @@ def _pcg(rhs: Tensor, rf: Tensor, deg: Tensor, tol: Tensor, max_iter: int, neigh
         alpha = (rz / dot(p, ap).clamp_min(tiny)).view(-1, 1, 1, 1)
         u.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
-        done = r.flatten(1).norm(dim=1) <= goal
-        n_done = int(done.sum())
-        if n_done * 4 >= len(done) or n_done == len(done):  # drop converged systems once they are 1/4
-            u_all[idx[done]], used[idx[done]] = u[done], it
-            if bool(done.all()):
-                break
-            keep = ~done
-            idx, u, r, p, rz, goal, rf, inv, ap, z = (t[keep] for t in (idx, u, r, p, rz, goal, rf, inv, ap, z))
-            stencil = _Stencil(r, neighbours)
+        if it % check_every == 0 or it == max_iter:
+            done = r.flatten(1).norm(dim=1) <= goal
+            n_done = int(done.sum())  # the one read of the device
+            if n_done * 4 >= len(done) or n_done == len(done):  # drop converged systems once they are 1/4
+                u_all[idx[done]], used[idx[done]] = u[done], it
+                if n_done == len(done):
+                    break
+                keep = ~done
+                idx, u, r, p, rz, goal, rf, inv, ap, z = (t[keep] for t in (idx, u, r, p, rz, goal, rf, inv, ap, z))
+                stencil = _Stencil(r, neighbours)
         torch.mul(r, inv, out=z)
         rz, rz_old = dot(r, z), rz
         p.mul_((rz / rz_old.clamp_min(tiny)).view(-1, 1, 1, 1)).add_(z)
@@ -264,7 +279,9 @@ def _impute_torch(x: Tensor, removed: Tensor, neighbours: int, tol: float, max_i
                 f"{max_iter} iterations; raise max_iter or tol, or use backend='scipy'"
             )
         inner_tol = (tol * b_norm[todo] / res_norm).clamp(min=1e-4, max=0.5).float()
-        d, used = _pcg(res.float(), rf[todo].float(), deg.float(), inner_tol, max_iter, neighbours)
+        d, used = _pcg(
+            res.float(), rf[todo].float(), deg.float(), inner_tol, max_iter, neighbours, _check_every(x.device)
+        )
         u[todo] += d.double()
         iters[todo] += used
     return torch.where(rf.bool(), u, xs).view(n, c, h, w)
