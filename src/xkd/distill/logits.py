@@ -151,6 +151,7 @@ class HintonKD(Distiller):
         super().use_teacher_logits(logits, labels)
         p: HintonKDParams = self.params
         self._log_targets = None if logits is None else soft_log_targets(logits, p.temperature, p.standardize)
+        self.cached_teacher_logits = None  # the soft targets replace them: one (N, K) table on the device, not two
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: HintonKDParams = self.params
@@ -351,6 +352,7 @@ class DKD(Distiller):
         self._teacher_side = None
         if logits is not None and labels is not None:
             self._teacher_side = dkd_teacher_side(logits, labels.to(logits.device), p.temperature, p.standardize)
+            self.cached_teacher_logits = None  # the table replaces them on the device
 
     def ramp(self) -> float:
         """The warm-up factor for the current step (1 without warm-up)."""
