@@ -14,6 +14,8 @@ from xkd.data import build_dataset
 from xkd.distill.feature import FitNets
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
+from xkd.errors import DeviceMemoryError
+from xkd.files import read_json
 from xkd.models.hooks import LayerNotFoundError
 from xkd.plan import load_config, resolve
 from xkd.rundir import RunDir, read_train_info, train_info_path, write_train_info
@@ -305,3 +307,22 @@ def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path,
     with caplog.at_level("WARNING", logger="xkd"):
         P.preflight(resolve(cfg), build_dataset(cfg.data))
     assert "evaluation.metrics: pointing_game, mask_mass need ground-truth masks and digits has none" in caplog.text
+
+
+def test_out_of_memory_while_evaluating_keeps_the_models_and_resume_evaluates_them(
+    tmp_path, make_tiny_args, monkeypatch
+):
+    # an OOM in the explainers came as a raw CUDA traceback after all training, naming no setting
+    real = P.evaluate_run
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(P, "evaluate_run", oom)
+    with pytest.raises(DeviceMemoryError, match=r"explaining and scoring.*evaluation.batch_size \(now 32\).*--resume"):
+        P.run(load_config(None, make_tiny_args(tmp_path)), progress=False)
+    monkeypatch.setattr(P, "evaluate_run", real)
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda self, *a: pytest.fail(f"{self.role} trained again"))
+    path = P.run(load_config(None, make_tiny_args(tmp_path, "evaluation.batch_size=16")), resume=True, progress=False)
+    models = read_json(path / "metrics.json")["models"]
+    assert {"teacher", "scratch", "kd"} <= set(models)

@@ -32,10 +32,10 @@ from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
-from xkd.engine.runtime import configure_determinism, predict_logits
+from xkd.engine.runtime import configure_determinism, device_name, predict_logits
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
-from xkd.errors import ConfigError
+from xkd.errors import ConfigError, DeviceMemoryError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
 from xkd.metrics.classification import evaluate_model
@@ -384,20 +384,28 @@ def run(
         random_labels = train_random_labels(cfg, data, run_dir, device, resume, progress, callbacks)
     train_seconds = time.perf_counter() - t0
     if info.is_main:
-        evaluate_run(
-            plan,
-            data,
-            teacher,
-            students,
-            run_dir,
-            device,
-            started=started,
-            t0=t0,
-            train_seconds=train_seconds,
-            world_size=info.world_size,
-            progress=progress,
-            random_labels=random_labels,
-        )
+        try:
+            evaluate_run(
+                plan,
+                data,
+                teacher,
+                students,
+                run_dir,
+                device,
+                started=started,
+                t0=t0,
+                train_seconds=train_seconds,
+                world_size=info.world_size,
+                progress=progress,
+                random_labels=random_labels,
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise DeviceMemoryError(
+                f"{device_name(device)} ran out of memory while explaining and scoring, after every model had "
+                f"trained: lower evaluation.batch_size (now {cfg.evaluation.batch_size}) or an explainer's "
+                "batch_size / internal_batch_size. The trained models are kept: rerun with --resume and the lower "
+                "setting (e.g. --set evaluation.batch_size=...) to evaluate them without training again"
+            ) from None
         call(callbacks, "on_run_end", run_dir.path)
     D.barrier()
     return run_dir.path

@@ -11,7 +11,7 @@ from xkd.distill import build_distiller
 from xkd.distill.logits import kd_loss
 from xkd.engine import trainer as T
 from xkd.engine.runtime import configure_determinism, resolve_amp
-from xkd.engine.trainer import Trainer
+from xkd.engine.trainer import Trainer, validation_batch_size
 from xkd.errors import ConfigError, DeviceMemoryError, XkdError
 
 CPU = torch.device("cpu")
@@ -119,6 +119,24 @@ def test_out_of_memory_names_the_batch_size_and_keeps_the_last_checkpoint(tiny_m
         trainer.fit()
     assert isinstance(e.value, XkdError)  # the CLI prints it as one line, exit code 2
     assert (tmp_path / "last.pt").is_file()
+
+
+def test_out_of_memory_while_validating_names_the_validation_batch(tiny_model, tiny_data, tmp_path, monkeypatch):
+    # validation ran at 256 images per batch whatever train.batch_size, and an OOM there was a raw traceback
+    data = tiny_data(n=8)
+    d = build_distiller("scratch", tiny_model("student", 0))
+    trainer = Trainer(d, data, data, TrainConfig(epochs=2, batch_size=2), checkpoint_dir=tmp_path, progress=False)
+    assert trainer.val_loader.batch_size == 8  # 4x the training batch
+    assert [validation_batch_size(b) for b in (1, 32, 64, 100, 256, 512)] == [4, 128, 256, 256, 256, 512]
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(T, "evaluate_model", oom)
+    with pytest.raises(
+        DeviceMemoryError, match=r"validating after epoch 1 at batch size 8 \(.*lower train.batch_size \(e.g. 1\)"
+    ):
+        trainer.fit()
 
 
 def test_deterministic_flag_turns_torch_determinism_on_and_off_leaves_it_alone():

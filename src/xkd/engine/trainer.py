@@ -74,6 +74,13 @@ class TrainResult:
         }
 
 
+def validation_batch_size(batch_size: int) -> int:
+    """Images per validation batch: at least the training batch, up to 256 but at most 4x the training
+    batch (no gradients are kept, so 4x fits where training fits, and a small training batch, chosen
+    for memory, is not validated at 256)."""
+    return max(batch_size, min(256, 4 * batch_size))
+
+
 SYNC_EVERY = 25
 """Training steps between two reads of the running loss and accuracy (each read waits for the device)."""
 
@@ -140,7 +147,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.amp = resolve_amp(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
-        self.val_loader = BatchLoader(self.val_data, max(cfg.batch_size, 256), num_workers=cfg.num_workers)
+        self.val_loader = BatchLoader(self.val_data, validation_batch_size(cfg.batch_size), num_workers=cfg.num_workers)
 
     def _train_loader(self, epoch: int) -> BatchLoader:
         """Epoch ``epoch``'s batches: a permutation seeded by the run's seed and the epoch (the same
@@ -251,7 +258,10 @@ class Trainer:
                 except torch.cuda.OutOfMemoryError:
                     raise self._out_of_memory(epoch) from None
                 self._sync_buffers()
-                val = evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
+                try:
+                    val = evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
+                except torch.cuda.OutOfMemoryError:
+                    raise self._out_of_memory(epoch, validating=True) from None
                 stats.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
                 result.history.append(stats)
                 if self.scheduler is not None:
@@ -277,12 +287,18 @@ class Trainer:
         D.barrier()
         return result
 
-    def _out_of_memory(self, epoch: int) -> DeviceMemoryError:
+    def _out_of_memory(self, epoch: int, validating: bool = False) -> DeviceMemoryError:
         kept = "" if self.checkpoint_dir is None else "; the last checkpoint is kept: rerun with --resume"
+        if validating:
+            where = (
+                f"validating after epoch {epoch} at batch size {self.val_loader.batch_size} (validation batches "
+                "hold up to 4x train.batch_size images, at most 256)"
+            )
+        else:
+            where = f"in epoch {epoch} at batch size {self.cfg.batch_size}"
         return DeviceMemoryError(
-            f"{self.role}: {device_name(self.device)} ran out of memory in epoch {epoch} at batch size "
-            f"{self.cfg.batch_size}; lower train.batch_size (e.g. {max(1, self.cfg.batch_size // 2)}) or set "
-            f"train.amp: bf16{kept}"
+            f"{self.role}: {device_name(self.device)} ran out of memory {where}; lower train.batch_size (e.g. "
+            f"{max(1, self.cfg.batch_size // 2)}) or set train.amp: bf16{kept}"
         )
 
     def fit_and_restore(self, resume: bool = False, restore: str = BEST) -> TrainResult:
