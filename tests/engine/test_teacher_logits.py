@@ -48,14 +48,15 @@ LOGITS_ONLY = [n for n in DISTILLERS if DISTILLERS.get(n).teacher_logits_only an
 
 @pytest.mark.parametrize("with_labels", [False, True], ids=["logits", "logits_and_labels"])
 @pytest.mark.parametrize("name", LOGITS_ONLY)
-def test_cached_logits_give_the_loss_of_the_teacher_forward(name, with_labels, tiny_pair, tiny_data):
+def test_cached_logits_give_the_loss_of_the_teacher_forward(name, with_labels, tiny_pair, tiny_data, device):
     # with the labels a method may also compute its label-dependent teacher terms once (DKD's table)
     student, teacher = tiny_pair
     data = tiny_data(n=8)
-    d = build_distiller(name, student, teacher, {})
-    batch = data.batch(torch.tensor([5, 2, 7, 0]))
+    d = build_distiller(name, student, teacher, {}).to(device)
+    batch = data.batch(torch.tensor([5, 2, 7, 0])).to(device)
     _, direct = d(batch)
-    d.use_teacher_logits(predict_logits(teacher, data, torch.device("cpu")), data.labels if with_labels else None)
+    logits = predict_logits(teacher, data, device).to(device)  # on the device, as the pipeline hands them over
+    d.use_teacher_logits(logits, data.labels if with_labels else None)  # labels on the CPU, as dataset_labels gives
     calls = []
     hook = teacher.register_forward_hook(lambda *a: calls.append(1))
     _, cached = d(batch)
