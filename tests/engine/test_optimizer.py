@@ -3,14 +3,17 @@ auto``), torch's default elsewhere, the same algorithm either way, and checkpoin
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from rich.progress import Progress
 
 from xkd.config import OptimizerConfig, TrainConfig, read_config
 from xkd.distill import build_distiller
 from xkd.engine import runtime as R
 from xkd.engine.runtime import build_optimizer
-from xkd.engine.trainer import Trainer
+from xkd.engine.trainer import SYNC_EVERY, Trainer
 from xkd.errors import ConfigError
 from xkd.pipeline import train_key
 
@@ -186,3 +189,30 @@ def test_training_on_a_gpu_steps_with_the_fused_optimizer(tiny_model, tiny_data,
     assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, model.parameters()))
     with no_host_sync(cuda):  # one fused step waits for nothing
         trainer.optimizer.step()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_gpu_training_epoch_reads_the_device_once_per_window_not_per_step(tiny_model, tiny_data):
+    # a host read per step stalls a launch-bound GPU step; the engine reads its bookkeeping once per
+    # SYNC_EVERY steps, plus the epoch's order copied to the device once
+    cuda, steps = torch.device("cuda"), 3 * SYNC_EVERY + 5
+    data = tiny_data(n=8 * steps)
+    trainer = Trainer(
+        build_distiller("scratch", tiny_model("student", 0)), data, data, TrainConfig(epochs=2, batch_size=8),
+        device=cuda, progress=False,
+    )  # fmt: skip
+    trainer.distiller.to(cuda)
+    quiet = Progress(disable=True)
+    trainer._train_epoch(trainer.distiller, 1, quiet)  # first-step allocations, optimiser state
+    torch.cuda.synchronize(cuda)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stats = trainer._train_epoch(trainer.distiller, 2, quiet)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert stats["images"] == 8 * steps
+    assert len(syncs) <= -(-steps // SYNC_EVERY) + 1, [str(w.message) for w in syncs[:3]]

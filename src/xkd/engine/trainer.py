@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -343,6 +344,7 @@ class Trainer:
         sums: Tensor | None = None  # (1 + terms + 1,) float64: loss and terms summed over images, correct
         window: Tensor | None = None  # (SYNC_EVERY, 1 + terms + 1): loss, terms, correct of recent steps
         sizes: list[int] = []  # the batch sizes of the window's steps
+        totals: list[float] | None = None  # `sums` as last read on the host
         names: list[str] = []
         # on a GPU the draws are made there: copying CPU draws from pageable memory would make the
         # stream wait for the device at every augmented step
@@ -387,14 +389,14 @@ class Trainer:
                 weights = torch.tensor(sizes, dtype=torch.float64).to(self.device, non_blocking=True)
                 sums[:-1].add_((rows[:, :-1].double() * weights[:, None]).sum(dim=0))
                 sums[-1].add_(rows[:, -1].double().sum())
-                if not bool(torch.isfinite(sums).all()):
+                totals = sums.tolist()  # the one read of the device per window
+                if not all(map(math.isfinite, totals)):
                     bad = int((~torch.isfinite(rows[:, 0])).nonzero()[0, 0])
                     self._non_finite(epoch, step - len(sizes) + bad + 1, rows[bad, :-1], names)
                 sizes.clear()
-                progress.update(
-                    task, completed=step, stats=f"loss {float(sums[0]) / n:.4f}  acc {float(sums[-1]) / n:.3f}"
-                )
-        totals = [0.0] * (2 + len(names)) if sums is None else sums.tolist()
+                progress.update(task, completed=step, stats=f"loss {totals[0] / n:.4f}  acc {totals[-1] / n:.3f}")
+        if totals is None:  # no step ran
+            totals = [0.0] * (2 + len(names))
         loss_sum, term_sums, correct = totals[0], dict(zip(names, totals[1:-1])), int(totals[-1])
         return {
             "epoch": epoch,
