@@ -65,7 +65,7 @@ def test_cached_logits_give_the_loss_of_the_teacher_forward(name, with_labels, t
     if name == "dkd":  # its teacher side is read by index only when the labels were given
         assert (d._teacher_side is not None) == with_labels
     # methods that turn the logits into their own per-image table do not also keep the logits
-    replaced = name == "hinton_kd" or (name == "dkd" and with_labels)
+    replaced = name in ("hinton_kd", "dist") or (name == "dkd" and with_labels)
     assert (d.cached_teacher_logits is None) == replaced
     for k in direct:
         torch.testing.assert_close(cached[k], direct[k], rtol=1e-6, atol=1e-7)

@@ -381,24 +381,33 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
-def dist_terms(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def dist_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    temperature: float,
+    weights: tuple[float, float] = (1.0, 1.0),
+    teacher_probs: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """DIST's two relations (Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A Stronger
     Teacher", NeurIPS 2022, eq. 5-7), each ``T^2 * (1 - mean Pearson correlation)`` of the
-    temperature-softened probabilities ``softmax(z / T)``:
+    temperature-softened probabilities ``softmax(z / T)``, multiplied by its weight of ``weights``
+    (one product each):
 
     - inter-class: per image, the correlation across classes of student and teacher (rows);
     - intra-class: per class, the correlation across the batch's images (columns).
 
     Pearson correlation is invariant to shift and scale, so the student matches the teacher's
     ranking of classes and of images, not its exact probabilities (the relaxed match DIST argues for
-    with a much stronger teacher). Computed in fp32 also under autocast.
+    with a much stronger teacher). Computed in fp32 also under autocast. ``teacher_probs``: the
+    teacher's ``softmax(z_t / T)`` already computed (fp32, same ``T``); ``teacher_logits`` is then not
+    read.
     """
     t = temperature
     ys = F.softmax(student_logits.float() / t, dim=1)
-    yt = F.softmax(teacher_logits.float() / t, dim=1)
-    inter = 1.0 - _pearson_rows(ys, yt).mean()
-    intra = 1.0 - _pearson_rows(ys.t(), yt.t()).mean()
-    return inter * (t * t), intra * (t * t)
+    yt = F.softmax(teacher_logits.float() / t, dim=1) if teacher_probs is None else teacher_probs
+    inter = (1.0 - _pearson_rows(ys, yt).mean()) * (t * t * weights[0])
+    intra = (1.0 - _pearson_rows(ys.t(), yt.t()).mean()) * (t * t * weights[1])
+    return inter, intra
 
 
 @dataclass
@@ -433,13 +442,19 @@ class DIST(Distiller):
 
     Params = DISTParams
     teacher_logits_only = True
+    _teacher_probs: Tensor | None = None
+
+    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
+        """Also turns the cached logits into the teacher's softened probabilities once, kept instead
+        of the logits, so a step reads its rows."""
+        super().use_teacher_logits(logits, labels)
+        self._teacher_probs = None if logits is None else F.softmax(logits.float() / self.params.temperature, dim=1)
+        self.cached_teacher_logits = None
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: DISTParams = self.params
         logits = self.student(batch.images)
-        inter, intra = dist_terms(logits, self.teacher_logits(batch), p.temperature)
-        return logits, {
-            "ce": p.ce_weight * F.cross_entropy(logits, batch.labels),
-            "inter": p.beta * inter,
-            "intra": p.gamma * intra,
-        }
+        probs = cached_rows(self._teacher_probs, batch)
+        teacher_logits = self.teacher_logits(batch) if probs is None else None
+        inter, intra = dist_terms(logits, teacher_logits, p.temperature, (p.beta, p.gamma), probs)
+        return logits, {"ce": p.ce_weight * F.cross_entropy(logits, batch.labels), "inter": inter, "intra": intra}
