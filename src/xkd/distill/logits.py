@@ -48,6 +48,21 @@ def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
     return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
 
 
+TABLE_ROWS = 65_536
+"""Rows per chunk when a distiller turns every training image's cached logits into its own table: the
+temporaries of one chunk, not of the whole cache, are held at once (at ImageNet's 1.28M x 1000 a
+whole-cache log-softmax holds several 5-GB temporaries)."""
+
+
+def by_rows(fn: Any, logits: Tensor, width: int | None = None) -> Tensor:
+    """``fn`` applied to ``logits`` chunk by chunk of :data:`TABLE_ROWS` rows into one fp32 table of
+    ``width`` columns (default: as many as ``logits``); ``fn`` maps rows to rows."""
+    out = logits.new_empty((logits.shape[0], logits.shape[1] if width is None else width), dtype=torch.float32)
+    for start in range(0, logits.shape[0], TABLE_ROWS):
+        out[start : start + TABLE_ROWS] = fn(logits[start : start + TABLE_ROWS], slice(start, start + TABLE_ROWS))
+    return out
+
+
 def soft_log_targets(teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
     """KD's soft targets as log-probabilities, ``log softmax(z_t / T)`` in fp32 (z-scored first with
     ``standardize``): what :func:`kd_loss` computes from the teacher's logits, for callers that compute
@@ -150,7 +165,9 @@ class HintonKD(Distiller):
         reads its rows instead of dividing and normalising the teacher's logits again."""
         super().use_teacher_logits(logits, labels)
         p: HintonKDParams = self.params
-        self._log_targets = None if logits is None else soft_log_targets(logits, p.temperature, p.standardize)
+        self._log_targets = None
+        if logits is not None:
+            self._log_targets = by_rows(lambda z, _: soft_log_targets(z, p.temperature, p.standardize), logits)
         self.cached_teacher_logits = None  # the soft targets replace them: one (N, K) table on the device, not two
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -202,20 +219,16 @@ def _target_mask(z: Tensor, y: Tensor) -> Tensor:
 
 
 def dkd_teacher_side(teacher_logits: Tensor, labels: Tensor, temperature: float, standardize: bool = False) -> Tensor:
-    """Everything Decoupled KD reads of the teacher, per image, as one fp32 table ``(N, 2K + 4)``: the
-    log non-target distribution (K columns, 0 at the target) and the log binary distribution (2),
-    then both as probabilities (the non-target one 0 at the target), at temperature ``T`` (z-scored
-    first with ``standardize``). :func:`dkd_terms` computes it from the teacher's logits at every
-    step; a cache of every training image's logits, with their labels, lets :class:`DKD` compute it
-    once."""
+    """What Decoupled KD reads of the teacher, per image, as one fp32 table ``(N, K + 2)``: the log
+    non-target distribution (K columns, 0 at the target) and the log binary distribution (2), at
+    temperature ``T`` (z-scored first with ``standardize``); as large as the logits it replaces.
+    :func:`dkd_terms` computes it from the teacher's logits at every step; a cache of every training
+    image's logits, with their labels, lets :class:`DKD` compute it once."""
     zt = teacher_logits.float()  # in fp32 also under autocast
     if standardize:
         zt = standardize_logits(zt)
     z, y = zt / temperature, labels.long()[:, None]
-    gt = _target_mask(z, y)
-    logs = _dkd_log_probs(z, y, gt)
-    k = z.shape[1]
-    return torch.cat([logs, logs[:, :k].exp().masked_fill(gt, 0.0), logs[:, k:].exp()], 1)
+    return _dkd_log_probs(z, y, _target_mask(z, y))
 
 
 def dkd_terms(
@@ -250,11 +263,15 @@ def dkd_terms(
         zs = standardize_logits(zs)
     s, y = zs / t, labels.long()[:, None]
     if teacher_side is None:
+        if teacher_logits is None:
+            raise ValueError("dkd_terms needs the teacher's logits or its teacher_side")
         teacher_side = dkd_teacher_side(teacher_logits, labels, t, standardize)
     k = s.shape[1]
-    log_t, p_t = teacher_side.split([k + 2, k + 2], dim=1)
+    gt = _target_mask(s, y)
+    # the teacher's probabilities, 0 at the target of the non-target part (its log is 0 there)
+    p_t = torch.cat([teacher_side[:, :k].exp().masked_fill(gt, 0.0), teacher_side[:, k:].exp()], 1)
     # the log-ratios of the teacher's and the student's distributions, summed weighted by the teacher's
-    ratio = p_t * (log_t - _dkd_log_probs(s, y, _target_mask(s, y)))
+    ratio = p_t * (teacher_side - _dkd_log_probs(s, y, gt))
     scale = t * t / s.shape[0]
     return ratio[:, k:].sum() * (weights[0] * scale), ratio[:, :k].sum() * (weights[1] * scale)
 
@@ -351,8 +368,10 @@ class DKD(Distiller):
         p: DKDParams = self.params
         self._teacher_side = None
         if logits is not None and labels is not None:
-            self._teacher_side = dkd_teacher_side(logits, labels.to(logits.device), p.temperature, p.standardize)
-            self.cached_teacher_logits = None  # the table replaces them on the device
+            labels = labels.to(logits.device)
+            side = lambda z, rows: dkd_teacher_side(z, labels[rows], p.temperature, p.standardize)  # noqa: E731
+            self._teacher_side = by_rows(side, logits, logits.shape[1] + 2)
+            self.cached_teacher_logits = None  # the table, as large, replaces them on the device
 
     def ramp(self) -> float:
         """The warm-up factor for the current step (1 without warm-up)."""
@@ -404,6 +423,8 @@ def dist_terms(
     """
     t = temperature
     ys = F.softmax(student_logits.float() / t, dim=1)
+    if teacher_probs is None and teacher_logits is None:
+        raise ValueError("dist_terms needs the teacher's logits or its teacher_probs")
     yt = F.softmax(teacher_logits.float() / t, dim=1) if teacher_probs is None else teacher_probs
     inter = (1.0 - _pearson_rows(ys, yt).mean()) * (t * t * weights[0])
     intra = (1.0 - _pearson_rows(ys.t(), yt.t()).mean()) * (t * t * weights[1])
@@ -448,7 +469,8 @@ class DIST(Distiller):
         """Also turns the cached logits into the teacher's softened probabilities once, kept instead
         of the logits, so a step reads its rows."""
         super().use_teacher_logits(logits, labels)
-        self._teacher_probs = None if logits is None else F.softmax(logits.float() / self.params.temperature, dim=1)
+        t = self.params.temperature
+        self._teacher_probs = None if logits is None else by_rows(lambda z, _: F.softmax(z.float() / t, dim=1), logits)
         self.cached_teacher_logits = None
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
