@@ -16,6 +16,7 @@ from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
 from xkd.errors import DeviceMemoryError
 from xkd.files import read_json
+from xkd.metrics.base import default_metrics
 from xkd.models.hooks import LayerNotFoundError
 from xkd.plan import load_config, resolve
 from xkd.rundir import RunDir, read_train_info, train_info_path, write_train_info
@@ -307,6 +308,13 @@ def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path,
     with caplog.at_level("WARNING", logger="xkd"):
         P.preflight(resolve(cfg), build_dataset(cfg.data))
     assert "evaluation.metrics: pointing_game, mask_mass need ground-truth masks and digits has none" in caplog.text
+    # the default list and one mask metric beyond it: only that one is said
+    caplog.clear()
+    extra = f"evaluation.metrics=[{', '.join(default_metrics())}, region_precision]"
+    cfg = load_config(None, make_tiny_args(tmp_path, extra))
+    with caplog.at_level("WARNING", logger="xkd"):
+        P.preflight(resolve(cfg), build_dataset(cfg.data))
+    assert "evaluation.metrics: region_precision needs ground-truth masks and digits has none, so it is" in caplog.text
 
 
 def test_out_of_memory_while_evaluating_keeps_the_models_and_resume_evaluates_them(
@@ -319,7 +327,10 @@ def test_out_of_memory_while_evaluating_keeps_the_models_and_resume_evaluates_th
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
     monkeypatch.setattr(P, "evaluate_run", oom)
-    with pytest.raises(DeviceMemoryError, match=r"explaining and scoring.*evaluation.batch_size \(now 32\).*--resume"):
+    with pytest.raises(
+        DeviceMemoryError,
+        match=r"explaining and scoring \(CUDA out of memory. Tried to allocate 9.00 GiB\).*evaluation.batch_size \(now 32\).*--resume",
+    ):
         P.run(load_config(None, make_tiny_args(tmp_path)), progress=False)
     monkeypatch.setattr(P, "evaluate_run", real)
     monkeypatch.setattr(Trainer, "_train_epoch", lambda self, *a: pytest.fail(f"{self.role} trained again"))

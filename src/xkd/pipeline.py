@@ -399,10 +399,11 @@ def run(
                 progress=progress,
                 random_labels=random_labels,
             )
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as e:
+            first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
             raise DeviceMemoryError(
-                f"{device_name(device)} ran out of memory while explaining and scoring, after every model had "
-                f"trained: lower evaluation.batch_size (now {cfg.evaluation.batch_size}) or an explainer's "
+                f"{device_name(device)} ran out of memory while explaining and scoring ({first}), after every model "
+                f"had trained: lower evaluation.batch_size (now {cfg.evaluation.batch_size}) or an explainer's "
                 "batch_size / internal_batch_size. The trained models are kept: rerun with --resume and the lower "
                 "setting (e.g. --set evaluation.batch_size=...) to evaluate them without training again"
             ) from None

@@ -91,17 +91,21 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
                 ) from None
             except ConfigError as err:
                 raise ConfigError(f"evaluation.explainers[{i}] ({e.key}): {err}") from None
-    listed = set(ev.metrics or ())
-    # the default list (written out by resolve, less the metrics needing an independent student)
-    defaulted = {m for m in default_metrics() if "independent_maps" not in METRICS.get(m).needs} <= listed
-    unmasked = [m.name for m in declared() if m.name in listed and "masks" in m.needs]
-    if unmasked and not data.has_masks and not defaulted:
+    listed, defaults = set(ev.metrics or ()), set(default_metrics())
+    # the default list (written out by resolve, less the metrics needing an independent student): its
+    # mask metrics are skipped without a word; one listed beyond it is said
+    defaulted = {m for m in defaults if "independent_maps" not in METRICS.get(m).needs} <= listed
+    unmasked = [
+        m.name for m in declared() if m.name in listed and "masks" in m.needs and not (defaulted and m.name in defaults)
+    ]
+    if unmasked and not data.has_masks:
+        one = len(unmasked) == 1
         log.warning(
-            "evaluation.metrics: %s need ground-truth masks and %s has none, so they are skipped; use data with "
-            "masks (lesions, concepts, an image folder with masks) or drop them",
-            ", ".join(unmasked),
-            data.name,
-        )
+            "evaluation.metrics: %s %s ground-truth masks and %s has none, so %s skipped; use data with masks "
+            "(lesions, concepts, an image folder with masks) or drop %s",
+            ", ".join(unmasked), "needs" if one else "need", data.name, "it is" if one else "they are",
+            "it" if one else "them",
+        )  # fmt: skip
     for key in ("teacher", "student"):
         path = ev.transfer_layers.get(key)
         for role, model in models.items():

@@ -114,29 +114,47 @@ def test_out_of_memory_names_the_batch_size_and_keeps_the_last_checkpoint(tiny_m
     trainer = Trainer(d, data, data, TrainConfig(epochs=3, batch_size=4), checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(
         DeviceMemoryError,
-        match=r"ran out of memory in epoch 2 at batch size 4; lower train.batch_size \(e.g. 2\).*--resume",
+        match=r"ran out of memory in epoch 2 at batch size 4 \(CUDA out of memory. Tried to allocate 2.00 GiB\); "
+        r"lower train.batch_size \(e.g. 2\).*--resume",
     ) as e:
         trainer.fit()
     assert isinstance(e.value, XkdError)  # the CLI prints it as one line, exit code 2
     assert (tmp_path / "last.pt").is_file()
 
 
-def test_out_of_memory_while_validating_names_the_validation_batch(tiny_model, tiny_data, tmp_path, monkeypatch):
+def test_out_of_memory_while_validating_falls_back_to_the_training_batch(
+    tiny_model, tiny_data, tmp_path, monkeypatch, caplog
+):
     # validation ran at 256 images per batch whatever train.batch_size, and an OOM there was a raw traceback
     data = tiny_data(n=8)
     d = build_distiller("scratch", tiny_model("student", 0))
     trainer = Trainer(d, data, data, TrainConfig(epochs=2, batch_size=2), checkpoint_dir=tmp_path, progress=False)
     assert trainer.val_loader.batch_size == 8  # 4x the training batch
     assert [validation_batch_size(b) for b in (1, 32, 64, 100, 256, 512)] == [4, 128, 256, 256, 256, 512]
+    real, seen = T.evaluate_model, []
 
-    def oom(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def tight(model, loader, *args):  # room for the training batch only
+        seen.append(loader.batch_size)
+        if loader.batch_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(model, loader, *args)
 
-    monkeypatch.setattr(T, "evaluate_model", oom)
+    monkeypatch.setattr(T, "evaluate_model", tight)
+    with caplog.at_level("WARNING", logger="xkd"):
+        result = trainer.fit()
+    assert seen == [8, 2, 2]  # one failed try, then the training batch from then on
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert "out of memory validating 8 images per batch; validating 2 per batch from now on" in caplog.text
+
+    def never(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(T, "evaluate_model", never)
+    again = Trainer(d, data, data, TrainConfig(epochs=1, batch_size=2), progress=False)
     with pytest.raises(
-        DeviceMemoryError, match=r"validating after epoch 1 at batch size 8 \(.*lower train.batch_size \(e.g. 1\)"
+        DeviceMemoryError, match=r"validating after epoch 1 at batch size 2 \(CUDA out of memory. Tried to allocate 3"
     ):
-        trainer.fit()
+        again.fit()
 
 
 def test_deterministic_flag_turns_torch_determinism_on_and_off_leaves_it_alone():

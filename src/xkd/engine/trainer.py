@@ -256,13 +256,10 @@ class Trainer:
             for epoch in range(start, self.cfg.epochs + 1):
                 try:
                     stats = self._train_epoch(model, epoch, progress)
-                except torch.cuda.OutOfMemoryError:
-                    raise self._out_of_memory(epoch) from None
+                except torch.cuda.OutOfMemoryError as e:
+                    raise self._out_of_memory(epoch, e) from None
                 self._sync_buffers()
-                try:
-                    val = evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
-                except torch.cuda.OutOfMemoryError:
-                    raise self._out_of_memory(epoch, validating=True) from None
+                val = self._validate(epoch)
                 stats.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
                 result.history.append(stats)
                 if self.scheduler is not None:
@@ -288,18 +285,33 @@ class Trainer:
         D.barrier()
         return result
 
-    def _out_of_memory(self, epoch: int, validating: bool = False) -> DeviceMemoryError:
+    def _validate(self, epoch: int) -> dict[str, Any]:
+        """The student's validation scores. Out of memory at the validation batch (up to 4x the training
+        batch), it validates at the training batch instead, from then on: the scores are the same."""
+        try:
+            return evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
+        except torch.cuda.OutOfMemoryError as e:
+            if self.val_loader.batch_size <= self.cfg.batch_size:
+                raise self._out_of_memory(epoch, e, validating=True) from None
+        log.warning(
+            "%s: out of memory validating %d images per batch; validating %d per batch from now on",
+            self.role, self.val_loader.batch_size, self.cfg.batch_size,
+        )  # fmt: skip
+        torch.cuda.empty_cache()
+        self.val_loader = BatchLoader(self.val_data, self.cfg.batch_size, num_workers=self.cfg.num_workers)
+        try:
+            return evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
+        except torch.cuda.OutOfMemoryError as e:
+            raise self._out_of_memory(epoch, e, validating=True) from None
+
+    def _out_of_memory(self, epoch: int, error: Exception, validating: bool = False) -> DeviceMemoryError:
         kept = "" if self.checkpoint_dir is None else "; the last checkpoint is kept: rerun with --resume"
-        if validating:
-            where = (
-                f"validating after epoch {epoch} at batch size {self.val_loader.batch_size} (validation batches "
-                "hold up to 4x train.batch_size images, at most 256)"
-            )
-        else:
-            where = f"in epoch {epoch} at batch size {self.cfg.batch_size}"
+        doing = f"validating after epoch {epoch}" if validating else f"in epoch {epoch}"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return DeviceMemoryError(
-            f"{self.role}: {device_name(self.device)} ran out of memory {where}; lower train.batch_size (e.g. "
-            f"{max(1, self.cfg.batch_size // 2)}) or set train.amp: bf16{kept}"
+            f"{self.role}: {device_name(self.device)} ran out of memory {doing} at batch size "
+            f"{self.cfg.batch_size} ({first}); lower train.batch_size (e.g. {max(1, self.cfg.batch_size // 2)}) "
+            f"or set train.amp: bf16{kept}"
         )
 
     def fit_and_restore(self, resume: bool = False, restore: str = BEST) -> TrainResult:

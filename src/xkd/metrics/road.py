@@ -191,9 +191,10 @@ class _Stencil:
 
 GPU_CHECK_EVERY = 8
 """CG iterations between two convergence checks off the CPU: each check reads the device (the count of
-converged systems), which on a GPU stalls the launch queue; a converged system iterates a few more
-times meanwhile (its residual only shrinks). On the CPU every iteration is checked, as reading costs
-nothing there."""
+converged systems), which on a GPU stalls the launch queue. A system that converges between two checks
+iterates until the next one and is accepted only if its residual is within tolerance then (CG's error
+in the energy norm keeps decreasing, its residual need not); its iteration count is rounded up to the
+check. On the CPU every iteration is checked, as reading costs nothing there."""
 
 
 def _check_every(device: torch.device) -> int:
