@@ -329,7 +329,8 @@ def test_out_of_memory_while_evaluating_keeps_the_models_and_resume_evaluates_th
     monkeypatch.setattr(P, "evaluate_run", oom)
     with pytest.raises(
         DeviceMemoryError,
-        match=r"explaining and scoring \(CUDA out of memory. Tried to allocate 9.00 GiB\).*evaluation.batch_size \(now 32\).*--resume",
+        match=r"explaining and scoring, after every model had trained \(CUDA out of memory. Tried to allocate "
+        r"9.00 GiB\): lower evaluation.batch_size \(now 32\).*--resume",
     ):
         P.run(load_config(None, make_tiny_args(tmp_path)), progress=False)
     monkeypatch.setattr(P, "evaluate_run", real)
@@ -337,3 +338,17 @@ def test_out_of_memory_while_evaluating_keeps_the_models_and_resume_evaluates_th
     path = P.run(load_config(None, make_tiny_args(tmp_path, "evaluation.batch_size=16")), resume=True, progress=False)
     models = read_json(path / "metrics.json")["models"]
     assert {"teacher", "scratch", "kd"} <= set(models)
+
+
+def test_out_of_memory_elsewhere_in_training_is_one_error_too(tmp_path, make_tiny_args, monkeypatch):
+    # the teacher-logit pass and the test scores run outside the trainer's own out-of-memory handling
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr(P, "predict_logits", oom)
+    with pytest.raises(
+        DeviceMemoryError,
+        match=r"cpu \(\d+ threads\) ran out of memory while training \(CUDA out of memory. Tried to allocate 5.00 GiB\): lower "
+        r"train.batch_size or evaluation.batch_size \(now 32\); the models trained so far are kept",
+    ):
+        P.run(load_config(None, make_tiny_args(tmp_path)), progress=False)

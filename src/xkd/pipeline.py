@@ -32,10 +32,10 @@ from xkd.distill.base import DistillContext
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_weights
-from xkd.engine.runtime import configure_determinism, device_name, predict_logits
+from xkd.engine.runtime import configure_determinism, device_memory_errors, predict_logits
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
-from xkd.errors import ConfigError, DeviceMemoryError
+from xkd.errors import ConfigError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
 from xkd.metrics.classification import evaluate_model
@@ -376,15 +376,27 @@ def run(
             f"[bold]xkd[/bold] run {cfg.name!r}: {data.name} {tuple(data.image_shape)}, "
             f"{len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test, device {device}"
         )
-    teacher = train_teacher(cfg, data, run_dir, device, resume, progress, callbacks)
-    teacher.model.eval().requires_grad_(False)
-    students = train_students(plan, data, teacher.model, run_dir, device, resume, progress, callbacks)
-    random_labels = None
-    if "data_randomisation_sanity" in cfg.evaluation.metrics:
-        random_labels = train_random_labels(cfg, data, run_dir, device, resume, progress, callbacks)
+    kept = "the models trained so far are kept: rerun with --resume and the lower setting"
+    with device_memory_errors(
+        device,
+        "while training",
+        f"lower train.batch_size or evaluation.batch_size (now {cfg.evaluation.batch_size}); {kept}",
+    ):  # the trainer's own out-of-memory errors name the epoch; this catches the rest (teacher logits, test scores)
+        teacher = train_teacher(cfg, data, run_dir, device, resume, progress, callbacks)
+        teacher.model.eval().requires_grad_(False)
+        students = train_students(plan, data, teacher.model, run_dir, device, resume, progress, callbacks)
+        random_labels = None
+        if "data_randomisation_sanity" in cfg.evaluation.metrics:
+            random_labels = train_random_labels(cfg, data, run_dir, device, resume, progress, callbacks)
     train_seconds = time.perf_counter() - t0
     if info.is_main:
-        try:
+        with device_memory_errors(
+            device,
+            "while explaining and scoring, after every model had trained",
+            f"lower evaluation.batch_size (now {cfg.evaluation.batch_size}) or an explainer's batch_size / "
+            "internal_batch_size. The trained models are kept: rerun with --resume and the lower setting (e.g. "
+            "--set evaluation.batch_size=...) to evaluate them without training again",
+        ):
             evaluate_run(
                 plan,
                 data,
@@ -399,14 +411,6 @@ def run(
                 progress=progress,
                 random_labels=random_labels,
             )
-        except torch.cuda.OutOfMemoryError as e:
-            first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
-            raise DeviceMemoryError(
-                f"{device_name(device)} ran out of memory while explaining and scoring ({first}), after every model "
-                f"had trained: lower evaluation.batch_size (now {cfg.evaluation.batch_size}) or an explainer's "
-                "batch_size / internal_batch_size. The trained models are kept: rerun with --resume and the lower "
-                "setting (e.g. --set evaluation.batch_size=...) to evaluate them without training again"
-            ) from None
         call(callbacks, "on_run_end", run_dir.path)
     D.barrier()
     return run_dir.path

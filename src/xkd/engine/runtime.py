@@ -4,7 +4,9 @@ determinism, the optimiser and its schedule, and the teacher-logit pass; used by
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -14,6 +16,7 @@ from torch.utils.data import Dataset
 
 from xkd.config import ConfigError, TrainConfig
 from xkd.data.base import BatchLoader, TensorImageDataset
+from xkd.errors import DeviceMemoryError
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -74,6 +77,17 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def device_memory_errors(device: torch.device, what: str, advice: str) -> Iterator[None]:
+    """Turns torch's out-of-memory error inside the block into one :class:`~xkd.errors.DeviceMemoryError`
+    saying ``what`` ran out, torch's first line (which allocation) and ``advice`` (the setting to lower)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
+        raise DeviceMemoryError(f"{device_name(device)} ran out of memory {what} ({first}): {advice}") from None
 
 
 def configure_determinism(on: bool) -> None:
