@@ -317,38 +317,40 @@ def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path,
     assert "evaluation.metrics: region_precision needs ground-truth masks and digits has none, so it is" in caplog.text
 
 
-def test_out_of_memory_while_evaluating_keeps_the_models_and_resume_evaluates_them(
-    tmp_path, make_tiny_args, monkeypatch
-):
-    # an OOM in the explainers came as a raw CUDA traceback after all training, naming no setting
-    real = P.evaluate_run
+def out_of_memory(gib: str):
+    """A stand-in that raises torch's out-of-memory error, as a GPU does, asking for ``gib`` GiB."""
 
     def oom(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {gib} GiB")
 
-    monkeypatch.setattr(P, "evaluate_run", oom)
-    with pytest.raises(
-        DeviceMemoryError,
-        match=r"explaining and scoring, after every model had trained \(CUDA out of memory. Tried to allocate "
-        r"9.00 GiB\): lower evaluation.batch_size \(now 32\).*--resume",
-    ):
+    return oom
+
+
+@pytest.mark.parametrize(
+    "stage, match",
+    [
+        (  # an OOM in the explainers came as a raw CUDA traceback after all training, naming no setting
+            "evaluate_run",
+            r"explaining and scoring, after every model had trained \(CUDA out of memory. Tried to allocate 9.00 GiB\): "
+            r"lower evaluation.batch_size \(now 32\).*--resume",
+        ),
+        (  # the teacher-logit pass (and the test scores) run outside the trainer's own OOM handling
+            "predict_logits",
+            r"cpu \(\d+ threads\) ran out of memory while training \(CUDA out of memory. Tried to allocate 9.00 GiB\): "
+            r"lower train.batch_size or evaluation.batch_size \(now 32\); the models trained so far are kept",
+        ),
+    ],
+)
+def test_out_of_memory_outside_the_trainer_is_one_error_and_resume_goes_on(
+    tmp_path, make_tiny_args, monkeypatch, stage, match
+):
+    real = getattr(P, stage)
+    monkeypatch.setattr(P, stage, out_of_memory("9.00"))
+    with pytest.raises(DeviceMemoryError, match=match):
         P.run(load_config(None, make_tiny_args(tmp_path)), progress=False)
-    monkeypatch.setattr(P, "evaluate_run", real)
+    if stage != "evaluate_run":
+        return
+    monkeypatch.setattr(P, stage, real)  # a lower evaluation batch: the models are evaluated, not trained again
     monkeypatch.setattr(Trainer, "_train_epoch", lambda self, *a: pytest.fail(f"{self.role} trained again"))
     path = P.run(load_config(None, make_tiny_args(tmp_path, "evaluation.batch_size=16")), resume=True, progress=False)
-    models = read_json(path / "metrics.json")["models"]
-    assert {"teacher", "scratch", "kd"} <= set(models)
-
-
-def test_out_of_memory_elsewhere_in_training_is_one_error_too(tmp_path, make_tiny_args, monkeypatch):
-    # the teacher-logit pass and the test scores run outside the trainer's own out-of-memory handling
-    def oom(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
-
-    monkeypatch.setattr(P, "predict_logits", oom)
-    with pytest.raises(
-        DeviceMemoryError,
-        match=r"cpu \(\d+ threads\) ran out of memory while training \(CUDA out of memory. Tried to allocate 5.00 GiB\): lower "
-        r"train.batch_size or evaluation.batch_size \(now 32\); the models trained so far are kept",
-    ):
-        P.run(load_config(None, make_tiny_args(tmp_path)), progress=False)
+    assert {"teacher", "scratch", "kd"} <= set(read_json(path / "metrics.json")["models"])
