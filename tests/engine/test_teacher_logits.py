@@ -53,7 +53,7 @@ def test_cached_logits_give_the_loss_of_the_teacher_forward(
 ):
     # with the labels a method may also compute its label-dependent teacher terms once (DKD's table);
     # tables are built by chunks of rows (3 here: 3 + 3 + 2 of the 8 images)
-    monkeypatch.setattr("xkd.distill.logits.TABLE_ROWS", 3)
+    monkeypatch.setattr("xkd.distill.base.TABLE_ROWS", 3)
     student, teacher = tiny_pair
     data = tiny_data(n=8)
     d = build_distiller(name, student, teacher, {}).to(device)
@@ -67,7 +67,7 @@ def test_cached_logits_give_the_loss_of_the_teacher_forward(
     hook.remove()
     assert not calls  # the teacher did not run
     if name == "dkd":  # its teacher side is read by index only when the labels were given
-        assert (d._teacher_side is not None) == with_labels
+        assert (d.cached_teacher_table is not None) == with_labels
     # methods that turn the logits into their own per-image table do not also keep the logits
     replaced = name in ("hinton_kd", "dist") or (name == "dkd" and with_labels)
     assert (d.cached_teacher_logits is None) == replaced

@@ -51,6 +51,12 @@ class DistillContext:
     progress: bool = False
 
 
+TABLE_ROWS = 65_536
+"""Rows per chunk when a distiller turns every training image's cached logits into its own table
+(:meth:`Distiller.teacher_table`): the temporaries of one chunk, not of the whole cache, are held at
+once (at ImageNet's 1.28M x 1000 a whole-cache log-softmax holds several 5-GB temporaries)."""
+
+
 def cached_rows(table: Tensor | None, batch: Batch) -> Tensor | None:
     """The rows of ``table`` (one per training image, by dataset index) of ``batch``'s images, on the
     images' device; None when there is no table or the batch carries no indices."""
@@ -91,15 +97,43 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
         self.params = params if params is not None else self.Params()
         self.cached_teacher_logits: Tensor | None = None
+        self.cached_teacher_table: Tensor | None = None
 
     def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
         """Read the teacher's logits from ``logits`` (one row per training image, by dataset index)
         instead of running the teacher; only valid when the training images are fed unaugmented.
-        ``labels``: the training images' labels, by the same index (methods whose teacher-side terms
-        depend on the label, DKD, then compute them once)."""
+        ``labels``: the training images' labels, by the same index. When the method derives a table
+        of its own from them (:meth:`teacher_table`), the table is kept instead of the logits: one
+        per-image table on the device, not two."""
         if logits is not None and not self.teacher_logits_only:
             raise ValueError(f"distiller {self.registry_name!r} needs the teacher's forward pass, not only its logits")
-        self.cached_teacher_logits = logits
+        self.cached_teacher_logits, self.cached_teacher_table = logits, None
+        if logits is None:
+            return
+        labels = None if labels is None else labels.to(logits.device)
+        table = None
+        for start in range(0, logits.shape[0], TABLE_ROWS):
+            rows = slice(start, start + TABLE_ROWS)
+            part = self.teacher_table(logits[rows], None if labels is None else labels[rows])
+            if part is None:
+                return
+            if table is None:
+                table = part.new_empty((logits.shape[0], *part.shape[1:]))
+            table[rows] = part
+        if table is not None:
+            self.cached_teacher_logits, self.cached_teacher_table = None, table
+
+    def teacher_table(self, logits: Tensor, labels: Tensor | None) -> Tensor | None:
+        """What a step reads of the teacher instead of its logits, computed once from rows of the
+        cached logits and their labels (None when not given), :data:`TABLE_ROWS` rows at a time, e.g.
+        KD's soft targets. None (the default): steps read the logits themselves."""
+        return None
+
+    def teacher_rows(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
+        """``(rows of the cached table, None)`` for ``batch`` when there is a table and the batch
+        carries indices, else ``(None, the teacher's logits)`` (:meth:`teacher_logits`)."""
+        rows = cached_rows(self.cached_teacher_table, batch)
+        return (rows, None) if rows is not None else (None, self.teacher_logits(batch))
 
     def teacher_logits(self, batch: Batch) -> Tensor:
         """The teacher's logits of ``batch`` (no gradient): read by sample index from the cached

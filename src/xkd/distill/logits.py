@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xkd.data.base import Batch
-from xkd.distill.base import Distiller, NoParams, cached_rows
+from xkd.distill.base import Distiller, NoParams
 from xkd.errors import ConfigError
 from xkd.registry import DISTILLERS
 
@@ -46,21 +46,6 @@ def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
         )
     z = logits.float()
     return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
-
-
-TABLE_ROWS = 65_536
-"""Rows per chunk when a distiller turns every training image's cached logits into its own table: the
-temporaries of one chunk, not of the whole cache, are held at once (at ImageNet's 1.28M x 1000 a
-whole-cache log-softmax holds several 5-GB temporaries)."""
-
-
-def by_rows(fn: Any, logits: Tensor, width: int | None = None) -> Tensor:
-    """``fn`` applied to ``logits`` chunk by chunk of :data:`TABLE_ROWS` rows into one fp32 table of
-    ``width`` columns (default: as many as ``logits``); ``fn`` maps rows to rows."""
-    out = logits.new_empty((logits.shape[0], logits.shape[1] if width is None else width), dtype=torch.float32)
-    for start in range(0, logits.shape[0], TABLE_ROWS):
-        out[start : start + TABLE_ROWS] = fn(logits[start : start + TABLE_ROWS], slice(start, start + TABLE_ROWS))
-    return out
 
 
 def soft_log_targets(teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
@@ -158,23 +143,16 @@ class HintonKD(Distiller):
     Params = HintonKDParams
     teacher_logits_only = True
 
-    _log_targets: Tensor | None = None
-
-    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
-        """Also turns the cached logits into soft targets once (:func:`soft_log_targets`), so a step
-        reads its rows instead of dividing and normalising the teacher's logits again."""
-        super().use_teacher_logits(logits, labels)
+    def teacher_table(self, logits: Tensor, labels: Tensor | None) -> Tensor:
+        """The soft targets (:func:`soft_log_targets`), so a step reads its rows instead of dividing and
+        normalising the teacher's logits again."""
         p: HintonKDParams = self.params
-        self._log_targets = None
-        if logits is not None:
-            self._log_targets = by_rows(lambda z, _: soft_log_targets(z, p.temperature, p.standardize), logits)
-        self.cached_teacher_logits = None  # the soft targets replace them: one (N, K) table on the device, not two
+        return soft_log_targets(logits, p.temperature, p.standardize)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: HintonKDParams = self.params
         logits = self.student(batch.images)
-        log_targets = cached_rows(self._log_targets, batch)
-        teacher_logits = self.teacher_logits(batch) if log_targets is None else None
+        log_targets, teacher_logits = self.teacher_rows(batch)
         kd = kd_loss(logits, teacher_logits, p.temperature, p.standardize, 1.0 - p.alpha, log_targets)
         return logits, {"ce": p.alpha * F.cross_entropy(logits, batch.labels), "kd": kd}
 
@@ -353,7 +331,6 @@ class DKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: DKDParams | None = None) -> None:
         super().__init__(student, teacher, params)
         self.counter = StepCounter()
-        self._teacher_side: Tensor | None = None
 
     def trainable_modules(self) -> nn.ModuleDict:
         modules = super().trainable_modules()
@@ -361,17 +338,11 @@ class DKD(Distiller):
             modules["dkd_state"] = self.counter
         return modules
 
-    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
-        """With the training images' ``labels`` (by dataset index), also computes the teacher's side of
-        both KLs once (:func:`dkd_teacher_side`), so a step reads its rows instead of recomputing it."""
-        super().use_teacher_logits(logits, labels)
+    def teacher_table(self, logits: Tensor, labels: Tensor | None) -> Tensor | None:
+        """With the training images' labels, the teacher's side of both KLs (:func:`dkd_teacher_side`),
+        so a step reads its rows instead of recomputing it; without them the logits."""
         p: DKDParams = self.params
-        self._teacher_side = None
-        if logits is not None and labels is not None:
-            labels = labels.to(logits.device)
-            side = lambda z, rows: dkd_teacher_side(z, labels[rows], p.temperature, p.standardize)  # noqa: E731
-            self._teacher_side = by_rows(side, logits, logits.shape[1] + 2)
-            self.cached_teacher_logits = None  # the table, as large, replaces them on the device
+        return None if labels is None else dkd_teacher_side(logits, labels, p.temperature, p.standardize)
 
     def ramp(self) -> float:
         """The warm-up factor for the current step (1 without warm-up)."""
@@ -381,8 +352,7 @@ class DKD(Distiller):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: DKDParams = self.params
         logits = self.student(batch.images)
-        side = cached_rows(self._teacher_side, batch)
-        teacher_logits = self.teacher_logits(batch) if side is None else None
+        side, teacher_logits = self.teacher_rows(batch)
         if self.training and torch.is_grad_enabled():
             self.counter.tick()
         r = self.ramp()
@@ -463,20 +433,14 @@ class DIST(Distiller):
 
     Params = DISTParams
     teacher_logits_only = True
-    _teacher_probs: Tensor | None = None
 
-    def use_teacher_logits(self, logits: Tensor | None, labels: Tensor | None = None) -> None:
-        """Also turns the cached logits into the teacher's softened probabilities once, kept instead
-        of the logits, so a step reads its rows."""
-        super().use_teacher_logits(logits, labels)
-        t = self.params.temperature
-        self._teacher_probs = None if logits is None else by_rows(lambda z, _: F.softmax(z.float() / t, dim=1), logits)
-        self.cached_teacher_logits = None
+    def teacher_table(self, logits: Tensor, labels: Tensor | None) -> Tensor:
+        """The teacher's softened probabilities ``softmax(z_t / T)``, read by a step instead of its logits."""
+        return F.softmax(logits.float() / self.params.temperature, dim=1)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         p: DISTParams = self.params
         logits = self.student(batch.images)
-        probs = cached_rows(self._teacher_probs, batch)
-        teacher_logits = self.teacher_logits(batch) if probs is None else None
+        probs, teacher_logits = self.teacher_rows(batch)
         inter, intra = dist_terms(logits, teacher_logits, p.temperature, (p.beta, p.gamma), probs)
         return logits, {"ce": p.ce_weight * F.cross_entropy(logits, batch.labels), "inter": inter, "intra": intra}
