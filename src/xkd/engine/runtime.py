@@ -79,6 +79,11 @@ def device_name(device: torch.device) -> str:
     return f"{device} ({torch.get_num_threads()} threads)"
 
 
+def out_of_memory_line(error: Exception) -> str:
+    """The first line of torch's out-of-memory message (which allocation failed)."""
+    return (str(error).strip().splitlines() or ["CUDA out of memory"])[0]
+
+
 @contextlib.contextmanager
 def device_memory_errors(device: torch.device, what: str, advice: str) -> Iterator[None]:
     """Turns torch's out-of-memory error inside the block into one :class:`~xkd.errors.DeviceMemoryError`
@@ -86,8 +91,9 @@ def device_memory_errors(device: torch.device, what: str, advice: str) -> Iterat
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
-        first = (str(e).strip().splitlines() or ["CUDA out of memory"])[0]
-        raise DeviceMemoryError(f"{device_name(device)} ran out of memory {what} ({first}): {advice}") from None
+        raise DeviceMemoryError(
+            f"{device_name(device)} ran out of memory {what} ({out_of_memory_line(e)}): {advice}"
+        ) from None
 
 
 def configure_determinism(on: bool) -> None:

@@ -30,7 +30,15 @@ from xkd.distill.base import Distiller, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from xkd.engine.runtime import PRECISION_NAMES, build_optimizer, build_scheduler, device_name, on_device, resolve_amp
+from xkd.engine.runtime import (
+    PRECISION_NAMES,
+    build_optimizer,
+    build_scheduler,
+    device_name,
+    on_device,
+    out_of_memory_line,
+    resolve_amp,
+)
 from xkd.errors import DeviceMemoryError, NonFiniteLossError
 from xkd.metrics.classification import evaluate_model
 from xkd.rundir import BEST, LAST
@@ -288,29 +296,25 @@ class Trainer:
     def _validate(self, epoch: int) -> dict[str, Any]:
         """The student's validation scores. Out of memory at the validation batch (up to 4x the training
         batch), it validates at the training batch instead, from then on: the scores are the same."""
-        try:
-            return evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
-        except torch.cuda.OutOfMemoryError as e:
-            if self.val_loader.batch_size <= self.cfg.batch_size:
-                raise self._out_of_memory(epoch, e, validating=True) from None
-        log.warning(
-            "%s: out of memory validating %d images per batch; validating %d per batch from now on",
-            self.role, self.val_loader.batch_size, self.cfg.batch_size,
-        )  # fmt: skip
-        torch.cuda.empty_cache()
-        self.val_loader = BatchLoader(self.val_data, self.cfg.batch_size, num_workers=self.cfg.num_workers)
-        try:
-            return evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
-        except torch.cuda.OutOfMemoryError as e:
-            raise self._out_of_memory(epoch, e, validating=True) from None
+        while True:
+            try:
+                return evaluate_model(self.distiller.student, self.val_loader, self.num_classes, self.device)
+            except torch.cuda.OutOfMemoryError as e:
+                if self.val_loader.batch_size <= self.cfg.batch_size:
+                    raise self._out_of_memory(epoch, e, validating=True) from None
+            log.warning(
+                "%s: out of memory validating %d images per batch; validating %d per batch from now on",
+                self.role, self.val_loader.batch_size, self.cfg.batch_size,
+            )  # fmt: skip
+            torch.cuda.empty_cache()
+            self.val_loader = BatchLoader(self.val_data, self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
     def _out_of_memory(self, epoch: int, error: Exception, validating: bool = False) -> DeviceMemoryError:
         kept = "" if self.checkpoint_dir is None else "; the last checkpoint is kept: rerun with --resume"
         doing = f"validating after epoch {epoch}" if validating else f"in epoch {epoch}"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return DeviceMemoryError(
             f"{self.role}: {device_name(self.device)} ran out of memory {doing} at batch size "
-            f"{self.cfg.batch_size} ({first}); lower train.batch_size (e.g. {max(1, self.cfg.batch_size // 2)}) "
+            f"{self.cfg.batch_size} ({out_of_memory_line(error)}); lower train.batch_size (e.g. {max(1, self.cfg.batch_size // 2)}) "
             f"or set train.amp: bf16{kept}"
         )
 
