@@ -312,9 +312,10 @@ class Trainer:
     def _out_of_memory(self, epoch: int, error: Exception, validating: bool = False) -> DeviceMemoryError:
         kept = "" if self.checkpoint_dir is None else "; the last checkpoint is kept: rerun with --resume"
         doing = f"validating after epoch {epoch}" if validating else f"in epoch {epoch}"
+        half = max(1, self.cfg.batch_size // 2)
         return DeviceMemoryError(
             f"{self.role}: {device_name(self.device)} ran out of memory {doing} at batch size "
-            f"{self.cfg.batch_size} ({out_of_memory_line(error)}); lower train.batch_size (e.g. {max(1, self.cfg.batch_size // 2)}) "
+            f"{self.cfg.batch_size} ({out_of_memory_line(error)}); lower train.batch_size (e.g. {half}) "
             f"or set train.amp: bf16{kept}"
         )
 
