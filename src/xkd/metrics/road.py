@@ -64,8 +64,8 @@ def linear_imputation(
     Backends:
 
     - ``"torch"`` (default): Jacobi-preconditioned conjugate gradient on ``A``, batched over every
-      image and channel, on the images' device (the CPU for MPS, which has no float64), each product ``A p`` a masked 3x3 stencil (shifted adds; ``F.conv2d`` in float64
-      was 15x slower). Mixed precision: CG runs in float32, the residual ``b - A u`` is recomputed in
+      image and channel, on the images' device (the CPU for MPS, which has no float64), each product
+      ``A p`` a masked 3x3 stencil (shifted adds; ``F.conv2d`` in float64 was 15x slower). Mixed precision: CG runs in float32, the residual ``b - A u`` is recomputed in
       float64 and the correction re-solved (iterative refinement) until ``||b - A u|| <= tol ||b||`` per
       system; converged systems leave the batch. ``tol = 1e-7`` keeps the result within ~1e-6 of the
       exact solution on 28x28 images (``1e-6`` allowed up to 9e-6 at 90 % removal).
