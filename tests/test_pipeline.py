@@ -317,6 +317,19 @@ def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path,
     assert "evaluation.metrics: region_precision needs ground-truth masks and digits has none, so it is" in caplog.text
 
 
+def test_a_metric_that_cannot_score_images_this_small_fails_before_training(tmp_path, make_tiny_args):
+    # the sanity metrics' SSIM needs 3x3 maps: 2x2 images trained every model, then raised in scoring
+    cfg = load_config(None, make_tiny_args(tmp_path, "data.image_size=2"))
+    with pytest.raises(
+        ConfigError,
+        match=r"evaluation.metrics: randomisation_sanity needs images of at least 3x3; the digits images are 2x2: raise "
+        r"data.image_size or drop it",
+    ):
+        P.preflight(resolve(cfg), build_dataset(cfg.data))
+    cfg = load_config(None, make_tiny_args(tmp_path, "data.image_size=3"))
+    P.preflight(resolve(cfg), build_dataset(cfg.data))  # the smallest size it scores
+
+
 def out_of_memory(gib: str):
     """A stand-in that raises torch's out-of-memory error, as a GPU does, asking for ``gib`` GiB."""
 

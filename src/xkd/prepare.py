@@ -106,6 +106,14 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
             ", ".join(unmasked), "needs" if one else "need", data.name, "it is" if one else "they are",
             "it" if one else "them",
         )  # fmt: skip
+    side = min(data.image_shape[1:])
+    small = [m for m in declared() if m.name in listed and side < m.min_side]
+    if small:
+        raise ConfigError(
+            f"evaluation.metrics: {', '.join(f'{m.name} needs images of at least {m.min_side}x{m.min_side}' for m in small)}"
+            f"; the {data.name} images are {'x'.join(map(str, data.image_shape[1:]))}: raise data.image_size or drop "
+            f"{'it' if len(small) == 1 else 'them'} from evaluation.metrics"
+        )
     for key in ("teacher", "student"):
         path = ev.transfer_layers.get(key)
         for role, model in models.items():

@@ -128,6 +128,7 @@ class MetricInfo:
             in ``xkd compare`` the mean ± std over seeds), ``{images}``, ``{p}`` (``p = ...`` of the
             record's ``p_value``; in ``xkd compare`` the p-value of every seed) and any other text
             entry of the record (e.g. ``{independent}``).
+        min_side: the smallest image height and width it can score (a run checks it before training).
     """
 
     name: str
@@ -146,6 +147,7 @@ class MetricInfo:
     chance_record: Callable[[Any], dict[str, Any]] | None = None
     columns: tuple[Column, ...] = ()
     sentence: str | None = None
+    min_side: int = 1
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -227,6 +229,7 @@ def metric(
     chance_record: Callable[[Any], dict[str, Any]] | None = None,
     columns: tuple[Column, ...] | None = None,
     sentence: str | None = None,
+    min_side: int = 1,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a metric function with its declaration (one decorator, one place)."""
     if scope not in SCOPES:
@@ -241,7 +244,7 @@ def metric(
         cols = columns if columns is not None else (Column(name, shown, desc),)
         info = MetricInfo(
             name, fn, scope, tuple(inputs), higher_is_better, shown, category, desc, default,
-            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence,
+            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence, min_side,
         )  # fmt: skip
         METRICS.register(name)(info)
         fn.info = info  # type: ignore[attr-defined]

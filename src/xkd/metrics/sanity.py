@@ -59,13 +59,16 @@ def _maps(make: MakeExplainer, model: nn.Module, images: Tensor, targets: Tensor
     return maps.detach().float().cpu()
 
 
+SSIM_MIN_SIDE = 3  # skimage's smallest (odd) window
+
+
 def _ssim(a: Tensor, b: Tensor) -> Tensor:
     from skimage.metrics import structural_similarity
 
     h, w = a.shape[1:]
     win = min(7, min(h, w) - (1 - min(h, w) % 2))  # largest odd window <= min side
-    if win < 3:
-        raise ValueError(f"SSIM needs maps of at least 3x3 pixels, got {h}x{w}")
+    if win < SSIM_MIN_SIDE:
+        raise ValueError(f"SSIM needs maps of at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {h}x{w}")
     x, y = normalize_maps(a.abs()).double().cpu().numpy(), normalize_maps(b.abs()).double().cpu().numpy()
     vals = [structural_similarity(p, q, data_range=1.0, win_size=win) for p, q in zip(x, y, strict=True)]
     return torch.tensor(np.array(vals, dtype=np.float64))
@@ -166,6 +169,7 @@ def label_sanity_record(res: dict[str, Any]) -> dict[str, Any]:
     subset="sanity_images",
     record=lambda r: {"sanity": sanity_record(r)},
     columns=(),  # shown by the report's sanity section
+    min_side=SSIM_MIN_SIDE,
 )
 def randomisation_sanity(
     model: nn.Module,
@@ -250,6 +254,7 @@ def randomisation_sanity(
     subset="sanity_images",
     record=lambda r: {"label_sanity": label_sanity_record(r)},
     columns=(),  # shown by the report's sanity section
+    min_side=SSIM_MIN_SIDE,
 )
 def data_randomisation_sanity(
     model: nn.Module,
