@@ -135,9 +135,18 @@ def test_empty_explanations_do_not_agree():
     assert math.isnan(res["superpixel_sign_agreement"]) and res["undefined"] == 2 and res["evaluated"] == 0
     res = superpixel_sign_agreement(some, zero, seg, k=2)
     assert math.isnan(res["superpixel_sign_agreement"]) and res["undefined"] == 2
-    # a sparse map has fewer important superpixels: one match of k = 2 scores 1/2, not 1
-    res = superpixel_sign_agreement(some, some, seg, k=2)
-    assert res["superpixel_sign_agreement"] == pytest.approx(0.5) and res["undefined"] == 0
+    # a sparse map has fewer important superpixels: identical sparse maps agree fully (scored 1/2
+    # when the count was divided by k)
+    for select in ("each", "teacher"):
+        res = superpixel_sign_agreement(some, some, seg, k=2, select=select)
+        assert res["superpixel_sign_agreement"] == 1.0 and res["undefined"] == 0
+    # the teacher singles out one superpixel, the student that one (same sign) and another: "each"
+    # counts the student's extra one against it, "teacher" asks only about the teacher's
+    wider = from_values([1.0, 0.5, 0.0, 0.0])
+    assert superpixel_sign_agreement(some[:1], wider, seg[:1], k=2)["superpixel_sign_agreement"] == 0.5
+    res = superpixel_sign_agreement(some[:1], wider, seg[:1], k=2, select="teacher")
+    assert res["superpixel_sign_agreement"] == 1.0
+    assert superpixel_sign_agreement(some[:1], -wider, seg[:1], k=2, select="teacher")["superpixel_sign_agreement"] == 0
 
 
 def test_tied_superpixels_are_taken_in_the_seeded_random_order_not_by_index():

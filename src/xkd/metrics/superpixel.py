@@ -187,15 +187,17 @@ def superpixel_sign_agreement(
     magnitude, as LIME and SHAP rank features), and ``h = 1`` for a superpixel in **both** top sets
     whose signs match::
 
-        score_i = |{s in top_k(T) ∩ top_k(M) : sign(T_s) = sign(M_s)}| / k_i,   k_i = min(k, S_i)
+        score_i = |{s in top_k(T) ∩ top_k(M) : sign(T_s) = sign(M_s)}| / max(|top_k(T)|, |top_k(M)|)
 
     so it is 1 only when both models single out the same superpixels with the same signs.
     ``select="teacher"`` is the looser reading: the teacher's top ``k`` superpixels and the share whose
-    student sign matches. ``k`` defaults to 2, the paper's Fig. 11. ``sign(0) = 0``: a zero matches
-    only a zero, but a zero superpixel is never among the important ones: an image where either
-    model's superpixel values are all zero has no important superpixel and is **undefined** (``nan``,
-    counted in ``undefined``, left out of the mean) -- two empty explanations do not "agree". Ties
-    in importance go to the lower superpixel label.
+    student sign matches (divided by ``|top_k(T)|``). ``k`` defaults to 2, the paper's Fig. 11.
+    ``sign(0) = 0``: a zero matches only a zero, but a zero superpixel is never among the important
+    ones, so a top set holds at most ``k`` of the non-zero superpixels: a sparse map has fewer, and
+    two identical maps score 1 however sparse. An image where either model's superpixel values are
+    all zero has no important superpixel and is **undefined** (``nan``, counted in ``undefined``,
+    left out of the mean) -- two empty explanations do not "agree". Superpixels of equal importance
+    are taken in the seeded random order of :mod:`xkd.metrics.ranking` (seed 0), not by label.
 
     Args:
         a, b: teacher and student maps ``(N, H, W)``.
@@ -221,8 +223,9 @@ def superpixel_sign_agreement(
     same_sign = torch.sign(sa) == torch.sign(sb)
     top_t, top_s = _top_k(sa, real, k), _top_k(sb, real, k)
     chosen = top_t & top_s if select == "each" else top_t
-    k_i = real.sum(dim=1).clamp(max=k).clamp_min(1)
-    per_image = (chosen & same_sign).sum(dim=1).double() / k_i
+    # the important superpixels there are (an identical sparse pair used to score below 1)
+    size = torch.maximum(top_t.sum(dim=1), top_s.sum(dim=1)) if select == "each" else top_t.sum(dim=1)
+    per_image = (chosen & same_sign).sum(dim=1).double() / size.clamp_min(1)
     undefined = sel & (~top_t.any(dim=1) | ~top_s.any(dim=1))
     per_image[~sel | undefined] = float("nan")
     scored = sel & ~undefined
