@@ -21,6 +21,21 @@ from xkd.pipeline import load_run_models
 from xkd.report.figures import save_overlay_figure
 
 
+def image_channels(im: Image.Image) -> int:
+    """The channel count of ``im`` as ``load_image`` reads it: 1 for grayscale modes, 3 for colour.
+    A palette image (mode ``P``/``PA``) counts by the colours it uses: 1 when each is a gray
+    (R = G = B), else 3."""
+    if im.mode in GRAY_MODES:
+        return 1
+    if im.mode in ("P", "PA"):
+        palette = im.getpalette("RGB") or []
+        colors = im.getcolors(1 << 16)  # (count, index), or (count, (index, alpha)) for PA
+        used = range(len(palette) // 3) if colors is None else {c if im.mode == "P" else c[0] for _, c in colors}
+        rgb = [palette[3 * i : 3 * i + 3] for i in used if 3 * i + 3 <= len(palette)]
+        return 1 if all(r == g == b for r, g, b in rgb) else 3
+    return 3
+
+
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
     """Read ``path`` as a float32 (C, H, W) tensor in [0, 1], resized to ``size`` (H, W) the way
     ``imagefolder`` resizes training images.
@@ -30,8 +45,10 @@ def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
     """
     try:
         with Image.open(path) as im:
+            found = image_channels(im)
             mode = im.mode
-        found = 1 if mode in GRAY_MODES else 3
+        if mode in ("P", "PA"):
+            mode += ", a gray palette" if found == 1 else ", a colour palette"
         if found != channels:
             fix = "convert it to grayscale (PIL: Image.convert('L'))" if channels == 1 else "convert it to RGB"
             raise ImageInputError(
