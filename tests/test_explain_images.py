@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from xkd.errors import ImageInputError
-from xkd.explain_images import image_channels, load_image
+from xkd.explain_images import explain_images, image_channels, load_image
 
 
 def _gray_palette_png(path, values: np.ndarray):
@@ -36,3 +36,14 @@ def test_palette_images_count_channels_by_their_palette(tmp_path):
     gray_on_rgb = r"has 1 channel\(s\) \(mode P, a gray palette\).*convert it to RGB"
     with pytest.raises(ImageInputError, match=gray_on_rgb):
         load_image(gray, 3, (8, 8))
+
+
+def test_a_folder_or_a_missing_file_is_one_clear_error_before_the_run_is_read(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _gray_palette_png(folder / "a.png", np.zeros((8, 8)))
+    nowhere = tmp_path / "no_run"  # not read: the images are checked first
+    with pytest.raises(ImageInputError, match=r"'.*imgs' is a folder; pass image files, e.g. --images .*imgs/\*\.png"):
+        explain_images(nowhere, [folder])
+    with pytest.raises(ImageInputError, match=r"image '.*missing\.png' does not exist"):
+        explain_images(nowhere, [folder / "a.png", tmp_path / "missing.png"])

@@ -62,6 +62,19 @@ def load_image(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
         raise ImageInputError(f"cannot read image {str(path)!r} ({e}); give PNG, JPEG, BMP or TIFF files") from None
 
 
+def check_image_paths(paths: list[Path]) -> None:
+    """Raise :class:`ImageInputError` for a path that is not a file: missing, or a folder (``--images``
+    takes files; a shell expands ``imgs/*.png`` to them)."""
+    for p in paths:
+        if p.is_dir():
+            pattern = str(p / "*.png")
+            raise ImageInputError(
+                f"--images {str(p)!r} is a folder; pass image files, e.g. --images {pattern} (your shell lists them)"
+            )
+        if not p.is_file():
+            raise ImageInputError(f"image {str(p)!r} does not exist")
+
+
 def explain_images(
     run_dir: str | Path,
     paths: list[Path],
@@ -82,13 +95,11 @@ def explain_images(
         where = resolve_device(device)
     except ConfigError:  # its message names the config key; here the user gave the flag
         raise ConfigError(f"--device {device}: no GPU is available here; use --device auto or --device cpu") from None
+    check_image_paths(paths)
     cfg, models, run_record = load_run_models(run_dir, where)
     params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
     c, h, w = run_record["dataset"]["image_shape"]
     class_names = run_record["dataset"]["class_names"]
-    for p in paths:
-        if not p.is_file():
-            raise ImageInputError(f"image {str(p)!r} does not exist")
     images = torch.stack([load_image(p, c, (h, w)) for p in paths])
     with torch.no_grad():
         probs = {
