@@ -79,6 +79,25 @@ def test_superpixel_form_and_labels_are_accepted():
             ["evaluation.metric_params={road: {neighbours: 6}}"],
             r"road.neighbours: 6 is not allowed; allowed values: 4, 8",
         ),
+        # and against its range, and the arguments the run passes itself: these too failed after training
+        (
+            ["evaluation.metric_params={road: {percentages: [1.5, -2]}}"],
+            r"metric_params.road: ROAD percentages must lie in \[0, 1\)",
+        ),
+        (["evaluation.metric_params={deletion_auc: {steps: 0}}"], r"metric_params.deletion_auc: steps must be >= 1"),
+        (["evaluation.metric_params={randomisation_sanity: {max_steps: 0}}"], r"max_steps must be >= 1 or None, got 0"),
+        (["evaluation.metric_params={region_precision: {fraction: 2}}"], r"fraction must be in \(0, 1\], got 2"),
+        (["evaluation.metric_params={met: {repeats: 0}}"], r"metric_params.met: repeats must be >= 1"),
+        (["evaluation.metric_params={superpixel_sign_agreement: {k: 0}}"], r"k must be >= 1, got 0"),
+        (["evaluation.metric_params={road: {tol: 0}}"], r"the solver needs tol > 0"),
+        (
+            ["evaluation.metric_params={road: {model: 3}}"],
+            r"road.model: the run passes it \(the explained model\); arguments you may set: percentages, noise,",
+        ),
+        (
+            ["evaluation.metric_params={fidelity: {keep: 5}}"],
+            r"fidelity.keep: the run passes it \(evaluation.fidelity_keep\); arguments you may set: baseline, tie_seed$",
+        ),
         (["evaluation.transfer_layers={teacherr: x}"], r"unknown key; allowed keys: teacher, student"),
         (["evaluation.sanity_images=-1"], r"sanity_images must be >= 0"),
         (["teacher.model.name=vgg"], r"teacher.model.name: unknown model 'vgg'; registered: cifar_resnet"),

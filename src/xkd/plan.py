@@ -27,7 +27,7 @@ from xkd.distill.base import distiller_params
 from xkd.errors import ConfigError
 from xkd.explain.base import ExplainerSpec, resolve_explainer, split_name
 from xkd.explain.superpixel import SuperpixelParams
-from xkd.metrics.base import declared, default_metrics
+from xkd.metrics.base import INPUTS, declared, default_metrics
 from xkd.schema import check_value, from_dict, to_dict
 
 log = logging.getLogger("xkd")
@@ -281,17 +281,26 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
         check_name(R.METRICS, name, f"evaluation.metric_params.{name}")
         if not isinstance(kwargs, Mapping):
             raise ConfigError(f"evaluation.metric_params.{name} must be a mapping of keyword arguments")
-        fn = R.METRICS.get(name).fn
-        sig = inspect.signature(fn).parameters
+        info = R.METRICS.get(name)
+        filled = info.filled  # the scoring loop passes these: `road: {model: 3}` was a TypeError after training
+        allowed = ", ".join(p for p in inspect.signature(info.fn).parameters if p not in filled) or "none"
         for key in kwargs:
-            if key not in sig:
-                allowed = ", ".join(p for p in sig)
+            if key in filled:
+                raise ConfigError(
+                    f"evaluation.metric_params.{name}.{key}: the run passes it ({INPUTS[filled[key]]}); arguments "
+                    f"you may set: {allowed}"
+                )
+            if key not in inspect.signature(info.fn).parameters:
                 raise ConfigError(f"evaluation.metric_params.{name}.{key}: unknown argument; arguments: {allowed}")
             # the value against the argument's annotation: a string for ROAD's percentages failed with
             # a ValueError from inside the metric, after every model had trained
-            hint = _argument_type(fn, key)
+            hint = _argument_type(info.fn, key)
             if hint is not None:
                 check_value(hint, kwargs[key], f"evaluation.metric_params.{name}.{key}")
+        try:  # and its range (ROAD's percentages in [0, 1), a deletion path's steps >= 1, ...)
+            info.check_params(dict(kwargs))
+        except ValueError as e:
+            raise ConfigError(f"evaluation.metric_params.{name}: {e}") from None
     from_dict(SuperpixelParams, ev.superpixel, "evaluation.superpixel").validate()
     for key in ev.transfer_layers:
         if key not in ("teacher", "student"):

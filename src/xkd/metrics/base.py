@@ -16,6 +16,7 @@ Adding a metric is one decorated function (and its test)::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -129,6 +130,9 @@ class MetricInfo:
             record's ``p_value``; in ``xkd compare`` the p-value of every seed) and any other text
             entry of the record (e.g. ``{independent}``).
         min_side: the smallest image height and width it can score (a run checks it before training).
+        check: raises ``ValueError`` for arguments the function would refuse; it takes some of the
+            function's keyword arguments, by name (a run checks ``evaluation.metric_params`` with it
+            before training, see :meth:`check_params`).
     """
 
     name: str
@@ -148,11 +152,33 @@ class MetricInfo:
     columns: tuple[Column, ...] = ()
     sentence: str | None = None
     min_side: int = 1
+    check: Callable[..., None] | None = None
 
     @property
     def needs(self) -> tuple[str, ...]:
         """The vocabulary inputs it needs, in order."""
         return tuple(i.split("=", 1)[-1] for i in self.inputs)
+
+    @property
+    def filled(self) -> dict[str, str]:
+        """The function's arguments the scoring loop passes, each with the vocabulary input it gets;
+        not ``independent_role``, which a run's ``evaluation.metric_params`` may choose."""
+        names = list(inspect.signature(self.fn).parameters)
+        positional = [i for i in self.inputs if "=" not in i]
+        out = dict(zip(names, positional, strict=False))
+        out.update(i.split("=", 1) for i in self.inputs if "=" in i)
+        return {k: v for k, v in out.items() if v != "independent_role"}
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Raise ``ValueError`` when the function would refuse these keyword arguments (``params``
+        over the declaration's ``kwargs`` and the function's defaults)."""
+        if self.check is None:
+            return
+        sig = inspect.signature(self.fn).parameters
+        values = {n: p.default for n, p in sig.items() if p.default is not inspect.Parameter.empty}
+        values |= self.kwargs | params
+        wanted = inspect.signature(self.check).parameters
+        self.check(**{n: values[n] for n in wanted if n in values})
 
     def bind(self, values: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Positional and keyword arguments from the gathered input ``values``."""
@@ -230,6 +256,7 @@ def metric(
     columns: tuple[Column, ...] | None = None,
     sentence: str | None = None,
     min_side: int = 1,
+    check: Callable[..., None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a metric function with its declaration (one decorator, one place)."""
     if scope not in SCOPES:
@@ -244,7 +271,7 @@ def metric(
         cols = columns if columns is not None else (Column(name, shown, desc),)
         info = MetricInfo(
             name, fn, scope, tuple(inputs), higher_is_better, shown, category, desc, default,
-            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence, min_side,
+            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence, min_side, check,
         )  # fmt: skip
         METRICS.register(name)(info)
         fn.info = info  # type: ignore[attr-defined]

@@ -62,6 +62,12 @@ def _sync(images: Tensor) -> None:
         torch.cuda.synchronize(images.device)
 
 
+def check_repeats(repeats: int) -> None:
+    """The number of timed repeats of :func:`mean_explain_time`, checked."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+
 @metric(
     "met",
     scope="timing",
@@ -71,6 +77,7 @@ def _sync(images: Tensor) -> None:
     label="MET",
     default=True,
     subset="met_images",
+    check=check_repeats,
 )
 def mean_explain_time(
     explainer: Callable[[Tensor, Tensor], Any],
@@ -87,8 +94,7 @@ def mean_explain_time(
     """
     if images.shape[0] == 0:
         raise ValueError("mean_explain_time needs at least one image")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_repeats(repeats)
     if warmup:
         explainer(images[:4], targets[:4])  # UniCAM needs a batch of at least 4
     _sync(images)

@@ -159,6 +159,12 @@ def fidelity(
     return out
 
 
+def check_steps(steps: int) -> None:
+    """The number of steps of a deletion or insertion path, checked."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
 def perturbation_curves(
     model: nn.Module,
     images: Tensor,
@@ -184,8 +190,7 @@ def perturbation_curves(
     check_maps(images, maps)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_steps(steps)
     n, ch, h, w = images.shape
     device = model_device(model, images.device)
     counts = torch.linspace(0, h * w, steps + 1, device=device).round().long()
@@ -232,6 +237,7 @@ def _auc_result(name: str, curve: Tensor, fractions: Tensor) -> dict[str, Any]:
     description="RISE deletion, true class",
     default=True,
     chance=True,
+    check=check_steps,
 )
 def deletion_auc(
     model: nn.Module,
@@ -267,6 +273,7 @@ def deletion_auc(
     description="RISE insertion, true class",
     default=True,
     chance=True,
+    check=check_steps,
 )
 def insertion_auc(
     model: nn.Module,

@@ -275,6 +275,12 @@ def mask_mass(
     }
 
 
+def check_fraction(fraction: float) -> None:
+    """The share of pixels of :func:`region_precision_recall`, checked."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+
+
 @metric(
     "region_precision",
     scope="model",
@@ -287,6 +293,7 @@ def mask_mass(
         Column("region_precision", "Region precision", "share of the top pixels inside the evidence region"),
         Column("region_recall", "Region recall", "share of the evidence region among the top pixels"),
     ),
+    check=check_fraction,
 )
 def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1, tie_seed: int = 0) -> dict[str, Any]:
     """Precision and recall of each map's top ``fraction`` of pixels against the known discriminative
@@ -299,8 +306,7 @@ def region_precision_recall(maps: Tensor, masks: Tensor, fraction: float = 0.1, 
     Returns:
         ``{"region_precision", "region_recall", "fraction", "evaluated", "skipped_empty"}``.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction)
     flat, m, valid = _flat(maps, masks)
     n = int(valid.sum())
     nan = float("nan")

@@ -291,6 +291,23 @@ def _impute_torch(x: Tensor, removed: Tensor, neighbours: int, tol: float, max_i
 ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+def check_road_params(
+    percentages: Sequence[float], noise: float, measure: str, tol: float = 1e-7, max_iter: int = 5000
+) -> None:
+    """:func:`road`'s arguments that do not depend on the images, checked."""
+    ps = [float(p) for p in percentages]
+    if not ps or any(not 0.0 <= p < 1.0 for p in ps):
+        raise ValueError(
+            f"ROAD percentages must lie in [0, 1) (removing every pixel leaves nothing to impute), got {ps}"
+        )
+    if measure not in ("probability", "accuracy"):
+        raise ValueError(f"measure must be 'probability' or 'accuracy', got {measure!r}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    if not tol > 0 or max_iter < 1:
+        raise ValueError(f"the solver needs tol > 0 and max_iter >= 1, got tol {tol}, max_iter {max_iter}")
+
+
 @metric(
     "road",
     scope="model",
@@ -303,6 +320,7 @@ ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     record=lambda r: {"road": {k: headline(v) for k, v in r.items() if k != "per_image"}},
     chance=True,
     columns=(Column("road", "ROAD", "ROAD: LeRF minus MoRF probability, noisy linear imputation", "road"),),
+    check=check_road_params,
 )
 def road(
     model: nn.Module,
@@ -360,15 +378,8 @@ def road(
         "morf_per_image", "lerf_per_image" (N, P), "original" (N,), "measure"}``; tensors float64 on CPU.
     """
     check_maps(images, maps)
+    check_road_params(percentages, noise, measure, tol, max_iter)
     ps = [float(p) for p in percentages]
-    if not ps or any(not 0.0 <= p < 1.0 for p in ps):
-        raise ValueError(
-            f"ROAD percentages must lie in [0, 1) (removing every pixel leaves nothing to impute), got {ps}"
-        )
-    if measure not in ("probability", "accuracy"):
-        raise ValueError(f"measure must be 'probability' or 'accuracy', got {measure!r}")
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, ch, h, w = images.shape

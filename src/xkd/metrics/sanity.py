@@ -126,11 +126,18 @@ def _verdict(value: float, threshold: float) -> str:
     return "PASS" if value < threshold else "FAIL"
 
 
-def _check(images: Tensor, threshold: float) -> None:
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
+def check_sanity_params(threshold: float, max_steps: int | None = None) -> None:
+    """The sanity checks' arguments, checked."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
+
+
+def _check(images: Tensor, threshold: float, max_steps: int | None = None) -> None:
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
+    check_sanity_params(threshold, max_steps)
 
 
 def sanity_record(res: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +177,7 @@ def label_sanity_record(res: dict[str, Any]) -> dict[str, Any]:
     record=lambda r: {"sanity": sanity_record(r)},
     columns=(),  # shown by the report's sanity section
     min_side=SSIM_MIN_SIDE,
+    check=check_sanity_params,
 )
 def randomisation_sanity(
     model: nn.Module,
@@ -208,7 +216,7 @@ def randomisation_sanity(
         "compared_after": number of layers randomised at each comparison, "rank_correlation",
         "ssim": one value per comparison, "per_image": final per-image rank correlations, "n_images"}``.
     """
-    _check(images, threshold)
+    _check(images, threshold, max_steps)
     if targets is None:
         with eval_mode(model), torch.no_grad():
             targets = model(images.to(model_device(model, images.device))).argmax(dim=1).to(images.device)
@@ -216,8 +224,6 @@ def randomisation_sanity(
     randomised = copy.deepcopy(model)
     layers = cascade_layers(randomised, images)
     modules = dict(randomised.named_modules())
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
     n = len(layers)
     if max_steps is None or max_steps >= n:
         compare = set(range(n))
@@ -255,6 +261,7 @@ def randomisation_sanity(
     record=lambda r: {"label_sanity": label_sanity_record(r)},
     columns=(),  # shown by the report's sanity section
     min_side=SSIM_MIN_SIDE,
+    check=check_sanity_params,
 )
 def data_randomisation_sanity(
     model: nn.Module,

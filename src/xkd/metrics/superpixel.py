@@ -153,6 +153,14 @@ def _top_k(values: Tensor, real: Tensor, k: int, tie_seed: int = 0) -> Tensor:
     return top & live
 
 
+def check_sign_params(k: int, select: str) -> None:
+    """:func:`superpixel_sign_agreement`'s ``k`` and ``select``, checked."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if select not in ("each", "teacher"):
+        raise ValueError(f"select must be 'each' or 'teacher', got {select!r}")
+
+
 @metric(
     "superpixel_sign_agreement",
     scope="agreement",
@@ -166,6 +174,7 @@ def _top_k(values: Tensor, real: Tensor, k: int, tie_seed: int = 0) -> Tensor:
         "superpixel_sign_agreement": headline(r, "superpixel_sign_agreement"),
         "sign_agreement_images": headline(r.get("evaluated")),
     },
+    check=check_sign_params,
 )
 def superpixel_sign_agreement(
     a: Tensor,
@@ -214,10 +223,7 @@ def superpixel_sign_agreement(
         "per_image" (N,) float64 with nans, "evaluated" (images scored), "skipped" (not selected),
         "undefined" (selected, but no important superpixel in one of the maps), "k"}``.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if select not in ("each", "teacher"):
-        raise ValueError(f"select must be 'each' or 'teacher', got {select!r}")
+    check_sign_params(k, select)
     sa, sb, real = _superpixel_values(a, b, segments, form)
     sel = _selection(correct, a.shape[0])
     same_sign = torch.sign(sa) == torch.sign(sb)
