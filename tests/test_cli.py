@@ -183,6 +183,18 @@ def test_bad_config_key_is_one_clear_error(capsys):
     assert "unknown key 'train.epoch'" in err and "Traceback" not in err
 
 
+def test_resume_into_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path, make_tiny_args, capsys):
+    # --resume exited 0 and trained a new run beside the user's file.txt
+    folder = tmp_path / "runs" / "notrun"
+    folder.mkdir(parents=True)
+    (folder / "file.txt").write_text("hi")
+    assert cli("run", "--no-progress", "--resume", overrides=make_tiny_args(tmp_path, "name=notrun")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xkd: error: --resume: {folder} is not empty and is not an xkd run") and err.count("\n") == 1
+    assert "nothing to resume; choose another name (--set name=NEW) or remove the folder" in err
+    assert [p.name for p in folder.iterdir()] == ["file.txt"]
+
+
 @pytest.mark.slow
 def test_lesions_run_fills_every_explanation_record(tmp_path, make_tiny_args):
     args = make_tiny_args(

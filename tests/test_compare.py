@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -11,8 +12,12 @@ from xkd.cli import main
 from xkd.compare import _ranks, agreement_test_stats, agreement_value, rank, stat
 from xkd.config import ConfigError
 from xkd.engine.trainer import Trainer
+from xkd.errors import RunExistsError
 from xkd.files import read_json
 from xkd.plan import load_config, validate_for_compare
+from xkd.rundir import RunDir
+
+C = importlib.import_module("xkd.compare")  # the module: ``xkd.compare`` is also the function xkd exports
 
 STUDENTS = "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}, {name: at, distiller: at}]"
 
@@ -64,6 +69,56 @@ def test_headline_metric_must_be_computed(tmp_path):
         load_config(None, ["compare.seeds=0"])
     with pytest.raises(ConfigError, match="not among evaluation.explainers"):
         load_config(None, ["compare.agreement_explainer=lime"])
+
+
+class _Started(Exception):
+    """Raised by a stubbed seed run: the comparison got past its folder checks to its first seed."""
+
+
+def _no_seed_runs(*a, **k):
+    raise _Started
+
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        (["file.txt"], r"is not empty and is not an xkd comparison \(it has no config.yaml.*remove the folder"),
+        (
+            ["config.yaml", "checkpoints/"],
+            r"holds an xkd run, not a comparison.*remove the folder \(`xkd run --resume`",
+        ),
+        (["teachers/"], r"holds an xkd study, not a comparison.*remove the folder \(`xkd study --resume`"),
+    ],
+    ids=["files", "run", "study"],
+)
+def test_resume_of_a_folder_that_is_not_a_comparison_is_refused(tmp_path, make_tiny_args, monkeypatch, files, match):
+    monkeypatch.setattr(C, "run", lambda *a, **k: pytest.fail("a seed ran"))
+    cfg = load_config(None, make_tiny_args(tmp_path, STUDENTS))
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    for rel in files:
+        if rel.endswith("/"):
+            (folder / rel).mkdir()
+        else:
+            (folder / rel).write_text("name: tiny\n")
+    before = sorted(folder.rglob("*"))
+    with pytest.raises(RunExistsError, match=rf"^--resume: {folder} {match}"):
+        C.compare(cfg, 2, resume=True, progress=False)
+    assert sorted(folder.rglob("*")) == before
+
+
+def test_resume_with_nothing_to_resume_starts_a_comparison_and_says_so(tmp_path, make_tiny_args, monkeypatch, caplog):
+    monkeypatch.setattr(C, "run", _no_seed_runs)
+    cfg = load_config(None, make_tiny_args(tmp_path, STUDENTS))
+    with caplog.at_level("INFO", logger="xkd"), pytest.raises(_Started):
+        C.compare(cfg, 2, resume=True, progress=False)
+    out = RunDir(tmp_path / "runs" / "tiny")
+    assert f"--resume: nothing to resume in {out.path} (no comparison there yet); starting a new one" in caplog.text
+    # seeds/ is made first: a comparison stopped before its first seed is still one (it was refused as "something
+    # other than an xkd comparison")
+    assert out.kind() == "comparison" and out.config.is_file()
+    with pytest.raises(_Started):
+        C.compare(cfg, 2, resume=True, progress=False)
 
 
 def compare_args(tmp_path, make_tiny_args, *extra: str) -> list[str]:

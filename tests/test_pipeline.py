@@ -14,7 +14,7 @@ from xkd.data import build_dataset
 from xkd.distill.feature import FitNets
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
-from xkd.errors import DeviceMemoryError
+from xkd.errors import DeviceMemoryError, RunExistsError
 from xkd.files import read_json
 from xkd.metrics.base import default_metrics
 from xkd.models.hooks import LayerNotFoundError
@@ -287,6 +287,52 @@ def test_resume_may_change_epochs_evaluation_and_how_steps_run(tmp_path, make_ti
         P.run(cfg, resume=True, progress=False)
 
 
+FOREIGN = {  # what another command (or a user) leaves in a folder, and what the error calls it
+    "files": ({"file.txt": "hi"}, r"is not empty and is not an xkd run \(it has no config.yaml"),
+    "comparison": ({"config.yaml": "name: tiny\n", "seeds/": None}, r"holds an xkd comparison, not a run"),
+    "study": ({"records/study.json": "{}"}, r"holds an xkd study, not a run"),
+    "sweep": ({"config.yaml": "name: tiny\n", "study.db": ""}, r"holds an xkd sweep, not a run"),
+}
+
+
+def fill(folder, files):
+    """Write ``files`` (relative path: text) under ``folder``; a path ending in ``/`` is a folder."""
+    for rel, text in files.items():
+        path = folder / rel
+        (path if rel.endswith("/") else path.parent).mkdir(parents=True, exist_ok=True)
+        if text is not None:
+            path.write_text(text)
+
+
+@pytest.mark.parametrize("what", list(FOREIGN))
+@pytest.mark.parametrize("flag", ["resume", "overwrite"])
+def test_resume_or_overwrite_of_a_folder_that_is_not_a_run_is_refused(
+    tmp_path, make_tiny_args, monkeypatch, what, flag
+):
+    # --resume trained a new run beside file.txt, and into comparisons, studies and sweeps of the same name
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail(f"{self.role} trained"))
+    cfg = load_config(None, make_tiny_args(tmp_path))
+    files, match = FOREIGN[what]
+    fill(RunDir.of(cfg).path, files)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    fix = r"choose another name \(--set name=NEW\) or remove the folder"
+    if what != "files":
+        fix += rf" \(`xkd {'compare' if what == 'comparison' else what} --resume` continues what is there\)"
+    with pytest.raises(RunExistsError, match=rf"^--{flag}: .*tiny {match}.*{fix}$"):
+        P.run(cfg, **{flag: True}, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing deleted
+
+
+def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, make_tiny_args, monkeypatch, caplog):
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: (_ for _ in ()).throw(_Trained()))
+    cfg = load_config(None, make_tiny_args(tmp_path))
+    RunDir.of(cfg).path.mkdir(parents=True)  # empty: as good as not there
+    with caplog.at_level("INFO", logger="xkd"), pytest.raises(_Trained):
+        P.run(cfg, resume=True, progress=False)
+    assert f"--resume: nothing to resume in {RunDir.of(cfg).path} (no run there yet); starting a new run" in caplog.text
+    assert RunDir.of(cfg).is_run()
+
+
 def test_sizes_larger_than_the_data_are_said_before_training(tmp_path, make_tiny_args, caplog):
     # they were clamped without a word: 100,000 training images asked, 240 used
     over = ["data.train_size=100000", "evaluation.num_images=1000", "evaluation.met_images=500"]
@@ -328,6 +374,19 @@ def test_a_metric_that_cannot_score_images_this_small_fails_before_training(tmp_
         P.preflight(resolve(cfg), build_dataset(cfg.data))
     cfg = load_config(None, make_tiny_args(tmp_path, "data.image_size=3"))
     P.preflight(resolve(cfg), build_dataset(cfg.data))  # the smallest size it scores
+
+
+def test_a_metric_that_needs_more_images_than_the_run_explains_fails_before_training(tmp_path, make_tiny_args):
+    # distance correlation needs 4 samples: a 2-image test split trained every model, then raised
+    cfg = load_config(None, make_tiny_args(tmp_path, "data.test_size=3"))
+    with pytest.raises(
+        ConfigError,
+        match=r"evaluation.metrics: fss needs at least 4, rs needs at least 4 explained images and the run explains "
+        r"3 \(the test split has 3\): raise data.test_size or evaluation.num_images, or drop them",
+    ):
+        P.preflight(resolve(cfg), build_dataset(cfg.data))
+    cfg = load_config(None, make_tiny_args(tmp_path, "evaluation.num_images=4"))
+    P.preflight(resolve(cfg), build_dataset(cfg.data))
 
 
 def out_of_memory(gib: str):

@@ -5,8 +5,10 @@ can be started here."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +32,8 @@ from xkd.sweep.plan import Objective, UndefinedObjectiveError, parse_param, reso
 from xkd.sweep.study import ReportValAccuracy, TrialRunner, sweep
 from xkd.sweep.workers import reap, reap_lock
 from xkd.tracking import mlflow_uri
+
+sweep_module = importlib.import_module("xkd.sweep.study")
 
 # A tiny run that learns something in two epochs (so the scores differ between trials) and scores
 # one explainer with one agreement metric: a trial takes seconds.
@@ -317,6 +321,46 @@ def test_bad_input_stops_the_cli_before_anything_is_written(tmp_path, capsys):
     assert "cannot open the study's database" in capsys.readouterr().err
     assert not (tmp_path / "runs" / ".cache").exists()  # no teacher trained
     assert not list((tmp_path / "runs").glob("tiny-sweep/trial-*"))
+
+
+@pytest.mark.parametrize(
+    "entries, match",
+    [
+        (["file.txt"], r"is not empty and is not an xkd sweep \(it has no config.yaml"),
+        (["config.yaml", "checkpoints/"], r"holds an xkd run, not a sweep.*\(`xkd run --resume` continues"),
+    ],
+    ids=["files", "run"],
+)
+def test_resume_into_a_folder_that_is_not_a_sweep_is_refused(tmp_path, capsys, entries, match):
+    # --resume created study.db and trial folders among the user's files
+    config = write_config(tmp_path)
+    folder = tmp_path / "runs" / "tiny-sweep"
+    folder.mkdir(parents=True)
+    for rel in entries:
+        if rel.endswith("/"):
+            (folder / rel).mkdir()
+        else:
+            (folder / rel).write_text("name: tiny\n")
+    before = sorted(folder.rglob("*"))
+    assert sweep_cli(config, "--resume") == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"xkd: error: --resume: {folder} {match}", err), err
+    assert "nothing to resume; choose another name (--set name=NEW) or remove the folder" in err
+    assert sorted(folder.rglob("*")) == before
+
+
+def test_resume_with_nothing_to_resume_starts_a_sweep_and_says_so(tmp_path, monkeypatch, caplog):
+    class Opened(Exception):
+        pass
+
+    def open_study(*a, **k):
+        raise Opened
+
+    monkeypatch.setattr(sweep_module, "open_study", open_study)
+    with caplog.at_level(logging.INFO, logger="xkd"), pytest.raises(Opened):
+        sweep(tiny(f"output_dir={tmp_path}"), resume=True, progress=False)
+    assert f"--resume: nothing to resume in {tmp_path / 'tiny-sweep'} (no sweep there yet)" in caplog.text
+    assert SweepDir(tmp_path / "tiny-sweep").is_sweep() is False  # only its (empty) folder so far
 
 
 # -- the study's bookkeeping ------------------------------------------------------------------------------

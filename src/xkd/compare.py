@@ -15,6 +15,7 @@ p-value beside their mean ± std. The report is rendered from that record
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -31,9 +32,11 @@ from xkd.metrics.base import Column, declared
 from xkd.plan import agreement_metrics, resume_conflicts, validate_for_compare
 from xkd.registry import METRICS
 from xkd.report.compare import render_compare_report
-from xkd.rundir import RunDir, cache_root
+from xkd.rundir import RunDir, cache_root, not_this_kind
 from xkd.runner import run
 from xkd.schema import from_dict, to_dict
+
+log = logging.getLogger("xkd")
 
 
 def quality_columns() -> list[dict[str, Any]]:
@@ -116,12 +119,17 @@ def _retrains(run_dir: RunDir, cfg: RunConfig) -> bool:
 
 
 def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunDir:
+    """Check, clear (``overwrite``) and create the comparison's folder, ``seeds/`` first: what marks
+    it as a comparison (:meth:`xkd.rundir.RunDir.kind`) is there before any seed runs."""
     out = RunDir.of(cfg)
-    if not out.is_empty():
-        is_compare = out.seeds.is_dir() or out.has_record("compare")
+    if out.is_empty():
+        if resume:
+            log.info("--resume: nothing to resume in %s (no comparison there yet); starting a new one", out.path)
+    else:
+        is_compare = out.seeds.is_dir() or out.has_record("compare")  # a kd-vs-ls study is a comparison too
+        if not is_compare:
+            raise not_this_kind(out.path, out.kind(), "comparison", resume=resume, overwrite=overwrite)
         if overwrite:
-            if not is_compare:
-                raise RunExistsError(f"{out.path} is not empty and is not an xkd comparison; refusing to delete it")
             if is_writer():
                 out.clear()
         elif not resume:
@@ -129,9 +137,8 @@ def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunDir
                 f"comparison directory {out.path} already exists; pass --resume to continue it (finished seeds are "
                 "kept), --overwrite to start over, or choose another name (--set name=NEW)"
             )
-        elif not is_compare:
-            raise RunExistsError(f"{out.path} holds something other than an xkd comparison; choose another name")
     if is_writer():
+        out.seeds.mkdir(parents=True, exist_ok=True)
         out.records.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out.config)
     return out

@@ -361,8 +361,11 @@ def run(
     console = Console(stderr=True)
     run_dir = RunDir.of(cfg)
     run_dir.check(resume, overwrite)
-    if resume and not overwrite and run_dir.config.is_file():
-        check_resume(run_dir.config, cfg)
+    if resume and not overwrite:
+        if not run_dir.is_run():  # check() let it through: empty, or not there yet
+            log.info("--resume: nothing to resume in %s (no run there yet); starting a new run", run_dir.path)
+        else:
+            check_resume(run_dir.config, cfg)
     data = build_dataset(cfg.data)
     if data.skipped_files:
         log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])

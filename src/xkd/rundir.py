@@ -15,6 +15,10 @@ runs/<name>/
 
 A comparison and a study use the same layout for their own records and report. The teacher cache
 (``<output_dir>/.cache`` unless ``cache_dir`` is set) lives outside any run directory.
+
+What a folder holds is told by what each command writes first (:meth:`RunDir.kind`): a comparison
+its ``seeds/``, a capacity-gap or explanation-transfer study its ``teachers/`` or ``fractions/``, a
+sweep its ``study.db`` (or ``trial-NNNN/``), a run its ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ log = logging.getLogger("xkd")
 
 BEST, LAST = "best.pt", "last.pt"
 """Checkpoint file names inside a model's checkpoint folder."""
+
+STUDY_FOLDERS = ("teachers", "fractions")
+"""The folders of a study's comparisons (capacity-gap, explanation-transfer): a study's own marker."""
+SWEEP_DATABASE = "study.db"
+"""A sweep's default Optuna storage in its folder (:class:`xkd.sweep.outputs.SweepDir` owns that layout)."""
+COMMANDS = {"run": "xkd run", "comparison": "xkd compare", "study": "xkd study", "sweep": "xkd sweep"}
+"""The command that writes (and resumes) each kind of folder :meth:`RunDir.kind` tells apart."""
 
 
 class RunDir:
@@ -121,9 +132,27 @@ class RunDir:
         return path.relative_to(self.path).as_posix()
 
     # -- state -----------------------------------------------------------------------------------
+    def kind(self) -> str | None:
+        """What the folder holds, told by what each command writes first: ``"study"`` (a study
+        record, or a capacity-gap or explanation-transfer study's ``teachers/`` or ``fractions/``),
+        ``"comparison"`` (``seeds/`` or a compare record; a kd-vs-ls study is one until its study
+        record is written), ``"sweep"`` (its ``study.db``, a sweep record or ``trial-NNNN/`` runs),
+        ``"run"`` (its ``config.yaml``); None when it is empty or holds nothing xkd wrote."""
+        if self.is_empty():
+            return None
+        if self.has_record("study") or any((self.path / d).is_dir() for d in STUDY_FOLDERS):
+            return "study"
+        if self.seeds.is_dir() or self.has_record("compare"):
+            return "comparison"
+        if self.has_record("sweep") or (self.path / SWEEP_DATABASE).is_file() or any(self.path.glob("trial-[0-9]*")):
+            return "sweep"
+        if self.config.is_file():
+            return "run"
+        return None
+
     def is_run(self) -> bool:
-        """Whether the folder holds an xkd run (or comparison, or study): it has its config."""
-        return self.config.is_file()
+        """Whether the folder holds an xkd run (not a comparison, study or sweep, which also have a config)."""
+        return self.kind() == "run"
 
     def is_finished(self) -> bool:
         """Whether a run finished: its headline numbers and model records are written."""
@@ -133,13 +162,15 @@ class RunDir:
         return not self.path.exists() or not any(self.path.iterdir())
 
     def check(self, resume: bool, overwrite: bool) -> None:
-        """Raise :class:`RunExistsError` when the folder cannot be used as asked; writes nothing."""
+        """Raise :class:`RunExistsError` when the folder cannot be used as asked; writes nothing.
+
+        A folder that is not empty must hold an xkd run to be resumed or overwritten: ``--resume``
+        into other files (or a comparison, study or sweep) would write the run among them."""
         if self.is_empty():
             return
-        if overwrite:
-            if not self.is_run():
-                raise RunExistsError(f"{self.path} is not empty and is not an xkd run directory; refusing to delete it")
-        elif not resume:
+        if not self.is_run():
+            raise not_this_kind(self.path, self.kind(), "run", resume=resume, overwrite=overwrite)
+        if not (resume or overwrite):
             raise RunExistsError(
                 f"run directory {self.path} already exists; pass --resume to continue it, --overwrite to start "
                 "over, or choose another name (--set name=NEW)"
@@ -170,6 +201,27 @@ class RunDir:
     def read_config(self) -> RunConfig:
         """The config the run was written with."""
         return from_dict(RunConfig, load_yaml(self.config.read_text()))
+
+
+def not_this_kind(
+    path: Path, found: str | None, wanted: str, *, resume: bool = False, overwrite: bool = False
+) -> RunExistsError:
+    """The error for folder ``path`` that ``xkd`` was asked to use as a ``wanted`` (run, comparison,
+    study, sweep) but holds ``found`` (another kind, see :meth:`RunDir.kind`, or None: files xkd did
+    not write): one message naming what is there and the fix."""
+    article = "an" if wanted[0] in "aeiou" else "a"
+    if found is None:
+        what = f"is not empty and is not an xkd {wanted} (it has no {RunDir.CONFIG} or other file xkd writes)"
+    else:
+        what = f"holds an xkd {found}, not {article} {wanted}"
+    fix = "choose another name (--set name=NEW) or remove the folder"
+    if found is not None and found != wanted:
+        fix += f" (`{COMMANDS[found]} --resume` continues what is there)"
+    if overwrite:
+        return RunExistsError(f"--overwrite: {path} {what}; refusing to delete it: {fix}")
+    if resume:
+        return RunExistsError(f"--resume: {path} {what}, so there is nothing to resume; {fix}")
+    return RunExistsError(f"{path} {what}; {fix}")
 
 
 def cache_root(cfg: RunConfig) -> Path:

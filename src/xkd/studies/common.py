@@ -3,12 +3,15 @@ study folder made ready (new, resumed or overwritten)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from xkd.config import ConfigError, RunConfig
 from xkd.errors import RunExistsError
 from xkd.files import is_writer
-from xkd.rundir import RunDir
+from xkd.rundir import RunDir, not_this_kind
+
+log = logging.getLogger("xkd")
 
 
 def students_by_distiller(cfg: RunConfig, required: Iterable[str], purpose: str, others: str) -> dict[str, str]:
@@ -28,19 +31,25 @@ def students_by_distiller(cfg: RunConfig, required: Iterable[str], purpose: str,
 
 def prepare_study_dir(study: RunDir, resume: bool, overwrite: bool, kind: str, marker: str) -> None:
     """Make the folder of study ``kind`` ready: new, continued (``resume``) or emptied (``overwrite``);
-    a folder is this kind of study when it holds the ``marker`` subfolder or a study record, and any
-    other non-empty folder is refused rather than overwritten."""
+    a folder is this kind of study when it holds the ``marker`` subfolder (made here, first) or a
+    study record, and any other non-empty folder is refused rather than written into or deleted."""
     out = study.path
-    if not study.is_empty():
+    if study.is_empty():
+        if resume:
+            log.info("--resume: nothing to resume in %s (no %s study there yet); starting a new one", out, kind)
+    else:
         ours = (out / marker).is_dir() or study.has_record("study")
-        if overwrite and ours:
+        if not ours:
+            found = study.kind()
+            raise not_this_kind(out, found, f"{kind} study", resume=resume, overwrite=overwrite)
+        if overwrite:
             if is_writer():
                 study.clear()
-        elif overwrite or (resume and not ours):
-            raise RunExistsError(f"{out} holds something other than an xkd {kind} study; choose another name")
         elif not resume:
             raise RunExistsError(
                 f"study directory {out} already exists; pass --resume to continue it (finished runs are kept), "
                 "--overwrite to start over, or choose another name (--set name=NEW)"
             )
-    study.records.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        (out / marker).mkdir(parents=True, exist_ok=True)
+        study.records.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from xkd.config import RunConfig
 from xkd.files import atomic_write_text, hide_password, record, write_json
+from xkd.rundir import RunDir
 from xkd.sweep.plan import SweepPlan, with_values
 
 log = logging.getLogger("xkd")
@@ -83,6 +84,12 @@ class SweepDir:
 
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(self.path.iterdir())
+
+    def is_sweep(self) -> bool:
+        """Whether the folder holds a sweep: its study, record or trials (:meth:`xkd.rundir.RunDir.kind`),
+        or, with ``--storage`` before the first trial, only its ``config.yaml`` (a run has ``checkpoints/``)."""
+        kind = RunDir(self.path).kind()
+        return kind == "sweep" or (kind == "run" and not (self.path / "checkpoints").exists())
 
 
 def best_config(cfg: RunConfig, values: dict[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from xkd.errors import ConfigError, DeviceMemoryError, NonFiniteLossError, RunEx
 from xkd.files import hide_password
 from xkd.pipeline import teacher_cache_key
 from xkd.plan import validate_config
-from xkd.rundir import BEST, RunDir, cache_root
+from xkd.rundir import BEST, RunDir, cache_root, not_this_kind
 from xkd.runner import run
 from xkd.schema import from_dict, to_dict
 from xkd.sweep.outputs import SweepDir, write_outputs
@@ -112,7 +112,12 @@ def sweep(
     for path in teacher_paths(plan):
         log.warning("sweep.params.%s changes the teacher: each of its values trains a teacher of its own", path)
     out = SweepDir.of(cfg)
-    if not resume and not out.is_empty():
+    if out.is_empty():
+        if resume:
+            log.info("--resume: nothing to resume in %s (no sweep there yet); starting a new one", out.path)
+    elif not out.is_sweep():  # --resume would write the study and trials among other files
+        raise not_this_kind(out.path, RunDir(out.path).kind(), "sweep", resume=resume)
+    elif not resume:
         raise RunExistsError(
             f"sweep folder {out.path} already exists; pass --resume to continue its study (also to add a "
             "worker to it), or choose another name (--set name=NEW)"
@@ -353,7 +358,7 @@ class TrialRunner:
         cfg = self.trial_config(trial.number, values)
         run_dir = RunDir.of(cfg)
         trial.set_user_attr("run_dir", run_dir.path.name)
-        resume = self._continue_from(trial.user_attrs.get("retry_of"), run_dir)
+        resume = self._continue_from(trial.user_attrs.get("retry_of"), run_dir, cfg)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         self.console.print(f"[bold]trial {trial.number}[/bold]: {shown}")
         callbacks: list[Callback] = []
@@ -402,13 +407,16 @@ class TrialRunner:
         counted = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
         return sum(t.number < trial.number for t in states(self.study, counted)) >= self.plan.trials
 
-    def _continue_from(self, retry_of: Any, run_dir: RunDir) -> bool:
-        """A retried trial starts from the checkpoints its failed attempt left (same settings)."""
+    def _continue_from(self, retry_of: Any, run_dir: RunDir, cfg: RunConfig) -> bool:
+        """A retried trial starts from the checkpoints its failed attempt left (same settings), in a run
+        folder made with its config first (``--resume`` continues a run folder only)."""
         if not isinstance(retry_of, int):
             return False
         previous = self.out.path / self.out.trial_name(retry_of) / "checkpoints"
         if not previous.is_dir():
             return False
+        if run_dir.is_empty():
+            run_dir.create(cfg)
         shutil.copytree(previous, run_dir.checkpoints, dirs_exist_ok=True)
         return True
 
