@@ -106,13 +106,22 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
             ", ".join(unmasked), "needs" if one else "need", data.name, "it is" if one else "they are",
             "it" if one else "them",
         )  # fmt: skip
-    side = min(data.image_shape[1:])
+    side, size = min(data.image_shape[1:]), "x".join(map(str, data.image_shape[1:]))
     small = [m for m in declared() if m.name in listed and side < m.min_side]
     if small:
         raise ConfigError(
             f"evaluation.metrics: {', '.join(f'{m.name} needs images of at least {m.min_side}x{m.min_side}' for m in small)}"
-            f"; the {data.name} images are {'x'.join(map(str, data.image_shape[1:]))}: raise data.image_size or drop "
+            f"; the {data.name} images are {size}: raise data.image_size or drop "
             f"{'it' if len(small) == 1 else 'them'} from evaluation.metrics"
+        )
+    n_test = len(data.test)
+    explained = n_test if ev.num_images is None else min(ev.num_images, n_test)
+    few = [m for m in declared() if m.name in listed and explained < m.min_images]
+    if few:  # FSS and RS on a 2-image test split raised after training
+        raise ConfigError(
+            f"evaluation.metrics: {', '.join(f'{m.name} needs at least {m.min_images}' for m in few)} explained "
+            f"images and the run explains {explained} (the test split has {n_test}): raise data.test_size or "
+            f"evaluation.num_images, or drop {'it' if len(few) == 1 else 'them'} from evaluation.metrics"
         )
     for key in ("teacher", "student"):
         path = ev.transfer_layers.get(key)

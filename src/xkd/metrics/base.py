@@ -130,6 +130,7 @@ class MetricInfo:
             record's ``p_value``; in ``xkd compare`` the p-value of every seed) and any other text
             entry of the record (e.g. ``{independent}``).
         min_side: the smallest image height and width it can score (a run checks it before training).
+        min_images: the fewest images it can score (a statistic over a sample; checked likewise).
         check: raises ``ValueError`` for arguments the function would refuse; it takes some of the
             function's keyword arguments, by name (a run checks ``evaluation.metric_params`` with it
             before training, see :meth:`check_params`).
@@ -152,6 +153,7 @@ class MetricInfo:
     columns: tuple[Column, ...] = ()
     sentence: str | None = None
     min_side: int = 1
+    min_images: int = 1
     check: Callable[..., None] | None = None
 
     @property
@@ -256,6 +258,7 @@ def metric(
     columns: tuple[Column, ...] | None = None,
     sentence: str | None = None,
     min_side: int = 1,
+    min_images: int = 1,
     check: Callable[..., None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a metric function with its declaration (one decorator, one place)."""
@@ -271,7 +274,7 @@ def metric(
         cols = columns if columns is not None else (Column(name, shown, desc),)
         info = MetricInfo(
             name, fn, scope, tuple(inputs), higher_is_better, shown, category, desc, default,
-            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence, min_side, check,
+            dict(kwargs or {}), subset, record, chance, chance_record, cols, sentence, min_side, min_images, check,
         )  # fmt: skip
         METRICS.register(name)(info)
         fn.info = info  # type: ignore[attr-defined]

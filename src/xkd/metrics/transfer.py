@@ -59,6 +59,7 @@ from xkd.metrics.base import headline, metric
 from xkd.models.hooks import capture_features, default_layer, get_module
 from xkd.models.state import eval_mode, model_device
 from xkd.stats import (
+    MIN_SAMPLES,
     Target,
     check_same_samples,
     class_target,
@@ -80,6 +81,7 @@ from xkd.stats import (
     description="Feature similarity score as the UniCAM authors compute it: V-statistic dCor^2 of the "
     "row-L2-normalised student and teacher features (biased upwards; fss_unbiased is xkd's R* variant)",
     default=True,
+    min_images=MIN_SAMPLES,
 )
 def fss(student_feats: Tensor, teacher_feats: Tensor) -> float:
     """Feature similarity score, the UniCAM authors' definition (gadhane/UniCAM ``pdCor.Distance_Correlation``,
@@ -108,6 +110,7 @@ def fss(student_feats: Tensor, teacher_feats: Tensor) -> float:
     label="FSS (R*)",
     description="xkd's variant of FSS, not the authors': bias-corrected dCor^2 (R*, U-centred) of the raw "
     "student and teacher features (~0 when independent)",
+    min_images=MIN_SAMPLES,
 )
 def fss_unbiased(student_feats: Tensor, teacher_feats: Tensor) -> float:
     """xkd's bias-corrected variant of FSS (**not** the authors' FSS, which is :func:`fss`): ``R*(student,
@@ -133,6 +136,7 @@ def fss_unbiased(student_feats: Tensor, teacher_feats: Tensor) -> float:
     "student's features, the teacher's projected out (raw features; class target: offline stand-in for CLIP)",
     default=True,
     record=lambda r: {"rs": {k: headline(v) for k, v in r.items()}},
+    min_images=MIN_SAMPLES,
 )
 def rs(
     student_feats: Tensor,
