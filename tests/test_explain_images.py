@@ -1,13 +1,22 @@
-"""``xkd explain`` on a user's own images: image decoding, and the errors of a wrong input."""
+"""``xkd explain`` on a user's own images: image decoding, the run's explainers (UniCAM too), and the
+errors of a wrong input."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from xkd.cli import main
 from xkd.errors import ImageInputError
+from xkd.explain import UniCAM
 from xkd.explain_images import explain_images, image_channels, load_image
+from xkd.files import read_json
+from xkd.pipeline import load_run_models
 
 
 def _gray_palette_png(path, values: np.ndarray):
@@ -47,3 +56,73 @@ def test_a_folder_or_a_missing_file_is_one_clear_error_before_the_run_is_read(tm
         explain_images(nowhere, [folder])
     with pytest.raises(ImageInputError, match=r"image '.*missing\.png' does not exist"):
         explain_images(nowhere, [folder / "a.png", tmp_path / "missing.png"])
+
+
+PAIR_RUN = [
+    "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}]",
+    "evaluation.metrics=[fidelity]",
+    "evaluation.explainers=[{name: grad_cam}, {name: unicam, label: unicam_distilled, params: {kind: distilled}},"
+    " {name: unicam, label: unicam_kd, params: {kind: kd_given_base}}]",
+]
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, make_tiny_args):
+    """A finished tiny run (a scratch and a KD student) that explained with two UniCAM kinds."""
+    tmp = tmp_path_factory.mktemp("pair_run")
+    args = ["run", "--no-progress"]
+    for o in make_tiny_args(tmp, *PAIR_RUN):
+        args += ["--set", o]
+    assert main(args) == 0
+    return tmp / "runs" / "tiny"
+
+
+def _images(folder, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((20, 20)) * 255).astype("uint8"), "L").save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:unicam. all images of a batch have the same class")
+def test_unicam_explains_the_students_with_the_runs_teacher_by_the_runs_labels(pair_run, tmp_path, capsys):
+    images = _images(tmp_path, 4)
+    out = tmp_path / "distilled"
+    argv = ["explain", "--run", str(pair_run), "--images", *images, "--out", str(out)]
+    assert main([*argv, "--explainer", "unicam_distilled"]) == 0
+    rec = read_json(out / "explanations.json")
+    assert rec["explainer"] == "unicam_distilled" and rec["explained"] == ["scratch", "kd"]
+    saved = load_file(str(out / "maps.safetensors"))
+    assert "maps/teacher" not in saved  # a pair explainer explains students only, as the run does
+    _, models, record = load_run_models(pair_run)
+    c, h, w = record["dataset"]["image_shape"]
+    x = torch.stack([load_image(Path(p), c, (h, w)) for p in images])
+    with torch.no_grad():
+        targets = models["teacher"](x).argmax(1)
+    with UniCAM(models["kd"], {"kind": "distilled"}, teacher=models["teacher"]) as uc:
+        torch.testing.assert_close(saved["maps/kd"], uc.explain(x, targets).maps)
+    assert saved["maps/kd"].abs().sum() > 0
+    # the KD-vs-base kind takes the run's scratch student as the base; the scratch student has none
+    assert main([*argv[:-1], str(tmp_path / "kd"), "--explainer", "unicam_kd"]) == 0
+    assert read_json(tmp_path / "kd/explanations.json")["explained"] == ["kd"]
+    assert main([*argv[:-1], str(tmp_path / "plain"), "--explainer", "unicam"]) == 0  # the registered name
+    assert main([*argv[:-1], str(tmp_path / "cam"), "--explainer", "grad_cam"]) == 0  # one model at a time: all
+    assert read_json(tmp_path / "cam/explanations.json")["explained"] == ["teacher", "scratch", "kd"]
+    capsys.readouterr()
+    assert main(["explain", "--run", str(pair_run), "--images", *images[:2], "--explainer", "unicam"]) == 2
+    assert "unicam_distilled needs at least 4 images, got 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_unknown_explainer_lists_the_runs_explainers_and_the_registered_ones(pair_run, tmp_path, capsys):
+    images = _images(tmp_path, 1)
+    assert main(["explain", "--run", str(pair_run), "--images", *images, "--explainer", "unicam_residual"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown explainer 'unicam_residual'; pass one of this run's explainers (grad_cam, unicam_distilled," in err
+    assert "or a registered explainer (deep_shap," in err and "\n" not in err.strip()
+    # an explainer that applies to none of the models says why, as the explainer does
+    assert main(["explain", "--run", str(pair_run), "--images", *images, "--explainer", "medtex_theta"]) == 2
+    assert "only students trained with the distillers 'medtex' or 'medex' have it" in capsys.readouterr().err

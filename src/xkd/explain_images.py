@@ -7,18 +7,22 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save as save_safetensors
-from torch import Tensor
+from torch import Tensor, nn
 
+from xkd.config import RunConfig
 from xkd.data.base import unit_float
 from xkd.data.imagefolder import GRAY_MODES
 from xkd.data.imagefolder import load_image as decode_image
 from xkd.engine.distributed import resolve_device
-from xkd.errors import ConfigError, ImageInputError
-from xkd.explain import build_explainer
+from xkd.engine.trained import TrainedModel
+from xkd.errors import ConfigError, ImageInputError, UnknownNameError
+from xkd.explain.base import ExplainerSpec, resolve_explainer, split_name
 from xkd.files import atomic_write_bytes, record, write_json
 from xkd.models.state import model_device
 from xkd.pipeline import load_run_models
+from xkd.registry import EXPLAINERS
 from xkd.report.figures import save_overlay_figure
+from xkd.scoring import explain, explainer_context
 
 
 def image_channels(im: Image.Image) -> int:
@@ -75,6 +79,77 @@ def check_image_paths(paths: list[Path]) -> None:
             raise ImageInputError(f"image {str(p)!r} does not exist")
 
 
+def run_explainer(cfg: RunConfig, name: str) -> ExplainerSpec:
+    """Explainer ``name`` as the run configured it: a label of ``evaluation.explainers`` (e.g.
+    ``unicam_distilled``) or the name of one of them, with its parameters; else any registered
+    explainer (``+superpixel`` allowed) with its default parameters.
+
+    Raises:
+        UnknownNameError: neither; the message lists the run's explainers and the registered ones.
+    """
+    configured = cfg.evaluation.explainers
+    e = next((e for e in configured if e.key == name), None) or next((e for e in configured if e.name == name), None)
+    if e is not None:
+        return resolve_explainer(e.name, e.params, e.key)
+    if split_name(name)[0] not in EXPLAINERS:
+        raise UnknownNameError(
+            f"unknown explainer {name!r}; pass one of this run's explainers ({', '.join(e.key for e in configured)}) "
+            f"or a registered explainer ({', '.join(EXPLAINERS.names())}, any of them + '+superpixel')"
+        )
+    return resolve_explainer(name)
+
+
+def run_models(cfg: RunConfig, models: dict[str, nn.Module]) -> list[TrainedModel]:
+    """The loaded teacher and students of a run, teacher first, with what the scoring loop reads of
+    them (a student's distiller: UniCAM's KD-vs-base maps take its ``scratch`` student as the base)."""
+    out = [TrainedModel("teacher", models["teacher"], cfg.teacher.model.name)]
+    for s in cfg.students:
+        out.append(TrainedModel(s.name, models[s.name], (s.model or cfg.student_model).name, s.distiller))
+    return out
+
+
+def explain_run_models(
+    spec: ExplainerSpec, models: list[TrainedModel], images: Tensor, targets: Tensor
+) -> dict[str, Tensor]:
+    """Maps of ``targets`` by ``spec`` for each model it explains, as the run's scoring loop chooses
+    them: a (student, teacher) pair explainer (UniCAM) explains the students, given the teacher (and
+    for its KD-vs-base kinds the base model); models an explainer does not apply to are left out.
+
+    Raises:
+        ImageInputError: fewer images than the explainer needs in one call (UniCAM: 4).
+        ConfigError: it explains none of the models.
+    """
+    n, teacher, students = images.shape[0], models[0], models[1:]
+    if n < spec.min_images:
+        raise ImageInputError(
+            f"{spec.key} needs at least {spec.min_images} images, got {n}: its maps are a statistic over the "
+            f"images explained together; pass {spec.min_images} or more --images"
+        )
+    maps, not_applied, no_base = {}, [], []
+    for m in students if spec.pair else models:
+        if not spec.applies(m.model):
+            not_applied.append(m.role)
+            continue
+        context, _ = explainer_context(spec, m, teacher, students)
+        if context is None:
+            no_base.append(m.role)
+            continue
+        maps[m.role] = explain(spec, m.model, images, targets, **context)
+    if not maps:
+        if not no_base:  # applies to none: the explainer's own reason (MED-TEX's Θ: which students have it)
+            with spec.build(models[-1].model, teacher=teacher.model):
+                pass
+        why = [f"it does not apply to {', '.join(not_applied)}"] if not_applied else []
+        if no_base:
+            why.append(
+                f"{', '.join(no_base)} {'has' if len(no_base) == 1 else 'have'} no base model of its architecture"
+            )
+        raise ConfigError(
+            f"explainer {spec.key!r} explains none of this run's models ({'; '.join(why)}); pass another --explainer"
+        )
+    return maps
+
+
 def explain_images(
     run_dir: str | Path,
     paths: list[Path],
@@ -84,8 +159,10 @@ def explain_images(
 ) -> Path:
     """Explain ``paths`` with every model of ``run_dir``; write a figure and records to ``out``.
 
-    Every model explains the class the **teacher** predicts, so the maps in one column answer the
-    same question. Images are resized to the run's input size. The models run on ``device``
+    ``explainer`` is one of the run's explainers, by label (``unicam_distilled``) or name, with the
+    run's parameters, or any registered explainer with its defaults. Every model explains the class
+    the **teacher** predicts, so the maps in one column answer the same question. A (student, teacher)
+    pair explainer (UniCAM) explains the students, each with the run's teacher, as the run does. Images are resized to the run's input size. The models run on ``device``
     (``auto``: the GPU when there is one); images, maps and records stay on the CPU.
 
     Returns:
@@ -97,7 +174,7 @@ def explain_images(
         raise ConfigError(f"--device {device}: no GPU is available here; use --device auto or --device cpu") from None
     check_image_paths(paths)
     cfg, models, run_record = load_run_models(run_dir, where)
-    params = next((e.params for e in cfg.evaluation.explainers if e.name == explainer), {})
+    spec = run_explainer(cfg, explainer)
     c, h, w = run_record["dataset"]["image_shape"]
     class_names = run_record["dataset"]["class_names"]
     images = torch.stack([load_image(p, c, (h, w)) for p in paths])
@@ -106,10 +183,7 @@ def explain_images(
             role: torch.softmax(m(images.to(model_device(m, images.device))), 1).cpu() for role, m in models.items()
         }
     targets = probs["teacher"].argmax(1)
-    maps = {}
-    for role, m in models.items():
-        with build_explainer(explainer, m, params) as ex:
-            maps[role] = ex.explain(images, targets).maps
+    maps = explain_run_models(spec, run_models(cfg, models), images, targets)
     out_dir = Path(out) if out else Path(run_dir) / "explanations"
     titles = [f"{p.stem}\nteacher: {class_names[int(t)]}" for p, t in zip(paths, targets)]
     fig = save_overlay_figure(out_dir / "explanations.png", images, maps, titles)
@@ -123,6 +197,7 @@ def explain_images(
             "user_explanations",
             {
                 "explainer": explainer,
+                "explained": list(maps),
                 "images": [str(p) for p in paths],
                 "target": [class_names[int(t)] for t in targets],
                 "predictions": {r: [class_names[int(i)] for i in pr.argmax(1)] for r, pr in probs.items()},
