@@ -3,6 +3,7 @@ errors of a wrong input."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from xkd.cli import main
-from xkd.errors import ImageInputError
+from xkd.errors import ConfigError, ImageInputError
 from xkd.explain import UniCAM
 from xkd.explain_images import explain_images, image_channels, load_image
 from xkd.files import read_json
@@ -126,3 +127,34 @@ def test_an_unknown_explainer_lists_the_runs_explainers_and_the_registered_ones(
     # an explainer that applies to none of the models says why, as the explainer does
     assert main(["explain", "--run", str(pair_run), "--images", *images, "--explainer", "medtex_theta"]) == 2
     assert "only students trained with the distillers 'medtex' or 'medex' have it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kind", "runs", "said"),
+    [
+        (
+            "comparison",
+            "seeds/seed_{}",
+            "a comparison (`xkd compare`), not a run: pass one of its seeds/seed_N folders",
+        ),
+        (
+            "study",
+            "teachers/t8/seeds/seed_{}",
+            "a study (`xkd study`), not a run: pass one of its seeds/seed_N folders",
+        ),
+        ("sweep", "trial-000{}", "a sweep (`xkd sweep`), not a run: pass one of its trial-NNNN folders"),
+    ],
+)
+def test_a_comparison_study_or_sweep_names_one_of_its_runs(tmp_path, kind, runs, said):
+    image = _gray_palette_png(tmp_path / "a.png", np.zeros((8, 8)))
+    folder = tmp_path / kind
+    for i in range(2):
+        run = folder / runs.format(i)
+        (run / "records").mkdir(parents=True)
+        (run / "config.yaml").write_text("name: tiny\n")
+    finished = folder / runs.format(1)  # the first finished run is the example
+    (finished / "metrics.json").write_text("{}")
+    (finished / "records/models.json").write_text("{}")
+    (folder / "config.yaml").write_text("name: tiny\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{folder} is {said}, e.g. --run {finished}")):
+        explain_images(folder, [image])

@@ -22,6 +22,7 @@ from xkd.models.state import model_device
 from xkd.pipeline import load_run_models
 from xkd.registry import EXPLAINERS
 from xkd.report.figures import save_overlay_figure
+from xkd.rundir import COMMANDS, RunDir
 from xkd.scoring import explain, explainer_context
 
 
@@ -77,6 +78,23 @@ def check_image_paths(paths: list[Path]) -> None:
             )
         if not p.is_file():
             raise ImageInputError(f"image {str(p)!r} does not exist")
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """Raise :class:`ConfigError` when ``run_dir`` holds a comparison, study or sweep: their runs are
+    in sub-folders (``seeds/seed_N``, ``trial-NNNN``), and the message names one."""
+    d = RunDir(run_dir)
+    kind = d.kind()
+    if kind not in ("comparison", "study", "sweep"):
+        return  # a run, or nothing xkd wrote: load_run_models says what is missing
+    inside = "trial-NNNN" if kind == "sweep" else "seeds/seed_N"
+    runs = sorted(d.path.glob("trial-[0-9]*" if kind == "sweep" else "**/seeds/seed_*"))
+    runs = [r for r in runs if RunDir(r).is_finished()] or runs
+    example = f", e.g. --run {runs[0]}" if runs else ""
+    raise ConfigError(
+        f"{d.path} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} (`{COMMANDS[kind]}`), not a run: pass one of "
+        f"its {inside} folders{example}"
+    )
 
 
 def run_explainer(cfg: RunConfig, name: str) -> ExplainerSpec:
@@ -173,6 +191,7 @@ def explain_images(
     except ConfigError:  # its message names the config key; here the user gave the flag
         raise ConfigError(f"--device {device}: no GPU is available here; use --device auto or --device cpu") from None
     check_image_paths(paths)
+    check_run_folder(run_dir)
     cfg, models, run_record = load_run_models(run_dir, where)
     spec = run_explainer(cfg, explainer)
     c, h, w = run_record["dataset"]["image_shape"]
