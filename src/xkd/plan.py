@@ -24,6 +24,7 @@ import xkd.models  # noqa: F401  (registers the models)
 from xkd import registry as R
 from xkd.config import EvaluationConfig, ModelConfig, RunConfig, read_config
 from xkd.distill.base import distiller_params
+from xkd.engine.runtime import check_train_config
 from xkd.errors import ConfigError
 from xkd.explain.base import ExplainerSpec, resolve_explainer, split_name
 from xkd.explain.superpixel import SuperpixelParams
@@ -115,20 +116,8 @@ def resolve(cfg: RunConfig) -> RunPlan:
     if len(set(keys)) < len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise ConfigError(f"evaluation.explainers: {dup} listed twice; give each entry a distinct `label`")
-    for path, t in [("train", cfg.train), ("teacher.train", cfg.teacher.train)]:
-        if t.epochs < 1:
-            raise ConfigError(f"{path}.epochs must be >= 1, got {t.epochs}")
-        if t.batch_size < 1:
-            raise ConfigError(f"{path}.batch_size must be >= 1, got {t.batch_size}")
-        if t.optimizer.lr <= 0:
-            raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
-        if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 1:
-            raise ConfigError(f"{path}.max_steps_per_epoch must be >= 1 or null, got {t.max_steps_per_epoch}")
-        if t.scheduler.name == "step" and (t.scheduler.step_size < 1 or not t.scheduler.gamma > 0):
-            raise ConfigError(
-                f"{path}.scheduler: step needs step_size >= 1 and gamma > 0 (the lr is multiplied by gamma every "
-                f"step_size epochs), got step_size {t.scheduler.step_size}, gamma {t.scheduler.gamma}"
-            )
+    check_train_config(cfg.train, "train")
+    check_train_config(cfg.teacher.train, "teacher.train")
     if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).expanduser().is_file():
         raise ConfigError(
             f"teacher.checkpoint: {cfg.teacher.checkpoint!r} is not a file; give the path of a saved teacher "

@@ -207,3 +207,17 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"epochs": 0}, r"cfg.epochs must be >= 1, got 0"),
+        ({"max_steps_per_epoch": 0}, r"cfg.max_steps_per_epoch must be >= 1 or null, got 0"),
+    ],
+)
+def test_a_trainer_refuses_a_budget_that_trains_nothing(tmp_path, fit, kw, match):
+    # from Python, TrainConfig(epochs=0) fitted nothing without a word (the CLI's config check refused it)
+    with pytest.raises(ConfigError, match=match):
+        fit(tmp_path, **kw)
+    assert not any(tmp_path.iterdir())

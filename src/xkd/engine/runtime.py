@@ -21,6 +21,23 @@ from xkd.errors import DeviceMemoryError
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def check_train_config(t: TrainConfig, path: str = "train") -> None:
+    """The budget of ``t`` checked (``path``: where it is in the config, for the message)."""
+    if t.epochs < 1:
+        raise ConfigError(f"{path}.epochs must be >= 1, got {t.epochs}")
+    if t.batch_size < 1:
+        raise ConfigError(f"{path}.batch_size must be >= 1, got {t.batch_size}")
+    if t.optimizer.lr <= 0:
+        raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
+    if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 1:
+        raise ConfigError(f"{path}.max_steps_per_epoch must be >= 1 or null, got {t.max_steps_per_epoch}")
+    if t.scheduler.name == "step" and (t.scheduler.step_size < 1 or not t.scheduler.gamma > 0):
+        raise ConfigError(
+            f"{path}.scheduler: step needs step_size >= 1 and gamma > 0 (the lr is multiplied by gamma every "
+            f"step_size epochs), got step_size {t.scheduler.step_size}, gamma {t.scheduler.gamma}"
+        )
+
+
 def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
     """The autocast dtype of ``train.amp`` on ``device`` (None: full precision); ``key`` names the
     setting in errors (``teacher.train.amp`` for the teacher's).
