@@ -133,6 +133,21 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: a\ntrain:\n  epochs: 2\nname: b\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: 'name' is given twice in one mapping; keep one"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match=r"override 'train=\{epochs: 1, epochs: 2\}': the value is not valid YAML: "):
+        load_config(None, ["train={epochs: 1, epochs: 2}"])
+    with pytest.raises(ConfigError, match=r"override 'train=\[1,': the value is not valid YAML"):  # was a traceback
+        load_config(None, ["train=[1,"])
+    merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden: not a key given twice
+    merged.write_text("teacher:\n  train: &b {epochs: 2, batch_size: 8}\ntrain:\n  <<: *b\n  epochs: 3\n")
+    cfg = load_config(merged)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.teacher.train.epochs) == (3, 8, 2)
+
+
 def test_a_partial_file_takes_defaults_for_the_rest(tmp_path):
     cfg = load_config(write(tmp_path, {"name": "x", "train": {"epochs": 2}}))
     assert cfg.name == "x" and cfg.train.epochs == 2 and cfg.train.batch_size == RunConfig().train.batch_size

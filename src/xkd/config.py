@@ -451,7 +451,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.path=value")
     key, text = assignment.split("=", 1)
-    value = load_yaml(text) if text != "" else ""
+    try:
+        value = load_yaml(text) if text != "" else ""
+    except yaml.YAMLError as e:  # was a raw traceback
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML: {e}") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):

@@ -136,7 +136,23 @@ def record(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading floats as YAML 1.2 writes them: YAML 1.1 needs a dot and a
-    signed exponent, so ``lr: 1e-3`` (and ``--set train.optimizer.lr=1e-3``) came back a string."""
+    signed exponent, so ``lr: 1e-3`` (and ``--set train.optimizer.lr=1e-3``) came back a string;
+    and refusing a key given twice in one mapping (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.add_implicit_resolver(
