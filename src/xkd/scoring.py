@@ -159,7 +159,7 @@ def explain_and_score(
             if context is None:
                 console.print(f"{e.key}: {m.role} has no base model of its architecture: skipped")
                 continue
-            console.print(f"explaining {m.role} with {e.name} ({images.shape[0]} images)")
+            console.print(f"explaining {m.role} with {e.key} ({images.shape[0]} images)")
             maps[m.role] = explain(e, m.model, images, labels, **context)
             values = {
                 **common,
