@@ -86,13 +86,19 @@ def test_report_rerenders_from_records(run_dir):
 
 
 @pytest.mark.slow
-def test_existing_run_needs_resume_or_overwrite_and_resume_reuses_checkpoints(run_dir, capsys, make_tiny_args):
+def test_existing_run_needs_resume_or_overwrite_and_resume_reuses_checkpoints(
+    run_dir, capsys, make_tiny_args, monkeypatch
+):
     out_dir = run_dir.parents[1]
     assert cli("run", "--no-progress", overrides=make_tiny_args(out_dir)) == 2
     assert "already exists; pass --resume" in capsys.readouterr().err
     before = (run_dir / "checkpoints/kd/last.pt").read_bytes()
+    # a finished run with the same config is neither trained nor explained again: its report is re-rendered
+    monkeypatch.setattr("xkd.pipeline.evaluate_run", lambda *a, **k: pytest.fail("explained and scored again"))
+    (run_dir / "report.html").unlink()
     assert cli("run", "--no-progress", "--resume", overrides=make_tiny_args(out_dir)) == 0
     assert (run_dir / "checkpoints/kd/last.pt").read_bytes() == before  # nothing retrained
+    assert (run_dir / "report.html").is_file()
 
 
 @pytest.mark.slow

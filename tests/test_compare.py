@@ -121,6 +121,67 @@ def test_resume_with_nothing_to_resume_starts_a_comparison_and_says_so(tmp_path,
         C.compare(cfg, 2, resume=True, progress=False)
 
 
+def finished_seed(c):
+    """A finished seed run of config ``c`` as the comparison sees one: its config, models record and metrics."""
+    rd = RunDir.of(c)
+    rd.create(c)
+    rd.write_record("models", {"roles": ["teacher"], "models": {}})
+    rd.write_metrics({"name": c.name, "seed": c.seed, "models": {}})
+    return rd.path
+
+
+@pytest.fixture
+def two_seeds(tmp_path, make_tiny_args, monkeypatch):
+    """A finished 2-seed comparison of the tiny config (seed runs faked); returns its overrides and a log of
+    the seed runs compare() asks for, as (seed, resume, overwrite)."""
+    monkeypatch.setenv("COLUMNS", "400")  # one console line per message
+    calls = []
+
+    def fake_run(c, resume=False, overwrite=False, progress=True):
+        calls.append((c.seed, resume, overwrite))
+        return finished_seed(c)
+
+    monkeypatch.setattr(C, "run", fake_run)
+    monkeypatch.setattr(C, "aggregate", lambda cfg, runs: {"runs": {str(r.seed): r.reused for r in runs}})
+    monkeypatch.setattr(C, "render_compare_report", lambda path: path / "report.html")
+    args = make_tiny_args(tmp_path, STUDENTS, "compare.agreement_metric=rank_correlation")
+    C.compare(load_config(None, args), 2, progress=True)
+    assert calls == [(0, False, False), (1, False, False)]
+    calls.clear()
+    return args, calls, tmp_path / "runs" / "tiny"
+
+
+def test_more_seeds_keep_the_finished_ones_as_they_are(two_seeds, capsys):
+    # --seeds 3 --resume evaluated seeds 0 and 1 again: compare.seeds (2 -> 3) is in each seed's config.yaml
+    args, calls, out = two_seeds
+    capsys.readouterr()
+    C.compare(load_config(None, [*args, "compare.agreement_metric=map_pearson"]), 3, resume=True, progress=True)
+    assert calls == [(2, True, False)]  # only the new seed runs
+    assert read_json(out / "records/compare.json")["runs"] == {"0": True, "1": True, "2": False}
+    err = capsys.readouterr().err
+    for s in (0, 1):
+        assert f"seed {s}: finished run found in {out / 'seeds' / f'seed_{s}'}, reused" in err
+    assert "evaluated again" not in err and "run again" not in err
+
+
+def test_a_seed_evaluated_or_run_again_names_the_settings_that_changed(two_seeds, capsys):
+    args, calls, out = two_seeds
+    capsys.readouterr()
+    C.compare(load_config(None, [*args, "evaluation.num_images=12"]), 2, resume=True, progress=True)
+    assert calls == [(0, True, False), (1, True, False)]  # resumed with their models, evaluated again
+    err = capsys.readouterr().err
+    assert (
+        "seed 0: evaluation.num_images: 24 -> 12 changed; its trained models are kept and it is evaluated again" in err
+    )
+    calls.clear()
+    alpha = "students.1.params={alpha: 0.2}"
+    C.compare(load_config(None, [*args, "evaluation.num_images=12", alpha]), 1, resume=True, progress=True)
+    assert calls == [(0, False, True)]  # trained again from scratch
+    err = capsys.readouterr().err
+    assert f"seed 0: the models' settings changed since {out / 'seeds/seed_0'} was written (students" in err
+    assert "{'alpha': 0.2}); it is run again" in err
+
+
 def compare_args(tmp_path, make_tiny_args, *extra: str) -> list[str]:
     config = tmp_path / "c.yaml"
     config.write_text("name: tiny\n")

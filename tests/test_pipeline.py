@@ -333,6 +333,36 @@ def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, ma
     assert RunDir.of(cfg).is_run()
 
 
+def finished_run(cfg) -> RunDir:
+    """A run folder holding every record a finished run writes (their content is not read here)."""
+    rd = RunDir.of(cfg)
+    rd.create(cfg)
+    for kind in ("models", "explanations", "samples", "run"):
+        rd.write_record(kind, {})
+    rd.samples_tensors.write_bytes(b"")
+    rd.write_metrics({})
+    return rd
+
+
+def test_resume_of_a_finished_run_with_the_same_config_computes_nothing(tmp_path, make_tiny_args, monkeypatch, caplog):
+    # --resume of a finished run explained and scored every model again, with nothing changed
+    monkeypatch.setattr(P, "build_dataset", lambda *a: pytest.fail("the run was computed again"))
+    cfg = load_config(None, make_tiny_args(tmp_path))
+    rd = finished_run(cfg)
+    with caplog.at_level("INFO", logger="xkd"):
+        assert P.run(cfg, resume=True, progress=False) == rd.path
+    assert f"{rd.path} already finished with this config: nothing to train or score again" in caplog.text
+    # settings no run reads (compare.*, study.*, sweep.*) change nothing it computed
+    P.run(load_config(None, make_tiny_args(tmp_path, "compare.seeds=5")), resume=True, progress=False)
+    for changed in (["evaluation.num_images=12"], ["train.epochs=2"]):  # an evaluation setting; more epochs
+        monkeypatch.setattr(P, "build_dataset", lambda *a: (_ for _ in ()).throw(_Trained()))
+        with pytest.raises(_Trained):
+            P.run(load_config(None, make_tiny_args(tmp_path, *changed)), resume=True, progress=False)
+    (rd.records / "samples.json").unlink()  # a finished run missing a record is completed again
+    with pytest.raises(_Trained):
+        P.run(cfg, resume=True, progress=False)
+
+
 def test_sizes_larger_than_the_data_are_said_before_training(tmp_path, make_tiny_args, caplog):
     # they were clamped without a word: 100,000 training images asked, 240 used
     over = ["data.train_size=100000", "evaluation.num_images=1000", "evaluation.met_images=500"]

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from xkd.config import RunConfig, read_config, save_config
 from xkd.errors import ConfigError, RunExistsError
-from xkd.files import is_writer, load_yaml
+from xkd.files import is_writer
 from xkd.metrics.base import Column, declared
 from xkd.plan import agreement_metrics, resume_conflicts, validate_for_compare
 from xkd.registry import METRICS
@@ -103,19 +103,14 @@ def seed_config(cfg: RunConfig, compare_dir: Path, seed: int, teacher_checkpoint
     return c
 
 
-def _same_config(run_dir: RunDir, cfg: RunConfig) -> bool:
-    """Whether ``run_dir`` was written by ``cfg`` (its saved ``config.yaml`` equals ``cfg``)."""
-    return run_dir.config.is_file() and load_yaml(run_dir.config.read_text()) == to_dict(cfg)
-
-
-def _retrains(run_dir: RunDir, cfg: RunConfig) -> bool:
-    """Whether ``cfg`` changes what trained ``run_dir``'s models (:func:`xkd.plan.resume_conflicts`):
-    then the seed runs again; otherwise (evaluation settings, more epochs for the students) it resumes
-    with its models."""
+def _retrains(run_dir: RunDir, cfg: RunConfig) -> list[str]:
+    """What of ``cfg`` changes what trained ``run_dir``'s models (:func:`xkd.plan.resume_conflicts`):
+    then the seed runs again; nothing (evaluation settings, more epochs for the students) and it
+    resumes with its models."""
     try:
-        return bool(resume_conflicts(read_config(run_dir.config), cfg))
-    except ConfigError:  # no config, or one this xkd cannot read: run it again
-        return True
+        return resume_conflicts(read_config(run_dir.config), cfg)
+    except ConfigError:  # a config this xkd cannot read: run it again
+        return [f"{run_dir.config} cannot be read by this xkd"]
 
 
 def prepare_compare_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> RunDir:
@@ -170,19 +165,24 @@ def compare(
         c = seed_config(cfg, out.path, s, teacher_ckpt)
         run_dir = RunDir.of(c)
         console.print(f"[bold]xkd compare[/bold] {cfg.name!r}: seed {s} ({i + 1} of {len(seed_list)})")
-        same = _same_config(run_dir, c)
-        if resume and same and run_dir.is_finished():
+        # what the seed's run would compute differently: compare.* (the number of seeds, the headline) is not
+        # read by a run, so a finished seed stays valid when only that changed
+        changed = run_dir.changed_settings(c) if resume else None
+        if changed == [] and run_dir.is_finished():
             console.print(f"seed {s}: finished run found in {run_dir.path}, reused")
             runs.append(SeedRun(s, run_dir.path, True))
         else:
-            changed = resume and run_dir.path.exists() and not same
-            fresh = changed and _retrains(run_dir, c)
-            if fresh:  # its checkpoints belong to models trained with other settings
+            conflicts = _retrains(run_dir, c) if changed else []
+            if conflicts:  # its checkpoints belong to models trained with other settings
                 console.print(
-                    f"seed {s}: the models' settings changed since {run_dir.path} was written; it is run again"
+                    f"seed {s}: the models' settings changed since {run_dir.path} was written "
+                    f"({'; '.join(conflicts)}); it is run again"
                 )
             elif changed:
-                console.print(f"seed {s}: only settings that keep its trained models changed; they are reused")
+                console.print(
+                    f"seed {s}: {'; '.join(changed)} changed; its trained models are kept and it is evaluated again"
+                )
+            fresh = bool(conflicts)
             runs.append(SeedRun(s, run(c, resume=resume and not fresh, overwrite=fresh, progress=progress), False))
         if teacher_ckpt is None:  # every later seed distils from this seed's teacher
             teacher_ckpt = str(run_dir.checkpoint("teacher"))

@@ -366,6 +366,14 @@ def run(
             log.info("--resume: nothing to resume in %s (no run there yet); starting a new run", run_dir.path)
         else:
             check_resume(run_dir.config, cfg)
+            if run_dir.is_complete() and run_dir.changed_settings(cfg) == []:
+                # resume continues an interrupted run: a finished one with the same config has nothing left
+                log.info(
+                    "%s already finished with this config: nothing to train or score again; its report is "
+                    "rendered from its records",
+                    run_dir.path,
+                )
+                return run_dir.path  # xkd.runner.run renders its report from the records
     data = build_dataset(cfg.data)
     if data.skipped_files:
         log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])

@@ -30,10 +30,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from xkd.config import RunConfig, save_config
 from xkd.errors import RunExistsError
 from xkd.files import atomic_write_bytes, load_yaml, read_json, record, write_json
-from xkd.schema import from_dict
+from xkd.schema import from_dict, to_dict
 
 log = logging.getLogger("xkd")
 
@@ -44,6 +46,11 @@ STUDY_FOLDERS = ("teachers", "fractions")
 """The folders of a study's comparisons (capacity-gap, explanation-transfer): a study's own marker."""
 SWEEP_DATABASE = "study.db"
 """A sweep's default Optuna storage in its folder (:class:`xkd.sweep.outputs.SweepDir` owns that layout)."""
+RUN_READS_NOT = ("compare", "study", "sweep")
+"""Config sections a run never reads (``xkd compare``, ``xkd study`` and ``xkd sweep`` read them, e.g.
+``compare.seeds``): changing one changes nothing a finished run computed."""
+RUN_RECORDS = ("run", "models", "explanations", "samples")
+"""The records of a finished run (``metrics.json`` is written after them), all its report reads."""
 COMMANDS = {"run": "xkd run", "comparison": "xkd compare", "study": "xkd study", "sweep": "xkd sweep"}
 """The command that writes (and resumes) each kind of folder :meth:`RunDir.kind` tells apart."""
 
@@ -158,8 +165,30 @@ class RunDir:
         """Whether a run finished: its headline numbers and model records are written."""
         return self.metrics.is_file() and self.has_record("models")
 
+    def is_complete(self) -> bool:
+        """Whether every record of a finished run is there: its report can be rendered from them."""
+        records = all(self.has_record(k) for k in RUN_RECORDS) and self.samples_tensors.is_file()
+        return records and self.metrics.is_file()
+
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(self.path.iterdir())
+
+    def changed_settings(self, cfg: RunConfig) -> list[str] | None:
+        """The settings of ``cfg`` that differ from the run's saved ``config.yaml``, as ``key: old -> new``
+        (config paths as ``--set`` writes them; the key alone where a list changed length), leaving out
+        the sections a run never reads (:data:`RUN_READS_NOT`); None when there is no saved config or
+        it cannot be read."""
+        try:
+            saved = load_yaml(self.config.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        if not isinstance(saved, dict):
+            return None
+        new = to_dict(cfg)
+        for section in RUN_READS_NOT:
+            saved.pop(section, None)
+            new.pop(section, None)
+        return _differences(saved, new, "")
 
     def check(self, resume: bool, overwrite: bool) -> None:
         """Raise :class:`RunExistsError` when the folder cannot be used as asked; writes nothing.
@@ -201,6 +230,29 @@ class RunDir:
     def read_config(self) -> RunConfig:
         """The config the run was written with."""
         return from_dict(RunConfig, load_yaml(self.config.read_text()))
+
+
+_ABSENT = object()
+
+
+def _differences(old: Any, new: Any, path: str) -> list[str]:
+    """Where plain data ``new`` differs from ``old``: ``path: old -> new`` per differing value, or
+    ``path`` alone where a list changed length or a mapping or list took another type's place."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [*old, *(k for k in new if k not in old)]
+        return [
+            d
+            for k in keys
+            for d in _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
+        ]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}.{i}")]
+    if old == new:
+        return []
+    if any(isinstance(v, (dict, list)) for v in (old, new)):
+        return [path]
+    shown = ["(unset)" if v is _ABSENT else v for v in (old, new)]
+    return [f"{path}: {shown[0]} -> {shown[1]}"]
 
 
 def not_this_kind(
