@@ -182,6 +182,16 @@ def test_a_seed_evaluated_or_run_again_names_the_settings_that_changed(two_seeds
     assert "{'alpha': 0.2}); it is run again" in err
 
 
+def test_no_progress_bars_keeps_the_comparisons_lines(two_seeds, capsys):
+    # --no-progress hid every line, the seeds reused and the report's path too; it means no bars
+    args, calls, out = two_seeds
+    capsys.readouterr()
+    C.compare(load_config(None, args), 2, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "xkd compare 'tiny': seed 1 (2 of 2)" in err and "seed 1: finished run found" in err
+    assert f"comparison report: {out / 'report.html'}" in err
+
+
 def compare_args(tmp_path, make_tiny_args, *extra: str) -> list[str]:
     config = tmp_path / "c.yaml"
     config.write_text("name: tiny\n")

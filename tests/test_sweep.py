@@ -363,6 +363,17 @@ def test_resume_with_nothing_to_resume_starts_a_sweep_and_says_so(tmp_path, monk
     assert SweepDir(tmp_path / "tiny-sweep").is_sweep() is False  # only its (empty) folder so far
 
 
+def test_no_progress_bars_keeps_the_sweeps_lines(tmp_path, monkeypatch, capsys):
+    # --no-progress hid the sweep's lines and the page's path too; it means no bars
+    monkeypatch.setenv("COLUMNS", "400")  # one console line per message
+    monkeypatch.setattr(optuna.Study, "optimize", lambda self, *a, **k: None)
+    monkeypatch.setattr(sweep_module, "write_outputs", lambda study, plan, out, url: out.page)
+    folder = sweep(tiny(f"output_dir={tmp_path}"), progress=False)
+    err = capsys.readouterr().err
+    assert "xkd sweep 'tiny': 0 of 3 trials finished, study 'tiny'" in err
+    assert f"sweep report: {folder / 'sweep.html'}" in err
+
+
 # -- the study's bookkeeping ------------------------------------------------------------------------------
 
 

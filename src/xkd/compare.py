@@ -150,12 +150,13 @@ def compare(
     """Run ``cfg`` over ``seeds`` seeds (default ``cfg.compare.seeds``), aggregate and render the report.
 
     Returns the comparison directory (holding ``report.html``). With ``resume``, finished seed runs
-    are reused as they are and an interrupted one continues from its last checkpoints.
+    are reused as they are and an interrupted one continues from its last checkpoints. ``progress``
+    turns the progress bars on or off; the comparison's own lines print either way.
     """
     if seeds is not None:
         cfg.compare.seeds = seeds
     validate_for_compare(cfg)
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)  # its lines print with or without progress bars (``progress``: bars only)
     t0 = time.perf_counter()
     out = prepare_compare_dir(cfg, resume, overwrite)
     seed_list = [cfg.seed + i for i in range(cfg.compare.seeds)]

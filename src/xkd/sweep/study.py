@@ -97,7 +97,7 @@ def sweep(
         study_name: the study's name in the storage (default: the config's ``name``).
         timeout: stop asking for new trials after this many seconds (a running trial finishes).
         resume: continue the sweep folder and study that exist (and join a study other processes work on).
-        progress: progress output.
+        progress: progress bars while trials train (the sweep's and each trial's lines print either way).
 
     The folder holds ``sweep.html``, ``best.yaml`` (``pareto/`` with several objectives),
     ``records/sweep.json`` and one run directory per trial.
@@ -126,7 +126,7 @@ def sweep(
         out.path.mkdir(parents=True, exist_ok=True)
     url = storage or out.default_storage()
     name = study_name or cfg.name
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)  # its lines print with or without progress bars (``progress``: bars only)
     study = open_study(url, name, plan, resume)
     out.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out.config)
