@@ -70,7 +70,7 @@ def evaluate_run(
 
     ``random_labels`` is the student architecture trained on permuted labels, for the data-label
     randomisation check (``data_randomisation_sanity``)."""
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)  # --no-progress hides bars, not these lines
     cfg, ev = plan.cfg, plan.cfg.evaluation
     models = [teacher, *students]
     for m in models:

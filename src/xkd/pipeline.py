@@ -382,7 +382,7 @@ def run(
     prepare_run_dir(run_dir, cfg, resume, overwrite)
     # TensorBoard, MLflow; first, so an epoch is logged before a caller's callback may stop the run there
     callbacks = [*tracking.callbacks_for(cfg, run_dir, resume), *callbacks]
-    if progress and info.is_main:
+    if info.is_main:
         console.print(
             f"[bold]xkd[/bold] run {cfg.name!r}: {data.name} {tuple(data.image_shape)}, "
             f"{len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test, device {device}"

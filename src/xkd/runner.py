@@ -34,7 +34,6 @@ def run(
     run_dir = run_pipeline(cfg, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
     if is_writer():
         html = render_report(run_dir)
-        if progress:
-            Console(stderr=True).print(f"report: {html}  ({time.perf_counter() - t0:.0f} s)")
+        Console(stderr=True).print(f"report: {html}  ({time.perf_counter() - t0:.0f} s)")
     D.barrier()
     return run_dir

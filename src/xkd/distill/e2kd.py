@@ -325,9 +325,7 @@ class E2KD(Distiller):
             self.setup_reused_seconds = Cache.seconds(self.cache_file)
         else:
             t0 = time.perf_counter()
-            logits, cams = self._explain_training_set(
-                context.train, context.device, p.explain_batch_size, context.progress
-            )
+            logits, cams = self._explain_training_set(context.train, context.device, p.explain_batch_size)
             if cache is not None:
                 Cache.write(self.cache_file, key, {"logits": logits, "cams": cams}, time.perf_counter() - t0)
         self.frozen_logits = logits.float().to(context.device)
@@ -347,11 +345,8 @@ class E2KD(Distiller):
             sums.append(image_checksums(images))
         return h.hexdigest()[:16], torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64)
 
-    def _explain_training_set(
-        self, dataset, device: torch.device, batch_size: int, progress: bool
-    ) -> tuple[Tensor, Tensor]:
-        if progress:
-            log.info("e2kd: teacher Grad-CAMs of %d training images", len(dataset))
+    def _explain_training_set(self, dataset, device: torch.device, batch_size: int) -> tuple[Tensor, Tensor]:
+        log.info("e2kd: teacher Grad-CAMs of %d training images", len(dataset))
         teacher = self.teacher.to(device)  # the trainer moves the whole distiller there anyway
         logits, cams = [], []
         for b in BatchLoader(dataset, batch_size):

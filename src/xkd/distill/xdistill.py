@@ -348,8 +348,7 @@ class XDistillation(Distiller):
             self.setup_reused_seconds += Cache.seconds(self.cache_files["targets"])
         else:
             t0 = time.perf_counter()
-            if context.progress:
-                log.info("xdistill: %s explanations of %d training images by the teacher", p.explainer, len(idx))
+            log.info("xdistill: %s explanations of %d training images by the teacher", p.explainer, len(idx))
             chunks = [
                 teacher_targets(self.teacher, images[s : s + 256].to(device), labels[s : s + 256].to(device), p).cpu()
                 for s in range(0, len(idx), 256)

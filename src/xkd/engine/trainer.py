@@ -274,7 +274,8 @@ class Trainer:
                 result.history.append(stats)
                 if self.scheduler is not None:
                     self.scheduler.step()
-                if self.progress and not self.console.is_terminal:  # live bars only draw on a terminal
+                # the epoch's line: without bars, or where live bars do not draw (not a terminal)
+                if self.dist.is_main and not (self.progress and self.console.is_terminal):
                     self.console.print(
                         f"{self.role} epoch {epoch}/{self.cfg.epochs}: loss {stats['train_loss']:.4f}, "
                         f"val accuracy {val['accuracy']:.4f} ({stats['seconds']:.1f} s)"

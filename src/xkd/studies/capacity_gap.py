@@ -85,7 +85,7 @@ def run_study(
     """Run the study and return its folder (``study.html``, ``records/study.json``, one comparison per teacher)."""
 
     t0 = time.perf_counter()
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)  # --no-progress hides bars, not these lines
     sized = teacher_sizes(cfg)
     study = RunDir.of(cfg)
     out = study.path

@@ -118,7 +118,7 @@ def run_study(
     """Run the study and return its folder (``study.html``, ``records/study.json``, one comparison per
     data fraction)."""
     t0 = time.perf_counter()
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)  # --no-progress hides bars, not these lines
     found = roles(cfg)
     data = build_dataset(cfg.data)
     sizes = fraction_sizes(cfg, data)

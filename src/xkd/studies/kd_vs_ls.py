@@ -112,7 +112,7 @@ def run_study(
     preflight(cfg)
     t0 = time.perf_counter()
     out = compare(cfg, seeds, resume=resume, overwrite=overwrite, progress=progress)
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)  # --no-progress hides bars, not these lines
     study = RunDir(out)
     cmp = study.read_record("compare")
     measured, empty = measure(cfg, out, cmp, console)
