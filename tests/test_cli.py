@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -102,11 +104,15 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_reuses_checkpoints(
 
 
 @pytest.mark.slow
-def test_teacher_is_loaded_from_the_cache_keyed_by_its_config(run_dir, make_tiny_args):
+def test_teacher_is_loaded_from_the_cache_keyed_by_its_config(run_dir, make_tiny_args, capsys):
     out_dir = run_dir.parents[1]
     assert cli("run", "--no-progress", overrides=make_tiny_args(out_dir, "name=again", "students=[{name: kd}]")) == 0
     models = read_json(out_dir / "runs/again/records/models.json")["models"]
     assert models["teacher"]["train"]["from_cache"] is True
+    # --no-progress hides the bars, not the lines (it printed nothing but warnings, not even the report's path)
+    err = capsys.readouterr().err
+    for line in ("xkd run 'again'", "kd epoch 1/1: loss", "explaining kd with grad_cam", "report: "):
+        assert line in err, line
 
 
 @pytest.mark.slow
@@ -270,3 +276,12 @@ def test_sweep_without_searched_settings_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sweep.params: nothing to search" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_library_warning_is_a_log_line_without_a_source_path(caplog, capsys):
+    # UniCAM's one-class batch warning came out as "…/scoring.py:60: UserWarning: …"
+    assert cli("list") == 0
+    with caplog.at_level("WARNING", logger="xkd"):
+        warnings.warn("all images of a batch have the same class", UserWarning, stacklevel=1)
+    assert [r.getMessage() for r in caplog.records] == ["all images of a batch have the same class"]
+    assert "test_cli.py" not in capsys.readouterr().err

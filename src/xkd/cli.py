@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,13 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="teacher and student maps for your own images")
     e.add_argument("--run", required=True, help="a finished run directory (runs/NAME)")
-    e.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
-    e.add_argument("--explainer", default="grad_cam", help="registered explainer (default grad_cam)")
+    e.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...), not folders")
+    e.add_argument(
+        "--explainer",
+        default="grad_cam",
+        help="an explainer of the run, by label (e.g. unicam_distilled) or name, or any registered explainer "
+        "(default grad_cam)",
+    )
     e.add_argument("--out", help="output folder (default RUN/explanations)")
     e.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run (auto: the GPU if any)"
@@ -130,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
     )
+    # a library warning (UniCAM's one-class batch) is a log line like the others, not a source path
+    warnings.showwarning = lambda message, *_, **__: logging.getLogger("xkd").warning("%s", message)
     try:
         # torch and every registry load here, not at import: `xkd --help` answers at once
         import xkd.api as api
