@@ -180,8 +180,9 @@ def explain_images(
     ``explainer`` is one of the run's explainers, by label (``unicam_distilled``) or name, with the
     run's parameters, or any registered explainer with its defaults. Every model explains the class
     the **teacher** predicts, so the maps in one column answer the same question. A (student, teacher)
-    pair explainer (UniCAM) explains the students, each with the run's teacher, as the run does. Images are resized to the run's input size. The models run on ``device``
-    (``auto``: the GPU when there is one); images, maps and records stay on the CPU.
+    pair explainer (UniCAM) explains the students, each with the run's teacher, as the run does.
+    Images are resized to the run's input size. The models run on ``device`` (``auto``: the GPU when
+    there is one); images, maps and records stay on the CPU.
 
     Returns:
         The path of the figure (``explanations.png``).
