@@ -21,16 +21,22 @@ from xkd.errors import DeviceMemoryError
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def check_train_config(t: TrainConfig, path: str = "train") -> None:
-    """The budget of ``t`` checked (``path``: where it is in the config, for the message)."""
+def check_budget(t: TrainConfig, path: str = "train") -> None:
+    """Raise :class:`ConfigError` when ``t`` would train nothing (``path``: where it is, for the message)."""
     if t.epochs < 1:
         raise ConfigError(f"{path}.epochs must be >= 1, got {t.epochs}")
     if t.batch_size < 1:
         raise ConfigError(f"{path}.batch_size must be >= 1, got {t.batch_size}")
-    if t.optimizer.lr <= 0:
-        raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
     if t.max_steps_per_epoch is not None and t.max_steps_per_epoch < 1:
         raise ConfigError(f"{path}.max_steps_per_epoch must be >= 1 or null, got {t.max_steps_per_epoch}")
+
+
+def check_train_config(t: TrainConfig, path: str = "train") -> None:
+    """A config's ``t`` checked: its budget, and a learning rate and step schedule that learn (from
+    Python, :class:`~xkd.engine.Trainer` accepts lr 0, e.g. to measure without learning)."""
+    check_budget(t, path)
+    if t.optimizer.lr <= 0:
+        raise ConfigError(f"{path}.optimizer.lr must be > 0, got {t.optimizer.lr}")
     if t.scheduler.name == "step" and (t.scheduler.step_size < 1 or not t.scheduler.gamma > 0):
         raise ConfigError(
             f"{path}.scheduler: step needs step_size >= 1 and gamma > 0 (the lr is multiplied by gamma every "

@@ -34,7 +34,7 @@ from xkd.engine.runtime import (
     PRECISION_NAMES,
     build_optimizer,
     build_scheduler,
-    check_train_config,
+    check_budget,
     device_name,
     on_device,
     out_of_memory_line,
@@ -132,7 +132,7 @@ class Trainer:
         augment: BatchAugment | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        check_train_config(cfg, "cfg")  # from Python, epochs 0 trained nothing without a word
+        check_budget(cfg, "cfg")  # from Python, epochs 0 trained nothing without a word
         self.distiller = distiller
         self.callbacks = list(callbacks) if D.current().is_main else []
         self.augment = augment if augment is not None and augment.enabled else None
