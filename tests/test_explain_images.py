@@ -158,3 +158,17 @@ def test_a_comparison_study_or_sweep_names_one_of_its_runs(tmp_path, kind, runs,
     (folder / "config.yaml").write_text("name: tiny\n")
     with pytest.raises(ConfigError, match=re.escape(f"{folder} is {said}, e.g. --run {finished}")):
         explain_images(folder, [image])
+
+
+def test_a_folder_that_is_not_a_finished_run_says_what_it_is(tmp_path):
+    # every case said "run `xkd run` first", also for a folder xkd never wrote
+    with pytest.raises(ConfigError, match=r"nope does not exist: pass the folder of a finished run"):
+        load_run_models(tmp_path / "nope")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("hi")
+    with pytest.raises(ConfigError, match=r"mine is not a folder xkd wrote"):
+        load_run_models(tmp_path / "mine")
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "config.yaml").write_text("name: stopped\n")
+    with pytest.raises(ConfigError, match=r"run.json is missing \(finish it with `xkd run --resume`\)"):
+        load_run_models(tmp_path / "stopped")

@@ -436,9 +436,15 @@ def load_run_models(
     Returns the config, the models by role, and the run record.
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if not run_dir.path.is_dir():
+        raise ConfigError(f"{run_dir.path} does not exist: pass the folder of a finished run (runs/NAME)")
+    if run_dir.kind() is None:
+        raise ConfigError(f"{run_dir.path} is not a folder xkd wrote: pass the folder of a finished run (runs/NAME)")
     for p in (run_dir.config, run_dir.record("run")):
         if not p.is_file():
-            raise ConfigError(f"{run_dir.path} is not a finished xkd run: {p.name} is missing (run `xkd run` first)")
+            raise ConfigError(
+                f"{run_dir.path} is not a finished xkd run: {p.name} is missing (finish it with `xkd run --resume`)"
+            )
     cfg = run_dir.read_config()
     record = run_dir.read_record("run")
     c, h, w = record["dataset"]["image_shape"]
