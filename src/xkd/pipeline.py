@@ -374,9 +374,7 @@ def run(
                     run_dir.path,
                 )
                 return run_dir.path  # xkd.runner.run renders its report from the records
-    data = build_dataset(cfg.data)
-    if data.skipped_files:
-        log.warning("%d unreadable file(s) skipped, e.g. %s", len(data.skipped_files), data.skipped_files[0])
+    data = build_dataset(cfg.data)  # an image folder warns of the files it skipped (the report lists them)
     preflight(plan, data)  # wrong layer names and shapes fail here, before any training or file
     check_training_settings(cfg, device)
     prepare_run_dir(run_dir, cfg, resume, overwrite)

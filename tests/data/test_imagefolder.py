@@ -62,11 +62,15 @@ def test_rgb_images_get_three_channels(tmp_path):
     )
 
 
-def test_corrupt_file_is_skipped_and_counted(tmp_path):
+def test_corrupt_file_is_skipped_and_counted(tmp_path, caplog):
     make_folder(tmp_path)
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG not really")
-    data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
+    with caplog.at_level("WARNING", logger="xkd"):
+        data = build_dataset(DataConfig("imagefolder", root=str(tmp_path)))
     assert len(data.skipped_files) == 1 and data.skipped_files[0].endswith("broken.png")
+    assert [r.getMessage().split(" (first")[0] for r in caplog.records] == [
+        f"imagefolder: skipped 1 unreadable file(s) under {tmp_path}"
+    ]  # one line: a run no longer adds a second of its own
     assert len(data.train) + len(data.val) + len(data.test) == 30
 
 
