@@ -49,6 +49,23 @@ def make_tiny_args():
     return tiny_overrides
 
 
+def fill_folder(folder: Path, entries, text: str = "name: tiny\n") -> None:
+    """Create ``entries`` under ``folder``: relative paths (each file holding ``text``), or a mapping of
+    path to its text (None: only its parent folders); a path ending in ``/`` is a folder."""
+    items = entries.items() if isinstance(entries, dict) else ((rel, text) for rel in entries)
+    for rel, body in items:
+        path = folder / rel
+        (path if rel.endswith("/") else path.parent).mkdir(parents=True, exist_ok=True)
+        if body is not None and not rel.endswith("/"):
+            path.write_text(body)
+
+
+@pytest.fixture(scope="session")
+def make_folder():
+    """``make_folder(folder, entries, text=...)``: :func:`fill_folder`."""
+    return fill_folder
+
+
 @pytest.fixture
 def tiny_args(tmp_path):
     """The tiny run as `--set` overrides writing under ``tmp_path``."""

@@ -91,16 +91,14 @@ def _no_seed_runs(*a, **k):
     ],
     ids=["files", "run", "study"],
 )
-def test_resume_of_a_folder_that_is_not_a_comparison_is_refused(tmp_path, make_tiny_args, monkeypatch, files, match):
+def test_resume_of_a_folder_that_is_not_a_comparison_is_refused(
+    tmp_path, make_tiny_args, make_folder, monkeypatch, files, match
+):
     monkeypatch.setattr(C, "run", lambda *a, **k: pytest.fail("a seed ran"))
     cfg = load_config(None, make_tiny_args(tmp_path, STUDENTS))
     folder = tmp_path / "runs" / "tiny"
     folder.mkdir(parents=True)
-    for rel in files:
-        if rel.endswith("/"):
-            (folder / rel).mkdir()
-        else:
-            (folder / rel).write_text("name: tiny\n")
+    make_folder(folder, files)
     before = sorted(folder.rglob("*"))
     with pytest.raises(RunExistsError, match=rf"^--resume: {folder} {match}"):
         C.compare(cfg, 2, resume=True, progress=False)

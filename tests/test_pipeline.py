@@ -295,25 +295,16 @@ FOREIGN = {  # what another command (or a user) leaves in a folder, and what the
 }
 
 
-def fill(folder, files):
-    """Write ``files`` (relative path: text) under ``folder``; a path ending in ``/`` is a folder."""
-    for rel, text in files.items():
-        path = folder / rel
-        (path if rel.endswith("/") else path.parent).mkdir(parents=True, exist_ok=True)
-        if text is not None:
-            path.write_text(text)
-
-
 @pytest.mark.parametrize("what", list(FOREIGN))
 @pytest.mark.parametrize("flag", ["resume", "overwrite"])
 def test_resume_or_overwrite_of_a_folder_that_is_not_a_run_is_refused(
-    tmp_path, make_tiny_args, monkeypatch, what, flag
+    tmp_path, make_tiny_args, make_folder, monkeypatch, what, flag
 ):
     # --resume trained a new run beside file.txt, and into comparisons, studies and sweeps of the same name
     monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail(f"{self.role} trained"))
     cfg = load_config(None, make_tiny_args(tmp_path))
     files, match = FOREIGN[what]
-    fill(RunDir.of(cfg).path, files)
+    make_folder(RunDir.of(cfg).path, files)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     fix = r"choose another name \(--set name=NEW\) or remove the folder"
     if what != "files":
@@ -393,28 +384,31 @@ def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path,
     assert "evaluation.metrics: region_precision needs ground-truth masks and digits has none, so it is" in caplog.text
 
 
-def test_a_metric_that_cannot_score_images_this_small_fails_before_training(tmp_path, make_tiny_args):
-    # the sanity metrics' SSIM needs 3x3 maps: 2x2 images trained every model, then raised in scoring
-    cfg = load_config(None, make_tiny_args(tmp_path, "data.image_size=2"))
-    with pytest.raises(
-        ConfigError,
-        match=r"evaluation.metrics: randomisation_sanity needs images of at least 3x3; the digits images are 2x2: raise "
-        r"data.image_size or drop it",
-    ):
+@pytest.mark.parametrize(
+    "bad, match, smallest",
+    [
+        # the sanity metrics' SSIM needs 3x3 maps: 2x2 images trained every model, then raised in scoring
+        (
+            "data.image_size=2",
+            r"evaluation.metrics: randomisation_sanity needs images of at least 3x3; the digits images are 2x2: "
+            r"raise data.image_size or drop it",
+            "data.image_size=3",
+        ),
+        # distance correlation needs 4 samples: a 2-image test split trained every model, then raised
+        (
+            "data.test_size=3",
+            r"evaluation.metrics: fss needs at least 4, rs needs at least 4 explained images and the run explains "
+            r"3 \(the test split has 3\): raise data.test_size or evaluation.num_images, or drop them",
+            "evaluation.num_images=4",
+        ),
+    ],
+)
+def test_a_metric_that_cannot_score_this_little_fails_before_training(tmp_path, make_tiny_args, bad, match, smallest):
+    cfg = load_config(None, make_tiny_args(tmp_path, bad))
+    with pytest.raises(ConfigError, match=match):
         P.preflight(resolve(cfg), build_dataset(cfg.data))
-    cfg = load_config(None, make_tiny_args(tmp_path, "data.image_size=3"))
-    P.preflight(resolve(cfg), build_dataset(cfg.data))  # the smallest size it scores
-
-
-def test_a_metric_that_needs_more_images_than_the_run_explains_fails_before_training(tmp_path, make_tiny_args):
-    # distance correlation needs 4 samples: a 2-image test split trained every model, then raised
-    cfg = load_config(None, make_tiny_args(tmp_path, "data.test_size=3"))
-    with pytest.raises(
-        ConfigError,
-        match=r"evaluation.metrics: fss needs at least 4, rs needs at least 4 explained images and the run explains "
-        r"3 \(the test split has 3\): raise data.test_size or evaluation.num_images, or drop them",
-    ):
-        P.preflight(resolve(cfg), build_dataset(cfg.data))
+    cfg = load_config(None, make_tiny_args(tmp_path, smallest))
+    P.preflight(resolve(cfg), build_dataset(cfg.data))  # the least it scores
     cfg = load_config(None, make_tiny_args(tmp_path, "evaluation.num_images=4"))
     P.preflight(resolve(cfg), build_dataset(cfg.data))
 

@@ -331,16 +331,12 @@ def test_bad_input_stops_the_cli_before_anything_is_written(tmp_path, capsys):
     ],
     ids=["files", "run"],
 )
-def test_resume_into_a_folder_that_is_not_a_sweep_is_refused(tmp_path, capsys, entries, match):
+def test_resume_into_a_folder_that_is_not_a_sweep_is_refused(tmp_path, capsys, make_folder, entries, match):
     # --resume created study.db and trial folders among the user's files
     config = write_config(tmp_path)
     folder = tmp_path / "runs" / "tiny-sweep"
     folder.mkdir(parents=True)
-    for rel in entries:
-        if rel.endswith("/"):
-            (folder / rel).mkdir()
-        else:
-            (folder / rel).write_text("name: tiny\n")
+    make_folder(folder, entries)
     before = sorted(folder.rglob("*"))
     assert sweep_cli(config, "--resume") == 2
     err = capsys.readouterr().err

@@ -19,15 +19,11 @@ from xkd.studies.common import prepare_study_dir
     ids=["files", "other_study", "comparison"],
 )
 @pytest.mark.parametrize("flag", ["resume", "overwrite"])
-def test_a_folder_that_is_not_this_study_is_refused(tmp_path, entries, match, flag):
+def test_a_folder_that_is_not_this_study_is_refused(tmp_path, make_folder, entries, match, flag):
     # --resume wrote the study into a folder of other files (only --overwrite refused it)
     study = RunDir(tmp_path / "gap")
     study.path.mkdir()
-    for rel in entries:
-        if rel.endswith("/"):
-            (study.path / rel).mkdir()
-        else:
-            (study.path / rel).write_text("hi\n")
+    make_folder(study.path, entries, "hi\n")
     before = sorted(study.path.rglob("*"))
     with pytest.raises(RunExistsError, match=rf"^--{flag}: {study.path} {match}.*"):
         prepare_study_dir(
