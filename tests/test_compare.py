@@ -32,6 +32,26 @@ def test_stat_is_the_mean_and_sample_std_of_the_finite_values():
     assert stat([None, float("nan")])["mean"] is None
 
 
+def test_a_cell_from_fewer_seeds_says_so_and_headers_show_the_direction():
+    # superpixel MSE with no image alike in one seed showed that seed's value as the 2-seed mean
+    from xkd.report.compare import StatCol, _seconds_stat, stat_table
+
+    table = stat_table(
+        "c",
+        [{"text": "kd"}],
+        [
+            StatCol("MSE", [stat([0.1589, None])], better="low"),
+            StatCol("Acc.", [stat([0.5, 0.7])], better="high"),
+            StatCol("Train time", [stat([2.0, 4.0])], _seconds_stat),
+        ],
+    )
+    assert [h["text"] for h in table["head"]] == ["Method", "MSE ↓", "Acc. ↑", "Train time"]
+    mse, acc, seconds = table["rows"][0][1:]
+    assert (mse["text"], mse["sub"]) == ("0.1589", "1 of 2 seeds")
+    assert (acc["text"], acc["sub"]) == ("0.6000 ± 0.1414", None)
+    assert seconds["text"] == "3.0 s ± 1.4 s"  # was the mean alone
+
+
 def test_ranks_share_ties_and_follow_the_direction():
     assert _ranks({"a": 0.9, "b": 0.8, "c": 0.9, "d": None}, higher=True) == {"a": 1.5, "b": 3.0, "c": 1.5, "d": None}
     assert _ranks({"a": 0.1, "b": 0.3}, higher=False) == {"a": 1.0, "b": 2.0}

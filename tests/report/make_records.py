@@ -231,7 +231,18 @@ def make_run_dir(
     transfer = {
         role: {
             "fss": 0.6 - 0.1 * r,
-            "rs": {"student": 0.4, "teacher": 0.5},
+            "rs": {  # xkd.metrics.transfer.rs's record
+                "rs": 0.03 + 0.01 * r,
+                "rs_student": 0.37,
+                "rs_teacher": 0.43,
+                "rs_student_given_teacher": 0.03 + 0.01 * r,
+                "rs_teacher_given_student": 0.23,
+                "pdcor_student_target_given_teacher": 0.033,
+                "fss": 0.6 - 0.1 * r,
+                "fss_unbiased": 0.81,
+                "target": "onehot",
+                "n": 64,
+            },
             "student_layer": "blocks.2.1",
             "teacher_layer": "layer3",
         }

@@ -229,3 +229,18 @@ def test_training_table_names_the_device_precision_and_a_fused_optimiser(run_dir
     training = _section(render_report(run_dir).read_text(), "training")
     assert "cuda:0 (NVIDIA H200), bf16, fused optimiser" in training
     assert training.count("fused optimiser") == 1  # torch's default optimiser is not named
+
+
+def test_the_transfer_table_names_each_statistic_once(rendered):
+    # "RS fss" repeated FSS, "RS n" showed the image count as 64.0000 and every RS part was titled
+    # "relevance to the class target"; the prose called the authors' biased FSS bias-corrected
+    run_dir, html = rendered
+    section = _section(html, "transfer")
+    heads = re.findall(r'<th class="num"[^>]*>([^<]+)</th>', section)
+    assert heads == ["FSS ↑", "FSS (R*) ↑", "RS ↑", "R* student–target", "R* teacher–target", "RS teacher | student",
+                     "pdCor"]  # fmt: skip
+    assert "over 64 explained images; class target: onehot" in section
+    transfer = json.loads((run_dir / "records/explanations.json").read_text())["transfer"]
+    for entry in transfer.values():
+        assert f"{entry['rs']['rs']:.4f}" in section
+    assert "64.0000" not in section and "bias-corrected distance correlation between" not in section

@@ -19,6 +19,8 @@ from xkd.report import figures
 from xkd.report.render import _ENV, load_record
 from xkd.report.tables import (
     DASH,
+    FSS_TITLE,
+    RS_TITLE,
     best_rows,
     cell,
     explainer_name,
@@ -64,6 +66,9 @@ def fmt_stat(s: dict[str, Any] | None, spec: str = ".4f", scale: float = 1.0) ->
     return text
 
 
+ARROWS = {"high": " ↑", "low": " ↓", None: ""}
+
+
 def stat_table(caption: str, labels: list[dict], cols: list[StatCol], groups: list | None = None) -> dict:
     means = [[(s or {}).get("mean") for s in c.stats] for c in cols]
     bests = [best_rows(m, c.better) for m, c in zip(means, cols)]
@@ -73,10 +78,27 @@ def stat_table(caption: str, labels: list[dict], cols: list[StatCol], groups: li
         for c, b in zip(cols, bests):
             s = c.stats[r]
             text = c.spec(s) if callable(c.spec) else fmt_stat(s, c.spec, c.scale)
-            row.append(cell(text, best=r in b, title=_values_title(s)))
+            row.append(cell(text, best=r in b, title=_values_title(s), sub=_seeds_note(s)))
         rows.append(row)
-    heads = [head("Method", False)] + [head(c.head, True, c.title) for c in cols]
+    heads = [head("Method", False)] + [head(c.head + ARROWS[c.better], True, c.title) for c in cols]
     return {"caption": caption, "groups": groups, "head": heads, "rows": rows}
+
+
+def _seeds_note(s: dict[str, Any] | None) -> str | None:
+    """``"1 of 2 seeds"`` when some seeds have no value (e.g. no image both models classified alike):
+    such a mean looked like one over every seed."""
+    vals = (s or {}).get("values")
+    n = (s or {}).get("n")
+    if not vals or not isinstance(n, int) or n == 0 or n >= len(vals):
+        return None
+    return f"{n} of {len(vals)} seeds"
+
+
+def _seconds_stat(s: dict[str, Any] | None) -> str:
+    """A time's ``mean ± std`` over seeds (just the mean with one seed or a constant)."""
+    text = fmt_seconds((s or {}).get("mean"))
+    std = (s or {}).get("std")
+    return text + (f" ± {fmt_seconds(std)}" if ok(std) and std > 0 else "")
 
 
 def _values_title(s: dict[str, Any] | None) -> str | None:
@@ -136,7 +158,7 @@ def _main_table(cmp: dict[str, Any]) -> dict:
             StatCol(
                 "Train time",
                 [x.get("train_seconds") for x in m],
-                lambda s: fmt_seconds((s or {}).get("mean")),
+                _seconds_stat,
                 title="epoch loop + the distiller's setup (e.g. XDistillation's explanations and CAE) + a teacher "
                 "assistant's training; a teacher loaded from a checkpoint counts the time it took when it was trained",
             ),
@@ -322,13 +344,11 @@ def _transfer_table(cmp: dict[str, Any]) -> dict | None:
     if not any("fss" in methods[r] for r in students):
         return None
     return stat_table(
-        "Feature transfer at matched layers (UniCAM): FSS = distance correlation of student and teacher "
-        "features; RS = partial distance correlation of the student's features with the class target "
-        "given the teacher's (what the student learned beyond the teacher).",
+        f"Feature transfer at matched layers (UniCAM). FSS: {FSS_TITLE}. RS: {RS_TITLE}.",
         [_label(r, methods[r]) for r in students],
         [
-            StatCol("FSS", [methods[r].get("fss") for r in students]),
-            StatCol("RS", [methods[r].get("rs") for r in students]),
+            StatCol("FSS", [methods[r].get("fss") for r in students], better="high", title=FSS_TITLE),
+            StatCol("RS", [methods[r].get("rs") for r in students], better="high", title=RS_TITLE),
         ],
     )
 

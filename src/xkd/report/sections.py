@@ -15,6 +15,8 @@ from xkd.registry import METRICS
 from xkd.report import figures
 from xkd.report.tables import (
     DASH,
+    FSS_TITLE,
+    RS_TITLE,
     Col,
     best_rows,
     cell,
@@ -263,21 +265,51 @@ def explainer_sections(
     return out
 
 
+# the transfer record's entries shown: (key, header, metric whose declared direction it has, or None
+# for a diagnostic without one, title); the keys of ``rs`` are those of :func:`xkd.metrics.transfer.rs`
+TRANSFER_COLUMNS = (
+    ("fss", "FSS", "fss", FSS_TITLE),
+    ("fss_unbiased", "FSS (R*)", "fss_unbiased", "xkd's bias-corrected FSS (R*, U-centred): ~0 when independent"),
+    ("rs", "RS", "rs", RS_TITLE),
+    ("rs_student", "R* student–target", None, "direct relevance of the student's features to the class target"),
+    ("rs_teacher", "R* teacher–target", None, "direct relevance of the teacher's features to the class target"),
+    (
+        "rs_teacher_given_student",
+        "RS teacher | student",
+        None,
+        "R* of the class target with the teacher's features, the student's projected out: what the student did "
+        "not take",
+    ),
+    (
+        "pdcor_student_target_given_teacher",
+        "pdCor",
+        None,
+        "partial distance correlation of the student's features and the class target given the teacher's",
+    ),
+)
+
+
 def transfer_table(roles: list[str], models: dict, expl: dict) -> dict | None:
-    """FSS and RS (UniCAM) of each student against the teacher."""
+    """FSS and RS (UniCAM) of each student against the teacher, with the RS record's diagnostics."""
     tr = expl.get("transfer") or {}
     shown = [r for r in roles if r in tr]
     if not shown:
         return None
-    rs_keys = sorted({k for r in shown for k in (tr[r].get("rs") or {}) if ok((tr[r].get("rs") or {}).get(k))})
-    cols = [
-        Col("FSS", [tr[r].get("fss") for r in shown], better="high", title="distance correlation, student vs teacher")
-    ]
-    cols += [
-        Col(f"RS {k}", [(tr[r].get("rs") or {}).get(k) for r in shown], title="relevance to the class target")
-        for k in rs_keys
-    ]
-    table = make_table("Feature transfer at matched layers (UniCAM).", [model_label(r, models[r]) for r in shown], cols)
+    cols = []
+    for key, label, decl, title in TRANSFER_COLUMNS:
+        values = [(tr[r].get("rs") or {}).get(key, tr[r].get(key)) for r in shown]  # "rs" holds RS and its parts
+        if not any(ok(v) for v in values):
+            continue
+        hi = METRICS.get(decl).higher_is_better if decl in METRICS else None
+        better = None if hi is None else ("high" if hi else "low")
+        cols.append(Col(label + ("" if hi is None else (" ↑" if hi else " ↓")), values, better=better, title=title))
+    rs = [tr[r].get("rs") or {} for r in shown]
+    n = sorted({x["n"] for x in rs if ok(x.get("n"))})
+    over = f" over {n[0]:,} explained images" if len(n) == 1 else ""
+    target = {x.get("target") for x in rs} - {None}
+    of = f"; class target: {target.pop()}" if len(target) == 1 else ""
+    caption = f"Feature transfer at matched layers (UniCAM){over}{of}."
+    table = make_table(caption, [model_label(r, models[r]) for r in shown], cols)
     table["head"].append(head("Layers (student / teacher)", False))
     for row, r in zip(table["rows"], shown):
         row.append(cell(f"{tr[r].get('student_layer')} / {tr[r].get('teacher_layer')}", num=False))

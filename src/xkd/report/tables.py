@@ -24,6 +24,17 @@ EXPLAINER_NAMES = {
 }
 
 
+# what the transfer columns hold (xkd.metrics.transfer), for the run's and the comparison's reports
+FSS_TITLE = (
+    "the UniCAM authors' FSS: V-statistic squared distance correlation of the row-normalised student and "
+    "teacher features; biased upwards (independent features score near 1): compare students with each other"
+)
+RS_TITLE = (
+    "UniCAM's RS (P_DC): bias-corrected distance correlation of the class target with the student's features "
+    "after the teacher's are projected out (what the student holds about the class beyond the teacher)"
+)
+
+
 def ok(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
