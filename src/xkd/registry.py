@@ -18,10 +18,13 @@ class Registry(Generic[T]):
     """A named collection of builders of one kind (datasets, models, ...).
 
     Example:
+        >>> from torch import nn
         >>> MODELS = Registry("model")
         >>> @MODELS.register("tiny")
-        ... def tiny(num_classes: int) -> nn.Module: ...
-        >>> MODELS.get("tiny")
+        ... def tiny(num_classes: int) -> nn.Module:
+        ...     return nn.LazyLinear(num_classes)
+        >>> MODELS.get("tiny")(10)
+        LazyLinear(in_features=0, out_features=10, bias=True)
     """
 
     def __init__(self, kind: str, plural: str | None = None) -> None:

@@ -10,7 +10,8 @@ all read from these declarations, which are also saved with the records (:func:`
 
 Adding a metric is one decorated function (and its test)::
 
-    @metric("mask_iou", scope="model", inputs=("maps", "masks"), higher_is_better=True, label="Mask IoU")
+    @metric("mask_iou", scope="model", inputs=("maps", "masks"), higher_is_better=True,
+            category="localisation", label="Mask IoU")
     def mask_iou(maps, masks): ...
 """
 
