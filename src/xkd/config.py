@@ -439,15 +439,12 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-# ----------------------------------------------------------------------------------------------
-# overrides, loading, semantic validation
+# -- overrides, loading, semantic validation ---------------------------------------------------
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML.
-
-    List items are addressed by index: ``students.1.params.alpha=0.5``.
-    """
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML. List items are
+    addressed by index: ``students.1.params.alpha=0.5``."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.path=value")
     key, text = assignment.split("=", 1)
