@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from xkd.cli import main
-from xkd.compare import _ranks, agreement_test_stats, agreement_value, rank, stat
+from xkd.comparison import _ranks, agreement_test_stats, agreement_value, rank, stat
 from xkd.config import ConfigError
 from xkd.engine.trainer import Trainer
 from xkd.errors import RunExistsError
@@ -17,7 +17,7 @@ from xkd.files import read_json
 from xkd.plan import load_config, validate_for_compare
 from xkd.rundir import RunDir
 
-C = importlib.import_module("xkd.compare")  # the module: ``xkd.compare`` is also the function xkd exports
+C = importlib.import_module("xkd.comparison")
 
 STUDENTS = "students=[{name: scratch, distiller: scratch}, {name: kd, distiller: hinton_kd}, {name: at, distiller: at}]"
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from xkd.cli import main
 from xkd.errors import ConfigError, ImageInputError
 from xkd.explain import UniCAM
-from xkd.explain_images import explain_images, image_channels, load_image
 from xkd.files import read_json
 from xkd.pipeline import load_run_models
+from xkd.user_images import explain_images, image_channels, load_image
 
 
 def _gray_palette_png(path, values: np.ndarray):

@@ -27,13 +27,13 @@ from xkd.config import read_config
 from xkd.errors import ConfigError
 from xkd.files import hide_password, read_json, record, write_json
 from xkd.plan import load_config
-from xkd.sweep.outputs import SweepDir, best_config, write_outputs
-from xkd.sweep.plan import Objective, UndefinedObjectiveError, parse_param, resolve_sweep, with_values, yaml_scalar
-from xkd.sweep.study import ReportValAccuracy, TrialRunner, sweep
-from xkd.sweep.workers import reap, reap_lock
+from xkd.sweeps.outputs import SweepDir, best_config, write_outputs
+from xkd.sweeps.plan import Objective, UndefinedObjectiveError, parse_param, resolve_sweep, with_values, yaml_scalar
+from xkd.sweeps.study import ReportValAccuracy, TrialRunner, sweep
+from xkd.sweeps.workers import reap, reap_lock
 from xkd.tracking import mlflow_uri
 
-sweep_module = importlib.import_module("xkd.sweep.study")
+sweep_module = importlib.import_module("xkd.sweeps.study")
 
 # A tiny run that learns something in two epochs (so the scores differ between trials) and scores
 # one explainer with one agreement metric: a trial takes seconds.

@@ -14,18 +14,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-# API functions named like the submodule that defines them: ``xkd.compare`` is the function.
-NAMED_LIKE_MODULES = ("compare", "explain_images", "sweep")
-
-
 def __getattr__(name: str) -> Any:
-    # Lazy so that `import xkd` stays fast and the CLI's `--help` does not import torch.
-    if name not in NAMED_LIKE_MODULES and importlib.util.find_spec(f"xkd.{name}") is not None:
-        return importlib.import_module(f"xkd.{name}")  # `from xkd import <submodule>` inside the package
-    api = importlib.import_module("xkd.api")  # must not be imported for a submodule (a circle while it loads)
-    # importing a submodule sets the package's attribute of its name to the module, so `xkd.sweep` was
-    # the module and `xkd.sweep(...)` a TypeError; the functions replace them once the API is loaded
-    globals().update({n: getattr(api, n) for n in NAMED_LIKE_MODULES})
+    # Lazy so that `import xkd` stays fast and the CLI's `--help` does not import torch. No API
+    # function shares its name with a submodule (xkd.compare is the function, xkd.comparison its
+    # module), so a submodule imported first cannot shadow one.
+    if importlib.util.find_spec(f"xkd.{name}") is not None:  # `from xkd import <submodule>` inside the package
+        return importlib.import_module(f"xkd.{name}")  # must not import the API (a circle while it loads)
+    api = importlib.import_module("xkd.api")
     if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'xkd' has no attribute {name!r}")

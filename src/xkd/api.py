@@ -10,13 +10,12 @@ Example:
 """
 
 import xkd.studies  # noqa: F401  (registers the studies)
-from xkd.compare import compare
+from xkd.comparison import compare
 from xkd.config import RunConfig
 from xkd.data import DataBundle, build_dataset, make_loader
 from xkd.distill import Distiller, build_distiller
 from xkd.engine import Trainer
 from xkd.explain import Attribution, build_explainer, normalize_maps
-from xkd.explain_images import explain_images
 from xkd.metrics import agreement as explanation_agreement
 from xkd.metrics import classification, cost, faithfulness, localisation
 from xkd.metrics.base import MetricInfo
@@ -25,7 +24,8 @@ from xkd.plan import load_config, resolve
 from xkd.registry import ALL_REGISTRIES, STUDIES
 from xkd.report import render_dir
 from xkd.runner import run
-from xkd.sweep import sweep
+from xkd.sweeps import sweep
+from xkd.user_images import explain_images
 
 __all__ = [
     "ALL_REGISTRIES",

@@ -341,7 +341,7 @@ class StudyConfig:
 
 @dataclass
 class SweepObjective:
-    """One score ``xkd sweep`` optimises, read from a trial's records (:mod:`xkd.sweep.plan`).
+    """One score ``xkd sweep`` optimises, read from a trial's records (:mod:`xkd.sweeps.plan`).
 
     Attributes:
         metric: ``val_accuracy`` (the student's best validation accuracy, what the pruner watches),

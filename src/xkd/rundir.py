@@ -45,7 +45,7 @@ BEST, LAST = "best.pt", "last.pt"
 STUDY_FOLDERS = ("teachers", "fractions")
 """The folders of a study's comparisons (capacity-gap, explanation-transfer): a study's own marker."""
 SWEEP_DATABASE = "study.db"
-"""A sweep's default Optuna storage in its folder (:class:`xkd.sweep.outputs.SweepDir` owns that layout)."""
+"""A sweep's default Optuna storage in its folder (:class:`xkd.sweeps.outputs.SweepDir` owns that layout)."""
 RUN_READS_NOT = ("compare", "study", "sweep")
 """Config sections a run never reads (``xkd compare``, ``xkd study`` and ``xkd sweep`` read them, e.g.
 ``compare.seeds``): changing one changes nothing a finished run computed."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from xkd.compare import quality_columns
+from xkd.comparison import quality_columns
 from xkd.config import EvaluationConfig
 from xkd.metrics.base import INPUTS, default_metrics, metric, metric_info
 from xkd.plan import load_config

@@ -7,7 +7,7 @@
   teacher's explanations, accuracy and data size (Parchami-Araghi et al., ECCV 2024; Ojha et al. 2023).
 
 Each registers its ``run_study(cfg, seeds, *, resume, overwrite, progress) -> Path`` in
-:data:`xkd.registry.STUDIES`. All are built on :func:`xkd.compare.compare` (multi-seed runs of one
+:data:`xkd.registry.STUDIES`. All are built on :func:`xkd.comparison.compare` (multi-seed runs of one
 config) and write ``records/study.json`` and ``study.html`` next to it.
 """
 

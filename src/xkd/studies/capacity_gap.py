@@ -6,7 +6,7 @@ AAAI 2020)
 Teachers of growing capacity (``study.teachers``, at least 3, ordered here by parameter count) are
 each distilled into the same small student (``student_model``) with ``study.distiller``; for the
 largest teacher, the chain teacher -> ``study.assistant`` -> student (the ``teacher_assistant``
-distiller) is trained too. Each teacher is one :func:`xkd.compare.compare` over N seeds in
+distiller) is trained too. Each teacher is one :func:`xkd.comparison.compare` over N seeds in
 ``<name>/teachers/<i>_<model>/`` (its own report), so every number is a mean ± std over seeds with
 the per-seed values kept. Measured per (teacher, student): accuracy, agreement with the teacher's
 predictions, FSS and RS at matched layers, and the headline explanation agreement with the teacher
@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd.compare import compare, stat
+from xkd.comparison import compare, stat
 from xkd.config import ConfigError, RunConfig, StudentConfig, from_dict, to_dict
 from xkd.data import build_dataset
 from xkd.metrics.cost import parameter_count

@@ -16,7 +16,7 @@ The config's students must include a ``scratch`` student (the independent studen
 ``closer_to_teacher``), a ``hinton_kd`` student and an ``e2kd`` student; any other registered
 distiller may be added (e.g. ``cat_kd`` and ``e2kd`` with ``frozen_explanations``). For every data
 fraction of ``study.data_fractions`` (of the config's training split, class-stratified), largest
-first, the students are compared over N seeds by :func:`xkd.compare.compare` (with ``study.equal_steps``, for
+first, the students are compared over N seeds by :func:`xkd.comparison.compare` (with ``study.equal_steps``, for
 as many optimiser steps as at the largest fraction), each fraction in
 ``<name>/fractions/<pct>/`` with its own report. The teacher is trained once, on the largest
 fraction, and every smaller fraction distils from that checkpoint: only the students see less data,
@@ -31,7 +31,7 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd.compare import compare, seed_config
+from xkd.comparison import compare, seed_config
 from xkd.config import ConfigError, RunConfig, from_dict, to_dict
 from xkd.data import DataBundle, build_dataset
 from xkd.plan import validate_config

@@ -2,7 +2,7 @@
 training from scratch, and label smoothing less? (Han, Kim, Choi & Yoon, "On the Impact of Knowledge Distillation for Model
 Interpretability", ICML 2023)
 
-Built on :func:`xkd.compare.compare`: the config's students (at least one ``scratch``, one
+Built on :func:`xkd.comparison.compare`: the config's students (at least one ``scratch``, one
 ``label_smoothing`` and one ``hinton_kd``; any other registered distiller may be added) are trained
 over N seeds with the same data, architecture, optimiser and budget. Then, from each seed's
 checkpoints, every student (and the teacher, as a reference) is measured on:
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from xkd.compare import compare, stat
+from xkd.comparison import compare, stat
 from xkd.config import RunConfig
 from xkd.data import build_dataset
 from xkd.data.base import TensorImageDataset, fetch

@@ -50,9 +50,9 @@ from xkd.plan import validate_config
 from xkd.rundir import BEST, RunDir, cache_root, not_this_kind
 from xkd.runner import run
 from xkd.schema import from_dict, to_dict
-from xkd.sweep.outputs import SweepDir, write_outputs
-from xkd.sweep.plan import SweepPlan, UndefinedObjectiveError, resolve_sweep, teacher_paths, with_values
-from xkd.sweep.workers import FINISHED, HOST, Budget, file_lock, occupied, reap, reap_lock, retry, states
+from xkd.sweeps.outputs import SweepDir, write_outputs
+from xkd.sweeps.plan import SweepPlan, UndefinedObjectiveError, resolve_sweep, teacher_paths, with_values
+from xkd.sweeps.workers import FINISHED, HOST, Budget, file_lock, occupied, reap, reap_lock, retry, states
 from xkd.tracking import mlflow_uri
 
 log = logging.getLogger("xkd")

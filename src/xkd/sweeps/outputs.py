@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from xkd.config import RunConfig
 from xkd.files import atomic_write_text, hide_password, record, write_json
 from xkd.rundir import RunDir
-from xkd.sweep.plan import SweepPlan, with_values
+from xkd.sweeps.plan import SweepPlan, with_values
 
 log = logging.getLogger("xkd")
 

@@ -1,5 +1,5 @@
 """The bookkeeping the worker processes of one sweep share: the budget of finished trials, and the
-trials of workers that died, failed and enqueued again (see :mod:`xkd.sweep.study`)."""
+trials of workers that died, failed and enqueued again (see :mod:`xkd.sweeps.study`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from xkd.files import sqlite_path
-from xkd.sweep.outputs import SweepDir
+from xkd.sweeps.outputs import SweepDir
 
 log = logging.getLogger("xkd")
 
