@@ -168,6 +168,8 @@ def test_a_folder_that_is_not_a_finished_run_says_what_it_is(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("hi")
     with pytest.raises(ConfigError, match=r"mine is not a folder xkd wrote"):
         load_run_models(tmp_path / "mine")
+    with pytest.raises(ConfigError, match=r"notes.txt is a file, not a folder"):  # was a NotADirectoryError
+        load_run_models(tmp_path / "mine" / "notes.txt")
     (tmp_path / "stopped").mkdir()
     (tmp_path / "stopped" / "config.yaml").write_text("name: stopped\n")
     with pytest.raises(ConfigError, match=r"run.json is missing \(finish it with `xkd run --resume`\)"):

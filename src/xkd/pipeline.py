@@ -435,7 +435,8 @@ def load_run_models(
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if not run_dir.path.is_dir():
-        raise ConfigError(f"{run_dir.path} does not exist: pass the folder of a finished run (runs/NAME)")
+        what = "is a file, not a folder" if run_dir.path.exists() else "does not exist"
+        raise ConfigError(f"{run_dir.path} {what}: pass the folder of a finished run (runs/NAME)")
     if run_dir.kind() is None:
         raise ConfigError(f"{run_dir.path} is not a folder xkd wrote: pass the folder of a finished run (runs/NAME)")
     for p in (run_dir.config, run_dir.record("run")):

@@ -144,8 +144,8 @@ class RunDir:
         record, or a capacity-gap or explanation-transfer study's ``teachers/`` or ``fractions/``),
         ``"comparison"`` (``seeds/`` or a compare record; a kd-vs-ls study is one until its study
         record is written), ``"sweep"`` (its ``study.db``, a sweep record or ``trial-NNNN/`` runs),
-        ``"run"`` (its ``config.yaml``); None when it is empty or holds nothing xkd wrote."""
-        if self.is_empty():
+        ``"run"`` (its ``config.yaml``); None when it is empty, holds nothing xkd wrote, or is a file."""
+        if self.is_empty() or not self.path.is_dir():
             return None
         if self.has_record("study") or any((self.path / d).is_dir() for d in STUDY_FOLDERS):
             return "study"
@@ -171,7 +171,8 @@ class RunDir:
         return records and self.metrics.is_file()
 
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(self.path.iterdir())
+        """Nothing there, or an empty folder (a file is not empty: it is in the way)."""
+        return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 
     def changed_settings(self, cfg: RunConfig) -> list[str] | None:
         """The settings of ``cfg`` that differ from the run's saved ``config.yaml``, as ``key: old -> new``

@@ -50,6 +50,8 @@ def test_a_folder_xkd_did_not_write_is_said_to_be_none_of_its_and_names_the_runs
     assert "resume" not in str(err.value)
     with pytest.raises(ReportError, match=re.escape(f"{tmp_path / 'nowhere'} does not exist")):
         render_dir(tmp_path / "nowhere")
+    with pytest.raises(ReportError, match=re.escape(f"{folder / 'notes.txt'} is a file; pass the folder")):
+        render_dir(folder / "notes.txt")  # was a NotADirectoryError traceback
 
 
 def test_an_incomplete_comparison_is_finished_by_xkd_compare_and_a_run_without_config_still_renders(tmp_path):

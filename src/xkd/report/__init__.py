@@ -20,8 +20,9 @@ def not_a_report_dir(d: RunDir, kind: str | None) -> ReportError:
             "--resume` (from the folder the sweep ran in) rewrites its sweep.html; each of its trial-NNNN folders "
             "is a run that `xkd report` renders"
         )
-    if not d.path.exists():
-        return ReportError(f"{d.path} does not exist; pass the folder of a run, comparison or study (runs/NAME)")
+    if not d.path.is_dir():
+        what = "is a file" if d.path.exists() else "does not exist"
+        return ReportError(f"{d.path} {what}; pass the folder of a run, comparison or study (runs/NAME)")
     inside = sorted(
         str(p) for p in d.path.iterdir() if p.is_dir() and p.name[0] != "." and RunDir(p).kind() not in (None, "sweep")
     )  # not the teacher cache (.cache)
