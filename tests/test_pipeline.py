@@ -354,6 +354,22 @@ def test_resume_of_a_finished_run_with_the_same_config_computes_nothing(tmp_path
         P.run(cfg, resume=True, progress=False)
 
 
+def test_a_resume_stopped_before_its_records_is_not_taken_for_finished(tmp_path, make_tiny_args, monkeypatch):
+    # the new config.yaml was saved first and the records last: stopped between them, the next
+    # --resume found a "finished" run with the new config and reported the old numbers under it
+    def stop(*a, **k):
+        raise _Trained
+
+    monkeypatch.setattr(P, "train_teacher", stop)
+    rd = finished_run(load_config(None, make_tiny_args(tmp_path)))
+    changed = load_config(None, make_tiny_args(tmp_path, "evaluation.num_images=12"))
+    with pytest.raises(_Trained):  # stops after the config is saved, before any record is written
+        P.run(changed, resume=True, progress=False)
+    assert "num_images: 12" in rd.config.read_text() and not rd.metrics.exists()
+    with pytest.raises(_Trained):  # computed again, not "already finished"
+        P.run(changed, resume=True, progress=False)
+
+
 def test_sizes_larger_than_the_data_are_said_before_training(tmp_path, make_tiny_args, caplog):
     # they were clamped without a word: 100,000 training images asked, 240 used
     over = ["data.train_size=100000", "evaluation.num_images=1000", "evaluation.met_images=500"]

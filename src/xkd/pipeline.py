@@ -92,6 +92,10 @@ def prepare_run_dir(run_dir: RunDir, cfg: RunConfig, resume: bool, overwrite: bo
         run_dir.clear()
     D.barrier()
     if is_writer():
+        # the new config.yaml goes in now, the records at the end: a resumed run that stopped between
+        # them looked finished with the new config while its records were the old ones. metrics.json,
+        # written last, marks a run finished; it goes until this run writes it again
+        run_dir.metrics.unlink(missing_ok=True)
         run_dir.create(cfg)
     D.barrier()
 
