@@ -343,8 +343,12 @@ def test_resume_of_a_finished_run_with_the_same_config_computes_nothing(tmp_path
     with caplog.at_level("INFO", logger="xkd"):
         assert P.run(cfg, resume=True, progress=False) == rd.path
     assert f"{rd.path} already finished with this config: nothing to train or score again" in caplog.text
-    # settings no run reads (compare.*, study.*, sweep.*) change nothing it computed
-    P.run(load_config(None, make_tiny_args(tmp_path, "compare.seeds=5")), resume=True, progress=False)
+    # settings no run reads (compare.*, study.*, sweep.*), where it logs and stores, and how a step runs
+    # change nothing it computed (each re-explained and re-scored the whole run)
+    same = ["compare.seeds=5", "train.tensorboard=false", "teacher.train.num_workers=0", "train.amp=bf16",
+            "train.optimizer.fused=false", "tracking.experiment=other", f"cache_dir={tmp_path / 'elsewhere'}"]  # fmt: skip
+    for setting in same:
+        P.run(load_config(None, make_tiny_args(tmp_path, setting)), resume=True, progress=False)
     for changed in (["evaluation.num_images=12"], ["train.epochs=2"]):  # an evaluation setting; more epochs
         monkeypatch.setattr(P, "build_dataset", lambda *a: (_ for _ in ()).throw(_Trained()))
         with pytest.raises(_Trained):

@@ -46,9 +46,15 @@ STUDY_FOLDERS = ("teachers", "fractions")
 """The folders of a study's comparisons (capacity-gap, explanation-transfer): a study's own marker."""
 SWEEP_DATABASE = "study.db"
 """A sweep's default Optuna storage in its folder (:class:`xkd.sweeps.outputs.SweepDir` owns that layout)."""
-RUN_READS_NOT = ("compare", "study", "sweep")
-"""Config sections a run never reads (``xkd compare``, ``xkd study`` and ``xkd sweep`` read them, e.g.
-``compare.seeds``): changing one changes nothing a finished run computed."""
+_HOW_A_STEP_RUNS = ("amp", "channels_last", "compile", "num_workers", "tensorboard", "optimizer.fused")
+RUN_READS_NOT = (
+    "compare", "study", "sweep", "tracking", "output_dir", "cache_dir",
+    *(f"{t}.{k}" for t in ("train", "teacher.train") for k in _HOW_A_STEP_RUNS),
+)  # fmt: skip
+"""Config paths that change nothing a finished run computed: the sections a run never reads
+(``xkd compare``, ``xkd study`` and ``xkd sweep`` read them, e.g. ``compare.seeds``), where it logs
+and stores, and how a training step runs rather than what it computes (precision, layout, compile,
+workers, TensorBoard, the fused optimiser: :func:`xkd.plan.resume_conflicts` ignores them too)."""
 RUN_RECORDS = ("run", "models", "explanations", "samples")
 """The records of a finished run (``metrics.json`` is written after them), all its report reads."""
 COMMANDS = {"run": "xkd run", "comparison": "xkd compare", "study": "xkd study", "sweep": "xkd sweep"}
@@ -177,7 +183,7 @@ class RunDir:
     def changed_settings(self, cfg: RunConfig) -> list[str] | None:
         """The settings of ``cfg`` that differ from the run's saved ``config.yaml``, as ``key: old -> new``
         (config paths as ``--set`` writes them; the key alone where a list changed length), leaving out
-        the sections a run never reads (:data:`RUN_READS_NOT`); None when there is no saved config or
+        the settings that change nothing it computed (:data:`RUN_READS_NOT`); None when there is no saved config or
         it cannot be read."""
         try:
             saved = load_yaml(self.config.read_text())
@@ -186,9 +192,13 @@ class RunDir:
         if not isinstance(saved, dict):
             return None
         new = to_dict(cfg)
-        for section in RUN_READS_NOT:
-            saved.pop(section, None)
-            new.pop(section, None)
+        for path in RUN_READS_NOT:
+            for tree in (saved, new):
+                *parents, last = path.split(".")
+                for key in parents:
+                    tree = tree.get(key) if isinstance(tree, dict) else None
+                if isinstance(tree, dict):
+                    tree.pop(last, None)
         return _differences(saved, new, "")
 
     def check(self, resume: bool, overwrite: bool) -> None:
