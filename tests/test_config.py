@@ -133,6 +133,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_off_is_a_string_and_only_true_false_are_booleans(tmp_path):
+    # YAML 1.1 read `amp: off` as False, which train.amp refused: the documented value failed
+    cfg = load_config(write(tmp_path, {"train": {"tensorboard": False}}), ["train.amp=off", "teacher.train.amp=off"])
+    assert (cfg.train.amp, cfg.teacher.train.amp, cfg.train.tensorboard) == ("off", "off", False)
+    f = tmp_path / "amp.yaml"
+    f.write_text("train:\n  amp: off\n  compile: true\n")
+    assert (load_config(f).train.amp, load_config(f).train.compile) == ("off", True)
+    with pytest.raises(ConfigError, match=r"train.tensorboard: expected true or false, got 'yes'"):
+        load_config(None, ["train.tensorboard=yes"])
+
+
 def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("name: a\ntrain:\n  epochs: 2\nname: b\n")

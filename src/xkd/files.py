@@ -155,6 +155,15 @@ class _YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's booleans: true and false only. YAML 1.1 also reads on/off/yes/no as booleans, so
+# `amp: off` (and --set train.amp=off) came back False and was refused
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -165,5 +174,5 @@ _YamlLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """``text`` parsed as YAML (safe: plain data only), ``1e-3`` read as a number."""
+    """``text`` parsed as YAML (safe: plain data only), ``1e-3`` read as a number, ``off`` as a string."""
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
