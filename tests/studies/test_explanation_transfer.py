@@ -86,3 +86,33 @@ def test_study_compares_each_fraction_with_one_teacher_and_judges_from_records(t
     html = (out / "study.html").read_text()
     assert "Verdicts" in html and "explanation_transfer.png" in html and "Closer to the teacher" in html
     assert main(["report", str(out)]) == 0
+
+
+def test_a_lower_is_better_agreement_metric_is_judged_in_its_direction(tmp_path):
+    # the verdicts took a higher agreement value as "agrees more": with superpixel_mse as the headline
+    # metric, e2KD's lower (better) MSE read as agreeing less
+    from xkd.studies.explanation_transfer import summarise
+
+    def comparison(e2kd_mse: list[float], kd_mse: list[float]) -> dict:
+        def method(distiller, mse):
+            return {"distiller": distiller, "accuracy": {"values": [0.9, 0.9]},
+                    "explanation_agreement": {"grad_cam": {"superpixel_mse": {"values": mse}}}}  # fmt: skip
+
+        return {
+            "headline": {"explainer": "grad_cam", "metric": "superpixel_mse", "higher_is_better": False},
+            "seeds": [0, 1, 2],
+            "students": ["kd", "e2kd"],
+            "methods": {"kd": method("hinton_kd", kd_mse), "e2kd": method("e2kd", e2kd_mse)},
+        }
+
+    cfg = load_config(None, ["study.data_fractions=[1.0, 0.5]"])
+    rows = [
+        (1.0, 200, tmp_path / "a", comparison([0.10, 0.11, 0.12], [0.20, 0.21, 0.22])),  # e2KD 0.1 lower
+        (0.5, 100, tmp_path / "b", comparison([0.10, 0.11, 0.12], [0.40, 0.41, 0.42])),  # e2KD 0.3 lower
+    ]
+    st = summarise(cfg, tmp_path, {"hinton_kd": "kd", "e2kd": "e2kd", "scratch": "kd"}, rows)
+    assert st["higher_is_better"] is False
+    agree = [v for v in st["verdicts"] if v["claim"].startswith("e2KD students' explanations agree more")]
+    assert [v["verdict"] for v in agree] == [HELD, HELD]
+    grows = next(v for v in st["verdicts"] if v["claim"].startswith("e2KD's advantage over KD in superpixel_mse"))
+    assert grows["verdict"] == HELD  # -0.3 at half the data vs -0.1 at all of it

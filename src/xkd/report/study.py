@@ -102,6 +102,12 @@ def _kd_vs_ls(out: Path, st: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _agreement_better(st: dict[str, Any]) -> str:
+    """The direction of the study's agreement metric, as its record says (older records: higher)."""
+    hi = st.get("higher_is_better", (st.get("headline") or {}).get("higher_is_better", True))
+    return "low" if hi is False else "high"
+
+
 def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
     rows = st["teachers"]
     series = st["series"]
@@ -111,7 +117,7 @@ def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
         ("posthoc_accuracy", "Agreement with the teacher's predictions", "high"),
         ("fss", "FSS", None),
         ("rs", "RS", None),
-        ("headline_agreement", "Explanation agreement", "high"),
+        ("headline_agreement", "Explanation agreement", _agreement_better(st)),
     ):
         cols = [StatCol(s, [(t["students"].get(s) or {}).get(key) for t in rows], better=better) for s in series]
         labels = [
@@ -162,7 +168,11 @@ def _explanation_transfer(out: Path, st: dict[str, Any]) -> dict[str, Any]:
         rows = fr["students"]
         cols = [
             StatCol("Accuracy", [rows[s].get("accuracy") for s in students], better="high"),
-            StatCol(f"{metric} with the teacher ({ex})", [rows[s].get("agreement") for s in students], better="high"),
+            StatCol(
+                f"{metric} with the teacher ({ex})",
+                [rows[s].get("agreement") for s in students],
+                better=_agreement_better(st),
+            ),
             StatCol(
                 "Closer to the teacher than an independent student",
                 [rows[s].get("closer_to_teacher") for s in students],

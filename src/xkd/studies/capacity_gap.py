@@ -150,6 +150,7 @@ def summarise(cfg: RunConfig, out: Path, rows: list[tuple[int, int, Any, Path, d
         "study": "capacity-gap",
         "seeds": rows[0][4]["seeds"],
         "series": [DIRECT, VIA_ASSISTANT],
+        "headline": rows[0][4].get("headline") or {},  # the agreement's metric and its direction
         "teachers": teachers,
         "assistant": {
             "role": VIA_ASSISTANT,

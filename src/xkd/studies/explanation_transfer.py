@@ -165,6 +165,7 @@ def summarise(
 ) -> dict[str, Any]:
     headline = rows[0][3]["headline"]  # the comparison's headline explainer (the first with agreement records)
     ex, metric = headline["explainer"], headline["metric"]
+    hi = headline.get("higher_is_better", True) is not False  # superpixel_mse: lower agrees more
     kd, e2kd = found["hinton_kd"], found["e2kd"]
     fractions = []
     verdicts = []
@@ -199,7 +200,7 @@ def summarise(
         verdicts += [
             judge(f"e2KD students' explanations agree more with the teacher's than KD students'{at}", "e2KD",
                   _values(methods, e2kd, "explanation_agreement", ex, metric), "KD",
-                  _values(methods, kd, "explanation_agreement", ex, metric), higher=True,
+                  _values(methods, kd, "explanation_agreement", ex, metric), higher=hi,
                   quantity=f"{metric} of the {ex} maps with the teacher's"),
             judge(f"The teacher's explanations are closer to e2KD students' than to KD students' (vs an independent "
                   f"student){at}", "e2KD", _values(methods, e2kd, "explanation_agreement", ex, CLOSER), "KD",
@@ -224,7 +225,7 @@ def summarise(
                     gain(small, "explanation_agreement", ex, key),
                     fraction_label(f_hi),
                     gain(big, "explanation_agreement", ex, key),
-                    higher=True,
+                    higher=hi if key == metric else True,  # e2KD minus KD: more negative is better when lower is
                     quantity=f"e2KD minus KD ({what}), per seed",
                 )
             )
@@ -234,6 +235,7 @@ def summarise(
         "seeds": rows[0][3]["seeds"],
         "explainer": ex,
         "metric": metric,
+        "higher_is_better": hi,
         "roles": {"independent": found["scratch"], "kd": kd, "e2kd": e2kd},
         "fractions": fractions,
         "config": to_dict(cfg.study),
