@@ -16,6 +16,7 @@ from xkd.config import ModelConfig
 from xkd.data.base import TensorImageDataset
 from xkd.models import build_model
 from xkd.plan import load_config
+from xkd.rundir import RUN_RECORDS, RunDir
 
 TINY = [
     "name=tiny",
@@ -58,6 +59,25 @@ def fill_folder(folder: Path, entries, text: str = "name: tiny\n") -> None:
         (path if rel.endswith("/") else path.parent).mkdir(parents=True, exist_ok=True)
         if body is not None and not rel.endswith("/"):
             path.write_text(body)
+
+
+def finish_run(folder: Path, cfg=None) -> RunDir:
+    """Make ``folder`` look like a finished run (every record, empty, and ``metrics.json``; ``cfg``'s
+    config.yaml when given): what resume, compare and explain decide by, without training."""
+    rd = RunDir(folder)
+    if cfg is not None:
+        rd.create(cfg)
+    for kind in RUN_RECORDS:
+        rd.write_record(kind, {})
+    rd.samples_tensors.write_bytes(b"")
+    rd.write_metrics({})
+    return rd
+
+
+@pytest.fixture(scope="session")
+def finished_run():
+    """``finished_run(folder, cfg=None)``: :func:`finish_run`."""
+    return finish_run
 
 
 @pytest.fixture(scope="session")

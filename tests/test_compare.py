@@ -139,17 +139,8 @@ def test_resume_with_nothing_to_resume_starts_a_comparison_and_says_so(tmp_path,
         C.compare(cfg, 2, resume=True, progress=False)
 
 
-def finished_seed(c):
-    """A finished seed run of config ``c`` as the comparison sees one: its config, models record and metrics."""
-    rd = RunDir.of(c)
-    rd.create(c)
-    rd.write_record("models", {"roles": ["teacher"], "models": {}})
-    rd.write_metrics({"name": c.name, "seed": c.seed, "models": {}})
-    return rd.path
-
-
 @pytest.fixture
-def two_seeds(tmp_path, make_tiny_args, monkeypatch):
+def two_seeds(tmp_path, make_tiny_args, finished_run, monkeypatch):
     """A finished 2-seed comparison of the tiny config (seed runs faked); returns its overrides and a log of
     the seed runs compare() asks for, as (seed, resume, overwrite)."""
     monkeypatch.setenv("COLUMNS", "400")  # one console line per message
@@ -157,7 +148,7 @@ def two_seeds(tmp_path, make_tiny_args, monkeypatch):
 
     def fake_run(c, resume=False, overwrite=False, progress=True):
         calls.append((c.seed, resume, overwrite))
-        return finished_seed(c)
+        return finished_run(RunDir.of(c).path, c).path  # a finished seed, as the comparison sees one
 
     monkeypatch.setattr(C, "run", fake_run)
     monkeypatch.setattr(C, "aggregate", lambda cfg, runs: {"runs": {str(r.seed): r.reused for r in runs}})

@@ -145,16 +145,14 @@ def test_an_unknown_explainer_lists_the_runs_explainers_and_the_registered_ones(
         ("sweep", "trial-000{}", "a sweep (`xkd sweep`), not a run: pass one of its trial-NNNN folders"),
     ],
 )
-def test_a_comparison_study_or_sweep_names_one_of_its_runs(tmp_path, kind, runs, said):
+def test_a_comparison_study_or_sweep_names_one_of_its_runs(tmp_path, finished_run, kind, runs, said):
     image = _gray_palette_png(tmp_path / "a.png", np.zeros((8, 8)))
     folder = tmp_path / kind
     for i in range(2):
         run = folder / runs.format(i)
         (run / "records").mkdir(parents=True)
         (run / "config.yaml").write_text("name: tiny\n")
-    finished = folder / runs.format(1)  # the first finished run is the example
-    (finished / "metrics.json").write_text("{}")
-    (finished / "records/models.json").write_text("{}")
+    finished = finished_run(folder / runs.format(1)).path  # the first finished run is the example
     (folder / "config.yaml").write_text("name: tiny\n")
     with pytest.raises(ConfigError, match=re.escape(f"{folder} is {said}, e.g. --run {finished}")):
         explain_images(folder, [image])

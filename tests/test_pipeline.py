@@ -324,22 +324,13 @@ def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, ma
     assert RunDir.of(cfg).is_run()
 
 
-def finished_run(cfg) -> RunDir:
-    """A run folder holding every record a finished run writes (their content is not read here)."""
-    rd = RunDir.of(cfg)
-    rd.create(cfg)
-    for kind in ("models", "explanations", "samples", "run"):
-        rd.write_record(kind, {})
-    rd.samples_tensors.write_bytes(b"")
-    rd.write_metrics({})
-    return rd
-
-
-def test_resume_of_a_finished_run_with_the_same_config_computes_nothing(tmp_path, make_tiny_args, monkeypatch, caplog):
+def test_resume_of_a_finished_run_with_the_same_config_computes_nothing(
+    tmp_path, make_tiny_args, finished_run, monkeypatch, caplog
+):
     # --resume of a finished run explained and scored every model again, with nothing changed
     monkeypatch.setattr(P, "build_dataset", lambda *a: pytest.fail("the run was computed again"))
     cfg = load_config(None, make_tiny_args(tmp_path))
-    rd = finished_run(cfg)
+    rd = finished_run(RunDir.of(cfg).path, cfg)
     with caplog.at_level("INFO", logger="xkd"):
         assert P.run(cfg, resume=True, progress=False) == rd.path
     assert f"{rd.path} already finished with this config: nothing to train or score again" in caplog.text
@@ -358,14 +349,17 @@ def test_resume_of_a_finished_run_with_the_same_config_computes_nothing(tmp_path
         P.run(cfg, resume=True, progress=False)
 
 
-def test_a_resume_stopped_before_its_records_is_not_taken_for_finished(tmp_path, make_tiny_args, monkeypatch):
+def test_a_resume_stopped_before_its_records_is_not_taken_for_finished(
+    tmp_path, make_tiny_args, finished_run, monkeypatch
+):
     # the new config.yaml was saved first and the records last: stopped between them, the next
     # --resume found a "finished" run with the new config and reported the old numbers under it
     def stop(*a, **k):
         raise _Trained
 
     monkeypatch.setattr(P, "train_teacher", stop)
-    rd = finished_run(load_config(None, make_tiny_args(tmp_path)))
+    cfg = load_config(None, make_tiny_args(tmp_path))
+    rd = finished_run(RunDir.of(cfg).path, cfg)
     changed = load_config(None, make_tiny_args(tmp_path, "evaluation.num_images=12"))
     with pytest.raises(_Trained):  # stops after the config is saved, before any record is written
         P.run(changed, resume=True, progress=False)

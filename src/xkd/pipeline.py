@@ -370,7 +370,7 @@ def run(
             log.info("--resume: nothing to resume in %s (no run there yet); starting a new run", run_dir.path)
         else:
             check_resume(run_dir.config, cfg)
-            if run_dir.is_complete() and run_dir.changed_settings(cfg) == []:
+            if run_dir.is_finished() and run_dir.changed_settings(cfg) == []:
                 # resume continues an interrupted run: a finished one with the same config has nothing left
                 log.info(
                     "%s already finished with this config: nothing to train or score again; its report is "

@@ -168,11 +168,8 @@ class RunDir:
         return self.kind() == "run"
 
     def is_finished(self) -> bool:
-        """Whether a run finished: its headline numbers and model records are written."""
-        return self.metrics.is_file() and self.has_record("models")
-
-    def is_complete(self) -> bool:
-        """Whether every record of a finished run is there: its report can be rendered from them."""
+        """Whether a run finished: every record its report reads is there, and ``metrics.json``,
+        written last (a resume removes it until it writes it again)."""
         records = all(self.has_record(k) for k in RUN_RECORDS) and self.samples_tensors.is_file()
         return records and self.metrics.is_file()
 

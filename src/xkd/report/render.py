@@ -32,6 +32,7 @@ from xkd.report.tables import (
     model_label,
     ok,
 )
+from xkd.rundir import RUN_RECORDS
 
 MAX_LAYERS = 12
 SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
@@ -48,7 +49,7 @@ SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
     ("training", "Training", None),
     ("records", "Records", None),
 ]
-RECORD_KINDS = ("run", "models", "explanations", "samples")  # records/<kind>.json
+RECORD_KINDS = RUN_RECORDS  # records/<kind>.json
 
 
 # --- loading ----------------------------------------------------------------------------------------
