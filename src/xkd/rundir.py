@@ -267,16 +267,17 @@ def not_this_kind(
     path: Path, found: str | None, wanted: str, *, resume: bool = False, overwrite: bool = False
 ) -> RunExistsError:
     """The error for folder ``path`` that ``xkd`` was asked to use as a ``wanted`` (run, comparison,
-    study, sweep) but holds ``found`` (another kind, see :meth:`RunDir.kind`, or None: files xkd did
-    not write): one message naming what is there and the fix."""
+    study, sweep) but holds ``found`` (another kind, see :meth:`RunDir.kind`, e.g. ``"kd-vs-ls study"``,
+    or None: files xkd did not write): one message naming what is there and the fix."""
     article = "an" if wanted[0] in "aeiou" else "a"
     if found is None:
         what = f"is not empty and is not an xkd {wanted} (it has no {RunDir.CONFIG} or other file xkd writes)"
     else:
         what = f"holds an xkd {found}, not {article} {wanted}"
     fix = "choose another name (--set name=NEW) or remove the folder"
-    if found is not None and found != wanted:
-        fix += f" (`{COMMANDS[found]} --resume` continues what is there)"
+    if found is not None and found != wanted:  # "kd-vs-ls study": `xkd study kd-vs-ls`
+        name, _, kind = found.rpartition(" ")
+        fix += f" (`{COMMANDS[kind]}{' ' + name if name else ''} --resume` continues what is there)"
     if overwrite:
         return RunExistsError(f"--overwrite: {path} {what}; refusing to delete it: {fix}")
     if resume:

@@ -15,8 +15,13 @@ from xkd.studies.common import prepare_study_dir
         (["file.txt"], r"is not empty and is not an xkd capacity-gap study \(it has no config.yaml"),
         (["fractions/"], r"holds an xkd study, not a capacity-gap study.*\(`xkd study --resume` continues"),
         (["seeds/", "config.yaml"], r"holds an xkd comparison, not a capacity-gap study.*\(`xkd compare --resume`"),
+        # a finished kd-vs-ls study has a study record: capacity-gap --resume trained into it and replaced it
+        (
+            {"seeds/": None, "config.yaml": "name: x\n", "records/study.json": '{"study": "kd-vs-ls"}'},
+            r"holds an xkd kd-vs-ls study, not a capacity-gap study.*\(`xkd study kd-vs-ls --resume` continues",
+        ),
     ],
-    ids=["files", "other_study", "comparison"],
+    ids=["files", "other_study", "comparison", "kd_vs_ls_study"],
 )
 @pytest.mark.parametrize("flag", ["resume", "overwrite"])
 def test_a_folder_that_is_not_this_study_is_refused(tmp_path, make_folder, entries, match, flag):

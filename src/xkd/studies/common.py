@@ -38,9 +38,11 @@ def prepare_study_dir(study: RunDir, resume: bool, overwrite: bool, kind: str, m
         if resume:
             log.info("--resume: nothing to resume in %s (no %s study there yet); starting a new one", out, kind)
     else:
-        ours = (out / marker).is_dir() or study.has_record("study")
-        if not ours:
-            found = study.kind()
+        # its marker, or its own study record: a kd-vs-ls study's record made a capacity-gap --resume
+        # train into that folder and replace the kd-vs-ls verdicts
+        recorded = study.read_record("study").get("study") if study.has_record("study") else None
+        if not ((out / marker).is_dir() or recorded == kind):
+            found = f"{recorded} study" if recorded else study.kind()
             raise not_this_kind(out, found, f"{kind} study", resume=resume, overwrite=overwrite)
         if overwrite:
             if is_writer():
