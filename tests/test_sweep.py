@@ -345,6 +345,19 @@ def test_resume_into_a_folder_that_is_not_a_sweep_is_refused(tmp_path, capsys, m
     assert sorted(folder.rglob("*")) == before
 
 
+def test_another_study_in_a_sweep_folder_is_refused_before_anything_is_written(tmp_path, capsys, make_folder):
+    # --resume --study NEW wrote the new study's trial-0000 over the old one's and replaced sweep.json
+    config = write_config(tmp_path)
+    folder = tmp_path / "runs" / "tiny-sweep"
+    make_folder(folder, {"config.yaml": "name: tiny\n", "records/sweep.json": '{"study": "tiny"}', "trial-0000/": None})
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert sweep_cli(config, "--resume", "--study", "other") == 2
+    err = capsys.readouterr().err
+    assert f"--study other: {folder} holds study 'tiny', whose trial folders a new study's would overwrite" in err
+    assert "(--set name=NEW), or continue 'tiny' (--study tiny)" in err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # no study.db either
+
+
 def test_resume_with_nothing_to_resume_starts_a_sweep_and_says_so(tmp_path, monkeypatch, caplog):
     class Opened(Exception):
         pass

@@ -44,7 +44,7 @@ from xkd.cache import Cache
 from xkd.config import RunConfig, save_config
 from xkd.engine.callbacks import Callback
 from xkd.errors import ConfigError, DeviceMemoryError, NonFiniteLossError, RunExistsError
-from xkd.files import hide_password
+from xkd.files import hide_password, read_json
 from xkd.pipeline import teacher_cache_key
 from xkd.plan import validate_config
 from xkd.rundir import BEST, RunDir, cache_root, not_this_kind
@@ -126,6 +126,12 @@ def sweep(
         out.path.mkdir(parents=True, exist_ok=True)
     url = storage or out.default_storage()
     name = study_name or cfg.name
+    held = read_json(out.record).get("study") if out.record.is_file() else None
+    if held not in (None, name):  # its trial-0000/... were written over, and sweep.json replaced
+        raise ConfigError(
+            f"--study {name}: {out.path} holds study {held!r}, whose trial folders a new study's would overwrite; "
+            f"give the new study a folder of its own (--set name=NEW), or continue {held!r} (--study {held})"
+        )
     console = Console(stderr=True)  # its lines print with or without progress bars (``progress``: bars only)
     study = open_study(url, name, plan, resume)
     out.path.mkdir(parents=True, exist_ok=True)
@@ -229,14 +235,14 @@ def check_same_sweep(study: optuna.Study, plan: SweepPlan, key: dict[str, Any], 
     if study.metric_names not in (None, names) or list(study.directions) != wanted:
         raise ConfigError(
             f"study {study.study_name!r} in {hide_password(url)} optimises {study.metric_names or 'other objectives'}, "
-            f"this config {names} ({', '.join(plan.directions)}); start another study (--study NEW)"
+            f"this config {names} ({', '.join(plan.directions)}); start another study in its own folder (--set name=NEW)"
         )
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is not None and stored != key:
         diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
         raise ConfigError(
             f"study {study.study_name!r} in {hide_password(url)} was started with another config (it differs in: "
-            f"{', '.join(diff)}); resume it with the same config, or start another study (--study NEW or --set name=NEW)"
+            f"{', '.join(diff)}); resume it with the same config, or start another study in its own folder (--set name=NEW)"
         )
 
 
