@@ -30,3 +30,23 @@ def test_overlapping_values_one_seed_or_no_spread_are_inconclusive():
     assert flat.verdict == INCONCLUSIVE and flat.p_value is None
     missing = judge("c", "A", [None, float("nan")], "B", [1, 2], higher=True, quantity="q")
     assert missing.verdict == INCONCLUSIVE and missing.mean_a is None
+
+
+def test_a_teacher_at_chance_is_said_and_a_trained_one_is_not():
+    # a tiny study's teacher at 0.10 on 10 classes still gave "held" verdicts, without a word
+    from xkd.studies.verdict import teacher_warning
+
+    def comparison(accuracies, test=60, classes=10):
+        return {
+            "dataset": {"class_names": [str(i) for i in range(classes)], "sizes": {"test": test}},
+            "methods": {"teacher": {"accuracy": {"values": accuracies}}},
+        }
+
+    said = teacher_warning(comparison([0.10, 0.10]))
+    assert said.startswith("the teacher is not better than chance on the test split (accuracy 0.100, chance 0.100")
+    assert "one-sided binomial p = " in said
+    assert teacher_warning(comparison([0.9, 0.88])) is None  # far above chance
+    # 14 of 60 right over 10 classes: p = P(Bin(60, 0.1) >= 14) = 0.002: better than chance, no warning
+    assert teacher_warning(comparison([14 / 60])) is None
+    assert teacher_warning(comparison([10 / 60])) is not None  # p = 0.073
+    assert teacher_warning({"methods": {}}) is None  # an older record without the numbers: nothing said

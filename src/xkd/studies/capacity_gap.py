@@ -30,7 +30,7 @@ from xkd.prepare import build_for
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
-from xkd.studies.common import prepare_study_dir
+from xkd.studies.common import prepare_study_dir, teacher_warnings
 from xkd.studies.verdict import judge
 
 DIRECT, VIA_ASSISTANT = "direct", "via_assistant"
@@ -100,6 +100,7 @@ def run_study(
         cmp_dir = compare(c, seeds, resume=resume, overwrite=False, progress=progress)
         rows.append((i, params, model, cmp_dir, RunDir(cmp_dir).read_record("compare")))
     body = summarise(cfg, out, rows)
+    body["warnings"] = teacher_warnings((c, f"the teacher {m.name}") for _, _, m, _, c in rows)
     body["seconds"] = time.perf_counter() - t0
     study.write_record("study", body)
     html = render_study_report(out)

@@ -10,6 +10,7 @@ from xkd.config import ConfigError, RunConfig
 from xkd.errors import RunExistsError
 from xkd.files import is_writer
 from xkd.rundir import RunDir, not_this_kind
+from xkd.studies.verdict import teacher_warning
 
 log = logging.getLogger("xkd")
 
@@ -27,6 +28,15 @@ def students_by_distiller(cfg: RunConfig, required: Iterable[str], purpose: str,
             f"{purpose}: add students with distiller {', '.join(repr(m) for m in missing)} to the config ({others})"
         )
     return found
+
+
+def teacher_warnings(comparisons: Iterable[tuple[dict, str]]) -> list[str]:
+    """:func:`~xkd.studies.verdict.teacher_warning` of each ``(comparison record, teacher label)``,
+    logged; the study record keeps them and its page shows them above the verdicts."""
+    said = [w for cmp, label in comparisons if (w := teacher_warning(cmp, label))]
+    for w in said:
+        log.warning("%s", w)
+    return said
 
 
 def prepare_study_dir(study: RunDir, resume: bool, overwrite: bool, kind: str, marker: str) -> None:

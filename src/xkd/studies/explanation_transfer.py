@@ -38,7 +38,7 @@ from xkd.plan import validate_config
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
-from xkd.studies.common import prepare_study_dir, students_by_distiller
+from xkd.studies.common import prepare_study_dir, students_by_distiller, teacher_warnings
 from xkd.studies.verdict import judge
 
 REQUIRED = {"scratch": "scratch (the independent student)", "hinton_kd": "KD", "e2kd": "e2KD"}
@@ -141,6 +141,7 @@ def run_study(
             teacher = str(RunDir.of(seed_config(c, cmp_dir, c.seed, None)).checkpoint("teacher"))
         rows.append((f, size, cmp_dir, RunDir(cmp_dir).read_record("compare")))
     body = summarise(cfg, study.path, found, rows)
+    body["warnings"] = teacher_warnings([(rows[0][3], "the teacher")])  # one, trained on the largest fraction
     body["seconds"] = time.perf_counter() - t0
     study.write_record("study", body)
     html = render_study_report(study.path)

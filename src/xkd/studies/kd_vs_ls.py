@@ -45,7 +45,7 @@ from xkd.report.figures import plot_top_units
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
 from xkd.schema import to_dict
-from xkd.studies.common import students_by_distiller
+from xkd.studies.common import students_by_distiller, teacher_warnings
 from xkd.studies.diffroar import diffroar
 from xkd.studies.verdict import judge
 
@@ -118,6 +118,7 @@ def run_study(
     measured, empty = measure(cfg, out, cmp, console)
     body = summarise(cfg, cmp, measured, roles)
     body["empty_concepts"] = empty
+    body["warnings"] = teacher_warnings([(cmp, "the teacher")])
     body["seconds"] = time.perf_counter() - t0
     study.write_record("study", body)
     html = render_study_report(out)

@@ -97,3 +97,25 @@ def judge(
     return Verdict(
         claim, verdict, a, b, ma, mb, sa, sb, diff, p, len(va), len(vb), f"{claim} — {verdict}. {details}", details
     )
+
+
+def teacher_warning(cmp: dict[str, Any], label: str = "the teacher", alpha: float = 0.05) -> str | None:
+    """A sentence when the teacher of comparison record ``cmp`` is not better than chance on its test
+    split: a one-sided binomial test of its test accuracy (every seed's, pooled over the test images)
+    against ``1 / classes``; None when it is better with p < ``alpha`` or the record lacks the numbers.
+    Verdicts about students distilled from such a teacher say little (a tiny run's teacher at 0.10 on 10
+    classes still gave a "held" verdict)."""
+    dataset = cmp.get("dataset") or {}
+    classes, n = len(dataset.get("class_names") or ()), (dataset.get("sizes") or {}).get("test")
+    accs = _clean(((cmp.get("methods") or {}).get("teacher") or {}).get("accuracy", {}).get("values") or [])
+    if classes < 2 or not n or not accs:
+        return None
+    correct = sum(round(a * n) for a in accs)
+    p = stats.binomtest(correct, n * len(accs), 1 / classes, alternative="greater").pvalue
+    if p < alpha:
+        return None
+    return (
+        f"{label} is not better than chance on the test split (accuracy {statistics.fmean(accs):.3f}, chance "
+        f"{1 / classes:.3f} for {classes} classes, {n} test images, one-sided binomial p = {p:.2g}): the "
+        "verdicts below compare students of a teacher that learned nothing; train it longer or on more data"
+    )
