@@ -35,6 +35,7 @@ from xkd.distill import build_distiller
 from xkd.engine.distributed import resolve_device
 from xkd.errors import ConfigError
 from xkd.explain import build_explainer
+from xkd.files import read_json, write_json
 from xkd.metrics.dissection import check_concept_data, concept_detectors, top_unit_panels
 from xkd.metrics.localisation import region_precision_recall
 from xkd.models.hooks import default_layer, get_module
@@ -130,7 +131,9 @@ def measure(
     cfg: RunConfig, out: Path, cmp: dict[str, Any], console: Console
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Per role, one dict per seed (the teacher, shared by every seed, once): dissection counts, region
-    precision/recall, DiffROAR; and the concepts with no positive pixel in the concept data."""
+    precision/recall, DiffROAR; and the concepts with no positive pixel in the concept data. Each is
+    kept in ``records/measured/`` keyed by the model's weights and the settings, so a resumed study
+    measures only what is new (it measured every model of every seed again)."""
 
     st = cfg.study
     data = build_dataset(cfg.data)
@@ -146,6 +149,16 @@ def measure(
         _, models, _ = load_run_models(run_dir, device)
         for role, model in models.items():
             if role == "teacher" and per_role[role]:  # one teacher for every seed: measured once (n = 1)
+                continue
+            key = {"weights": weights_key(model), "study": to_dict(st), "data": to_dict(cfg.data),
+                   "retrain": to_dict(retrain), "seed": s}  # fmt: skip
+            saved = RunDir(out).records / "measured" / f"seed_{s}_{role}.json"
+            figure = RunDir(out).figures / f"top_units_{role}.png"
+            old = read_json(saved) if saved.is_file() else {}
+            if old.get("key") == key and (s != cmp["seeds"][0] or figure.is_file()):
+                console.print(f"seed {s}: {role} was measured with these weights and settings: reused")
+                per_role[role].append(old["entry"])
+                _note_empty(old["empty_concepts"], empty, console)
                 continue
             console.print(f"seed {s}: measuring {role}")
             layer = (st.teacher_layer if role == "teacher" else st.layer) or default_layer(model)
@@ -172,13 +185,17 @@ def measure(
                     to_dict(cfg.data), s, device, cache_root(cfg),
                 )  # fmt: skip
             per_role[role].append(entry)
-            for c in result["empty_concepts"]:
-                if c not in empty:
-                    empty.append(c)
-                    console.print(
-                        f"[yellow]concept {c!r} has no positive pixel in the concept data: no IoU, never a detector"
-                    )
+            write_json(saved, {"key": key, "entry": entry, "empty_concepts": list(result["empty_concepts"])})
+            _note_empty(result["empty_concepts"], empty, console)
     return per_role, empty
+
+
+def _note_empty(concepts: list[str], empty: list[str], console: Console) -> None:
+    """Add ``concepts`` without a positive pixel to ``empty``, saying each once."""
+    for c in concepts:
+        if c not in empty:
+            empty.append(c)
+            console.print(f"[yellow]concept {c!r} has no positive pixel in the concept data: no IoU, never a detector")
 
 
 def _tensor_split(ds: Any) -> Any:
