@@ -412,7 +412,8 @@ def test_listed_metrics_that_need_masks_are_said_on_data_without_masks(tmp_path,
         (
             "data.test_size=3",
             r"evaluation.metrics: fss needs at least 4, rs needs at least 4 explained images and the run explains "
-            r"3 \(the test split has 3\): raise data.test_size or evaluation.num_images, or drop them",
+            r"3 \(the test split has 3\): explain more test images \(evaluation.num_images, data.test_size, or more "
+            r"data\), or drop them",
             "evaluation.num_images=4",
         ),
     ],

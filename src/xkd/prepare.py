@@ -120,8 +120,9 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
     if few:  # FSS and RS on a 2-image test split raised after training
         raise ConfigError(
             f"evaluation.metrics: {', '.join(f'{m.name} needs at least {m.min_images}' for m in few)} explained "
-            f"images and the run explains {explained} (the test split has {n_test}): raise data.test_size or "
-            f"evaluation.num_images, or drop {'it' if len(few) == 1 else 'them'} from evaluation.metrics"
+            f"images and the run explains {explained} (the test split has {n_test}): explain more test images "
+            f"(evaluation.num_images, data.test_size, or more data), or drop {'it' if len(few) == 1 else 'them'} "
+            "from evaluation.metrics"
         )
     for key in ("teacher", "student"):
         path = ev.transfer_layers.get(key)
