@@ -272,14 +272,15 @@ def _validate_metrics(ev: EvaluationConfig, check_name: Any) -> None:
             raise ConfigError(f"evaluation.metric_params.{name} must be a mapping of keyword arguments")
         info = R.METRICS.get(name)
         filled = info.filled  # the scoring loop passes these: `road: {model: 3}` was a TypeError after training
-        allowed = ", ".join(p for p in inspect.signature(info.fn).parameters if p not in filled) or "none"
+        arguments = inspect.signature(info.fn).parameters
+        allowed = ", ".join(p for p in arguments if p not in filled) or "none"
         for key in kwargs:
             if key in filled:
                 raise ConfigError(
                     f"evaluation.metric_params.{name}.{key}: the run passes it ({INPUTS[filled[key]]}); arguments "
                     f"you may set: {allowed}"
                 )
-            if key not in inspect.signature(info.fn).parameters:
+            if key not in arguments:
                 raise ConfigError(f"evaluation.metric_params.{name}.{key}: unknown argument; arguments: {allowed}")
             # the value against the argument's annotation: a string for ROAD's percentages failed with
             # a ValueError from inside the metric, after every model had trained

@@ -61,13 +61,6 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
         source = teacher if s.assistant is None else check(s.assistant, teacher)
         models[s.name] = check(s, source)
     preflight_evaluation(plan, models, data)
-    ev, n_test = cfg.evaluation, len(data.test)
-    explained = n_test if ev.num_images is None else min(ev.num_images, n_test)
-    for key, cap, what in (("num_images", n_test, "the test split has"), ("met_images", explained, "the run explains"),
-                           ("sanity_images", explained, "the run explains")):  # fmt: skip
-        want = getattr(ev, key)
-        if want is not None and want > cap:
-            log.warning("evaluation.%s %d: %s %d images; all of them are used", key, want, what, cap)
 
 
 def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: DataBundle) -> None:
@@ -75,7 +68,9 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
     (explainers' ``layer``/``layers``, ``transfer_layers``) and each explainer's params against the
     images' shape (an occlusion window larger than the images); a wrong one used to fail after every
     model had trained. Metrics listed in ``evaluation.metrics`` that need masks the data does not
-    have are warned about (the default list relies on their being skipped, so no warning then)."""
+    have are warned about (the default list relies on their being skipped, so no warning then), and
+    so are image counts larger than the data; metrics that cannot score images this small or this few
+    are an error."""
     ev, teacher = plan.cfg.evaluation, models["teacher"]
     for i, e in enumerate(plan.explainers):
         for role, model in models.items():
@@ -132,6 +127,11 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
                     get_module(model, path)
                 except LayerNotFoundError as err:
                     raise LayerNotFoundError(f"evaluation.transfer_layers.{key} on {role}: {err}") from None
+    for key, cap, what in (("num_images", n_test, "the test split has"), ("met_images", explained, "the run explains"),
+                           ("sanity_images", explained, "the run explains")):  # fmt: skip
+        want = getattr(ev, key)
+        if want is not None and want > cap:
+            log.warning("evaluation.%s %d: %s %d images; all of them are used", key, want, what, cap)
 
 
 def check_training_settings(cfg: RunConfig, device: torch.device) -> None:
