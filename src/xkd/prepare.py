@@ -104,9 +104,9 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
     side, size = min(data.image_shape[1:]), "x".join(map(str, data.image_shape[1:]))
     small = [m for m in declared() if m.name in listed and side < m.min_side]
     if small:
+        needs = ", ".join(f"{m.name} needs images of at least {m.min_side}x{m.min_side}" for m in small)
         raise ConfigError(
-            f"evaluation.metrics: {', '.join(f'{m.name} needs images of at least {m.min_side}x{m.min_side}' for m in small)}"
-            f"; the {data.name} images are {size}: raise data.image_size or drop "
+            f"evaluation.metrics: {needs}; the {data.name} images are {size}: raise data.image_size or drop "
             f"{'it' if len(small) == 1 else 'them'} from evaluation.metrics"
         )
     n_test = len(data.test)

@@ -65,9 +65,10 @@ def linear_imputation(
 
     - ``"torch"`` (default): Jacobi-preconditioned conjugate gradient on ``A``, batched over every
       image and channel, on the images' device (the CPU for MPS, which has no float64), each product
-      ``A p`` a masked 3x3 stencil (shifted adds; ``F.conv2d`` in float64 was 15x slower). Mixed precision: CG runs in float32, the residual ``b - A u`` is recomputed in
-      float64 and the correction re-solved (iterative refinement) until ``||b - A u|| <= tol ||b||`` per
-      system; converged systems leave the batch. ``tol = 1e-7`` keeps the result within ~1e-6 of the
+      ``A p`` a masked 3x3 stencil (shifted adds; ``F.conv2d`` in float64 was 15x slower). Mixed
+      precision: CG runs in float32, the residual ``b - A u`` is recomputed in float64 and the
+      correction re-solved (iterative refinement) until ``||b - A u|| <= tol ||b||`` per system;
+      converged systems leave the batch. ``tol = 1e-7`` keeps the result within ~1e-6 of the
       exact solution on 28x28 images (``1e-6`` allowed up to 9e-6 at 90 % removal).
     - ``"scipy"``: the exact reference, one block-diagonal sparse matrix solved by
       :func:`scipy.sparse.linalg.spsolve`. It was written vectorised rather than taken from quantus 0.6
@@ -358,8 +359,8 @@ def road(
 
     Details: pixels are ranked by :func:`saliency_ranks`, ties in the seeded random order of
     ``tie_seed`` (MoRF and LeRF are the two ends of one order, so at one ``p <= 1/2`` they share no
-    pixel); ``floor(p * H * W)`` pixels are removed (as the reference code's ``int``). ``targets`` None explains the class predicted on
-    the original image. Image ``i``'s noise comes from ``torch.Generator().manual_seed(seed + i)``,
+    pixel); ``floor(p * H * W)`` pixels are removed (as the reference code's ``int``). ``targets`` None
+    explains the class predicted on the original image. Image ``i``'s noise comes from ``torch.Generator().manual_seed(seed + i)``,
     so results do not depend on ``batch_size``. ``backend``, ``tol``, ``max_iter``: see
     :func:`linear_imputation`. With ``"torch"``, the ``2 P`` masks of up to ``2**20 / (2 P C H W)``
     images are imputed in one batched solve (``"scipy"``: ``batch_size // (2 P + 1)`` images, at least

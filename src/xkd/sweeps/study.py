@@ -235,14 +235,16 @@ def check_same_sweep(study: optuna.Study, plan: SweepPlan, key: dict[str, Any], 
     if study.metric_names not in (None, names) or list(study.directions) != wanted:
         raise ConfigError(
             f"study {study.study_name!r} in {hide_password(url)} optimises {study.metric_names or 'other objectives'}, "
-            f"this config {names} ({', '.join(plan.directions)}); start another study in its own folder (--set name=NEW)"
+            f"this config {names} ({', '.join(plan.directions)}); start another study in its own folder "
+            "(--set name=NEW)"
         )
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is not None and stored != key:
         diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
         raise ConfigError(
             f"study {study.study_name!r} in {hide_password(url)} was started with another config (it differs in: "
-            f"{', '.join(diff)}); resume it with the same config, or start another study in its own folder (--set name=NEW)"
+            f"{', '.join(diff)}); resume it with the same config, or start another study in its own folder "
+            "(--set name=NEW)"
         )
 
 
