@@ -18,10 +18,12 @@ from xkd.metrics.base import declared
 from xkd.report import figures
 from xkd.report.render import _ENV, load_record
 from xkd.report.tables import (
+    ARROWS,
     DASH,
     FSS_TITLE,
     RS_TITLE,
     best_rows,
+    better,
     cell,
     explainer_name,
     fmt,
@@ -64,9 +66,6 @@ def fmt_stat(s: dict[str, Any] | None, spec: str = ".4f", scale: float = 1.0) ->
     if ok(std) and std > 0:
         text += f" ± {fmt(std, spec, scale)}"
     return text
-
-
-ARROWS = {"high": " ↑", "low": " ↓", None: ""}
 
 
 def stat_table(caption: str, labels: list[dict], cols: list[StatCol], groups: list | None = None) -> dict:
@@ -125,7 +124,7 @@ def _main_table(cmp: dict[str, Any]) -> dict:
     roles, methods = cmp["roles"], cmp["methods"]
     m = [methods[r] for r in roles]
     h = cmp["headline"]
-    better = "high" if h.get("higher_is_better", True) else "low"
+    way = better(h.get("higher_is_better", True))
     loaded = [str(s) for s, flag in zip(cmp["seeds"], (methods.get("teacher") or {}).get("loaded") or []) if flag]
     teacher_note = (
         f" The teacher was loaded from a checkpoint by seed{'s' if len(loaded) > 1 else ''} {', '.join(loaded)}; "
@@ -152,7 +151,7 @@ def _main_table(cmp: dict[str, Any]) -> dict:
             ),
             StatCol("Post-hoc acc.", [x.get("posthoc_accuracy") for x in m], better="high"),
             StatCol("Post-hoc F1", [x.get("posthoc_macro_f1") for x in m], better="high"),
-            StatCol(_headline_name(h), [x.get("headline_agreement") for x in m], better=better),
+            StatCol(_headline_name(h), [x.get("headline_agreement") for x in m], better=way),
             StatCol("Parameters", [x.get("params") for x in m], ",.0f", "low"),
             StatCol("FLOPs (M)", [x.get("flops") for x in m], ",.2f", "low", 1e-6, "per image"),
             StatCol(
@@ -171,7 +170,7 @@ def _agreement_metrics(cmp: dict[str, Any]) -> list[tuple[str, str, str | None]]
     declarations; older records: the five metrics of the time."""
     if "agreement_columns" in cmp:
         return [
-            (c["key"], METRIC_NAMES.get(c["key"], c["label"]), _better(c["higher_is_better"]))
+            (c["key"], METRIC_NAMES.get(c["key"], c["label"]), better(c["higher_is_better"]))
             for c in cmp["agreement_columns"]
         ]
     return [(k, name, "low" if k in LOWER_IS_BETTER else "high") for k, name in METRIC_NAMES.items()]
@@ -182,15 +181,15 @@ def _agreement_table(cmp: dict[str, Any]) -> dict | None:
     cols, groups = [], [("", 1)]
     for ex in cmp.get("explainers", []):
         shown = [
-            (k, label, better)
-            for k, label, better in _agreement_metrics(cmp)
+            (k, label, way)
+            for k, label, way in _agreement_metrics(cmp)
             if any(k in ((methods[r].get("explanation_agreement") or {}).get(ex) or {}) for r in students)
         ]
         if not shown:
             continue
-        for k, label, better in shown:
+        for k, label, way in shown:
             stats = [((methods[r].get("explanation_agreement") or {}).get(ex) or {}).get(k) for r in students]
-            cols.append(StatCol(label, stats, better=better))
+            cols.append(StatCol(label, stats, better=way))
         groups.append((explainer_name(ex), len(shown)))
     if not cols:
         return None
@@ -289,10 +288,6 @@ def _tests_sections(cmp: dict[str, Any]) -> list[dict]:
     return out
 
 
-def _better(higher_is_better: bool | None) -> str | None:
-    return None if higher_is_better is None else ("high" if higher_is_better else "low")
-
-
 def _quality_columns(cmp: dict[str, Any]) -> list[dict[str, Any]]:
     """The aggregated columns as the comparison recorded them; older records: today's declarations."""
     if "quality_columns" in cmp:
@@ -315,7 +310,7 @@ def _quality_tables(cmp: dict[str, Any]) -> list[dict]:
                     f"{explainer_name(ex)}: its own metrics per model, mean ± std over seeds.",
                     [_label(r, methods[r]) for r in shown],
                     [
-                        StatCol(c["label"], [q[r].get(c["key"]) for r in shown], better=_better(c["higher_is_better"]))
+                        StatCol(c["label"], [q[r].get(c["key"]) for r in shown], better=better(c["higher_is_better"]))
                         for c in cols
                     ],
                 )

@@ -49,7 +49,6 @@ SECTIONS = [  # (anchor, title, context key that must be non-empty or None)
     ("training", "Training", None),
     ("records", "Records", None),
 ]
-RECORD_KINDS = RUN_RECORDS  # records/<kind>.json
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -85,7 +84,7 @@ def load_records(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
     out: dict[str, Any] = {}
-    for kind in RECORD_KINDS:
+    for kind in RUN_RECORDS:  # records/<kind>.json
         out[kind] = load_record(run_dir / "records" / f"{kind}.json", kind, INCOMPLETE_RUN)
     out["tensors"] = load_file(str(_need(run_dir / "records" / "samples.safetensors")))
     return out

@@ -14,11 +14,13 @@ import xkd.metrics  # noqa: F401  (registers the metrics: columns of runs record
 from xkd.registry import METRICS
 from xkd.report import figures
 from xkd.report.tables import (
+    ARROWS,
     DASH,
     FSS_TITLE,
     RS_TITLE,
     Col,
     best_rows,
+    better,
     cell,
     explainer_name,
     fmt,
@@ -67,11 +69,11 @@ def metric_columns(expl: dict) -> list[MetricCol]:
         if info.get("scope") not in ("model", "agreement"):
             continue
         for c in info["columns"]:
-            hi = c.get("higher_is_better")
-            arrow = "" if hi is None else (" ↑" if hi else " ↓")
-            better = None if hi is None else ("high" if hi else "low")
+            way = better(c.get("higher_is_better"))
             agreement = info["scope"] == "agreement"
-            out.append(MetricCol(c["label"] + arrow, c["key"], c.get("sub"), better, c.get("title") or "", agreement))
+            out.append(
+                MetricCol(c["label"] + ARROWS[way], c["key"], c.get("sub"), way, c.get("title") or "", agreement)
+            )
     return out
 
 
@@ -300,9 +302,8 @@ def transfer_table(roles: list[str], models: dict, expl: dict) -> dict | None:
         values = [(tr[r].get("rs") or {}).get(key, tr[r].get(key)) for r in shown]  # "rs" holds RS and its parts
         if not any(ok(v) for v in values):
             continue
-        hi = METRICS.get(decl).higher_is_better if decl in METRICS else None
-        better = None if hi is None else ("high" if hi else "low")
-        cols.append(Col(label + ("" if hi is None else (" ↑" if hi else " ↓")), values, better=better, title=title))
+        way = better(METRICS.get(decl).higher_is_better) if decl in METRICS else None
+        cols.append(Col(label + ARROWS[way], values, better=way, title=title))
     rs = [tr[r].get("rs") or {} for r in shown]
     n = sorted({x["n"] for x in rs if ok(x.get("n"))})
     over = f" over {n[0]:,} explained images" if len(n) == 1 else ""

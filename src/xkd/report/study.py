@@ -14,7 +14,7 @@ from xkd.files import atomic_write_text
 from xkd.report import study_figures
 from xkd.report.compare import StatCol, fmt_stat, stat_table
 from xkd.report.render import _ENV, load_record
-from xkd.report.tables import cell, fmt, fmt_seconds
+from xkd.report.tables import better, cell, fmt, fmt_seconds
 
 TITLES = {
     "kd-vs-ls": "KD vs label smoothing vs scratch",
@@ -102,24 +102,23 @@ def _kd_vs_ls(out: Path, st: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _agreement_better(st: dict[str, Any]) -> str:
+def _agreement_better(st: dict[str, Any]) -> str | None:
     """The direction of the study's agreement metric, as its record says (older records: higher)."""
-    hi = st.get("higher_is_better", (st.get("headline") or {}).get("higher_is_better", True))
-    return "low" if hi is False else "high"
+    return better(st.get("higher_is_better", (st.get("headline") or {}).get("higher_is_better", True)))
 
 
 def _capacity_gap(out: Path, st: dict[str, Any]) -> dict[str, Any]:
     rows = st["teachers"]
     series = st["series"]
     tables = []
-    for key, title, better in (
+    for key, title, way in (
         ("accuracy", "Student accuracy", "high"),
         ("posthoc_accuracy", "Agreement with the teacher's predictions", "high"),
         ("fss", "FSS", None),
         ("rs", "RS", None),
         ("headline_agreement", "Explanation agreement", _agreement_better(st)),
     ):
-        cols = [StatCol(s, [(t["students"].get(s) or {}).get(key) for t in rows], better=better) for s in series]
+        cols = [StatCol(s, [(t["students"].get(s) or {}).get(key) for t in rows], better=way) for s in series]
         labels = [
             cell(t["label"], num=False, sub=f"{fmt(t['params'], ',.0f')} params · acc {fmt_stat(t['accuracy'])}")
             for t in rows

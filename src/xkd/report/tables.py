@@ -35,6 +35,15 @@ RS_TITLE = (
 )
 
 
+ARROWS = {"high": " ↑", "low": " ↓", None: ""}
+"""A column header's mark of its better direction (:func:`better`)."""
+
+
+def better(higher_is_better: bool | None) -> str | None:
+    """A declared ``higher_is_better`` as a table column's direction: ``"high"``, ``"low"`` or None."""
+    return None if higher_is_better is None else ("high" if higher_is_better else "low")
+
+
 def ok(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
