@@ -135,7 +135,7 @@ def measure(
     kept in ``records/measured/`` keyed by the model's weights and the settings, so a resumed study
     measures only what is new (it measured every model of every seed again)."""
 
-    st = cfg.study
+    st, folder = cfg.study, RunDir(out)
     data = build_dataset(cfg.data)
     concepts = data if st.concepts is None else build_dataset(st.concepts)
     splits = {n: _tensor_split(getattr(data, n)).scaled() for n in ("train", "val", "test")}
@@ -152,8 +152,8 @@ def measure(
                 continue
             key = {"weights": weights_key(model), "study": to_dict(st), "data": to_dict(cfg.data),
                    "retrain": to_dict(retrain), "seed": s}  # fmt: skip
-            saved = RunDir(out).records / "measured" / f"seed_{s}_{role}.json"
-            figure = RunDir(out).figures / f"top_units_{role}.png"
+            saved = folder.records / "measured" / f"seed_{s}_{role}.json"
+            figure = folder.figures / f"top_units_{role}.png"
             old = read_json(saved) if saved.is_file() else {}
             if old.get("key") == key and (s != cmp["seeds"][0] or figure.is_file()):
                 console.print(f"seed {s}: {role} was measured with these weights and settings: reused")
@@ -167,7 +167,7 @@ def measure(
             )
             if s == cmp["seeds"][0]:  # the top units of every model of the first seed, for the page
                 panels = top_unit_panels(result, model, concepts.test)
-                plot_top_units(panels, RunDir(out).figures / f"top_units_{role}.png")
+                plot_top_units(panels, figure)
             det = {k: v for k, v in result.to_record().items() if k not in ("iou", "top_images", "thresholds")}
             with build_explainer(st.explainer, model, st.explainer_params) as ex:
                 maps = torch.cat(

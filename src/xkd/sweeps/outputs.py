@@ -83,7 +83,7 @@ class SweepDir:
         return f"sqlite:///{self.database.resolve()}"
 
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(self.path.iterdir())
+        return RunDir(self.path).is_empty()
 
     def is_sweep(self) -> bool:
         """Whether the folder holds a sweep: its study, record or trials (:meth:`xkd.rundir.RunDir.kind`),
