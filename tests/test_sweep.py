@@ -316,7 +316,9 @@ def test_bad_input_stops_the_cli_before_anything_is_written(tmp_path, capsys):
     assert "sweep.params.students.0.params.alpha: the range [0.9, 0.1] is inverted" in capsys.readouterr().err
     config = write_config(tmp_path)
     assert sweep_cli(config, "--trials", "0") == 2
-    assert "--trials must be >= 1" in capsys.readouterr().err
+    assert "trials (--trials) must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"timeout \(--timeout\) must be > 0 seconds"):
+        sweep(load_config(config), timeout=0)  # from Python, named as both
     assert sweep_cli(config, "--storage", "nosuchdb://x") == 2
     assert "cannot open the study's database" in capsys.readouterr().err
     assert not (tmp_path / "runs" / ".cache").exists()  # no teacher trained

@@ -104,10 +104,10 @@ def sweep(
     """
     if trials is not None:
         if trials < 1:
-            raise ConfigError(f"--trials must be >= 1, got {trials}")
+            raise ConfigError(f"trials (--trials) must be >= 1, got {trials}")
         cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, trials=trials))  # the caller's is kept
     if timeout is not None and timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
+        raise ConfigError(f"timeout (--timeout) must be > 0 seconds, got {timeout}")
     plan = resolve_sweep(cfg)
     for path in teacher_paths(plan):
         log.warning("sweep.params.%s changes the teacher: each of its values trains a teacher of its own", path)
