@@ -299,35 +299,16 @@ def _header(path: Path) -> tuple[str, tuple[int, int]]:
         return im.mode, (im.height, im.width)
 
 
-@DATASETS.register("imagefolder")
-def imagefolder(cfg: DataConfig) -> DataBundle:
-    """A folder of the user's images (see the module docstring for layouts and decisions).
+Entry = tuple[Path, int, Path | None, tuple[int, int]]
+"""An image file, its label, its mask file (or None) and its (height, width) from the header."""
 
-    Params: ``channels`` (1 or 3; default from the images), ``in_memory`` (true/false; default:
-    in memory when the decoded uint8 images fit in 512 MiB).
-    """
-    p = check_params(cfg, DEFAULTS)
-    if p["channels"] not in (None, 1, 3):
-        raise DataError(f"data.params.channels must be 1 or 3, got {p['channels']!r}; set it to 1 or 3 or remove it")
-    if p["in_memory"] not in (None, True, False):
-        raise DataError(f"data.params.in_memory must be true or false, got {p['in_memory']!r}")
-    image_size = check_image_size(cfg)
-    if cfg.root is None:
-        raise DataError(
-            "dataset 'imagefolder' needs data.root: set data.root to a folder with one sub-folder per class"
-        )
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"data.root {str(root)!r} does not exist or is not a folder; set data.root to your image folder"
-        )
-    class_names, found = _scan(root)
-    concepts = _concept_folders(root)
-    index = {c: i for i, c in enumerate(class_names)}
-    skipped: list[str] = []
 
-    # Pass 1: headers only (cheap) -> skip unreadable files, choose channels and size.
-    entries: dict[str, list[tuple[Path, int, Path | None, tuple[int, int]]]] = {}
+def _read_headers(
+    root: Path, found: dict[str, list[tuple[Path, str]]], index: dict[str, int], skipped: list[str]
+) -> tuple[dict[str, list[Entry]], set[str]]:
+    """Pass 1, headers only (cheap): every readable image of each split with its mask, and the images'
+    modes; unreadable files go to ``skipped``."""
+    entries: dict[str, list[Entry]] = {}
     modes: set[str] = set()
     for split, items in found.items():
         masks = _find_masks(root, split, items)
@@ -352,52 +333,98 @@ def imagefolder(cfg: DataConfig) -> DataBundle:
                     )
             modes.add(mode)
             entries[split].append((f, index[c], mask, hw))
+    return entries, modes
+
+
+def _common_size(entries: list[Entry], image_size: int | None) -> tuple[int, int]:
+    """The size every image is loaded at: ``data.image_size``, or the images' own when they all agree."""
+    if image_size is not None:
+        return image_size, image_size
+    size = entries[0][3]
+    odd = next((e for e in entries if e[3] != size), None)
+    if odd is not None:
+        raise DataError(
+            f"images differ in size ({entries[0][0].name} is {size[1]}x{size[0]}, {odd[0].name} is "
+            f"{odd[3][1]}x{odd[3][0]}); set data.image_size (e.g. data.image_size=64) to resize them all"
+        )
+    return size
+
+
+def _decode_split(
+    es: list[Entry], channels: int, size: tuple[int, int], in_memory: bool, skipped: list[str]
+) -> tuple[Dataset, list[tuple[Path, int, Path | None]]]:
+    """Pass 2 for one split: decode every file once, so corrupt pixel data is found now, not
+    mid-training; the split's dataset (in memory or decoded lazily) and the files kept."""
+    kept, pixels, masks = [], [], []
+    for f, label, mask, _ in es:
+        try:
+            img = load_image(f, channels, size)
+        except _READ_ERRORS:
+            skipped.append(str(f))
+            continue
+        try:
+            m = None if mask is None else load_mask(mask, size)
+        except _READ_ERRORS:
+            skipped += [str(mask), str(f)]
+            continue
+        kept.append((f, label, mask))
+        if in_memory:
+            pixels.append(img)
+            masks.append(m)
+    labels = torch.tensor([k[1] for k in kept], dtype=torch.long)
+    has_masks = bool(kept) and kept[0][2] is not None
+    if in_memory:
+        images = torch.stack(pixels) if pixels else torch.empty((0, channels, *size), dtype=torch.uint8)
+        return TensorImageDataset(images, labels, torch.stack(masks) if has_masks else None), kept
+    mask_files = [str(k[2]) for k in kept] if has_masks else None
+    return ImageFolderDataset([str(k[0]) for k in kept], labels, mask_files, channels, size), kept
+
+
+def _root_of(cfg: DataConfig) -> Path:
+    if cfg.root is None:
+        raise DataError(
+            "dataset 'imagefolder' needs data.root: set data.root to a folder with one sub-folder per class"
+        )
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root {str(root)!r} does not exist or is not a folder; set data.root to your image folder"
+        )
+    return root
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig) -> DataBundle:
+    """A folder of the user's images (see the module docstring for layouts and decisions).
+
+    Params: ``channels`` (1 or 3; default from the images), ``in_memory`` (true/false; default:
+    in memory when the decoded uint8 images fit in 512 MiB).
+    """
+    p = check_params(cfg, DEFAULTS)
+    if p["channels"] not in (None, 1, 3):
+        raise DataError(f"data.params.channels must be 1 or 3, got {p['channels']!r}; set it to 1 or 3 or remove it")
+    if p["in_memory"] not in (None, True, False):
+        raise DataError(f"data.params.in_memory must be true or false, got {p['in_memory']!r}")
+    image_size = check_image_size(cfg)
+    root = _root_of(cfg)
+    class_names, found = _scan(root)
+    concepts = _concept_folders(root)
+    index = {c: i for i, c in enumerate(class_names)}
+    skipped: list[str] = []
+
+    entries, modes = _read_headers(root, found, index, skipped)
     channels = p["channels"] or (1 if modes <= GRAY_MODES else 3)
     all_entries = [e for es in entries.values() for e in es]
     if not all_entries:
         raise DataError(f"none of the {len(skipped)} image files under {str(root)!r} could be read; check the files")
-    if image_size is not None:
-        size = (image_size, image_size)
-    else:
-        size = all_entries[0][3]
-        odd = next((e for e in all_entries if e[3] != size), None)
-        if odd is not None:
-            raise DataError(
-                f"images differ in size ({all_entries[0][0].name} is {size[1]}x{size[0]}, {odd[0].name} is "
-                f"{odd[3][1]}x{odd[3][0]}); set data.image_size (e.g. data.image_size=64) to resize them all"
-            )
+    size = _common_size(all_entries, image_size)
     in_memory = p["in_memory"]
     if in_memory is None:
         in_memory = len(all_entries) * channels * size[0] * size[1] <= MEMORY_BUDGET
 
-    # Pass 2: decode every file once, so corrupt pixel data is found now, not mid-training.
     datasets: dict[str, Dataset] = {}
     for split, es in entries.items():
-        kept, pixels, masks = [], [], []
-        for f, label, mask, _ in es:
-            try:
-                img = load_image(f, channels, size)
-            except _READ_ERRORS:
-                skipped.append(str(f))
-                continue
-            try:
-                m = None if mask is None else load_mask(mask, size)
-            except _READ_ERRORS:
-                skipped += [str(mask), str(f)]
-                continue
-            kept.append((f, label, mask))
-            if in_memory:
-                pixels.append(img)
-                masks.append(m)
-        labels = torch.tensor([k[1] for k in kept], dtype=torch.long)
-        has_masks = bool(kept) and kept[0][2] is not None
-        if in_memory:
-            images = torch.stack(pixels) if pixels else torch.empty((0, channels, *size), dtype=torch.uint8)
-            mask_t = torch.stack(masks) if has_masks else None
-            datasets[split] = TensorImageDataset(images, labels, mask_t)
-        else:
-            mask_files = [str(k[2]) for k in kept] if has_masks else None
-            datasets[split] = ImageFolderDataset([str(k[0]) for k in kept], labels, mask_files, channels, size)
+        datasets[split], kept = _decode_split(es, channels, size, in_memory, skipped)
         if concepts:
             sizes = {f: hw for f, _, _, hw in es}
             files = _concept_files(concepts, split, [(k[0], class_names[k[1]]) for k in kept], sizes)
