@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xkd.config import ConfigError
-from xkd.data.base import Batch
+from xkd.data.base import Batch, TensorImageDataset
 from xkd.distill.adapters import conv_adapter, match_size, probe_shapes, resolve_layer_pairs
 from xkd.distill.base import DistillContext, build_distiller
 from xkd.distill.feature import (
@@ -208,7 +208,7 @@ def test_at_term_is_half_beta_times_sum_over_pairs_and_optional_kd(tiny_pair):
         student(batch.images), teacher(batch.images)
     for h in hs:
         h.remove()
-    expected = 10.0 / 2 * (at_loss(feats["s1"], feats["t1"]) + at_loss(feats["s2"], feats["t2"]))
+    expected = 10.0 * (at_loss(feats["s1"], feats["t1"]) + at_loss(feats["s2"], feats["t2"]))
     assert set(terms) == {"ce", "at", "kd"}
     assert terms["at"].item() == pytest.approx(float(expected), rel=1e-5)
     assert terms["kd"].item() == pytest.approx(0.5 * kd_loss(logits, t_logits, 2.0).item(), rel=1e-5)
@@ -328,6 +328,39 @@ def test_fitnets_hint_on_linear_layers_matches_hand_computation():
     # r(s) - t = (0, 0, -(x1 + x2)) per sample: squares 0, 0, 9 and 0, 0, 1 -> mean 10 / 6; beta 100
     assert terms["hint"].item() == pytest.approx(100 * 10 / 6, rel=1e-6)
     assert hint_loss(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 2.0, 3.0]])).item() == pytest.approx(3.0)
+
+
+def test_fitnets_regressor_ends_with_a_relu_where_the_hint_is_non_negative():
+    """``regressor_relu: auto`` looks at the teacher's features on training images: layer "1" (linear,
+    before its ReLU) takes negative values, layer "2" (the ReLU) does not."""
+    student, teacher = flat_models()
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]]).view(2, 1, 1, 2)
+    train = TensorImageDataset(x, torch.tensor([0, 1]))
+    ctx = DistillContext(sample=torch.zeros(2, 1, 1, 2), train=train)
+    d = build_distiller("fitnets", student, teacher, {"layers": [["1", "1"], ["2", "2"]]}, ctx)
+    assert d.relu_pairs == [False, True]
+    assert [type(m).__name__ for m in d.adapters[1]] == ["Linear", "ReLU"] and len(d.adapters[0]) == 1
+    with torch.no_grad():
+        for a in d.adapters:
+            a[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))  # r(s) = (s1, s2, -s1)
+            a[0].bias.zero_()
+    hint = {}
+    d.pair_loss = lambda i, fs, ft: hint.setdefault(i, hint_loss(d.adapters[i](fs), ft))
+    d(Batch(x, torch.tensor([0, 1])))
+    # pair 2: s = relu(x) = (1, 2), (0, 0); r(s) = relu(1, 2, -1), relu(0, 0, 0); t = relu(x1, x2, x1 + x2)
+    # = (1, 2, 3), (0, 0, 0): squares 0, 0, 9 and 0, 0, 0 -> 9 / 6 (without the ReLU (-1 - 3)^2: 16 / 6)
+    assert hint[1].item() == pytest.approx(9 / 6, rel=1e-6)
+    # pair 1 (no ReLU): r(s) = (1, 2, -1), (0, -1, 0); t = (1, 2, 3), (0, -1, -1): 16 and 1 -> 17 / 6
+    assert hint[0].item() == pytest.approx(17 / 6, rel=1e-6)
+    # set by hand: the same for every pair
+    for value in (True, False):
+        d = build_distiller(
+            "fitnets", student, teacher, {"layers": [["1", "1"], ["2", "2"]], "regressor_relu": value}, ctx
+        )
+        assert d.relu_pairs == [value, value]
+    # without training images to look at (the sample is zeros, which tell nothing of the sign): none
+    d = build_distiller("fitnets", student, teacher, {"layers": [["2", "2"]]}, DistillContext(torch.zeros(2, 1, 1, 2)))
+    assert d.relu_pairs == [False]
 
 
 def test_linear_adapter_params_train_with_the_student():

@@ -6,7 +6,8 @@ Stable API (imported by ``feature.py``, the relation methods, MED-TEX and XDisti
   ``layers: [[student_path, teacher_path], ...]``; ``None`` (the default) means one pair made of
   each model's :func:`xkd.models.hooks.default_layer` (the model's declared ``xkd_default_layer``,
   otherwise its last ``nn.Conv2d`` -- the last conv block).
-- :func:`probe_shapes`: feature shapes by module path from one no-grad, eval-mode dry run.
+- :func:`probe_shapes`, :func:`probe_features`: feature shapes (or the features) by module path from
+  one no-grad, eval-mode dry run.
 - :func:`match_size`: **xkd resamples the STUDENT feature map to the teacher's h x w** (bilinear)
   when the two spatial sizes differ; the teacher's features are never changed.
 - :func:`conv_adapter`: a 1x1 convolution (optionally followed by BatchNorm) mapping student
@@ -73,9 +74,15 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
 def probe_shapes(model: nn.Module, paths: Sequence[str], sample: Tensor) -> dict[str, torch.Size]:
-    """Shapes of the outputs of the modules at ``paths`` for input ``sample`` (a dry run).
+    """Shapes of the outputs of the modules at ``paths`` for input ``sample`` (a dry run, see
+    :func:`probe_features`)."""
+    return {p: f.shape for p, f in probe_features(model, paths, sample).items()}
+
+
+@torch.no_grad()
+def probe_features(model: nn.Module, paths: Sequence[str], sample: Tensor) -> dict[str, Tensor]:
+    """The outputs of the modules at ``paths`` for input ``sample`` (a dry run).
 
     The model runs once in eval mode (BatchNorm statistics untouched) without gradients, on the
     model's device; the train/eval flags of every sub-module are restored afterwards.
@@ -91,13 +98,10 @@ def probe_shapes(model: nn.Module, paths: Sequence[str], sample: Tensor) -> dict
     missing = [p for p in paths if p not in feats]
     if missing:
         raise RuntimeError(f"layers {missing} of {type(model).__name__} were not called during a forward pass")
-    out = {}
     for p in paths:
-        f = feats[p]
-        if not isinstance(f, Tensor):
-            raise TypeError(f"layer {p!r} of {type(model).__name__} returns {type(f).__name__}, not a tensor")
-        out[p] = f.shape
-    return out
+        if not isinstance(feats[p], Tensor):
+            raise TypeError(f"layer {p!r} of {type(model).__name__} returns {type(feats[p]).__name__}, not a tensor")
+    return {p: feats[p] for p in paths}
 
 
 def match_size(student_feat: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
@@ -125,8 +129,9 @@ def match_size(student_feat: Tensor, size: Sequence[int] | torch.Size) -> Tensor
 def conv_adapter(c_in: int, c_out: int, bn: bool = True) -> nn.Sequential:
     """A 1x1 convolution ``c_in -> c_out`` (no bias when followed by BN), optionally + BatchNorm2d.
 
-    Used as the FitNets regressor (Romero et al. 2015, eq. 3 with a 1x1 kernel) and the AB
-    connector (Heo et al. 2019, §3.3: 1x1 conv + BN). Kaiming-initialised."""
+    Used as the FitNets regressor (Romero et al. 2015, eq. 3 with a 1x1 kernel; FitNets appends a
+    ReLU when the hint is non-negative) and the AB connector (Heo et al. 2019, §3.3: 1x1 conv + BN).
+    Kaiming-initialised."""
     conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=not bn)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     layers: list[nn.Module] = [conv]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xkd.data.base import Batch
+from xkd.data.base import Batch, BatchLoader
 from xkd.distill.adapters import (
     LayerPairs,
     check_layer_pairs,
@@ -41,6 +41,7 @@ from xkd.distill.adapters import (
     linear_adapter,
     match_size,
     model_device,
+    probe_features,
     probe_shapes,
     resolve_layer_pairs,
 )
@@ -152,7 +153,7 @@ def attention_map(feat: Tensor, p: float = 2.0) -> Tensor:
 def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
     """``mean_{n, j} (Q_s/||Q_s|| - Q_t/||Q_t||)^2`` for one layer pair: the authors' code and
     RepDistiller's reading of eq. 2 (squared difference averaged over batch and positions rather than
-    the paper's un-squared p-norm). The distiller multiplies by ``beta / 2`` (eq. 2)."""
+    the paper's un-squared p-norm). The distiller multiplies by ``beta`` (see :class:`AttentionTransfer`)."""
     s = match_size(student_feat, teacher_feat.shape)
     return (attention_map(s, p) - attention_map(teacher_feat, p)).pow(2).mean()
 
@@ -208,7 +209,9 @@ class FeatureParams:
         beta: weight of the feature term (per method default from RepDistiller).
         alpha_ce: weight of the cross-entropy with the labels, in [0, 1].
         layers: ``[[student_path, teacher_path], ...]``; ``null`` = one pair of each model's
-            default layer (the last conv block).
+            default layer (the last conv block). RepDistiller hints FitNets at the middle stage and
+            sums AT, NST and VID over the three stage outputs of a CIFAR ResNet, the layers its
+            ``beta`` defaults were tuned for: name them here to follow it.
         kd_weight: weight of an optional Hinton KD term on the logits (0 = off).
         temperature: KD temperature (> 0), used when ``kd_weight > 0``.
     """
@@ -233,9 +236,19 @@ class FeatureParams:
 
 @dataclass
 class FitNetsParams(FeatureParams):
-    """FitNets: ``beta`` = 100 (RepDistiller)."""
+    """FitNets: ``beta`` = 100 (RepDistiller).
+
+    ``regressor_relu``: end the regressor with a ReLU. The paper asks the regressor and the hint to
+    share their non-linearity (Romero et al. 2015, §2.2), and RepDistiller's and mdistiller's
+    ``ConvReg`` end with one, their hints being block outputs after a ReLU; without it the regressor
+    is pushed to fit the hint's zeros exactly instead of anywhere below them. ``auto`` (the default):
+    a ReLU on a pair whose teacher features are all >= 0 on a batch of training images (a post-ReLU
+    hint: the default layers of ``resnet18``, ``cifar_resnet`` and ``kdfmv_cnn``), none where they
+    take negative values (a layer before its activation: ``densenet121``'s ``features.norm5``) or
+    without training images to look at."""
 
     beta: float = 100.0
+    regressor_relu: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -322,7 +335,6 @@ class FeatureDistiller(Distiller):
     term: ClassVar[str] = "feat"
     needs_setup: ClassVar[bool] = False
     spatial: ClassVar[bool] = True
-    feature_scale: ClassVar[float] = 1.0  # the beta/2 of AT's eq. 2
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, params: FeatureParams | None = None):
         super().__init__(student, teacher, params)
@@ -389,7 +401,7 @@ class FeatureDistiller(Distiller):
         feat = sum(self.pair_loss(i, fs[s], ft[t]) for i, (s, t) in enumerate(self.pairs))
         terms = {
             "ce": p.alpha_ce * F.cross_entropy(logits, batch.labels),
-            self.term: p.beta * self.feature_scale * feat,
+            self.term: p.beta * feat,
         }
         if p.kd_weight > 0:
             terms["kd"] = kd_loss(logits, teacher_logits, p.temperature, weight=p.kd_weight)
@@ -398,19 +410,40 @@ class FeatureDistiller(Distiller):
 
 @DISTILLERS.register("fitnets")
 class FitNets(FeatureDistiller):
-    """FitNets (Romero et al., ICLR 2015): a 1x1-conv + BN regressor maps the student's guided layer
+    """FitNets (Romero et al., ICLR 2015): a 1x1-conv + BN (+ ReLU) regressor maps the student's guided layer
     to the teacher's hint layer; term ``hint = beta * mean((r(F_s) - F_t)^2)`` (eq. 3).
 
     The paper trains in two stages (hint pre-training of the student's lower layers, then KD); xkd,
     like RepDistiller and mdistiller, trains one stage: ``CE + beta * hint`` (beta = 100).
 
     A pair of linear layers (flattened ``(N, D)`` features) gets a linear regressor without BN
-    (:func:`~xkd.distill.adapters.linear_adapter`): the paper's regressor is a plain linear map."""
+    (:func:`~xkd.distill.adapters.linear_adapter`): the paper's regressor is a plain linear map.
+    Either ends with a ReLU where the hint is non-negative (``regressor_relu``, see
+    :class:`FitNetsParams`); ``relu_pairs`` says which pairs got one."""
 
     Params = FitNetsParams
     term = "hint"
     needs_setup = True
     spatial = False
+
+    def setup(self, context: DistillContext) -> None:
+        """Build the regressors (:meth:`FeatureDistiller.setup`), each ending with a ReLU where
+        ``regressor_relu`` asks for one (``auto``: the teacher's features on up to 64 training images
+        of ``context.train`` are all >= 0; without training images, none: ``context.sample`` is zeros,
+        which tell nothing of the hint's sign)."""
+        super().setup(context)
+        relu = self.params.regressor_relu
+        if relu != "auto":
+            self.relu_pairs = [bool(relu)] * len(self.pairs)
+        elif context.train is None or len(context.train) == 0:
+            self.relu_pairs = [False] * len(self.pairs)
+        else:
+            images = next(iter(BatchLoader(context.train, 64))).images
+            feats = probe_features(self.teacher, list(dict.fromkeys(t for _, t in self.pairs)), images)
+            self.relu_pairs = [bool(feats[t].min() >= 0) for _, t in self.pairs]
+        for adapter, on in zip(self.adapters, self.relu_pairs):
+            if on:
+                adapter.append(nn.ReLU())
 
     def build_adapter(self, c_s: int, c_t: int, spatial: bool = True) -> nn.Module:
         return conv_adapter(c_s, c_t, bn=True) if spatial else linear_adapter(c_s, c_t, bn=False)
@@ -423,14 +456,18 @@ class FitNets(FeatureDistiller):
 class AttentionTransfer(FeatureDistiller):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, eq. 2)::
 
-        at = beta / 2 * sum_pairs mean_{n,j} (Q_s/||Q_s||_2 - Q_t/||Q_t||_2)_j^2,  Q = mean_c |F_c|^p
+        at = beta * sum_pairs mean_{n,j} (Q_s/||Q_s||_2 - Q_t/||Q_t||_2)_j^2,  Q = mean_c |F_c|^p
 
-    (the authors' code; RepDistiller uses the same term without the 1/2). beta = 1000, p = 2. No
-    adapters (channel counts may differ); several layer pairs allowed."""
+    as the authors' code (``cifar.py``: ``opt.beta * sum(loss_groups)``, ``at_loss`` the mean squared
+    difference) and RepDistiller's ``Attention`` compute it, with their ``beta`` = 1000. The paper's
+    eq. 2 writes ``beta / 2`` and an un-squared norm; its ``beta`` ("10^3 divided by the number of
+    elements in the attention map and batch size") is the code's 1000 with the mean. p = 2. No
+    adapters (channel counts may differ); several layer pairs allowed (the authors and RepDistiller
+    sum over the three stage outputs of a CIFAR ResNet; xkd's default is one pair, see
+    :class:`FeatureParams`)."""
 
     Params = ATParams
     term = "at"
-    feature_scale = 0.5
 
     def pair_loss(self, i: int, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         return at_loss(student_feat, teacher_feat, self.params.p)
