@@ -15,7 +15,6 @@ from xkd.data.base import Batch, TensorImageDataset
 from xkd.distill.adapters import conv_adapter, match_size, probe_shapes, resolve_layer_pairs
 from xkd.distill.base import DistillContext, build_distiller
 from xkd.distill.feature import (
-    VIDLoss,
     ab_loss,
     at_loss,
     attention_map,
@@ -23,6 +22,7 @@ from xkd.distill.feature import (
     nst_loss,
 )
 from xkd.distill.logits import kd_loss
+from xkd.distill.vid import VIDLoss
 from xkd.models.hooks import LayerNotFoundError
 
 METHODS = ["fitnets", "at", "nst", "ab", "vid"]

@@ -14,7 +14,7 @@ from xkd.distill.cae import CAE
 from xkd.distill.cat import CATKD
 from xkd.distill.crd import CRD
 from xkd.distill.e2kd import E2KD
-from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets, VIDLoss
+from xkd.distill.feature import NST, VID, ActivationBoundaries, AttentionTransfer, FitNets
 from xkd.distill.logits import (
     DIST,
     DKD,
@@ -35,6 +35,7 @@ from xkd.distill.medtex import (
     teacher_cross_entropy,
 )
 from xkd.distill.relation import PKT, RKD, SP
+from xkd.distill.vid import VIDLoss
 from xkd.distill.xdistill import XDistillation, XDistillParams, XDistillStudent
 
 __all__ = [

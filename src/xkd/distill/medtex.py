@@ -12,7 +12,7 @@ the student ``S`` sees ``X' = Θ ⊙ X`` (eq. 3). Explainer and student are trai
     L^i = Σ_{c,h,w} log σ_c + (T^i(X)_{chw} - μ^i(S^i(X'))_{chw})² / (2 σ_c²)    (eq. 6, VID)
 
 with ``σ_c² = softplus(α_c) + ε`` learned per teacher channel and ``μ^i`` a small 1x1-conv network
-(:class:`xkd.distill.feature.VIDLoss`). Eq. 6 prints ``log σ_c²``; the Gaussian negative
+(:class:`xkd.distill.vid.VIDLoss`). Eq. 6 prints ``log σ_c²``; the Gaussian negative
 log-likelihood it derives from (eq. 5, and VID's own loss, Ahn et al. 2019) has ``log σ_c =
 ½ log σ_c²``, which is what xkd uses. Labels are not used: the student imitates the teacher.
 
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from xkd.data.base import Batch
 from xkd.distill.adapters import LayerPairs, channels_of, check_layer_pairs, match_size, probe_shapes
 from xkd.distill.base import DistillContext, Distiller, num_classes_of
-from xkd.distill.feature import VIDLoss
+from xkd.distill.vid import VIDLoss
 from xkd.errors import ConfigError
 from xkd.models.hooks import LayerNotFoundError, capture_features, default_layer, get_module
 from xkd.registry import DISTILLERS
@@ -232,7 +232,7 @@ class MedTexParams(MedExParams):
         vid_eps: ``ε`` in ``σ_c² = softplus(α_c) + ε``.
         vid_reduction: ``"sum"`` over ``c, h, w`` per image, then the batch mean (eq. 6 as written;
             the term then scales with the layers' sizes) or ``"mean"`` over every element
-            (RepDistiller's scale). See :class:`~xkd.distill.feature.VIDLoss`.
+            (RepDistiller's scale). See :class:`~xkd.distill.vid.VIDLoss`.
     """
 
     lam: float = 0.01
@@ -336,7 +336,7 @@ class MedTex(MedEx):
     VID (eq. 6) between the teacher's features on ``X`` and the student's on ``Θ ⊙ X`` at each
     pair of ``layers``.
 
-    One :class:`~xkd.distill.feature.VIDLoss` per pair (regressor ``μ^i`` and variances ``α^i``) is
+    One :class:`~xkd.distill.vid.VIDLoss` per pair (regressor ``μ^i`` and variances ``α^i``) is
     built in :meth:`setup` from shapes probed with a dry run and trained with the student and
     explainer: ``trainable_modules() == {"student": MaskedStudent, "vid": ModuleList}``. Terms:
     ``ce_teacher`` and ``vid`` (already multiplied by ``λ``).
