@@ -15,6 +15,7 @@ import yaml
 
 from xkd.errors import ConfigError
 from xkd.files import atomic_write_text, load_yaml
+from xkd.plugins import import_plugins
 from xkd.schema import from_dict, to_dict
 
 # ----------------------------------------------------------------------------------------------
@@ -412,9 +413,11 @@ class RunConfig:
     ``train`` is the students' budget; the teacher has its own under ``teacher.train``. ``student_model`` is the
     default architecture of every student. ``compare`` is read by ``xkd compare`` only, ``study`` by ``xkd study``
     only, ``sweep`` by ``xkd sweep`` only. ``deterministic`` asks torch for deterministic algorithms (same seed,
-    same numbers; see the README for what may still differ on a GPU).
+    same numbers; see the README for what may still differ on a GPU). ``plugins``: the user's modules,
+    imported as the config is built, so that the names they register can be used in it.
     """
 
+    plugins: list[str] = field(default_factory=list)
     name: str = "default"
     seed: int = 0
     output_dir: str = "runs"
@@ -437,6 +440,9 @@ class RunConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        import_plugins(self.plugins)
 
 
 # -- overrides, loading, semantic validation ---------------------------------------------------

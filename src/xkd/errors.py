@@ -25,6 +25,15 @@ class UnknownNameError(XkdError, KeyError):
         return str(self.args[0])
 
 
+class RegistryError(XkdError, ValueError):
+    """A registration that cannot be accepted: a name already taken, an entry of the wrong kind."""
+
+
+class ContractError(XkdError, ValueError):
+    """A model, distiller or explainer (typically a user's) that returns what xkd cannot use: logits of
+    the wrong width, no loss terms, maps of the wrong shape. The message names it and the contract."""
+
+
 class DataError(XkdError, ValueError):
     """A dataset that cannot be built as configured. The message names the problem and the fix."""
 

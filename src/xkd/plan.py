@@ -85,7 +85,10 @@ def resolve(cfg: RunConfig) -> RunPlan:
 
     def check_name(reg: R.Registry, name: str, path: str) -> None:
         if name not in reg:
-            raise ConfigError(f"{path}: unknown {reg.kind} {name!r}; registered: {', '.join(reg.names())}")
+            raise ConfigError(
+                f"{path}: unknown {reg.kind} {name!r}; registered: {', '.join(reg.names())} (one of your own: "
+                f"register it in a module named in the config's plugins)"
+            )
 
     check_name(R.DATASETS, cfg.data.name, "data.name")
     for path, m in [("teacher.model", cfg.teacher.model), ("student_model", cfg.student_model)] + [

@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from xkd.config import ModelConfig, RunConfig
 from xkd.data import DataBundle
 from xkd.distill import build_distiller
 from xkd.engine.runtime import build_optimizer, resolve_amp
-from xkd.errors import ConfigError, LayerNotFoundError
+from xkd.errors import ConfigError, ContractError, LayerNotFoundError
+from xkd.explain.base import check_map_shape
 from xkd.metrics.base import declared, default_metrics
 from xkd.models import build_model
 from xkd.models.hooks import get_module
@@ -60,7 +61,24 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
     for s in plan.students:
         source = teacher if s.assistant is None else check(s.assistant, teacher)
         models[s.name] = check(s, source)
+    for role, model in models.items():
+        check_logits(model, sample, data.num_classes, role)
     preflight_evaluation(plan, models, data)
+
+
+@torch.no_grad()
+def check_logits(model: nn.Module, sample: Tensor, classes: int, role: str) -> None:
+    """``model`` (untrained, in eval mode) returns logits ``(N, classes)`` for ``sample``: a user's model
+    whose head ignores the data's classes failed in training (a label out of range) or, wider than
+    the classes, trained without a word."""
+    out = model(sample)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (sample.shape[0], classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ContractError(
+            f"the {role} model returns {got} for {sample.shape[0]} images of a {classes}-class data set; a model "
+            f"returns logits (N, classes): give its builder a num_classes parameter (xkd passes the data's) or "
+            "build its head for this data"
+        )
 
 
 def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: DataBundle) -> None:
@@ -79,6 +97,11 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
             try:
                 with e.build(model, teacher=teacher, base=model) as explainer:
                     explainer.check_image_shape(data.image_shape)
+                    if not e.cls.__module__.startswith("xkd."):  # a user's: its maps checked on blank images
+                        n = max(2, e.min_images)
+                        images = torch.zeros(n, *data.image_shape)
+                        maps = explainer.explain(images, torch.zeros(n, dtype=torch.long)).maps
+                        check_map_shape(maps, tuple(data.image_shape[1:]), n, method=e.key)
             except LayerNotFoundError as err:
                 raise LayerNotFoundError(
                     f"evaluation.explainers[{i}] ({e.key}) on {role}: {err}. A layer set in an explainer's params is "

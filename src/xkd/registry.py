@@ -1,7 +1,8 @@
 """The one registry type.
 
-Every dataset, model, distiller, explainer and metric is registered exactly once with a decorator;
-the CLI, ``xkd list`` and config validation take their choices from these registries.
+Every dataset, model, distiller, explainer and metric is registered once with a decorator (xkd's own
+and a user's: a config's ``plugins`` imports the user's modules); the CLI, ``xkd list`` and config
+validation take their choices from these registries.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from xkd.errors import UnknownNameError
+from xkd.errors import RegistryError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -31,13 +32,27 @@ class Registry(Generic[T]):
         self.kind = kind
         self.plural = plural or f"{kind}s"
         self._entries: dict[str, T] = {}
+        self._expects: tuple[type, str] | None = None
+
+    def expects(self, cls: type, how: str) -> None:
+        """Entries must be instances of ``cls``; ``how`` says how to register one (the error's fix)."""
+        self._expects = (cls, how)
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``; a second registration is an error."""
+        """Decorator that registers ``obj`` under ``name``.
+
+        A name is registered once; the same definition registered again (its module reloaded, a
+        notebook cell run again: same module and qualified name) replaces the earlier one."""
 
         def decorator(obj: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+            if self._expects is not None and not isinstance(obj, self._expects[0]):
+                raise RegistryError(f"{self.kind} {name!r}: {self._expects[1]}")
+            held = self._entries.get(name)
+            if held is not None and _origin(held) != _origin(obj):
+                where = ".".join(p for p in _origin(held) if p)
+                raise RegistryError(
+                    f"{self.kind} {name!r} is already registered ({where}); register yours under another name"
+                )
             self._entries[name] = obj
             if isinstance(obj, type) or callable(obj):
                 try:
@@ -72,6 +87,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _origin(obj: object) -> tuple[str, str]:
+    """Where ``obj`` was defined: module and qualified name (of a metric declaration, its function)."""
+    target = getattr(obj, "fn", obj)
+    return getattr(target, "__module__", "") or "", getattr(target, "__qualname__", "") or type(target).__qualname__
 
 
 DATASETS: Registry = Registry("dataset")

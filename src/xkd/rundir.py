@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from xkd.config import RunConfig, save_config
-from xkd.errors import RunExistsError
+from xkd.errors import RunExistsError, XkdError
 from xkd.files import atomic_write_bytes, load_yaml, read_json, record, write_json
 from xkd.schema import from_dict, to_dict
 
@@ -181,12 +181,11 @@ class RunDir:
         """The settings of ``cfg`` that differ from the run's saved ``config.yaml``, as ``key: old -> new``
         (config paths as ``--set`` writes them; the key alone where a list changed length), leaving out
         the settings that change nothing it computed (:data:`RUN_READS_NOT`); None when there is no saved config or
-        it cannot be read."""
+        it cannot be read. The saved config is read as this xkd reads it, so a setting it did not have yet
+        compares as its default."""
         try:
-            saved = load_yaml(self.config.read_text())
-        except (OSError, yaml.YAMLError):
-            return None
-        if not isinstance(saved, dict):
+            saved = to_dict(from_dict(RunConfig, load_yaml(self.config.read_text())))
+        except (OSError, yaml.YAMLError, XkdError):
             return None
         new = to_dict(cfg)
         for path in RUN_READS_NOT:

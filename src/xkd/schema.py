@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-from xkd.errors import ConfigError
+from xkd.errors import ConfigError, RegistryError
 
 T = TypeVar("T")
 
@@ -120,6 +120,8 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         ConfigError: naming the key path, the problem and the allowed keys or values.
     """
     where = path or "config"
+    if not dataclasses.is_dataclass(cls):
+        raise RegistryError(f"{where}: {cls.__name__} is not a dataclass; decorate it with @dataclasses.dataclass")
     if data is None:
         data = {}
     if isinstance(data, cls):
@@ -131,7 +133,8 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise ConfigError(f"unknown key {key!r}; allowed keys here: {', '.join(fields)}")
+        allowed = f"allowed keys here: {', '.join(fields)}" if fields else f"{where} takes no keys: remove it"
+        raise ConfigError(f"unknown key {key!r}; {allowed}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from xkd.config import EvaluationConfig
 from xkd.engine.trained import TrainedModel
-from xkd.explain.base import ExplainerSpec
+from xkd.explain.base import ExplainerSpec, check_map_shape
 from xkd.explain.superpixel import SuperpixelParams, slic_segments
 from xkd.metrics.base import MetricInfo, declared
 from xkd.metrics.localisation import medtex_k_values
@@ -57,7 +57,10 @@ def explain(
         images = torch.cat([images, pad[0][:extra].to(images.device)])
         targets = torch.cat([targets, pad[1][:extra].to(targets.device)])
     with spec.build(model, **context) as ex:
-        return ex.explain(images, targets).maps[:n]
+        maps = ex.explain(images, targets).maps
+    # one map per image at its resolution: a user's explainer is named here, not by a metric failing on it
+    check_map_shape(maps, tuple(images.shape[-2:]), images.shape[0], method=spec.key)
+    return maps[:n]
 
 
 class Scorer:

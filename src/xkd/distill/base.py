@@ -8,6 +8,7 @@ one class with a ``Params`` dataclass and one :data:`~xkd.registry.DISTILLERS` d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from xkd.data.base import Batch
-from xkd.errors import ConfigError
+from xkd.errors import ConfigError, ContractError
 from xkd.registry import DISTILLERS
 from xkd.schema import from_dict
 
@@ -182,6 +183,30 @@ class Distiller(nn.Module):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the student logits and a dict of weighted loss terms for ``batch``."""
         raise NotImplementedError
+
+
+def check_forward(output: Any, batch_size: int, who: str, classes: int | None = None) -> None:
+    """The contract of :meth:`Distiller.forward` for ``output``, from metadata alone (no device wait):
+    ``(logits (N, classes), {name: scalar loss tensor, ...})`` with at least one term. Raises
+    :class:`~xkd.errors.ContractError` naming ``who`` (e.g. ``"distiller 'mine' (student 'a')"``)."""
+    contract = "forward(batch) returns (logits of shape (N, classes), {term name: scalar loss tensor, ...})"
+    if not (isinstance(output, tuple) and len(output) == 2):
+        raise ContractError(f"{who} returned {type(output).__name__}; {contract}")
+    logits, terms = output
+    wrong = classes is not None and isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[1] != classes
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != batch_size or wrong:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        of = f"{batch_size} images" + ("" if classes is None else f" of {classes} classes")
+        raise ContractError(f"{who} returned logits {shape} for {of}; {contract}")
+    if not isinstance(terms, Mapping) or not terms:
+        raise ContractError(
+            f"{who} returned {'no loss terms' if isinstance(terms, Mapping) else repr(type(terms).__name__)}; {contract}"
+        )
+    bad = [k for k, t in terms.items() if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point()]
+    if bad:
+        raise ContractError(
+            f"{who}: loss term {bad[0]!r} is not a scalar floating-point tensor (reduce it with .mean() or .sum()); {contract}"
+        )
 
 
 def distiller_params(name: str, params: dict[str, Any] | None, path: str = "params") -> Any:

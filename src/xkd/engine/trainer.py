@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from xkd.config import ConfigError, TrainConfig
 from xkd.data.augment import BatchAugment
 from xkd.data.base import BatchLoader
-from xkd.distill.base import Distiller, num_classes_of
+from xkd.distill.base import Distiller, check_forward, num_classes_of
 from xkd.engine import distributed as D
 from xkd.engine.callbacks import Callback, call
 from xkd.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -382,7 +382,15 @@ class Trainer:
             if self.cfg.channels_last:
                 batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             with autocast:
-                logits, terms = model(batch)
+                output = model(batch)
+            if window is None:  # the first step: a user's distiller named before its output is used
+                check_forward(
+                    output,
+                    len(batch),
+                    f"distiller {self.distiller.registry_name or type(self.distiller).__name__!r} ({self.role})",
+                    self.num_classes,
+                )
+            logits, terms = output
             parts = [t.float() for t in terms.values()]
             loss = parts[0]
             for t in parts[1:]:

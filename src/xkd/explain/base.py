@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xkd.errors import ConfigError, NonFiniteAttributionError
+from xkd.errors import ConfigError, ContractError, NonFiniteAttributionError
 from xkd.explain.superpixel import SuperpixelParams, slic_segments, superpixel_maps
 from xkd.registry import EXPLAINERS
 from xkd.schema import from_dict
@@ -42,23 +42,35 @@ class Attribution:
         check_maps(self.maps, method=self.method)
 
 
+def check_map_shape(
+    maps: Tensor, image_hw: tuple[int, int] | None = None, n: int | None = None, method: str | None = None
+) -> None:
+    """The contract's dtype and shape (float32, ``(N, H, W)``, optionally ``n`` maps at ``image_hw``),
+    from the tensor's metadata alone: it never waits for a device. Raises :class:`~xkd.errors.ContractError` naming ``method``."""
+    who = f"explainer {method!r}" if method else "an explainer"
+    contract = "an explainer returns float32 maps (N, H, W) at the images' resolution, one per image"
+    if maps.dtype != torch.float32:
+        raise ContractError(f"{who} returned {maps.dtype} maps; {contract}")
+    if maps.ndim != 3:
+        raise ContractError(f"{who} returned maps of shape {tuple(maps.shape)}; {contract}")
+    if image_hw is not None and tuple(maps.shape[1:]) != tuple(image_hw):
+        raise ContractError(f"{who} returned {tuple(maps.shape[1:])} maps for {tuple(image_hw)} images; {contract}")
+    if n is not None and maps.shape[0] != n:
+        raise ContractError(f"{who} returned {maps.shape[0]} maps for {n} images; {contract}")
+
+
 def check_maps(maps: Tensor, image_hw: tuple[int, int] | None = None, method: str | None = None) -> None:
     """Assert the explanation contract: float32, (N, H, W), finite, optionally at ``image_hw``.
 
     Raises:
         NonFiniteAttributionError: naming ``method`` and the indices of the images with NaN/inf.
     """
-    if maps.dtype != torch.float32:
-        raise ValueError(f"explanation maps must be float32, got {maps.dtype}")
-    if maps.ndim != 3:
-        raise ValueError(f"explanation maps must have shape (N, H, W), got {tuple(maps.shape)}")
-    if image_hw is not None and tuple(maps.shape[1:]) != tuple(image_hw):
-        raise ValueError(f"explanation maps are {tuple(maps.shape[1:])}, expected input resolution {image_hw}")
+    check_map_shape(maps, image_hw, method=method)
+    who = f"explainer {method!r}" if method else "an explainer"
     bad = ~torch.isfinite(maps.flatten(1)).all(dim=1)
     if bad.any():
         idx = torch.nonzero(bad).flatten().tolist()
         shown = ", ".join(map(str, idx[:10])) + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
-        who = f"explainer {method!r}" if method else "an explainer"
         raise NonFiniteAttributionError(
             f"{who} produced NaN or inf attributions for image index {shown} of the batch; check the model's "
             "outputs on those images (NaN logits) and the explainer's baseline and parameters",

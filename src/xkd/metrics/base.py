@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from xkd.errors import RegistryError
 from xkd.registry import METRICS
 
 Scope = Literal["model", "agreement", "transfer", "timing", "test", "study"]
@@ -270,6 +271,14 @@ def metric(
         raise ValueError(f"metric {name!r}: unknown input(s) {unknown}; the vocabulary: {', '.join(INPUTS)}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        try:  # an input "x" is passed by position, in the order declared; "param=x" by keyword
+            positional = [i for i in inputs if "=" not in i]
+            inspect.signature(fn).bind_partial(*positional, **{i.split("=", 1)[0]: i for i in inputs if "=" in i})
+        except TypeError as e:
+            raise RegistryError(
+                f"metric {name!r}: declares inputs {tuple(inputs)} but {fn.__name__}() cannot take them ({e}); "
+                "make the function's parameters match the declared inputs"
+            ) from None
         desc = description or (fn.__doc__ or "").split("\n")[0]
         shown = label or name.replace("_", " ").capitalize()
         cols = columns if columns is not None else (Column(name, shown, desc),)
@@ -282,6 +291,11 @@ def metric(
         return fn
 
     return deco
+
+
+METRICS.expects(
+    MetricInfo, "decorate the function with xkd.metrics.metric(name, scope=..., ...) instead of registering it"
+)
 
 
 def declared(*scopes: str) -> Iterator[MetricInfo]:

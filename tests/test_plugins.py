@@ -1,0 +1,157 @@
+"""A user's own models, distillers, explainers and metrics: registered from a module named in the
+config's ``plugins``, used by the CLI; and what xkd says when such a method breaks its contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from xkd.distill.base import check_forward
+from xkd.errors import ConfigError, ContractError, RegistryError
+from xkd.explain.base import check_map_shape
+from xkd.metrics.base import metric
+from xkd.plugins import import_plugins
+from xkd.prepare import check_logits
+from xkd.registry import METRICS, Registry
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> tuple[str, str]:
+    """The plugin module and the config of README's "Your own methods"."""
+    section = README.read_text().split("### Your own methods", 1)[1].split("\n## ", 1)[0]
+    (module,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (config,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    return module, config
+
+
+def test_readmes_plugin_example_runs_from_the_cli(tmp_path, make_tiny_args):
+    """The ``xkd`` command (whose sys.path lacks the current folder) imports ``plugins`` from it."""
+    module, config = readme_example()
+    (tmp_path / "myplugins.py").write_text(module)
+    (tmp_path / "plugin.yaml").write_text(config)
+    tiny = [o for o in make_tiny_args(tmp_path) if not o.startswith("student_model.")]  # the example's student
+    cli = Path(sys.executable).parent / "xkd"
+    args = [str(cli), "run", "--config", "plugin.yaml", "--no-progress", *(a for o in tiny for a in ("--set", o))]
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    explanations = json.loads((run / "records" / "explanations.json").read_text())
+    for explainer in ("brightness", "grad_cam"):
+        assert 0.0 <= explanations["per_model"]["soft"][explainer]["sparsity"] <= 1.0
+    models = json.loads((run / "records" / "models.json").read_text())["models"]
+    assert models["soft"]["model"] == "tiny_net" and models["soft"]["distiller_params"] == {"temperature": 4.0}
+    assert set(models["soft"]["train"]["history"][0]["terms"]) == {"soft"}
+    assert "Sparsity" in (run / "report.html").read_text()
+    # a plugin that cannot be found: one line naming it and where it is looked for
+    bad = [str(cli), "run", "--set", "plugins=[nosuchplug]", "--set", f"output_dir={tmp_path / 'other'}"]
+    done = subprocess.run(bad, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "plugins[0]: no module named 'nosuchplug'; put nosuchplug.py in the current folder" in done.stderr
+
+
+def test_import_plugins_names_each_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_plug.py").write_text("import no_such_dependency\n")
+    (tmp_path / "raising_plug.py").write_text("raise RuntimeError('plugin failed on purpose')\n")
+    with pytest.raises(ConfigError, match=r"plugins\[0\]: 'my/plug.py' is not a module name; give the module's"):
+        import_plugins(["my/plug.py"])
+    with pytest.raises(ConfigError, match=r"plugins\[1\]: importing 'broken_plug' failed: ModuleNotFoundError"):
+        import_plugins(["json", "broken_plug"])
+    with pytest.raises(ConfigError, match=r"importing 'raising_plug' failed: RuntimeError: plugin failed on purpose"):
+        import_plugins(["raising_plug"])
+
+
+def test_registry_names_a_taken_name_and_replaces_a_definition_run_again():
+    reg: Registry = Registry("thing")
+
+    def make():
+        def builder():  # the same module and qualified name each time, as a notebook cell run again
+            return 1
+
+        return builder
+
+    first, again = make(), make()
+    reg.register("a")(first)
+    reg.register("a")(again)  # no error: the later definition wins
+    assert reg.get("a") is again
+
+    def other():
+        return 2
+
+    with pytest.raises(RegistryError, match=r"thing 'a' is already registered \(.*make.<locals>.builder\); register"):
+        reg.register("a")(other)
+    reg.expects(int, "give it an int")
+    with pytest.raises(RegistryError, match="thing 'b': give it an int"):
+        reg.register("b")(other)
+
+
+def test_a_metric_registered_without_its_declaration_or_with_inputs_it_cannot_take_is_refused():
+    with pytest.raises(RegistryError, match=r"metric 'bare': decorate the function with xkd.metrics.metric"):
+        METRICS.register("bare")(lambda maps: 0.0)
+    with pytest.raises(RegistryError, match=r"metric 'two_inputs': declares inputs \('maps', 'labels'\) but one\(\)"):
+
+        @metric("two_inputs", scope="model", inputs=("maps", "labels"), higher_is_better=True, category="x")
+        def one(maps):
+            return 0.0
+
+    assert "bare" not in METRICS and "two_inputs" not in METRICS
+
+
+def test_a_distillers_output_is_checked_at_its_first_step():
+    logits = torch.zeros(4, 3)
+    check_forward((logits, {"ce": torch.tensor(1.0)}), 4, "d", 3)  # the contract: no error
+    cases = [
+        ((logits, {}), "d returned no loss terms"),
+        (logits, "d returned Tensor"),
+        ((logits, torch.tensor(1.0)), "d returned 'Tensor'"),
+        ((logits, {"ce": torch.ones(4)}), "d: loss term 'ce' is not a scalar floating-point tensor"),
+        ((torch.zeros(4, 5), {"ce": torch.tensor(1.0)}), r"d returned logits \(4, 5\) for 4 images of 3 classes"),
+    ]
+    for output, message in cases:
+        with pytest.raises(ContractError, match=message):
+            check_forward(output, 4, "d", 3)
+
+
+def test_a_distiller_returning_no_terms_stops_training_at_once_naming_it(tiny_data, tiny_pair):
+    from xkd.config import TrainConfig
+    from xkd.distill import Distiller
+    from xkd.engine import Trainer
+
+    class Empty(Distiller):
+        def forward(self, batch):
+            return self.student(batch.images), {}
+
+    student, teacher = tiny_pair
+    data = tiny_data()
+    trainer = Trainer(Empty(student, teacher), data, data, TrainConfig(epochs=1, batch_size=4), progress=False)
+    with pytest.raises(ContractError, match=r"distiller 'Empty' \(model\) returned no loss terms"):
+        trainer.fit()
+
+
+def test_a_model_whose_head_ignores_the_classes_is_found_before_training():
+    five = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))
+    with pytest.raises(ContractError, match=r"the teacher model returns \(2, 5\) for 2 images of a 10-class data set"):
+        check_logits(five, torch.zeros(2, 1, 2, 2), 10, "teacher")
+    check_logits(five, torch.zeros(2, 1, 2, 2), 5, "teacher")
+
+
+def test_maps_off_the_contract_name_the_explainer():
+    check_map_shape(torch.zeros(3, 8, 8), (8, 8), 3, method="mine")
+    for maps, message in [
+        (torch.zeros(3, 8, 8, dtype=torch.float64), "explainer 'mine' returned torch.float64 maps"),
+        (torch.zeros(3, 1, 8, 8), r"explainer 'mine' returned maps of shape \(3, 1, 8, 8\)"),
+        (torch.zeros(3, 4, 4), r"explainer 'mine' returned \(4, 4\) maps for \(8, 8\) images"),
+        (torch.zeros(2, 8, 8), "explainer 'mine' returned 2 maps for 3 images"),
+    ]:
+        with pytest.raises(ContractError, match=message):
+            check_map_shape(maps, (8, 8), 3, method="mine")
