@@ -194,7 +194,7 @@ def test_default_objective_sampler_and_pruner():
     [
         ("[{metric: sharpness}]", (), "no run of this config records 'sharpness'; recorded: val_accuracy, accuracy"),
         ("[{metric: fidelity}]", (), "'fidelity' (fidelity) is not computed by this config: add 'fidelity'"),
-        ("[{metric: confusion_matrix}]", (), "no run of this config records 'confusion_matrix'"),
+        ("[{metric: confusion_matrix}]", (), "'confusion_matrix' is not recorded as one number per model"),
         ("[{metric: accuracy, student: teacher}]", (), "'teacher' is not a student (the teacher is trained once"),
         ("[{metric: accuracy, student: ls}]", (), "'ls' is not a student; students: kd"),
         ("[{metric: accuracy, explainer: grad_cam}]", (), "'accuracy' is one number per model; it takes no explainer"),
@@ -823,3 +823,30 @@ def test_two_machines_share_one_postgresql_study(tmp_path, cache, postgres_url):
         assert (f / "sweep.html").is_file() and (f / "best.yaml").is_file()
         assert not (f / "study.db").exists()
     assert "postgresql" in read_json(folders[0] / "records/sweep.json")["storage"]
+
+
+def test_a_metric_without_a_direction_is_an_objective_only_with_one_given():
+    """A user's metric that declares no direction (higher_is_better=None): a comparison shows it (no best
+    value), a sweep asks which way to optimise it."""
+    from xkd.comparison import quality_columns
+    from xkd.metrics.base import metric
+    from xkd.registry import METRICS
+
+    metric("undirected_spread", scope="model", inputs=("maps",), higher_is_better=None, category="x")(
+        lambda maps: float(maps.std())
+    )
+    try:
+        assert {"key": "undirected_spread", "higher_is_better": None}.items() <= quality_columns()[-1].items()
+        with pytest.raises(ConfigError, match=r"objectives\[0\].direction: 'undirected_spread' declares no direction"):
+            resolve_sweep(
+                tiny("evaluation.metrics=[undirected_spread]", "sweep.objectives=[{metric: undirected_spread}]")
+            )
+        plan = resolve_sweep(
+            tiny(
+                "evaluation.metrics=[undirected_spread]",
+                "sweep.objectives=[{metric: undirected_spread, direction: minimize}]",
+            )
+        )
+        assert plan.directions == ["minimize"]
+    finally:
+        METRICS._entries.pop("undirected_spread")

@@ -41,9 +41,9 @@ log = logging.getLogger("xkd")
 
 def quality_columns() -> list[dict[str, Any]]:
     """The numbers of one model's explanation metrics a comparison aggregates: the declared columns
-    of every metric of scope ``model`` that has a direction (sanity checks have their own section)."""
-    cols = [c for m in declared("model") for c in m.info()["columns"]]
-    return [c for c in cols if c["higher_is_better"] is not None]
+    of every metric of scope ``model`` (the sanity checks declare none: they have their own section);
+    a column without a direction is shown without a best value."""
+    return [c for m in declared("model") for c in m.info()["columns"]]
 
 
 def agreement_columns() -> list[dict[str, Any]]:

@@ -317,12 +317,11 @@ def yaml_scalar(value: Any) -> str:
 
 
 def metric_columns() -> dict[str, tuple[MetricInfo, Column]]:
-    """Every recorded number with a direction, by its record key: the columns of the declared metrics."""
+    """Every recorded number by its record key: the columns of the declared metrics."""
     out: dict[str, tuple[MetricInfo, Column]] = {}
     for info in declared("test", "model", "agreement", "transfer", "timing"):
         for col in info.columns:
-            if (col.higher_is_better if col.higher_is_better is not None else info.higher_is_better) is not None:
-                out.setdefault(col.key, (info, col))
+            out.setdefault(col.key, (info, col))
     return out
 
 
@@ -385,6 +384,11 @@ def resolve_objective(
             )
     elif explainer is not None:
         raise ConfigError(f"{where}.explainer: {obj.metric!r} is one number per model; it takes no explainer")
+    if obj.direction is None and higher is None:
+        raise ConfigError(
+            f"{where}.direction: {obj.metric!r} declares no direction (higher or lower is better); set "
+            f"{where}.direction to maximize or minimize"
+        )
     direction = obj.direction or ("maximize" if higher else "minimize")
     return Objective(obj.metric, student, direction, scope, explainer, column)
 
