@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -170,7 +171,7 @@ def explain_run_models(
 
 def explain_images(
     run_dir: str | Path,
-    paths: list[Path],
+    paths: Sequence[str | Path],
     explainer: str = "grad_cam",
     out: str | Path | None = None,
     device: str = "auto",
@@ -191,6 +192,7 @@ def explain_images(
         where = resolve_device(device)
     except ConfigError:  # its message names the config key; here the user gave the flag
         raise ConfigError(f"--device {device}: no GPU is available here; use --device auto or --device cpu") from None
+    paths = [Path(p) for p in paths]  # strings too, from Python
     check_image_paths(paths)
     check_run_folder(run_dir)
     cfg, models, run_record = load_run_models(run_dir, where)
