@@ -285,3 +285,29 @@ def test_a_library_warning_is_a_log_line_without_a_source_path(caplog, capsys):
         warnings.warn("all images of a batch have the same class", UserWarning, stacklevel=1)
     assert [r.getMessage() for r in caplog.records] == ["all images of a batch have the same class"]
     assert "test_cli.py" not in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, make_tiny_args):
+    """`timeout`, `kill` or a scheduler's SIGTERM ended the process mid-write, leaving an MLflow run
+    RUNNING; now it unwinds as an interrupt: the last checkpoint is kept, and the exit code is 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = make_tiny_args(tmp_path, "teacher.train.epochs=200")
+    cli = Path(sys.executable).parent / "xkd"
+    cmd = [str(cli), "run", "--no-progress", *(a for o in args for a in ("--set", o))]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        for line in proc.stderr:  # epoch 1 is checkpointed once epoch 2 has printed its line
+            if "teacher epoch 2/200" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert "xkd: interrupted; rerun with --resume to continue from the last checkpoint" in rest
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "teacher" / "last.pt").is_file()

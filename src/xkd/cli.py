@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # a library warning (UniCAM's one-class batch) is a log line like the others, not a source path
     warnings.showwarning = lambda message, *_, **__: logging.getLogger("xkd").warning("%s", message)
+    # SIGTERM (`timeout`, `kill`, a scheduler) stops the command as Ctrl-C does: the last checkpoint is
+    # kept and an open MLflow run is marked KILLED (the default action ended the process mid-write)
+    previous = (
+        signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         # torch and every registry load here, not at import: `xkd --help` answers at once
         import xkd.api as api
@@ -176,10 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # plain print: no line wrapping, and no markup parsing of "[0]" in key paths
         print(f"xkd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("xkd: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as an interrupt does."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":
