@@ -110,10 +110,16 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, student, fit
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()  # stops in epoch 2; last.pt holds epoch 1
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    before = load_checkpoint(tmp_path / "split" / "last.pt")["seconds"]  # epoch 1's time, kept for the resume
     result, resumed = fit(tmp_path / "split", epochs=3, resume=True, model=student(seed=123))
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     for (k, va), vb in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(va, vb, atol=1e-6), k
+    # the time counts every process: the first one's epoch too (it counted 0 s for a finished training)
+    assert before > 0 and result.seconds > before
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["seconds"] > before
+    again, _ = fit(tmp_path / "split", epochs=3, resume=True, model=student(seed=123))  # nothing left to train
+    assert again.seconds >= load_checkpoint(tmp_path / "split" / "last.pt")["seconds"]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, student):

@@ -51,10 +51,11 @@ log = logging.getLogger("xkd")
 class TrainResult:
     """What :meth:`Trainer.fit` returns; ``history`` has one dict per epoch.
 
-    ``seconds`` is the wall time of the epoch loop (training and validation) of this call only:
-    a distiller's :meth:`~xkd.distill.base.Distiller.setup` and a teacher assistant's training are
-    added by :class:`xkd.engine.trained.TrainedModel`. ``None`` when unknown (a model loaded from a
-    checkpoint without a record of how long it trained)."""
+    ``seconds`` is the wall time of the epoch loop (training and validation), over every process that
+    trained the model (a resumed training adds the time its checkpoint recorded): a distiller's
+    :meth:`~xkd.distill.base.Distiller.setup` and a teacher assistant's training are added by
+    :class:`xkd.engine.trained.TrainedModel`. ``None`` when unknown (a model loaded from a checkpoint
+    without a record of how long it trained)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
@@ -189,6 +190,8 @@ class Trainer:
             "history": result.history,
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
+            # the training's wall time so far, over every process: a resumed training adds what it spends
+            "seconds": self.seconds_before + time.perf_counter() - self.started,
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -220,6 +223,9 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         result.history = list(state["history"])
+        # a checkpoint written before the time was kept in it: the epochs' own times (training, no validation)
+        before = state.get("seconds", sum(float(h.get("seconds") or 0.0) for h in result.history))
+        self.seconds_before = float(before)
         result.best_epoch = int(state["best_epoch"])
         result.best_val_accuracy = float(state["best_val_accuracy"])
         log.info("%s: resumed from %s after epoch %d", self.role, path, state["epoch"])
@@ -235,6 +241,7 @@ class Trainer:
         self.distiller.to(self.device)
         if self.cfg.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
+        self.seconds_before = 0.0  # the time earlier processes spent training it (from the checkpoint)
         start = self._resume(result) if resume else 1
         model: nn.Module = self.distiller
         if self.dist.enabled:
@@ -249,7 +256,7 @@ class Trainer:
         result.optimizer = f"{type(self.optimizer).__name__.lower()}{fused}"
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t0 = time.perf_counter()
+        t0 = self.started = time.perf_counter()
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -289,7 +296,7 @@ class Trainer:
                         save_checkpoint(self.checkpoint_dir / BEST, state)
                     save_checkpoint(self.checkpoint_dir / LAST, state)
                 call(self.callbacks, "on_epoch_end", self.role, epoch, stats)
-        result.seconds = time.perf_counter() - t0
+        result.seconds = self.seconds_before + time.perf_counter() - t0
         if self.device.type == "cuda":
             result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
         call(self.callbacks, "on_train_end", self.role, result.history)
