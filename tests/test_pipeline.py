@@ -76,6 +76,7 @@ def test_loaded_teacher_reports_the_time_it_took_to_train(tmp_path, make_tiny_ar
     assert not first.from_cache and first.result.seconds > 0
     ckpt = RunDir.of(cfg).checkpoint("teacher")
     assert read_train_info(ckpt)["seconds"] == pytest.approx(first.result.seconds)
+    assert read_train_info(ckpt)["history"] == first.result.history  # every epoch, the last ones too
 
     # same config, another run: loaded from the cache, with the time it took when it was trained
     again = load_config(None, make_tiny_args(tmp_path, ONE, "name=again"))
@@ -83,6 +84,8 @@ def test_loaded_teacher_reports_the_time_it_took_to_train(tmp_path, make_tiny_ar
     assert loaded.from_cache and loaded.loaded_from.endswith("best.pt")
     assert loaded.result.seconds == pytest.approx(first.result.seconds)
     assert loaded.train_record()["seconds"] == pytest.approx(first.result.seconds)
+    # and every epoch it trained (best.pt holds the history up to its best epoch only)
+    assert loaded.result.history == first.result.history and len(first.result.history) == cfg.teacher.train.epochs
 
     # `xkd compare`'s later seeds: teacher.checkpoint = the first run's checkpoint (the record is beside it)
     given = load_config(None, make_tiny_args(tmp_path, ONE, "name=given", "seed=5", f"teacher.checkpoint={ckpt}"))

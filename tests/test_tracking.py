@@ -104,6 +104,8 @@ def test_final_metrics_are_the_records(tiny_run):
     models = rd.read_record("models")["models"]
     expl = rd.read_record("explanations")
     for role, rec in models.items():
+        # one file per model: a second one, named to sort first, lost its values to the other's purge step
+        assert len(list(rd.tensorboard_dir(role).glob("events.out.tfevents.*"))) == 1
         ea = events(rd.tensorboard_dir(role))
         last = rec["train"]["history"][-1]["epoch"]
         assert steps(ea, "test/accuracy") == [(last, pytest.approx(rec["test"]["accuracy"], rel=1e-6))]
@@ -287,12 +289,48 @@ def test_mlflow_logs_params_epochs_and_final_metrics(tmp_path, make_tiny_args, m
     assert {"config.yaml", "metrics.json"} <= artifacts
     assert (tmp_path / "runs" / "mlruns" / "artifacts").is_dir()  # beside the store, not in the cwd
 
+    # resumed with other settings: MLflow keeps a param's first value, so a new MLflow run gets it all
+    more = load_config(None, make_tiny_args(tmp_path, *FAST, *extra[:2], "train.epochs=3"))
+    P.run(more, resume=True, progress=False)
+    new, old = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    assert old.info.run_id == run.info.run_id and old.data.params["train.epochs"] == "2"
+    assert new.data.params["train.epochs"] == "3" and new.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(new.info.run_id, "kd/loss/train")) == [1, 2, 3]
+    assert len(client.get_metric_history(new.info.run_id, "kd/test/accuracy")) == 1  # once, not per process
+
 
 def test_a_wrong_mlflow_uri_fails_before_training(tmp_path, make_tiny_args):
     pytest.importorskip("mlflow", reason="mlflow is an optional extra: pip install 'xkd[mlflow]'")
     cfg = load_config(None, make_tiny_args(tmp_path, *FAST, "tracking.backend=mlflow", "tracking.uri=nosuchscheme://x"))
     with pytest.raises(ConfigError, match=r"tracking: cannot log to MLflow at 'nosuchscheme://x'"):
         tracking.callbacks_for(cfg, RunDir.of(cfg))
+    with pytest.raises(ConfigError, match=r"tracking: cannot log to MLflow"):
+        P.run(cfg, progress=False)
+    assert not RunDir.of(cfg).path.exists()  # nothing written: the same command works once the URI is fixed
+
+
+def test_mlflow_names_a_comparisons_and_a_sweeps_runs_after_them(tmp_path, make_tiny_args):
+    cfg = load_config(None, make_tiny_args(tmp_path, "name=cmp"))
+    seed = RunDir(tmp_path / "runs" / "cmp" / "seeds" / "seed_1")
+    seed.path.mkdir(parents=True)
+    cfg.name = "seed_1"
+    assert tracking.run_label(cfg, seed) == "cmp/seed_1"
+    trial = RunDir(tmp_path / "runs" / "lr-sweep" / "trial-0003")
+    trial.path.mkdir(parents=True)
+    cfg.name = "trial-0003"
+    assert tracking.run_label(cfg, trial) == "lr-sweep/trial-0003"
+    cfg.name = "alone"
+    assert tracking.run_label(cfg, RunDir(tmp_path / "runs" / "alone")) == "alone"
+
+
+def test_a_tensorboard_folder_that_is_a_file_is_one_error_before_training(tmp_path, make_tiny_args):
+    cfg = load_config(None, make_tiny_args(tmp_path, *FAST))
+    rd = RunDir.of(cfg)
+    rd.create(cfg)  # a run interrupted before its first epoch
+    rd.tensorboard.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"tensorboard is a file where the run writes its TensorBoard events"):
+        P.run(cfg, resume=True, progress=False)
+    assert not rd.checkpoint("teacher").is_file()  # nothing trained
 
 
 def test_an_unreachable_mlflow_server_fails_in_seconds_not_minutes():

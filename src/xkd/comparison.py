@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from xkd import tracking
 from xkd.config import RunConfig, read_config, save_config
 from xkd.errors import ConfigError, RunExistsError
 from xkd.files import is_writer
@@ -156,6 +157,7 @@ def compare(
     if seeds is not None:
         cfg.compare.seeds = seeds
     validate_for_compare(cfg)
+    tracking.check(cfg)  # mlflow missing or its server down: before the comparison's folder is written
     console = Console(stderr=True)  # its lines print with or without progress bars (``progress``: bars only)
     t0 = time.perf_counter()
     out = prepare_compare_dir(cfg, resume, overwrite)

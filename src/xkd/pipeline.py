@@ -111,9 +111,10 @@ def train_teacher(
 ) -> TrainedModel:
     """Train the teacher, or load it from ``teacher.checkpoint`` or the cache keyed by its config.
 
-    A trained teacher's time is stored next to its checkpoints (``best.train.json`` in the run's
-    ``checkpoints/teacher/`` and in the cache); a loaded teacher reports that time (not 0 s), so a
-    comparison whose later seeds reuse the first seed's teacher averages the real cost."""
+    A trained teacher's time and epochs are stored next to its checkpoints (``best.train.json`` in the
+    run's ``checkpoints/teacher/`` and in the cache); a loaded teacher reports that time (not 0 s), so a
+    comparison whose later seeds reuse the first seed's teacher averages the real cost, and its whole
+    history (``best.pt`` holds the epochs up to the best one)."""
     teacher = build_for(cfg.teacher.model, data, cfg.seed)
     ckpt = run_dir.checkpoint("teacher")
     cached = Cache(cache_root(cfg)).folder("teachers", teacher_cache_key(cfg))
@@ -124,8 +125,9 @@ def train_teacher(
         load_weights(teacher, model_weights(state), str(source))
         info = read_train_info(source)
         seconds = info.get("seconds") if info else None
+        kept = info.get("history") if info else None  # every epoch it trained; best.pt's stops at the best
         result = TrainResult(
-            history=list(state.get("history", [])),
+            history=list(kept if isinstance(kept, list) and kept else state.get("history", [])),
             best_epoch=int(state.get("best_epoch", 0)),
             seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
         )
@@ -151,6 +153,7 @@ def train_teacher(
     result = trainer.fit_and_restore(resume=resume)
     if is_writer():
         info = {"seconds": result.seconds, "best_epoch": result.best_epoch, "epochs": len(result.history)}
+        info["history"] = result.history  # best.pt holds the epochs up to the best one only
         write_train_info(ckpt, info)
         cached.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cached / BEST, ckpt.read_bytes())
@@ -381,9 +384,10 @@ def run(
     data = build_dataset(cfg.data)  # an image folder warns of the files it skipped (the report lists them)
     preflight(plan, data)  # wrong layer names and shapes fail here, before any training or file
     check_training_settings(cfg, device)
-    prepare_run_dir(run_dir, cfg, resume, overwrite)
-    # TensorBoard, MLflow; first, so an epoch is logged before a caller's callback may stop the run there
+    # TensorBoard, MLflow; first, so an epoch is logged before a caller's callback may stop the run there.
+    # Before the folder is written: an MLflow store that cannot be used left a run folder behind
     callbacks = [*tracking.callbacks_for(cfg, run_dir, resume), *callbacks]
+    prepare_run_dir(run_dir, cfg, resume, overwrite)
     if info.is_main:
         console.print(
             f"[bold]xkd[/bold] run {cfg.name!r}: {data.name} {tuple(data.image_shape)}, "

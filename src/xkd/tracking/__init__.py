@@ -30,10 +30,20 @@ from xkd.engine.callbacks import Callback
 from xkd.files import is_writer
 from xkd.rundir import RunDir
 from xkd.tracking.logged import GRID_CELL, full_history, jet
-from xkd.tracking.mlflow_log import MLflow, check, mlflow_uri
+from xkd.tracking.mlflow_log import MLflow, check, mlflow_uri, run_label
 from xkd.tracking.tensorboard import TensorBoard
 
-__all__ = ["GRID_CELL", "MLflow", "TensorBoard", "callbacks_for", "check", "full_history", "jet", "mlflow_uri"]
+__all__ = [
+    "GRID_CELL",
+    "MLflow",
+    "TensorBoard",
+    "callbacks_for",
+    "check",
+    "full_history",
+    "jet",
+    "mlflow_uri",
+    "run_label",
+]
 
 # -- what the pipeline calls --------------------------------------------------------------------------
 

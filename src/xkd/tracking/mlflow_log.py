@@ -30,13 +30,17 @@ MLFLOW_INSTALL = "pip install 'xkd[mlflow]'"
 
 
 def check(cfg: RunConfig) -> None:
-    """Raise :class:`~xkd.errors.ConfigError` when ``cfg`` asks for a tracker that is not installed
-    (call it when validating a config, before anything trains)."""
-    if cfg.tracking.backend == "mlflow" and importlib.util.find_spec("mlflow") is None:
+    """Raise :class:`~xkd.errors.ConfigError` when ``cfg`` asks for a tracker that is not installed, or
+    for an MLflow server that takes no connection (call it when validating a config, before anything
+    is written or trains)."""
+    if cfg.tracking.backend != "mlflow":
+        return
+    if importlib.util.find_spec("mlflow") is None:
         raise ConfigError(
             f"tracking.backend: mlflow needs the mlflow package, which is not installed; run `{MLFLOW_INSTALL}` "
             "or set tracking.backend: none"
         )
+    probe_server(mlflow_uri(cfg)[0])
 
 
 def mlflow_uri(cfg: RunConfig) -> tuple[str, Path | None, bool]:
@@ -71,6 +75,16 @@ def probe_server(uri: str, timeout: float = 5.0) -> None:
             f"tracking: cannot reach the MLflow server at {hide_password(uri)!r} ({e}); start it, check "
             "tracking.uri, or set tracking.backend: none"
         ) from None
+
+
+def run_label(cfg: RunConfig, run_dir: RunDir) -> str:
+    """The MLflow run's name: the config's name, after the name of the comparison, study or sweep whose
+    folder holds the run (``cmp/seed_1``, ``lr-sweep/trial-0003``), so that their runs are told apart."""
+    path = run_dir.path.resolve()
+    for holder in (path.parent, path.parent.parent):  # a sweep's trial-NNNN, a comparison's seeds/seed_N
+        if RunDir(holder).kind() in ("comparison", "study", "sweep"):
+            return f"{holder.name}/{cfg.name}"
+    return cfg.name
 
 
 def _key(name: str) -> str:
@@ -113,17 +127,23 @@ class MLflow(Callback):
                 where = (folder / "artifacts").resolve().as_uri() if folder is not None else None
                 exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=where)
             found = []
+            params = {_key(k): str(v)[: self.PARAM_CHARS] for k, v in hyperparameters(cfg).items()}
             if resume and "'" not in path:  # the MLflow run this run folder logged to before
                 order = ["attributes.start_time DESC"]
                 found = self.client.search_runs([exp_id], f"tags.`xkd.run_dir` = '{path}'", order_by=order)
+            if found and found[0].data.params != params:
+                # MLflow keeps a param's first value: a run resumed with other settings (more epochs, another
+                # student) logs to a new MLflow run, which gets every epoch and final value again
+                log.info("MLflow: the settings changed since run %s; logging to a new run", found[0].info.run_id)
+                found = []
             if found:
                 self.run_id = found[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
                 tags = {"xkd.run_dir": path, "xkd.name": cfg.name}
-                self.run_id = self.client.create_run(exp_id, run_name=cfg.name, tags=tags).info.run_id
-                params = [Param(_key(k), str(v)[: self.PARAM_CHARS]) for k, v in hyperparameters(cfg).items()]
-                for batch in _batches(params, 100):
+                name = run_label(cfg, run_dir)
+                self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+                for batch in _batches([Param(k, v) for k, v in params.items()], 100):
                     self.client.log_batch(self.run_id, params=batch)
         except Exception as e:  # any failure to reach or use the store: the URI or the server is wrong
             raise ConfigError(

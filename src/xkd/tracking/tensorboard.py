@@ -12,6 +12,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from xkd.config import RunConfig
 from xkd.engine.callbacks import Callback
+from xkd.errors import ConfigError
 from xkd.rundir import RunDir
 from xkd.tracking.logged import epoch_scalars, explanation_grids, final_scalars, full_history, hyperparameters
 
@@ -44,6 +45,16 @@ class TensorBoard(Callback):
         # (and their threads) when the callback is dropped
         weakref.finalize(self, _close_all, self.writers)
 
+    def on_train_start(self, role: str, epochs: int) -> None:
+        """Before the first model trains: a ``tensorboard`` that is not a folder is one error, not a
+        traceback in the middle of the run."""
+        for folder in (self.run_dir.tensorboard, self.run_dir.tensorboard_dir(role)):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(
+                    f"{folder} is a file where the run writes its TensorBoard events; move it away, or set "
+                    "train.tensorboard: false"
+                )
+
     def enabled(self, role: str) -> bool:
         """Whether ``role``'s curves are written (``teacher.train.tensorboard: false`` leaves out the teacher)."""
         return role != "teacher" or self.cfg.teacher.train.tensorboard
@@ -70,32 +81,31 @@ class TensorBoard(Callback):
             self.write_history(role, history)
         self.complete.add(role)
 
-    def write_history(self, role: str, history: Sequence[Mapping[str, Any]]) -> None:
-        """Replace ``role``'s event files by its whole ``history`` (a resumed or loaded model)."""
+    def write_history(
+        self, role: str, history: Sequence[Mapping[str, Any]], finals: Mapping[str, float] | None = None
+    ) -> None:
+        """Replace ``role``'s event files by its whole ``history`` (and its ``finals``, at the last
+        epoch): one file, without a purge step, for there is nothing left to purge (a purge step made
+        TensorBoard's ``EventAccumulator`` drop the final values of a file whose name sorted first)."""
         folder = self.run_dir.tensorboard_dir(role)
         _clear_events(folder)
-        start = int(history[0].get("epoch", 1)) if history else 1
-        with SummaryWriter(str(folder), purge_step=start) as writer:
+        with SummaryWriter(str(folder)) as writer:
             for i, stats in enumerate(history, start=1):
                 for tag, v in epoch_scalars(stats).items():
                     writer.add_scalar(tag, v, int(stats.get("epoch", i)))
+            step = int(history[-1].get("epoch", len(history))) if history else 0
+            for tag, v in (finals or {}).items():
+                writer.add_scalar(tag, v, step)
 
     def on_run_end(self, run_dir: Path) -> None:
         rd = RunDir(run_dir)
         models = rd.read_record("models")["models"]
         finals = final_scalars(rd)
         for role, m in models.items():
-            if not self.enabled(role):
-                continue
-            history = (m.get("train") or {}).get("history") or []
-            if role not in self.complete:  # a teacher loaded from the cache or a checkpoint
-                history = full_history(rd, role, history)
-                self.write_history(role, history)
+            if self.enabled(role):  # each model's whole history and final values, written once
+                history = full_history(rd, role, (m.get("train") or {}).get("history") or [])
+                self.write_history(role, history, finals.get(role, {}))
                 self.complete.add(role)
-            step = int(history[-1].get("epoch", len(history))) if history else 0
-            with SummaryWriter(str(rd.tensorboard_dir(role))) as writer:
-                for tag, v in finals.get(role, {}).items():
-                    writer.add_scalar(tag, v, step)
         folder = rd.tensorboard_dir(None)
         _clear_events(folder)
         with SummaryWriter(str(folder), purge_step=0) as writer:
