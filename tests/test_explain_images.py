@@ -57,6 +57,8 @@ def test_a_folder_or_a_missing_file_is_one_clear_error_before_the_run_is_read(tm
         explain_images(nowhere, [folder])
     with pytest.raises(ImageInputError, match=r"image '.*missing\.png' does not exist"):
         explain_images(nowhere, [folder / "a.png", tmp_path / "missing.png"])
+    with pytest.raises(ImageInputError, match=r"image '.*missing\.png' does not exist"):  # paths as strings too
+        explain_images(str(nowhere), [str(folder / "a.png"), str(tmp_path / "missing.png")])
 
 
 PAIR_RUN = [
