@@ -88,8 +88,13 @@ def test_registry_names_a_taken_name_and_replaces_a_definition_run_again():
     def other():
         return 2
 
-    with pytest.raises(RegistryError, match=r"thing 'a' is already registered \(.*make.<locals>.builder\); register"):
+    with pytest.raises(
+        RegistryError, match=r"thing 'a' is already registered \(.*make.<locals>.builder, .*test_plugins.py\)"
+    ):
         reg.register("a")(other)
+    reg.register("f")(lambda: 1)
+    with pytest.raises(RegistryError, match="thing 'f' is already registered"):  # another lambda is another object
+        reg.register("f")(lambda: 2)
     reg.expects(int, "give it an int")
     with pytest.raises(RegistryError, match="thing 'b': give it an int"):
         reg.register("b")(other)
@@ -155,3 +160,37 @@ def test_maps_off_the_contract_name_the_explainer():
     ]:
         with pytest.raises(ContractError, match=message):
             check_map_shape(maps, (8, 8), 3, method="mine")
+
+
+def test_preflight_checks_an_assistants_logits_and_a_users_explainer_on_test_images(tmp_path, make_tiny_args):
+    """Before anything trains: an assistant whose head ignores the classes (it failed after the teacher
+    trained), and a user's explainer checked on real test images (blank ones made a min-max map NaN)."""
+    from xkd.data import build_dataset
+    from xkd.explain import Attribution, Explainer
+    from xkd.plan import load_config, resolve
+    from xkd.prepare import preflight
+    from xkd.registry import EXPLAINERS, MODELS
+
+    @MODELS.register("five_outputs")
+    def five_outputs(num_classes, in_channels=1, image_size=16):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(5))
+
+    @EXPLAINERS.register("minmax_brightness")
+    class MinMax(Explainer):
+        def explain(self, images, targets):  # 0 / 0 on a constant image
+            m = images.mean(1)
+            lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+            return Attribution((m - lo) / (hi - lo), "minmax_brightness")
+
+    try:
+        ok = load_config(None, make_tiny_args(tmp_path, "evaluation.explainers=[{name: minmax_brightness}]"))
+        preflight(resolve(ok), build_dataset(ok.data))  # a constant image would give 0/0 = NaN
+        chain = "students=[{name: ta, distiller: teacher_assistant, params: {assistant: {name: five_outputs}}}]"
+        bad = load_config(None, make_tiny_args(tmp_path, chain))
+        with pytest.raises(
+            ContractError, match=r"the ta's assistant model returns \(2, 5\) for 2 images of a 10-class"
+        ):
+            preflight(resolve(bad), build_dataset(bad.data))
+    finally:
+        MODELS._entries.pop("five_outputs")
+        EXPLAINERS._entries.pop("minmax_brightness")

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from xkd.config import ModelConfig, RunConfig
 from xkd.data import DataBundle
+from xkd.data.base import BatchLoader
 from xkd.distill import build_distiller
 from xkd.engine.runtime import build_optimizer, resolve_amp
 from xkd.errors import ConfigError, ContractError, LayerNotFoundError
@@ -60,6 +61,8 @@ def preflight(plan: RunPlan, data: DataBundle) -> None:
     models = {"teacher": teacher}
     for s in plan.students:
         source = teacher if s.assistant is None else check(s.assistant, teacher)
+        if s.assistant is not None:  # trained between the teacher and the student: its logits checked too
+            check_logits(source, sample, data.num_classes, f"{s.name}'s assistant")
         models[s.name] = check(s, source)
     for role, model in models.items():
         check_logits(model, sample, data.num_classes, role)
@@ -97,11 +100,10 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
             try:
                 with e.build(model, teacher=teacher, base=model) as explainer:
                     explainer.check_image_shape(data.image_shape)
-                    if not e.cls.__module__.startswith("xkd."):  # a user's: its maps checked on blank images
-                        n = max(2, e.min_images)
-                        images = torch.zeros(n, *data.image_shape)
-                        maps = explainer.explain(images, torch.zeros(n, dtype=torch.long)).maps
-                        check_map_shape(maps, tuple(data.image_shape[1:]), n, method=e.key)
+                    if not e.cls.__module__.startswith("xkd."):  # a user's: its maps checked on test images
+                        batch = next(iter(BatchLoader(data.test, max(2, e.min_images))))
+                        maps = explainer.explain(batch.images, batch.labels).maps
+                        check_map_shape(maps, tuple(data.image_shape[1:]), len(batch), method=e.key)
             except LayerNotFoundError as err:
                 raise LayerNotFoundError(
                     f"evaluation.explainers[{i}] ({e.key}) on {role}: {err}. A layer set in an explainer's params is "
