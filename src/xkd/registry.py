@@ -7,7 +7,9 @@ validation take their choices from these registries.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from xkd.errors import RegistryError, UnknownNameError
@@ -49,9 +51,10 @@ class Registry(Generic[T]):
                 raise RegistryError(f"{self.kind} {name!r}: {self._expects[1]}")
             held = self._entries.get(name)
             if held is not None and _origin(held) != _origin(obj):
-                where = ".".join(p for p in _origin(held) if p)
+                where, qualname = _origin(held)
                 raise RegistryError(
-                    f"{self.kind} {name!r} is already registered ({where}); register yours under another name"
+                    f"{self.kind} {name!r} is already registered ({qualname}, {where}); register yours under "
+                    "another name"
                 )
             self._entries[name] = obj
             if isinstance(obj, type) or callable(obj):
@@ -90,9 +93,16 @@ class Registry(Generic[T]):
 
 
 def _origin(obj: object) -> tuple[str, str]:
-    """Where ``obj`` was defined: module and qualified name (of a metric declaration, its function)."""
+    """Where ``obj`` was defined (of a metric declaration, its function): the file of its module and its
+    qualified name, so a file imported twice (as ``__main__`` and as a plugin) is one definition; an
+    object without a name of its own (a lambda, a partial, an instance) is only itself."""
     target = getattr(obj, "fn", obj)
-    return getattr(target, "__module__", "") or "", getattr(target, "__qualname__", "") or type(target).__qualname__
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str) or "<lambda>" in qualname:
+        return f"object at {id(target):#x}", type(target).__qualname__
+    module = getattr(target, "__module__", None) or ""
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return (str(Path(file).resolve()) if file else module), qualname
 
 
 DATASETS: Registry = Registry("dataset")
