@@ -261,6 +261,8 @@ def test_trials_log_to_the_mlflow_store_best_yaml_logs_to(tmp_path, monkeypatch)
     runner = TrialRunner(None, plan, SweepDir.of(cfg), tmp_path / "lock", progress=False, console=None)
     trial = runner.trial_config(0, {"students.0.params.alpha": 0.3})
     assert trial.output_dir == str(tmp_path / "runs/tiny-sweep")  # the trials' run folders are in the sweep's
+    assert trial.tracking.run_name == "tiny-sweep/trial-0000"  # MLflow tells two sweeps' trials apart
+    assert best_config(cfg, {}).get("tracking", {}).get("run_name") is None  # best.yaml is a plain run
     best = load_config(None, [f"{k}={yaml_scalar(v)}" for k, v in best_config(cfg, {}).items()])
     assert trial.tracking.uri == mlflow_uri(best)[0] == f"sqlite:///{(tmp_path / 'runs/mlruns/mlflow.db').resolve()}"
     assert mlflow_uri(trial)[1] == (tmp_path / "runs/mlruns").resolve()  # its artifacts go beside that store

@@ -309,18 +309,13 @@ def test_a_wrong_mlflow_uri_fails_before_training(tmp_path, make_tiny_args):
     assert not RunDir.of(cfg).path.exists()  # nothing written: the same command works once the URI is fixed
 
 
-def test_mlflow_names_a_comparisons_and_a_sweeps_runs_after_them(tmp_path, make_tiny_args):
+def test_mlflow_names_a_comparisons_runs_after_it(tmp_path, make_tiny_args):
+    from xkd.comparison import seed_config
+
     cfg = load_config(None, make_tiny_args(tmp_path, "name=cmp"))
-    seed = RunDir(tmp_path / "runs" / "cmp" / "seeds" / "seed_1")
-    seed.path.mkdir(parents=True)
-    cfg.name = "seed_1"
-    assert tracking.run_label(cfg, seed) == "cmp/seed_1"
-    trial = RunDir(tmp_path / "runs" / "lr-sweep" / "trial-0003")
-    trial.path.mkdir(parents=True)
-    cfg.name = "trial-0003"
-    assert tracking.run_label(cfg, trial) == "lr-sweep/trial-0003"
-    cfg.name = "alone"
-    assert tracking.run_label(cfg, RunDir(tmp_path / "runs" / "alone")) == "alone"
+    assert seed_config(cfg, tmp_path / "runs" / "cmp", 1, None).tracking.run_name == "cmp/seed_1"
+    cfg.tracking.run_name = "mine"
+    assert seed_config(cfg, tmp_path / "runs" / "cmp", 1, None).tracking.run_name == "mine/seed_1"
 
 
 def test_a_tensorboard_folder_that_is_a_file_is_one_error_before_training(tmp_path, make_tiny_args):

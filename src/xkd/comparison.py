@@ -97,6 +97,7 @@ def seed_config(cfg: RunConfig, compare_dir: Path, seed: int, teacher_checkpoint
     c = from_dict(RunConfig, to_dict(cfg))
     c.seed = seed
     c.name = f"seed_{seed}"
+    c.tracking.run_name = f"{cfg.tracking.run_name or cfg.name}/{c.name}"  # MLflow tells comparisons apart
     c.output_dir = str(RunDir(compare_dir).seeds)
     c.cache_dir = str(cache_root(cfg))
     if teacher_checkpoint is not None:

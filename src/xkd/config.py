@@ -399,11 +399,14 @@ class TrackingConfig:
             None: ``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<output_dir>/mlruns/mlflow.db``
             (artifacts in ``<output_dir>/mlruns/artifacts/``).
         experiment: the MLflow experiment the run is logged under.
+        run_name: the MLflow run's name; None: the config's ``name`` (a comparison names its seeds
+            ``<name>/seed_N``, a sweep its trials ``<sweep folder>/trial-NNNN``).
     """
 
     backend: Literal["none", "mlflow"] = "none"
     uri: str | None = None
     experiment: str = "xkd"
+    run_name: str | None = None
 
 
 @dataclass
@@ -442,6 +445,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.plugins, str):  # from Python: read letter by letter otherwise
+            raise ConfigError(f"plugins must be a list of module names, e.g. [{self.plugins!r}]")
         import_plugins(self.plugins)
 
 

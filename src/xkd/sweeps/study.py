@@ -401,6 +401,7 @@ class TrialRunner:
         raw.update(
             name=self.out.trial_name(number), output_dir=str(self.out.path), cache_dir=str(cache_root(self.plan.cfg))
         )
+        raw["tracking"]["run_name"] = f"{self.out.path.name}/{raw['name']}"  # MLflow tells sweeps apart
         uri, _, default_store = mlflow_uri(self.plan.cfg)
         if self.plan.cfg.tracking.backend == "mlflow" and default_store:
             # the local store of the sweep's output_dir, as best.yaml's (a URI the user gave, in the config

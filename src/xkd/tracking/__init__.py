@@ -30,7 +30,7 @@ from xkd.engine.callbacks import Callback
 from xkd.files import is_writer
 from xkd.rundir import RunDir
 from xkd.tracking.logged import GRID_CELL, full_history, jet
-from xkd.tracking.mlflow_log import MLflow, check, mlflow_uri, run_label
+from xkd.tracking.mlflow_log import MLflow, check, mlflow_uri
 from xkd.tracking.tensorboard import TensorBoard
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "full_history",
     "jet",
     "mlflow_uri",
-    "run_label",
 ]
 
 # -- what the pipeline calls --------------------------------------------------------------------------

@@ -77,16 +77,6 @@ def probe_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def run_label(cfg: RunConfig, run_dir: RunDir) -> str:
-    """The MLflow run's name: the config's name, after the name of the comparison, study or sweep whose
-    folder holds the run (``cmp/seed_1``, ``lr-sweep/trial-0003``), so that their runs are told apart."""
-    path = run_dir.path.resolve()
-    for holder in (path.parent, path.parent.parent):  # a sweep's trial-NNNN, a comparison's seeds/seed_N
-        if RunDir(holder).kind() in ("comparison", "study", "sweep"):
-            return f"{holder.name}/{cfg.name}"
-    return cfg.name
-
-
 def _key(name: str) -> str:
     """A metric or param name MLflow accepts (letters, digits, ``_ - . : /`` and spaces)."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
@@ -115,7 +105,8 @@ class MLflow(Callback):
         self.first_epoch: dict[str, int] = {}
         self.complete: set[str] = set()
         path = str(run_dir.path.resolve())
-        probe_server(self.uri)
+        # before the run folder is prepared: its config.yaml is still the one the earlier process ran
+        changed = resume and bool(run_dir.changed_settings(cfg))
         try:
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +122,7 @@ class MLflow(Callback):
             if resume and "'" not in path:  # the MLflow run this run folder logged to before
                 order = ["attributes.start_time DESC"]
                 found = self.client.search_runs([exp_id], f"tags.`xkd.run_dir` = '{path}'", order_by=order)
-            if found and found[0].data.params != params:
+            if found and changed:
                 # MLflow keeps a param's first value: a run resumed with other settings (more epochs, another
                 # student) logs to a new MLflow run, which gets every epoch and final value again
                 log.info("MLflow: the settings changed since run %s; logging to a new run", found[0].info.run_id)
@@ -141,7 +132,7 @@ class MLflow(Callback):
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
                 tags = {"xkd.run_dir": path, "xkd.name": cfg.name}
-                name = run_label(cfg, run_dir)
+                name = cfg.tracking.run_name or cfg.name
                 self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
                 for batch in _batches([Param(k, v) for k, v in params.items()], 100):
                     self.client.log_batch(self.run_id, params=batch)
