@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from xkd.config import RunConfig
 from xkd.distill.base import check_forward
 from xkd.errors import ConfigError, ContractError, RegistryError
 from xkd.explain.base import check_map_shape
@@ -69,6 +70,22 @@ def test_import_plugins_names_each_failure(tmp_path, monkeypatch):
         import_plugins(["json", "broken_plug"])
     with pytest.raises(ConfigError, match=r"importing 'raising_plug' failed: RuntimeError: plugin failed on purpose"):
         import_plugins(["raising_plug"])
+    with pytest.raises(ConfigError, match=r"plugins must be a list of module names, e.g. \['json'\]"):
+        RunConfig(plugins="json")  # from Python: not read letter by letter
+
+
+def test_a_headline_agreement_metric_without_a_direction_cannot_rank_a_comparison(tmp_path, make_tiny_args):
+    from xkd.plan import load_config, validate_for_compare
+
+    metric(
+        "undirected_overlap", scope="agreement", inputs=("teacher_maps", "maps"), higher_is_better=None, category="x"
+    )(lambda teacher_maps, maps: 0.0)
+    try:
+        extra = ("evaluation.metrics=[undirected_overlap]", "compare.agreement_metric=undirected_overlap")
+        with pytest.raises(ConfigError, match="'undirected_overlap' declares no direction, so the comparison cannot"):
+            validate_for_compare(load_config(None, make_tiny_args(tmp_path, *extra)))
+    finally:
+        METRICS._entries.pop("undirected_overlap")
 
 
 def test_registry_names_a_taken_name_and_replaces_a_definition_run_again():

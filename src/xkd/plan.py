@@ -241,6 +241,11 @@ def _validate_compare(cfg: RunConfig) -> None:
             f"compare.agreement_metric: {c.agreement_metric!r} is not a teacher-student agreement metric; "
             f"allowed: {', '.join(agreement_metrics())}"
         )
+    if R.METRICS.get(c.agreement_metric).higher_is_better is None:  # a user's: the ranking needs a direction
+        raise ConfigError(
+            f"compare.agreement_metric: {c.agreement_metric!r} declares no direction, so the comparison cannot rank "
+            "by it; declare higher_is_better in its @metric or choose another metric"
+        )
     keys = [e.key for e in cfg.evaluation.explainers]
     if c.agreement_explainer is not None and c.agreement_explainer not in keys:
         raise ConfigError(

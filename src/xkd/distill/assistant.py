@@ -12,6 +12,11 @@ A ``teacher_assistant`` student names an **assistant** architecture. The pipelin
 ``distiller``. This class is the second link: it wraps the inner distiller whose teacher is the
 assistant, so its loss terms, adapters and evaluated model are the inner method's.
 
+With ``hinton_kd`` both links use xkd's KD term, ``T^2 * KL`` averaged over the batch (Hinton 2015).
+The TAKD authors' code (``train.py``) takes ``nn.KLDivLoss()`` with its default element-wise mean,
+i.e. the same KL divided by the number of classes as well: a weight copied from their searched
+settings (``search_space.json``) weighs the soft term ``K`` times less there than here.
+
 Config example::
 
     students:
