@@ -103,7 +103,9 @@ class TensorBoard(Callback):
         finals = final_scalars(rd)
         for role, m in models.items():
             if self.enabled(role):  # each model's whole history and final values, written once
-                history = full_history(rd, role, (m.get("train") or {}).get("history") or [])
+                history = (m.get("train") or {}).get("history") or []
+                if role not in self.complete:  # loaded, not trained here: its last.pt may hold more epochs
+                    history = full_history(rd, role, history)
                 self.write_history(role, history, finals.get(role, {}))
                 self.complete.add(role)
         folder = rd.tensorboard_dir(None)
