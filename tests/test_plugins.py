@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xkd.config import RunConfig
@@ -70,6 +71,9 @@ def test_import_plugins_names_each_failure(tmp_path, monkeypatch):
         import_plugins(["json", "broken_plug"])
     with pytest.raises(ConfigError, match=r"importing 'raising_plug' failed: RuntimeError: plugin failed on purpose"):
         import_plugins(["raising_plug"])
+    (tmp_path / "code.py").write_text("x = 1\n")  # the standard library's code comes first
+    with pytest.raises(ConfigError, match=r"plugins\[0\]: 'code' is .*code.py, not .*: another module of that name"):
+        import_plugins(["code"])
     with pytest.raises(ConfigError, match=r"plugins must be a list of module names, e.g. \['json'\]"):
         RunConfig(plugins="json")  # from Python: not read letter by letter
 
@@ -112,7 +116,7 @@ def test_registry_names_a_taken_name_and_replaces_a_definition_run_again():
     reg.register("f")(lambda: 1)
     with pytest.raises(RegistryError, match="thing 'f' is already registered"):  # another lambda is another object
         reg.register("f")(lambda: 2)
-    reg.expects(int, "give it an int")
+    reg.expects(lambda obj: isinstance(obj, int), "give it an int")
     with pytest.raises(RegistryError, match="thing 'b': give it an int"):
         reg.register("b")(other)
 
@@ -211,3 +215,89 @@ def test_preflight_checks_an_assistants_logits_and_a_users_explainer_on_test_ima
     finally:
         MODELS._entries.pop("five_outputs")
         EXPLAINERS._entries.pop("minmax_brightness")
+
+
+def test_a_users_mistakes_in_params_setup_and_registration_are_named(tiny_pair, caplog):
+    from dataclasses import dataclass
+
+    from xkd.config import TrainConfig
+    from xkd.data.base import TensorImageDataset
+    from xkd.distill import Distiller, build_distiller
+    from xkd.distill.base import DistillContext
+    from xkd.distill.feature import FeatureParams
+    from xkd.engine import Trainer
+    from xkd.registry import DISTILLERS, EXPLAINERS
+    from xkd.schema import from_dict
+
+    class Undecorated(FeatureParams):  # its own fields were silently the parent's defaults
+        hidden: int = 4
+
+    with pytest.raises(RegistryError, match="params: Undecorated is not a dataclass; decorate it"):
+        from_dict(Undecorated, {}, "params")
+
+    @dataclass
+    class Checked:
+        temperature: float = 1.0
+
+        def validate(self):
+            if self.temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")  # not a ConfigError
+
+    with pytest.raises(ConfigError, match=r"students\[0\].params: temperature must be > 0, got -1.0"):
+        from_dict(Checked, {"temperature": -1.0}, "students[0].params")
+
+    with pytest.raises(
+        RegistryError, match="distiller 'not_a_distiller': register a subclass of xkd.distill.Distiller"
+    ):
+        DISTILLERS.register("not_a_distiller")(lambda student, teacher, params: None)
+    with pytest.raises(
+        RegistryError, match="explainer 'not_an_explainer': register a subclass of xkd.explain.Explainer"
+    ):
+        EXPLAINERS.register("not_an_explainer")(lambda model, params: None)
+
+    class Adapted(Distiller):
+        def setup(self, context):
+            self.adapter = nn.Linear(3, 3)  # built, but not returned by trainable_modules()
+
+        def forward(self, batch):
+            logits = self.adapter(self.student(batch.images))
+            return logits, {"ce": F.cross_entropy(logits, batch.labels)}
+
+    class Broken(Distiller):
+        def setup(self, context):
+            raise IndexError("list index out of range")
+
+        def forward(self, batch):  # never reached
+            raise AssertionError
+
+    student, teacher = tiny_pair
+    data = TensorImageDataset(torch.rand(8, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    ctx = DistillContext(sample=torch.zeros(2, 1, 16, 16), train=data)
+    DISTILLERS.register("adapted_plug")(Adapted)
+    DISTILLERS.register("broken_plug")(Broken)
+    try:
+        d = build_distiller("adapted_plug", student, teacher, None, ctx)
+        Trainer(d, data, data, TrainConfig(epochs=1, batch_size=4), progress=False)
+        assert "2 parameter(s) of distiller 'adapted_plug' (adapter.weight, adapter.bias) are not in its" in caplog.text
+        with pytest.raises(ContractError, match="distiller 'broken_plug': setup failed: IndexError: list index"):
+            build_distiller("broken_plug", student, teacher, None, ctx)
+    finally:
+        DISTILLERS._entries.pop("adapted_plug")
+        DISTILLERS._entries.pop("broken_plug")
+
+
+def test_a_users_low_resolution_maps_are_named_in_the_superpixel_form_too(tiny_pair):
+    from xkd.explain import Attribution, Explainer, build_explainer
+    from xkd.registry import EXPLAINERS
+
+    @EXPLAINERS.register("lowres_plug")
+    class LowRes(Explainer):
+        def explain(self, images, targets):  # the layer's 4x4, not upsampled to the images
+            return Attribution(torch.rand(images.shape[0], 4, 4), "lowres_plug")
+
+    try:
+        with build_explainer("lowres_plug+superpixel", tiny_pair[0]) as ex:
+            with pytest.raises(ContractError, match=r"explainer 'lowres_plug' returned \(4, 4\) maps for \(16, 16\)"):
+                ex.explain(torch.rand(2, 1, 16, 16), torch.tensor([0, 1]))
+    finally:
+        EXPLAINERS._entries.pop("lowres_plug")

@@ -35,7 +35,7 @@ from xkd.engine.checkpoint import FORMAT, load_checkpoint, load_weights, model_w
 from xkd.engine.runtime import configure_determinism, device_memory_errors, predict_logits
 from xkd.engine.trained import TrainedModel
 from xkd.engine.trainer import Trainer, TrainResult
-from xkd.errors import ConfigError
+from xkd.errors import ConfigError, ContractError
 from xkd.evaluate import evaluate_run
 from xkd.files import atomic_write_bytes, is_writer
 from xkd.metrics.classification import evaluate_model
@@ -254,7 +254,10 @@ def distil(
         progress=progress,
     )
     t_setup = time.perf_counter()
-    distiller = build_distiller(spec.distiller, student, teacher, spec.params, context)
+    try:
+        distiller = build_distiller(spec.distiller, student, teacher, spec.params, context)
+    except ContractError as e:  # a user's setup that failed: which student
+        raise ContractError(f"student {spec.name!r}: {e}") from e.__cause__
     reused = float(distiller.setup_reused_seconds)
     outputs = None
     if distiller.teacher is not None:

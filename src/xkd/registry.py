@@ -34,11 +34,11 @@ class Registry(Generic[T]):
         self.kind = kind
         self.plural = plural or f"{kind}s"
         self._entries: dict[str, T] = {}
-        self._expects: tuple[type, str] | None = None
+        self._expects: tuple[Callable[[object], bool], str] | None = None
 
-    def expects(self, cls: type, how: str) -> None:
-        """Entries must be instances of ``cls``; ``how`` says how to register one (the error's fix)."""
-        self._expects = (cls, how)
+    def expects(self, accepts: Callable[[object], bool], how: str) -> None:
+        """Entries must satisfy ``accepts``; ``how`` says how to register one (the error's fix)."""
+        self._expects = (accepts, how)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name``.
@@ -47,7 +47,7 @@ class Registry(Generic[T]):
         notebook cell run again: same module and qualified name) replaces the earlier one."""
 
         def decorator(obj: T) -> T:
-            if self._expects is not None and not isinstance(obj, self._expects[0]):
+            if self._expects is not None and not self._expects[0](obj):
                 raise RegistryError(f"{self.kind} {name!r}: {self._expects[1]}")
             held = self._entries.get(name)
             if held is not None and _origin(held) != _origin(obj):

@@ -120,7 +120,10 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         ConfigError: naming the key path, the problem and the allowed keys or values.
     """
     where = path or "config"
-    if not dataclasses.is_dataclass(cls):
+    # a subclass of a dataclass without the decorator is one too, but without its own fields (they
+    # were silently the parent's defaults)
+    own = [k for k in cls.__dict__.get("__annotations__", {}) if not k.startswith("_")]
+    if not dataclasses.is_dataclass(cls) or (own and "__dataclass_fields__" not in cls.__dict__):
         raise RegistryError(f"{where}: {cls.__name__} is not a dataclass; decorate it with @dataclasses.dataclass")
     if data is None:
         data = {}
@@ -150,7 +153,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     if callable(validate):
         try:
             validate()
-        except ConfigError as e:
+        except (ConfigError, ValueError, AssertionError) as e:  # a user's validate may raise any of them
             raise ConfigError(f"{where}: {e}") from None
     return obj
 

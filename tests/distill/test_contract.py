@@ -56,7 +56,9 @@ def test_every_registered_distiller_has_a_case():
 
 
 @pytest.mark.parametrize("name", DISTILLERS.names())
-def test_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains(name, tmp_path, tiny_pair, tiny_data, device):
+def test_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains(
+    name, tmp_path, tiny_pair, tiny_data, device, caplog
+):
     if name not in CASES:
         pytest.fail(f"distiller {name!r} is registered but has no entry in CASES of {__file__}")
     student, teacher = (m.to(device) for m in tiny_pair)
@@ -84,6 +86,7 @@ def test_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains(name, tm
     result = xkd.Trainer(d, tiny_data(16), tiny_data(6), cfg, device=device, progress=False).fit()
 
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    assert "not in its trainable_modules()" not in caplog.text  # every trainable parameter is trained and kept
     changed = [
         k for k, v in d.trainable_modules().named_parameters() if not torch.equal(v.detach().cpu(), trainable[k])
     ]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from xkd.data.base import Batch
-from xkd.errors import ConfigError, ContractError
+from xkd.errors import ConfigError, ContractError, XkdError
 from xkd.registry import DISTILLERS
 from xkd.schema import from_dict
 
@@ -185,6 +185,12 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
+DISTILLERS.expects(
+    lambda obj: isinstance(obj, type) and issubclass(obj, Distiller),
+    "register a subclass of xkd.distill.Distiller (with a Params dataclass and a forward)",
+)
+
+
 def check_forward(output: Any, batch_size: int, who: str, classes: int | None = None) -> None:
     """The contract of :meth:`Distiller.forward` for ``output``, from metadata alone (no device wait):
     ``(logits (N, classes), {name: scalar loss tensor, ...})`` with at least one term. Raises
@@ -240,7 +246,12 @@ def build_distiller(
             )
     distiller = cls(student, teacher if cls.needs_teacher else None, p)
     if context is not None:
-        distiller.setup(context)
+        try:
+            distiller.setup(context)
+        except (XkdError, torch.cuda.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a user's setup: named, with its own traceback chained
+            raise ContractError(f"distiller {name!r}: setup failed: {type(e).__name__}: {e}") from e
     return distiller
 
 

@@ -85,6 +85,21 @@ class TrainResult:
         }
 
 
+def _warn_untrained(distiller: Distiller, trained: nn.Module, role: str) -> None:
+    """Say so when the distiller has trainable parameters outside ``trainable_modules()`` (an adapter a
+    user's ``setup`` built but did not return): they would be neither optimised nor checkpointed."""
+    kept = {id(p) for p in trained.parameters()}
+    if distiller.teacher is not None:
+        kept |= {id(p) for p in distiller.teacher.parameters()}
+    left = [n for n, p in distiller.named_parameters() if p.requires_grad and id(p) not in kept]
+    if left:
+        log.warning(
+            "%s: %d parameter(s) of distiller %r (%s) are not in its trainable_modules(), so they are neither "
+            "trained nor checkpointed; return their modules from trainable_modules()",
+            role, len(left), distiller.registry_name or type(distiller).__name__, ", ".join(left[:3]),
+        )  # fmt: skip
+
+
 def validation_batch_size(batch_size: int) -> int:
     """Images per validation batch: at least the training batch, up to 256 but at most 4x the training
     batch (no gradients are kept, so 4x fits where training fits, and a small training batch, chosen
@@ -153,6 +168,7 @@ class Trainer:
                 "`num_classes` attribute (xkd's build_model sets one)"
             )
         self.modules = distiller.trainable_modules()
+        _warn_untrained(distiller, self.modules, role)
         self.modules.to(self.device)  # before the optimiser: older torch checks a fused one's devices here
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg, self.device)

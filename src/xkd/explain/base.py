@@ -108,9 +108,14 @@ def coerce_params(cls: type, params: Any) -> Any:
 class Explainer:
     """Base class of registered explainers.
 
-    Subclasses set ``Params`` (a dataclass of their options, validated from config) and implement
-    :meth:`explain`. Construct with ``Explainer(model, **params)``; use as a context manager so
-    hooks are released.
+    Subclasses set ``Params`` (a dataclass of their options, validated from config; its
+    ``validate()`` may raise :class:`~xkd.errors.ConfigError`) and implement :meth:`explain`, which
+    returns an :class:`Attribution` of float32 maps ``(N, H, W)`` at the images' resolution, one per
+    image. Construct with ``Explainer(model, params)`` (a ``Params`` or a mapping); use as a context
+    manager so hooks are released (:meth:`close`). A method that reads a layer takes it as a
+    ``layer: str | None`` param and resolves it in ``__init__`` with :func:`xkd.models.hooks.get_module`
+    (None: :func:`xkd.models.hooks.default_layer`, the model's declared or last conv layer): the run's
+    preflight reports a wrong name, with the model's module paths, before anything trains.
     """
 
     Params: ClassVar[type] = type("NoParams", (), {"__dataclass_fields__": {}})
@@ -169,6 +174,12 @@ def split_name(name: str) -> tuple[str, bool]:
     if name.endswith(SUPERPIXEL_SUFFIX):
         return name[: -len(SUPERPIXEL_SUFFIX)], True
     return name, False
+
+
+EXPLAINERS.expects(
+    lambda obj: isinstance(obj, type) and issubclass(obj, Explainer),
+    "register a subclass of xkd.explain.Explainer (with an explain(images, targets) method)",
+)
 
 
 @dataclass(frozen=True)
@@ -307,6 +318,7 @@ class SuperpixelForm(Explainer):
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Attribution:
         a = self.inner.explain(images, targets)
+        check_map_shape(a.maps, tuple(images.shape[-2:]), images.shape[0], method=self.inner.registry_name)
         segments = slic_segments(images, self.params.superpixel).to(a.maps.device)
         reduce = "mean" if self.inner.map_form == "superpixel" else "sum"
         maps = superpixel_maps(a.maps, segments, reduce=reduce)

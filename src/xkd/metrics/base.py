@@ -294,7 +294,8 @@ def metric(
 
 
 METRICS.expects(
-    MetricInfo, "decorate the function with xkd.metrics.metric(name, scope=..., ...) instead of registering it"
+    lambda obj: isinstance(obj, MetricInfo),
+    "decorate the function with xkd.metrics.metric(name, scope=..., ...) instead of registering it",
 )
 
 
