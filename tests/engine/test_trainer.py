@@ -227,3 +227,22 @@ def test_a_trainer_refuses_a_budget_that_trains_nothing(tmp_path, fit, kw, match
     with pytest.raises(ConfigError, match=match):
         fit(tmp_path, **kw)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_resume_under_other_distiller_parameters_is_refused(tmp_path, tiny_pair, tiny_data):
+    """A default changed in the code (a user's plugin, a new xkd) while the config stayed the same: the
+    checkpoint keeps the resolved parameters it was trained with, and the resume says what changed."""
+    from xkd.distill import build_distiller
+
+    student, teacher = tiny_pair
+    data = tiny_data()
+    cfg = TrainConfig(epochs=2, batch_size=4, max_steps_per_epoch=1)
+    old = build_distiller("hinton_kd", student, teacher, {"alpha": 0.5})  # as if 0.5 were the default then
+    Trainer(old, data, data, TrainConfig(epochs=1, batch_size=4), checkpoint_dir=tmp_path, progress=False).fit()
+    assert load_checkpoint(tmp_path / "last.pt")["distiller_params"]["alpha"] == 0.5
+    new = build_distiller("hinton_kd", student, teacher)  # alpha 0.7 now
+    with pytest.raises(CheckpointError, match=r"other distiller parameters \(alpha: 0.5 -> 0.7\); resume with"):
+        Trainer(new, data, data, cfg, checkpoint_dir=tmp_path, progress=False).fit(resume=True)
+    same = build_distiller("hinton_kd", student, teacher, {"alpha": 0.5})
+    result = Trainer(same, data, data, cfg, checkpoint_dir=tmp_path, progress=False).fit(resume=True)
+    assert [h["epoch"] for h in result.history] == [1, 2]

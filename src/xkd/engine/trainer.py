@@ -9,6 +9,7 @@ on one process or under ``torchrun`` (DistributedDataParallel; only rank 0 write
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ from xkd.engine.runtime import (
 from xkd.errors import DeviceMemoryError, NonFiniteLossError
 from xkd.metrics.classification import evaluate_model
 from xkd.rundir import BEST, LAST
+from xkd.schema import to_dict
 
 log = logging.getLogger("xkd")
 
@@ -208,6 +210,7 @@ class Trainer:
             "best_val_accuracy": result.best_val_accuracy,
             # the training's wall time so far, over every process: a resumed training adds what it spends
             "seconds": self.seconds_before + time.perf_counter() - self.started,
+            "distiller_params": self._params(),
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -223,6 +226,13 @@ class Trainer:
         state = load_checkpoint(path)
         if state.get("format") == "state_dict":
             raise CheckpointError(f"{path} holds bare weights, not a resumable xkd checkpoint")
+        held, now = state.get("distiller_params"), self._params()
+        if held is not None and now is not None and held != now:  # a default changed in the code, not the config
+            changed = ", ".join(f"{k}: {held.get(k)!r} -> {now.get(k)!r}" for k in now if held.get(k) != now.get(k))
+            raise CheckpointError(
+                f"{self.role}: {path} was trained with other distiller parameters ({changed or 'keys differ'}); "
+                "resume with the parameters it was trained with, or start over (--overwrite)"
+            )
         load_weights(self.modules, state["model"], str(path))
         saved = state["optimizer"]
         for group in saved["param_groups"]:  # this run's implementation (fused or not), not the checkpoint's
@@ -246,6 +256,12 @@ class Trainer:
         result.best_val_accuracy = float(state["best_val_accuracy"])
         log.info("%s: resumed from %s after epoch %d", self.role, path, state["epoch"])
         return int(state["epoch"]) + 1
+
+    def _params(self) -> dict[str, Any] | None:
+        """The distiller's resolved parameters as plain data (its defaults included), kept in checkpoints:
+        a resume under other ones (a default changed in a user's or xkd's code) is refused."""
+        params = getattr(self.distiller, "params", None)
+        return to_dict(params) if dataclasses.is_dataclass(params) and not isinstance(params, type) else None
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
