@@ -301,3 +301,21 @@ def test_a_users_low_resolution_maps_are_named_in_the_superpixel_form_too(tiny_p
                 ex.explain(torch.rand(2, 1, 16, 16), torch.tensor([0, 1]))
     finally:
         EXPLAINERS._entries.pop("lowres_plug")
+
+
+def test_a_metric_result_whose_headline_would_be_lost_is_named():
+    metric("no_headline", scope="agreement", inputs=("teacher_maps", "maps"), higher_is_better=True, category="x")(
+        lambda teacher_maps, maps: {"mean": 0.5, "n": 3}
+    )
+    try:
+        info = METRICS.get("no_headline")
+        with pytest.raises(
+            ContractError, match="'no_headline' returned a dict without its headline under 'no_headline'"
+        ):
+            info.to_record({"mean": 0.5, "n": 3})
+        with pytest.raises(ContractError, match="'no_headline' returned 4 values; its headline is one number"):
+            info.to_record(torch.ones(4))
+        assert info.to_record({"no_headline": torch.tensor(0.5), "n": 3}) == {"no_headline": 0.5}
+        assert info.to_record(None) == {"no_headline": None}  # undefined stays allowed
+    finally:
+        METRICS._entries.pop("no_headline")

@@ -18,13 +18,13 @@ Adding a metric is one decorated function (and its test)::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor
 
-from xkd.errors import RegistryError
+from xkd.errors import ContractError, RegistryError
 from xkd.registry import METRICS
 
 Scope = Literal["model", "agreement", "transfer", "timing", "test", "study"]
@@ -200,7 +200,19 @@ class MetricInfo:
         fn = self.chance_record if chance else self.record
         if fn is not None:
             return fn(value)
-        return {self.name: headline(value, self.name)}
+        # a user's metric whose headline was lost: recorded as null, or as a list the report leaves out
+        if isinstance(value, Mapping) and self.name not in value:
+            raise ContractError(
+                f"metric {self.name!r} returned a dict without its headline under {self.name!r} (keys: "
+                f"{', '.join(map(str, value))}); put the headline number there, or declare record= in @metric"
+            )
+        out = headline(value, self.name)
+        if isinstance(out, list):
+            raise ContractError(
+                f"metric {self.name!r} returned {len(out)} values; its headline is one number (reduce it, e.g. "
+                "with .mean()), or declare record= in @metric for a richer record"
+            )
+        return {self.name: out}
 
     def info(self) -> dict[str, Any]:
         """The declaration as plain data, saved with the records."""
