@@ -113,6 +113,13 @@ def check_value(tp: Any, value: Any, path: str) -> None:
         pass
 
 
+def _class_var(tp: Any) -> bool:
+    """Whether an annotation (a string under ``from __future__ import annotations``) is a ``ClassVar``."""
+    if isinstance(tp, str):
+        return tp.startswith(("ClassVar", "typing.ClassVar"))
+    return tp is typing.ClassVar or typing.get_origin(tp) is typing.ClassVar
+
+
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 
@@ -122,7 +129,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     where = path or "config"
     # a subclass of a dataclass without the decorator is one too, but without its own fields (they
     # were silently the parent's defaults)
-    own = [k for k in cls.__dict__.get("__annotations__", {}) if not k.startswith("_")]
+    own = [k for k, tp in cls.__dict__.get("__annotations__", {}).items() if not _class_var(tp)]
     if not dataclasses.is_dataclass(cls) or (own and "__dataclass_fields__" not in cls.__dict__):
         raise RegistryError(f"{where}: {cls.__name__} is not a dataclass; decorate it with @dataclasses.dataclass")
     if data is None:

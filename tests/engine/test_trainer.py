@@ -246,3 +246,41 @@ def test_a_resume_under_other_distiller_parameters_is_refused(tmp_path, tiny_pai
     same = build_distiller("hinton_kd", student, teacher, {"alpha": 0.5})
     result = Trainer(same, data, data, cfg, checkpoint_dir=tmp_path, progress=False).fit(resume=True)
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_a_checkpoint_stays_readable_whatever_the_distillers_params_hold(tmp_path, tiny_pair, tiny_data):
+    """An Any-typed param holding a YAML date or a numpy scalar: the checkpoint keeps its JSON form
+    (pickled objects made it unreadable under the safe loader)."""
+    import dataclasses
+    import datetime
+    from typing import Any
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from xkd.distill import Distiller
+
+    @dataclasses.dataclass
+    class Loose:
+        extra: Any = dataclasses.field(default_factory=lambda: {"day": datetime.date(2024, 1, 1), "w": np.float32(0.5)})
+
+    class Plain(Distiller):
+        Params = Loose
+        needs_teacher = False
+
+        def forward(self, batch):
+            logits = self.student(batch.images)
+            return logits, {"ce": F.cross_entropy(logits, batch.labels)}
+
+    student, _ = tiny_pair
+    data = tiny_data()
+    Trainer(
+        Plain(student, None, Loose()),
+        data,
+        data,
+        TrainConfig(epochs=1, batch_size=4),
+        checkpoint_dir=tmp_path,
+        progress=False,
+    ).fit()
+    extra = load_checkpoint(tmp_path / "last.pt")["distiller_params"]["extra"]  # the safe loader reads it
+    assert extra["day"] == "datetime.date(2024, 1, 1)" and isinstance(extra["w"], str)  # numpy's repr varies

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -261,7 +262,10 @@ class Trainer:
         """The distiller's resolved parameters as plain data (its defaults included), kept in checkpoints:
         a resume under other ones (a default changed in a user's or xkd's code) is refused."""
         params = getattr(self.distiller, "params", None)
-        return to_dict(params) if dataclasses.is_dataclass(params) and not isinstance(params, type) else None
+        if not dataclasses.is_dataclass(params) or isinstance(params, type):
+            return None
+        # as JSON would hold them: an Any-typed value (a YAML date, a numpy scalar) made the checkpoint unreadable
+        return json.loads(json.dumps(to_dict(params), default=repr))
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:

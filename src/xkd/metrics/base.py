@@ -200,19 +200,13 @@ class MetricInfo:
         fn = self.chance_record if chance else self.record
         if fn is not None:
             return fn(value)
-        # a user's metric whose headline was lost: recorded as null, or as a list the report leaves out
+        # a user's metric whose headline was lost: it was recorded as null
         if isinstance(value, Mapping) and self.name not in value:
             raise ContractError(
                 f"metric {self.name!r} returned a dict without its headline under {self.name!r} (keys: "
                 f"{', '.join(map(str, value))}); put the headline number there, or declare record= in @metric"
             )
-        out = headline(value, self.name)
-        if isinstance(out, list):
-            raise ContractError(
-                f"metric {self.name!r} returned {len(out)} values; its headline is one number (reduce it, e.g. "
-                "with .mean()), or declare record= in @metric for a richer record"
-            )
-        return {self.name: out}
+        return {self.name: headline(value, self.name)}  # several values (reduction: none) stay a list
 
     def info(self) -> dict[str, Any]:
         """The declaration as plain data, saved with the records."""
