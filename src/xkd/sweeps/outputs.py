@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from xkd.config import RunConfig
 from xkd.files import atomic_write_text, hide_password, record, write_json
-from xkd.rundir import RunDir
+from xkd.rundir import SWEEP_DATABASE, RunDir
 from xkd.sweeps.plan import SweepPlan, with_values
 
 log = logging.getLogger("xkd")
@@ -49,11 +49,11 @@ class SweepDir:
 
     @property
     def config(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / RunDir.CONFIG
 
     @property
     def database(self) -> Path:
-        return self.path / "study.db"
+        return self.path / SWEEP_DATABASE  # what RunDir.kind() tells a sweep by
 
     @property
     def page(self) -> Path:
