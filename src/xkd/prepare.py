@@ -93,6 +93,9 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
     so are image counts larger than the data; metrics that cannot score images this small or this few
     are an error."""
     ev, teacher = plan.cfg.evaluation, models["teacher"]
+    # a user's explainer is tried on test images (its maps checked), gathered once for all of them
+    users = [e for e in plan.explainers if not e.cls.__module__.startswith("xkd.")]
+    probe = next(iter(BatchLoader(data.test, max(2, *(e.min_images for e in users))))) if users else None
     for i, e in enumerate(plan.explainers):
         for role, model in models.items():
             if (e.pair and role == "teacher") or not e.applies(model):
@@ -100,10 +103,9 @@ def preflight_evaluation(plan: RunPlan, models: dict[str, nn.Module], data: Data
             try:
                 with e.build(model, teacher=teacher, base=model) as explainer:
                     explainer.check_image_shape(data.image_shape)
-                    if not e.cls.__module__.startswith("xkd."):  # a user's: its maps checked on test images
-                        batch = next(iter(BatchLoader(data.test, max(2, e.min_images))))
-                        maps = explainer.explain(batch.images, batch.labels).maps
-                        check_map_shape(maps, tuple(data.image_shape[1:]), len(batch), method=e.key)
+                    if e in users:
+                        maps = explainer.explain(probe.images, probe.labels).maps
+                        check_map_shape(maps, tuple(data.image_shape[1:]), len(probe), method=e.key)
             except LayerNotFoundError as err:
                 raise LayerNotFoundError(
                     f"evaluation.explainers[{i}] ({e.key}) on {role}: {err}. A layer set in an explainer's params is "
