@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from xkd.config import ConfigError, RunConfig, apply_override, to_dict
+from xkd.config import ConfigError, RunConfig
+from xkd.config_files import apply_override
 from xkd.plan import load_config
+from xkd.schema import to_dict
 
 
 def write(tmp_path, data) -> str:

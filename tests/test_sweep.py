@@ -23,7 +23,7 @@ import yaml
 from optuna.trial import TrialState
 
 from xkd.cli import main
-from xkd.config import read_config
+from xkd.config_files import read_config
 from xkd.errors import ConfigError
 from xkd.files import hide_password, read_json, record, write_json
 from xkd.plan import load_config

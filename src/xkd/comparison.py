@@ -26,7 +26,8 @@ from typing import Any
 from rich.console import Console
 
 from xkd import tracking
-from xkd.config import RunConfig, read_config, save_config
+from xkd.config import RunConfig
+from xkd.config_files import read_config, save_config
 from xkd.errors import ConfigError, RunExistsError
 from xkd.files import is_writer
 from xkd.metrics.base import Column, declared

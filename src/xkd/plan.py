@@ -22,7 +22,8 @@ import xkd.explain  # noqa: F401  (registers the explainers)
 import xkd.metrics  # noqa: F401  (registers the metrics)
 import xkd.models  # noqa: F401  (registers the models)
 from xkd import registry as R
-from xkd.config import EvaluationConfig, ModelConfig, RunConfig, read_config
+from xkd.config import EvaluationConfig, ModelConfig, RunConfig
+from xkd.config_files import read_config
 from xkd.distill.base import distiller_params
 from xkd.engine.runtime import check_train_config
 from xkd.errors import ConfigError

@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from xkd.config import RunConfig, save_config
+from xkd.config import RunConfig
+from xkd.config_files import save_config
 from xkd.errors import RunExistsError, XkdError
 from xkd.files import atomic_write_bytes, load_yaml, read_json, record, write_json
 from xkd.schema import from_dict, to_dict

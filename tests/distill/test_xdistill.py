@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from xkd.cache import Cache
-from xkd.config import ConfigError, from_dict
+from xkd.config import ConfigError
 from xkd.data.base import Batch
 from xkd.distill import build_distiller
 from xkd.distill import xdistill as X
@@ -20,6 +20,7 @@ from xkd.distill.cae import CAE
 from xkd.distill.xdistill import XDistillParams, XDistillStudent, normalise_targets, superpixel_targets
 from xkd.explain.base import build_explainer
 from xkd.models.hooks import LayerNotFoundError, capture_features, default_layer
+from xkd.schema import from_dict
 
 FAST = {"explainer": "grad_cam", "cae_epochs": 2, "cae_batch_size": 4, "cae_grid": 16}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from rich.progress import Progress
 
-from xkd.config import OptimizerConfig, TrainConfig, read_config
+from xkd.config import OptimizerConfig, TrainConfig
+from xkd.config_files import read_config
 from xkd.distill import build_distiller
 from xkd.engine import runtime as R
 from xkd.engine.runtime import build_optimizer

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from xkd.comparison import compare, stat
-from xkd.config import ConfigError, RunConfig, StudentConfig, from_dict, to_dict
+from xkd.config import ConfigError, RunConfig, StudentConfig
 from xkd.data import build_dataset
 from xkd.metrics.cost import parameter_count
 from xkd.plan import validate_config
@@ -30,6 +30,7 @@ from xkd.prepare import build_for
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
+from xkd.schema import from_dict, to_dict
 from xkd.studies.common import prepare_study_dir, teacher_warnings
 from xkd.studies.verdict import judge
 

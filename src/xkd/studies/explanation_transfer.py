@@ -32,12 +32,13 @@ from typing import Any
 from rich.console import Console
 
 from xkd.comparison import compare, seed_config
-from xkd.config import ConfigError, RunConfig, from_dict, to_dict
+from xkd.config import ConfigError, RunConfig
 from xkd.data import DataBundle, build_dataset
 from xkd.plan import validate_config
 from xkd.registry import STUDIES
 from xkd.report.study import render_study_report
 from xkd.rundir import RunDir, cache_root
+from xkd.schema import from_dict, to_dict
 from xkd.studies.common import prepare_study_dir, students_by_distiller, teacher_warnings
 from xkd.studies.verdict import judge
 

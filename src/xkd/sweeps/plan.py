@@ -33,7 +33,8 @@ import optuna
 import yaml
 
 from xkd import registry as R
-from xkd.config import RunConfig, SweepObjective, apply_override
+from xkd.config import RunConfig, SweepObjective
+from xkd.config_files import apply_override
 from xkd.distill.base import distiller_params
 from xkd.errors import ConfigError, XkdError
 from xkd.metrics.base import Column, MetricInfo, declared

@@ -41,7 +41,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from xkd.cache import Cache
-from xkd.config import RunConfig, save_config
+from xkd.config import RunConfig
+from xkd.config_files import save_config
 from xkd.engine.callbacks import Callback
 from xkd.errors import ConfigError, DeviceMemoryError, NonFiniteLossError, RunExistsError
 from xkd.files import hide_password, read_json
