@@ -44,7 +44,8 @@ class Registry(Generic[T]):
         """Decorator that registers ``obj`` under ``name``.
 
         A name is registered once; the same definition registered again (its module reloaded, a
-        notebook cell run again: same module and qualified name) replaces the earlier one."""
+        notebook cell run again, a script imported as ``__main__`` and as a plugin: the same module
+        file and qualified name, see :func:`_origin`) replaces the earlier one."""
 
         def decorator(obj: T) -> T:
             if self._expects is not None and not self._expects[0](obj):
